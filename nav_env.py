@@ -1,0 +1,618 @@
+"""The navigation task of the EMPO paper (Appendix A): environment, offline data set, loader, plots.
+
+What is here
+    * ``NavParams`` / ``reset`` / ``step``: a pure functional JAX environment (gymnax-like) that jits
+      and vmaps; ``rollout`` runs many evaluation episodes of a policy in one call.
+    * ``NavEnv``: the same dynamics as a ``gymnasium.Env``, registered as ``EMPONav-v0``
+      (1000-step limit through gymnasium's TimeLimit).
+    * ``subgoal_action`` (Eq. 15) and ``generate_dataset`` (Algorithm 3), vectorised in JAX: vmap over
+      episodes, scan over steps with masks, trimmed to whole trajectories.
+    * ``load_dataset``: reads a data set file (schema ``empo/dataset/v1``) or one or more Minari ids
+      (their concatenation, the index of each id being the ``behaviour`` label) and validates it.
+      It is a shared block, repeated verbatim in every stage so that a stage copies alone.
+    * ``plot_map``: the map (penalty area, start, goal, subgoals) with trajectories coloured by label.
+
+Paper map
+    Appendix A, S, A, S_p, g, s' = clip(s + a; 0, 30), r(s, a, s')   -> NavParams, step
+    Eq. (15) subgoal-reaching policy                                 -> subgoal_action
+    Algorithm 3 (data set from a list of subgoals)                   -> generate_behaviour
+
+Data set file (schema ``empo/dataset/v1``), one row per transition, trajectories contiguous:
+    observations [N,2] f32, actions [N,2] f32, rewards [N] f32, next_observations [N,2] f32,
+    terminals [N] bool (goal reached), timeouts [N] bool (trajectory ended without a terminal),
+    episode_ids [N] i32 (0..E-1, contiguous, ascending), behaviour [N] i32 (-1 = unknown),
+    plus metadata: schema, args (JSON), producer, inputs (JSON of sha256).
+
+Interpretations and deviations
+    1. Appendix A says the episode "terminates" after 1000 steps. We keep the two ends apart, as
+       gymnasium does: reaching the goal is ``terminated``; the 1000th step without reaching it is
+       ``truncated``. Value targets bootstrap through a truncation, never through a termination.
+    2. Algorithm 3 loops until the goal is reached, but it steps an environment that ends episodes
+       after 1000 steps. We follow the environment: a generated episode that has not reached the
+       goal after 1000 steps ends there, and its last row has ``timeouts = True``. Every trajectory
+       of the data set is therefore a legal episode of EMPONav-v0. With the paper's subgoals this
+       is rare (mean lengths are about 750 and 565 steps); the generator reports how many.
+    3. Algorithm 3 checks ``||s - g_s|| >= 0.1`` before each action, so the subgoal index advances
+       at most once per step; we assert that consecutive subgoals are more than 0.4 apart, so one
+       advance per step is exact.
+    4. "Until D has 1,000,000 elements": whole episodes are added until the count reaches the
+       target, so a behaviour holds slightly more than ``transitions_per_behaviour`` rows.
+    5. The goal test uses the squared distance ``||s' - g||^2 < 0.1^2`` (the same set, and the
+       NumPy and JAX versions then agree to the bit). S_p is closed: its border is inside.
+    6. ``rewards`` are r(s, a, s'), so a step that ends inside S_p costs -2, the goal step 0.
+
+Example
+    python nav_env.py --out data/nav.npz --figure docs/dataset.png
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tyro
+from flax import struct
+
+
+@dataclass
+class Args:
+    """Generate the offline navigation data set of Appendix A (Algorithm 3, once per behaviour)."""
+
+    out: str = "data/nav.npz"
+    """where to write the data set (.npz, schema empo/dataset/v1); written atomically"""
+    seed: int = 0
+    """random seed of the generator (start states and the Eq. 15 noise)"""
+    transitions_per_behaviour: int = 1_000_000
+    """Algorithm 3's "1 000 000 elements": whole episodes are added until a behaviour has this many rows"""
+    minari_id: Optional[str] = None
+    """also write the data set as a local Minari data set with this id (HDF5; the behaviour label
+    is stored in each episode's metadata), e.g. 'empo/nav/mixed-v0'"""
+    figure: Optional[str] = None
+    """also draw a few trajectories of each behaviour on the map (the paper's Figure 1a) to this PNG"""
+
+
+# ----------------------------------------------------------------------------------------------
+# The environment (Appendix A)
+# ----------------------------------------------------------------------------------------------
+
+@struct.dataclass
+class NavParams:
+    """Every constant of the navigation task; defaults are Appendix A."""
+
+    state_low: float = 0.0  # S = [0, 30]^2
+    state_high: float = 30.0
+    max_action: float = 0.2  # A = [-0.2, 0.2]^2
+    start_high: float = 0.1  # s_0 ~ U([0, 0.1]^2)
+    goal: tuple = (30.0, 30.0)  # g
+    goal_radius: float = 0.1  # terminated when ||s' - g|| < 0.1
+    penalty_low: tuple = (15.0, 0.0)  # S_p = [15, 30] x [0, 10], closed
+    penalty_high: tuple = (30.0, 10.0)
+    reward_step: float = -1.0
+    reward_penalty: float = -2.0
+    reward_goal: float = 0.0
+    max_steps: int = struct.field(pytree_node=False, default=1000)  # truncated after this many
+
+
+@struct.dataclass
+class NavState:
+    pos: jax.Array  # [2] float32
+    t: jax.Array  # [] int32, steps taken so far
+
+
+def in_penalty(pos: jax.Array, params: NavParams) -> jax.Array:
+    """pos in S_p (closed box). Works on [..., 2]."""
+    low, high = jnp.asarray(params.penalty_low), jnp.asarray(params.penalty_high)
+    return jnp.all((pos >= low) & (pos <= high), axis=-1)
+
+
+def at_goal(pos: jax.Array, params: NavParams) -> jax.Array:
+    """||pos - g|| < radius, written with squared distances. Works on [..., 2]."""
+    diff = pos - jnp.asarray(params.goal, dtype=jnp.float32)
+    return jnp.sum(diff * diff, axis=-1) < jnp.float32(params.goal_radius) ** 2
+
+
+def reset(key: jax.Array, params: NavParams) -> tuple[jax.Array, NavState]:
+    """s_0 ~ U([0, start_high]^2). Returns (obs, state)."""
+    pos = jax.random.uniform(key, (2,), jnp.float32, 0.0, params.start_high)
+    return pos, NavState(pos=pos, t=jnp.int32(0))
+
+
+def step(key: jax.Array, state: NavState, action: jax.Array, params: NavParams):
+    """One step of Appendix A. Returns (obs, state, reward, terminated, truncated).
+
+    The dynamics are deterministic; ``key`` is accepted for the gymnax-style signature.
+    No automatic reset: callers mask steps after the episode's end (see ``rollout``).
+    """
+    del key
+    action = jnp.clip(action.astype(jnp.float32), -params.max_action, params.max_action)
+    pos = jnp.clip(state.pos + action, params.state_low, params.state_high)  # s' = clip(s + a; 0, 30)
+    terminated = at_goal(pos, params)
+    reward = jnp.where(
+        terminated, params.reward_goal,
+        jnp.where(in_penalty(pos, params), params.reward_penalty, params.reward_step),
+    ).astype(jnp.float32)
+    t = state.t + 1
+    truncated = (t >= params.max_steps) & ~terminated
+    return pos, NavState(pos=pos, t=t), reward, terminated, truncated
+
+
+def rollout(key: jax.Array, policy: Callable, num_episodes: int, params: NavParams = NavParams()):
+    """Run ``num_episodes`` episodes of ``policy(key, obs[E,2]) -> actions[E,2]`` in one scan.
+
+    Jit-friendly (``num_episodes`` and ``params.max_steps`` are static). Returns a dict of
+    ``positions [E, T+1, 2]`` (s_0 .. s_T, frozen after the end), ``alive [E, T]`` (step t was
+    taken), ``rewards [E, T]`` (0 after the end) and per-episode ``return``, ``length``,
+    ``goal`` (reached g), ``penalty_steps`` (steps that ended in S_p) and ``optimal_route``
+    (reached g without ever entering S_p).
+    """
+    key_reset, key_steps = jax.random.split(key)
+    obs, state = jax.vmap(reset, in_axes=(0, None))(jax.random.split(key_reset, num_episodes), params)
+    step_env = jax.vmap(step, in_axes=(None, 0, 0, None))
+
+    def body(carry, key_t):
+        state, done = carry
+        actions = policy(key_t, state.pos)  # [E, 2]
+        pos, next_state, reward, terminated, truncated = step_env(key_t, state, actions, params)
+        alive = ~done
+        # Finished episodes keep their last state.
+        next_state = jax.tree.map(lambda new, old: jnp.where(done.reshape((-1,) + (1,) * (new.ndim - 1)), old, new),
+                                  next_state, state)
+        out = dict(pos=next_state.pos, alive=alive, reward=jnp.where(alive, reward, 0.0),
+                   penalty=alive & in_penalty(pos, params), goal=alive & terminated)
+        return (next_state, done | terminated | truncated), out
+
+    keys = jax.random.split(key_steps, params.max_steps)
+    (_, _), out = jax.lax.scan(body, (state, jnp.zeros(num_episodes, bool)), keys)
+    out = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)  # time-major -> [E, T, ...]
+    entered = jnp.any(out["penalty"], axis=1)
+    goal = jnp.any(out["goal"], axis=1)
+    return dict(
+        positions=jnp.concatenate([obs[:, None], out["pos"]], axis=1),
+        alive=out["alive"], rewards=out["reward"],
+        **{"return": out["reward"].sum(1)}, length=out["alive"].sum(1).astype(jnp.int32),
+        goal=goal, penalty_steps=out["penalty"].sum(1).astype(jnp.int32), optimal_route=goal & ~entered,
+    )
+
+
+class NavEnv(gym.Env):
+    """Gymnasium adapter with the dynamics of ``step`` (NumPy, float32). Time limit via ``gym.make``."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, params: NavParams = NavParams()):
+        self.params = params
+        p = params
+        self.observation_space = gym.spaces.Box(p.state_low, p.state_high, (2,), np.float32)
+        self.action_space = gym.spaces.Box(-p.max_action, p.max_action, (2,), np.float32)
+        self._goal = np.asarray(p.goal, np.float32)
+        self._pos = np.zeros(2, np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._pos = self.np_random.uniform(0.0, self.params.start_high, 2).astype(np.float32)
+        return self._pos.copy(), {}
+
+    def step(self, action):
+        p = self.params
+        action = np.clip(np.asarray(action, np.float32), -p.max_action, p.max_action)
+        self._pos = np.clip(self._pos + action, p.state_low, p.state_high).astype(np.float32)
+        diff = self._pos - self._goal
+        terminated = bool(np.sum(diff * diff) < np.float32(p.goal_radius) ** 2)
+        in_pen = bool(np.all((self._pos >= p.penalty_low) & (self._pos <= p.penalty_high)))
+        reward = p.reward_goal if terminated else (p.reward_penalty if in_pen else p.reward_step)
+        return self._pos.copy(), float(reward), terminated, False, {"in_penalty": in_pen}
+
+
+if "EMPONav-v0" not in gym.registry:
+    gym.register(id="EMPONav-v0", entry_point=NavEnv, max_episode_steps=NavParams().max_steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The offline data set (Eq. 15, Algorithm 3)
+# ----------------------------------------------------------------------------------------------
+
+GOAL = (30.0, 30.0)
+SUBGOALS = (
+    ((0.0, 30.0), (10.0, 30.0), (10.0, 0.0), (20.0, 0.0), (20.0, 30.0)),  # behaviour 0
+    ((10.0, 0.0), (10.0, 15.0), (20.0, 15.0), (20.0, 0.0), (30.0, 0.0)),  # behaviour 1
+)
+NOISE_SCALE = 0.1  # the 0.1 in front of epsilon in Eq. (15)
+
+
+def subgoal_action(key: jax.Array, s: jax.Array, g: jax.Array, max_action: float = 0.2) -> jax.Array:
+    """Eq. (15): pi(s; g_s) = clip(clip(g_s - s; -0.2, 0.2) + 0.1 eps; -0.2, 0.2), eps ~ N(0, I)."""
+    eps = jax.random.normal(key, s.shape, jnp.float32)
+    return jnp.clip(jnp.clip(g - s, -max_action, max_action) + NOISE_SCALE * eps, -max_action, max_action)
+
+
+def generate_behaviour(key: jax.Array, waypoints: jax.Array, num_episodes: int, params: NavParams):
+    """Algorithm 3 for ``num_episodes`` episodes at once; ``waypoints`` [W, 2] = subgoals + [g].
+
+    Returns time-major-free arrays [E, T, ...] with T = params.max_steps and a mask ``valid``.
+    Pure and jittable (``num_episodes`` static).
+    """
+    last = waypoints.shape[0] - 1
+    radius2 = jnp.float32(params.goal_radius) ** 2
+
+    def episode(key_ep):
+        key_reset, key_steps = jax.random.split(key_ep)
+        obs, state = reset(key_reset, params)
+
+        def body(carry, key_t):
+            state, idx, done = carry
+            # Algorithm 3 line 6: move to the next subgoal once ||s - g_s|| < 0.1 (never past g).
+            diff = state.pos - waypoints[idx]
+            idx = jnp.where((jnp.sum(diff * diff) < radius2) & (idx < last), idx + 1, idx)
+            action = subgoal_action(key_t, state.pos, waypoints[idx], params.max_action)  # Eq. (15)
+            pos, next_state, reward, terminated, truncated = step(key_t, state, action, params)
+            row = dict(obs=state.pos, action=action, reward=reward, next_obs=pos,
+                       terminal=terminated, timeout=truncated, valid=~done)
+            return (next_state, idx, done | terminated | truncated), row
+
+        keys = jax.random.split(key_steps, params.max_steps)
+        _, rows = jax.lax.scan(body, (state, jnp.int32(0), jnp.bool_(False)), keys)
+        return rows
+
+    return jax.vmap(episode)(jax.random.split(key, num_episodes))
+
+
+_generate_batch = jax.jit(generate_behaviour, static_argnames=("num_episodes", "params"))
+
+
+def generate_dataset(seed: int = 0, transitions_per_behaviour: int = 1_000_000,
+                     subgoal_lists=SUBGOALS, params: NavParams = NavParams(),
+                     log: Callable[[str], None] = print) -> dict:
+    """Run Algorithm 3 once per subgoal list and concatenate; returns the data set arrays (NumPy)."""
+    if transitions_per_behaviour < 1:
+        raise InputError(f"--transitions-per-behaviour must be at least 1, got {transitions_per_behaviour}")
+    key = jax.random.key(seed)
+    parts, first_episode = [], 0
+    for label, subgoals in enumerate(subgoal_lists):
+        waypoints = np.asarray(list(subgoals) + [params.goal], np.float32)
+        gaps = np.linalg.norm(np.diff(waypoints, axis=0), axis=1)
+        assert np.all(gaps > 0.4), "consecutive subgoals must be more than 0.4 apart (interpretation 3)"
+        # Episodes per jitted batch: enough for the target in one or two batches, bounded in memory.
+        batch = int(np.clip(np.ceil(transitions_per_behaviour / 400), 8, 2048))
+        episodes, count = [], 0
+        while count < transitions_per_behaviour:
+            key, key_batch = jax.random.split(key)
+            rows = jax.device_get(_generate_batch(key_batch, jnp.asarray(waypoints), batch, params))
+            lengths = rows["valid"].sum(1)
+            for e in range(batch):  # whole episodes, in order, until the target is reached
+                if count >= transitions_per_behaviour:
+                    break
+                n = int(lengths[e])
+                episodes.append({k: v[e, :n] for k, v in rows.items() if k != "valid"})
+                count += n
+        ids = np.concatenate([np.full(len(ep["reward"]), first_episode + i, np.int32)
+                              for i, ep in enumerate(episodes)])
+        cat = {k: np.concatenate([ep[k] for ep in episodes]) for k in episodes[0]}
+        first_episode += len(episodes)
+        parts.append(dict(
+            observations=cat["obs"], actions=cat["action"], rewards=cat["reward"],
+            next_observations=cat["next_obs"], terminals=cat["terminal"], timeouts=cat["timeout"],
+            episode_ids=ids, behaviour=np.full(len(ids), label, np.int32),
+        ))
+        stats = behaviour_stats(parts[-1], params)
+        log(f"behaviour {label}: {stats['episodes']} episodes, {count} transitions, "
+            f"mean length {stats['mean_length']:.1f}, mean return {stats['mean_return']:.1f}, "
+            f"mean penalty steps {stats['mean_penalty_steps']:.1f}, timeouts {stats['timeouts']}")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def behaviour_stats(data: dict, params: NavParams = NavParams()) -> dict:
+    """Episodes, mean length, mean return, mean penalty steps and timeouts of a data set (NumPy)."""
+    ids = data["episode_ids"] - data["episode_ids"].min()
+    lengths = np.bincount(ids)
+    returns = np.bincount(ids, weights=data["rewards"])
+    pen = np.asarray(in_penalty(jnp.asarray(data["next_observations"]), params))
+    penalty = np.bincount(ids, weights=pen)
+    lengths, returns, penalty = (x[lengths > 0] for x in (lengths, returns, penalty))
+    return dict(episodes=int(len(lengths)), mean_length=float(lengths.mean()),
+                mean_return=float(returns.mean()), mean_penalty_steps=float(penalty.mean()),
+                timeouts=int(data["timeouts"].sum()))
+
+
+def write_minari(dataset_id: str, data: dict, params: NavParams = NavParams()) -> str:
+    """Write ``data`` as a local Minari data set (HDF5), the behaviour label in each episode's metadata."""
+    import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    buffers, labels = [], []
+    starts = np.flatnonzero(np.r_[True, np.diff(data["episode_ids"]) != 0])
+    ends = np.r_[starts[1:], len(data["episode_ids"])]
+    for i, (a, b) in enumerate(zip(starts, ends)):
+        obs = np.concatenate([data["observations"][a:b], data["next_observations"][b - 1:b]])
+        buffers.append(EpisodeBuffer(
+            id=i, observations=obs, actions=data["actions"][a:b], rewards=data["rewards"][a:b].tolist(),
+            terminations=data["terminals"][a:b].tolist(), truncations=data["timeouts"][a:b].tolist(),
+            infos={}))
+        labels.append({"behaviour": int(data["behaviour"][a])})
+    env = NavEnv(params)
+    dataset = minari.create_dataset_from_buffers(
+        dataset_id, buffers, env=gym.spec("EMPONav-v0"),
+        observation_space=env.observation_space, action_space=env.action_space,
+        algorithm_name="subgoal policies (EMPO paper, Algorithm 3)", data_format="hdf5",
+        description="EMPO navigation task: two behaviours generated by Algorithm 3 of the EMPO paper.")
+    dataset.storage.update_episode_metadata(labels)
+    return str(dataset.spec.data_path)
+
+
+# --- shared block: npz_io (keep identical across stages) ---
+class InputError(ValueError):
+    """Bad input or output: the message is one sentence that names the file and the problem."""
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_writable(path: str) -> None:
+    """Fail before any work if ``path`` cannot be written (missing rights, a folder in the way)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"cannot write {path}: it is a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] = None) -> None:
+    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically."""
+    check_writable(path)
+    meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
+                producer=np.array(os.path.basename(sys.argv[0]) or "python"),
+                inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays, **meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_npz(path: str, schema: str) -> dict:
+    """Read a handoff file (no pickles) and check its schema; returns a dict of NumPy arrays."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise InputError(f"{path} is not a readable .npz file ({e})") from None
+    found = str(arrays.get("schema", "none"))
+    if found != schema:
+        raise InputError(f"{path} has schema '{found}', expected '{schema}'")
+    return arrays
+
+
+def check_arrays(name: str, arrays: dict, spec: dict, sizes: Optional[dict] = None) -> dict:
+    """Check keys, dtypes and symbolic shapes, e.g. {"actions": ("float32", ("N", "act_dim"))}.
+
+    Symbols are bound on first sight (or taken from ``sizes``) and must agree everywhere; floating
+    arrays must be finite. Returns the bound sizes. Raises InputError naming the file and the key.
+    """
+    sizes = dict(sizes or {})
+    for key, (dtype, shape) in spec.items():
+        if key not in arrays:
+            raise InputError(f"{name} has no key '{key}'")
+        a = arrays[key]
+        if a.dtype != np.dtype(dtype):
+            raise InputError(f"{name}: '{key}' has dtype {a.dtype}, expected {dtype}")
+        if a.ndim != len(shape):
+            raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {len(shape)} dimensions {shape}")
+        for dim, want in zip(a.shape, shape):
+            want = sizes.setdefault(want, dim) if isinstance(want, str) else want
+            if dim != want:
+                raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {shape} with {sizes}")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{name}: '{key}' contains NaN or infinite values")
+    return sizes
+# --- end shared block: npz_io ---
+
+
+# --- shared block: dataset (keep identical across stages) ---
+DATASET_SCHEMA = "empo/dataset/v1"
+DATASET_SPEC = {
+    "observations": ("float32", ("N", "obs_dim")),
+    "actions": ("float32", ("N", "act_dim")),
+    "rewards": ("float32", ("N",)),
+    "next_observations": ("float32", ("N", "obs_dim")),
+    "terminals": ("bool", ("N",)),
+    "timeouts": ("bool", ("N",)),
+    "episode_ids": ("int32", ("N",)),
+    "behaviour": ("int32", ("N",)),
+}
+
+
+def load_dataset(source: str) -> tuple[dict, str]:
+    """Load a data set from an ``.npz`` path or comma-separated Minari ids; validate it.
+
+    Minari ids are read from the local store (``MINARI_DATASETS_PATH`` or ~/.minari), never
+    downloaded. Several ids are concatenated and labelled by their index, the way D4RL
+    medium-expert is medium + expert; a single id takes ``behaviour`` from each episode's metadata
+    where present (-1 otherwise). Returns (arrays, sha256 of the arrays' bytes).
+    """
+    if source.endswith(".npz"):
+        arrays = load_npz(source, DATASET_SCHEMA)
+        data = {k: arrays[k] for k in DATASET_SPEC if k in arrays}
+    else:
+        data = _load_minari([s.strip() for s in source.split(",") if s.strip()])
+    validate_dataset(source, data)
+    digest = hashlib.sha256()
+    for key in DATASET_SPEC:
+        digest.update(np.ascontiguousarray(data[key]).tobytes())
+    return data, digest.hexdigest()
+
+
+def validate_dataset(name: str, data: dict) -> dict:
+    """Schema, shapes, finiteness and trajectory structure; returns the sizes (N, obs_dim, act_dim)."""
+    sizes = check_arrays(name, data, DATASET_SPEC)
+    ids = data["episode_ids"]
+    if sizes["N"] == 0:
+        raise InputError(f"{name} holds no transitions")
+    steps = np.diff(ids)
+    if ids[0] != 0 or np.any((steps != 0) & (steps != 1)):
+        raise InputError(f"{name}: 'episode_ids' must start at 0 and count up by one, trajectories contiguous")
+    last = np.r_[steps != 0, True]  # last row of each trajectory
+    ends = data["terminals"] | data["timeouts"]
+    if np.any(ends & ~last):
+        raise InputError(f"{name}: a terminal or timeout flag stands inside a trajectory, not at its end")
+    if np.any(last & ~ends):
+        raise InputError(f"{name}: a trajectory ends with neither a terminal nor a timeout flag")
+    return sizes
+
+
+def _load_minari(ids: list) -> dict:
+    import minari
+
+    if not ids:
+        raise InputError("no Minari data set id was given")
+    parts, first_episode = [], 0
+    for index, dataset_id in enumerate(ids):
+        try:
+            dataset = minari.load_dataset(dataset_id, download=False)
+        except FileNotFoundError:
+            raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
+                             f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)"
+                             ) from None
+        except Exception as e:  # a damaged local copy: say which
+            raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
+        meta = list(dataset.storage.get_episode_metadata(dataset.episode_indices)) if len(ids) == 1 else None
+        for j, ep in enumerate(dataset.iterate_episodes()):
+            if isinstance(ep.observations, dict) or isinstance(ep.actions, dict):
+                raise InputError(f"Minari data set '{dataset_id}' has dictionary observations or actions")
+            n = len(ep.rewards)
+            obs = np.asarray(ep.observations, np.float32).reshape(n + 1, -1)
+            term = np.asarray(ep.terminations, bool)
+            label = index if meta is None else int(meta[j].get("behaviour", -1))
+            parts.append(dict(
+                observations=obs[:-1], actions=np.asarray(ep.actions, np.float32).reshape(n, -1),
+                rewards=np.asarray(ep.rewards, np.float32), next_observations=obs[1:], terminals=term,
+                # a trajectory that stops without a terminal is a timeout, whatever the flags say
+                timeouts=np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1) & ~term,
+                episode_ids=np.full(n, first_episode, np.int32), behaviour=np.full(n, label, np.int32)))
+            first_episode += 1
+    if not parts:
+        raise InputError(f"Minari data sets {ids} hold no episodes")
+    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
+# --- end shared block: dataset ---
+
+
+# ----------------------------------------------------------------------------------------------
+# The map
+# ----------------------------------------------------------------------------------------------
+
+def plot_map(trajectories=(), labels=None, subgoals=None, title: Optional[str] = None,
+             path: Optional[str] = None, label_names=None, params: NavParams = NavParams(),
+             arrows=None) -> np.ndarray:
+    """Draw S with S_p shaded, the start box, g, optional subgoals, and trajectories coloured by label.
+
+    trajectories: list of [T_i, 2] arrays; labels: one int per trajectory; subgoals: list of
+    lists of (x, y), one list per label; arrows: optional (xy [M,2], uv [M,2]) action field.
+    Writes a PNG when ``path`` is given; always returns the image as uint8 [H, W, 3].
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    fig = Figure(figsize=(5, 5), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    (x0, y0), (x1, y1) = params.penalty_low, params.penalty_high
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, color="tab:red", alpha=0.15, label="penalty area"))
+    colours = [f"C{i}" for i in range(10)]
+    labels = [0] * len(trajectories) if labels is None else [int(x) for x in labels]
+    for traj, lab in zip(trajectories, labels):
+        traj = np.asarray(traj)
+        ax.plot(traj[:, 0], traj[:, 1], color=colours[lab % 10] if lab >= 0 else "grey", lw=0.8, alpha=0.8)
+    if arrows is not None:
+        xy, uv = (np.asarray(a) for a in arrows)
+        ax.quiver(xy[:, 0], xy[:, 1], uv[:, 0], uv[:, 1], color="k", alpha=0.6)
+    for lab, goals in enumerate(subgoals or []):
+        g = np.asarray(goals)
+        ax.plot(g[:, 0], g[:, 1], "x", color=colours[lab % 10], ms=8, mew=2)
+    ax.plot([0], [0], "ks", ms=6)
+    ax.plot([params.goal[0]], [params.goal[1]], "*", color="gold", mec="k", ms=16)
+    handles = [Rectangle((0, 0), 1, 1, color="tab:red", alpha=0.15)]
+    names = ["penalty area"]
+    for lab in sorted({x for x in labels if x >= 0}):
+        handles.append(Line2D([0], [0], color=colours[lab % 10]))
+        names.append(label_names[lab] if label_names else f"label {lab}")
+    ax.legend(handles, names, loc="center left", fontsize=8, framealpha=0.8)
+    ax.set_xlim(params.state_low - 0.5, params.state_high + 0.5)
+    ax.set_ylim(params.state_low - 0.5, params.state_high + 0.5)
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    canvas.draw()
+    image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    if path:
+        check_writable(path)
+        fig.savefig(path)
+    return image
+
+
+def episodes_of(data: dict, max_per_label: int = 5) -> tuple[list, list]:
+    """The first few trajectories of each label as ([T+1, 2] position arrays, labels), for plot_map."""
+    starts = np.flatnonzero(np.r_[True, np.diff(data["episode_ids"]) != 0])
+    ends = np.r_[starts[1:], len(data["episode_ids"])]
+    trajs, labels, count = [], [], {}
+    for a, b in zip(starts, ends):
+        lab = int(data["behaviour"][a])
+        if count.get(lab, 0) < max_per_label:
+            count[lab] = count.get(lab, 0) + 1
+            trajs.append(np.concatenate([data["observations"][a:b], data["next_observations"][b - 1:b]]))
+            labels.append(lab)
+    return trajs, labels
+
+
+def main(args: Args) -> None:
+    import time
+
+    check_writable(args.out)
+    if args.figure:
+        check_writable(args.figure)
+    start = time.perf_counter()
+    data = generate_dataset(args.seed, args.transitions_per_behaviour)
+    validate_dataset(args.out, data)
+    save_npz(args.out, data, DATASET_SCHEMA, asdict(args))
+    print(f"wrote {args.out}: {len(data['rewards'])} transitions, {data['episode_ids'][-1] + 1} episodes "
+          f"in {time.perf_counter() - start:.1f} s")
+    if args.figure:
+        trajs, labels = episodes_of(data, max_per_label=5)
+        plot_map(trajs, labels, subgoals=SUBGOALS, path=args.figure, label_names=["behaviour 0", "behaviour 1"],
+                 title="Offline data set: 5 trajectories of each behaviour")
+        print(f"wrote {args.figure}")
+    if args.minari_id:
+        print(f"wrote Minari data set {args.minari_id} to {write_minari(args.minari_id, data)}")
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except InputError as e:
+        sys.exit(f"error: {e}")
