@@ -1,0 +1,67 @@
+"""Shared pytest fixtures: a small navigation data set (Algorithm 3), in memory and as an .npz file.
+
+The suite runs on the CPU (set before JAX is imported) and imports the project's single files from
+the repository root whatever the working directory.
+"""
+
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import nav_env  # noqa: E402
+
+SMALL_SEED = 0
+SMALL_TRANSITIONS_PER_BEHAVIOUR = 20_000  # about 27 + 36 episodes, about 40k rows, ~2 s on 2 CPU cores
+
+
+@pytest.fixture(scope="session")
+def small_dataset_target() -> int:
+    """The ``transitions_per_behaviour`` the small data set was generated with."""
+    return SMALL_TRANSITIONS_PER_BEHAVIOUR
+
+
+@pytest.fixture(scope="session")
+def small_dataset() -> dict:
+    """``nav_env.generate_dataset(seed=0, transitions_per_behaviour=20_000)``, schema empo/dataset/v1.
+
+    Shared by the whole session, so its arrays are read-only: copy before changing one.
+    """
+    data = nav_env.generate_dataset(SMALL_SEED, SMALL_TRANSITIONS_PER_BEHAVIOUR, log=lambda _: None)
+    for array in data.values():
+        array.setflags(write=False)
+    return data
+
+
+@pytest.fixture(scope="session")
+def small_dataset_path(small_dataset, tmp_path_factory) -> str:
+    """The small data set written with ``nav_env.save_npz`` (schema ``nav_env.DATASET_SCHEMA``)."""
+    path = tmp_path_factory.mktemp("data") / "nav_small.npz"
+    args = dict(seed=SMALL_SEED, transitions_per_behaviour=SMALL_TRANSITIONS_PER_BEHAVIOUR)
+    nav_env.save_npz(str(path), small_dataset, nav_env.DATASET_SCHEMA, args)
+    return str(path)
+
+
+def subset_episodes(data: dict, episodes) -> dict:
+    """Rows of the given episodes (in the given order), episode ids renumbered 0..len(episodes)-1."""
+    parts = []
+    for new_id, old_id in enumerate(episodes):
+        rows = data["episode_ids"] == old_id
+        part = {k: np.array(v[rows]) for k, v in data.items()}
+        part["episode_ids"] = np.full(rows.sum(), new_id, np.int32)
+        parts.append(part)
+    return {k: np.concatenate([p[k] for p in parts]) for k in data}
+
+
+@pytest.fixture(scope="session")
+def subset():
+    """``subset(data, episode_list)``: a smaller data set of whole episodes (writable copies)."""
+    return subset_episodes
