@@ -1,0 +1,763 @@
+"""Stage 1 of EMPO: EM clustering of the behaviour policies (Algorithm 1) and the classifier q(z|s).
+
+Paper: §3.1 (Algorithm 1, heuristics I-III, Eq. 3-9), §3.3 (classifier), Tables 3-5.
+
+Input   a data set: ``--dataset data/nav.npz`` (schema empo/dataset/v1) or Minari ids, comma-separated.
+Output  ``cluster.npz`` (schema empo/cluster/v1) and TensorBoard logs in ``<out folder>/cluster``:
+        policy/params/... [S, K, ...] the K Gaussian policies beta(a|s; theta_z) of every seed,
+        classifier/params/... [S, ...] q(z|s; phi), posterior [S, E, K] (Q_Theta*, Eq. 3),
+        assignments [S, N] (Eq. 9), arch/* (what rebuilds the networks), rand_index [S] and
+        adjusted_rand_index [S] when the data set has labels, plus args, producer and inputs.
+
+Equation map
+    Eq. (3)  posterior Q_Theta(z | tau)                      -> e_step_log_posterior
+    Eq. (4)/(6)  M-step loss -sum_z Q(z|tau) log beta        -> m_step_loss
+    Eq. (5)  momentum Q^(k+1) = mu Q^(k) + (1-mu) Q_Theta    -> make_em_epoch
+    Eq. (7)  Q^(0) = 1/K, N_p pre-training epochs            -> main (heuristic II)
+    Eq. (8)  Q^(-1) = one-hot random split, N_b epochs       -> main (heuristic III)
+    Eq. (9)  A(s, a) = argmax_z Q_Theta*(z | tau(s, a))      -> main (assignments)
+    §3.3     l_C = KL(Q^(k)(.|tau(s,a)) || q(.|s; phi))      -> classifier_loss
+
+Interpretations and deviations
+    1. "4-layer MLP with hidden layers of size 64" (Appendix B) is read as four weight layers:
+       three hidden layers of 64 units (ReLU) and an output layer (--hidden-layers, --hidden-dim).
+    2. beta(a|s; theta_z) is a diagonal Gaussian: mean = action_scale * tanh(.), where action_scale
+       is the largest |action| per dimension in the data set (0.2 here: the data's actions are
+       clipped to A); state-dependent log-std squashed into [-5, 0] by a tanh. Log-probabilities
+       are summed over action dimensions. States are standardised with the data set's mean and
+       std (stored in arch/obs_mean, arch/obs_std), as is usual for MuJoCo data.
+    3. An epoch is ceil(N / batch) minibatch steps, each minibatch drawn uniformly with
+       replacement ("sample a mini-batch", Algorithm 1); one optimiser (Adam) runs through all
+       phases.
+    4. Eq. (5) as Algorithm 1 runs it: at the start of EM epoch k, Q^(k) = mu Q^(k-1) +
+       (1 - mu) Q_Theta_(k-1), with Q^(0) = 1/K; mu = 0 is plain EM. The posterior is computed in
+       log space from per-trajectory sums of per-step log-likelihoods, with a uniform prior p(Z).
+    5. The classifier is trained during the N_E EM epochs only (against Q^(k)); before them the
+       targets are a random split or uniform and carry no information about states.
+    6. The rand index is computed per transition (each (s, a) has an assignment A(s, a), and the
+       label of its data set of origin), with sklearn.metrics.rand_score at the end as in the
+       paper, and from the weighted contingency table of trajectories during training (the same
+       number, cheaper). Both are invariant to the numbering of the clusters.
+    7. Seeds: run i uses seed ``--seed + i``, so seed i of a vmapped run equals a single run with
+       that seed. Seeds are vmapped and sharded over the visible devices.
+    8. Switching a heuristic off is a flag: --momentum 0 (I), --pretrain-epochs 0 (II),
+       --bias-epochs 0 (III); "no heuristics" is all three.
+
+Example
+    python empo_cluster.py --dataset data/nav.npz --out runs/nav/cluster.npz --num-seeds 2
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and "XLA_FLAGS" not in os.environ:
+    # One XLA host device per core, so that seeds run in parallel on a CPU (set before jax loads).
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={os.cpu_count() or 1}"
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import zipfile  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import tyro  # noqa: E402
+from flax import struct, traverse_util  # noqa: E402
+
+
+@dataclass
+class Args:
+    """Stage 1 of EMPO: EM clustering of behaviour policies (Algorithm 1) and the classifier q(z|s)."""
+
+    # --- experiment ---
+    dataset: str = "data/nav.npz"
+    """data set: an .npz (schema empo/dataset/v1) or comma-separated Minari ids (index = label)"""
+    out: str = "runs/nav/cluster.npz"
+    """output file (schema empo/cluster/v1); TensorBoard logs go to the folder 'cluster' beside it"""
+    seed: int = 1
+    """random seed of the first run; run i uses seed + i"""
+    num_seeds: int = 1
+    """independent runs in one vmapped call, sharded over the visible devices"""
+    log_every: int = 1
+    """log and print every this many epochs"""
+    resume: bool = False
+    """continue from the checkpoint beside --out (written after every phase and every
+    --checkpoint-every epochs) instead of starting afresh"""
+    checkpoint_every: int = 10
+    """write a checkpoint every this many epochs (0: only at phase ends)"""
+    # --- algorithm (Table 4, didactic column) ---
+    k: int = 2
+    """K: the number of clusters (behaviour policies)"""
+    bias_epochs: int = 3
+    """N_b: epochs biased to a random split of trajectories (heuristic III, Eq. 8); 0 switches it off"""
+    pretrain_epochs: int = 20
+    """N_p: pre-training epochs with the uniform posterior (heuristic II, Eq. 7); 0 switches it off"""
+    em_epochs: int = 60
+    """N_E: EM epochs (Eq. 5-6)"""
+    momentum: float = 0.9
+    """mu: momentum of the posterior (heuristic I, Eq. 5); 0 switches it off"""
+    batch_size: int = 256
+    """B: minibatch size of the M-step and the classifier"""
+    learning_rate: float = 3e-4
+    """alpha: Adam learning rate of the policies and the classifier"""
+    hidden_dim: int = 64
+    """hidden units per layer (Appendix B: 64 didactic, 256 D4RL)"""
+    hidden_layers: int = 3
+    """hidden layers; 3 hidden + 1 output = the paper's '4-layer MLP'"""
+    # --- memory ---
+    estep_chunk: int = 65_536
+    """rows per chunk of the E-step's pass over the data set (bounds memory; same result)"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Containers
+# ----------------------------------------------------------------------------------------------
+
+@struct.dataclass
+class TrainState:
+    policy: Any  # parameters of the K policies, stacked on a leading axis [K, ...]
+    policy_opt: Any
+    classifier: Any
+    classifier_opt: Any
+
+
+@struct.dataclass
+class Data:
+    """The data set on the device, padded to a whole number of E-step chunks."""
+
+    obs: jax.Array  # [N_pad, obs_dim], standardised
+    actions: jax.Array  # [N_pad, act_dim]
+    episode_ids: jax.Array  # [N_pad] int32; padding rows carry the id E (a dropped segment)
+
+
+# --- shared block: npz_io (keep identical across stages) ---
+class InputError(ValueError):
+    """Bad input or output: the message is one sentence that names the file and the problem."""
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_writable(path: str) -> None:
+    """Fail before any work if ``path`` cannot be written (missing rights, a folder in the way)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"cannot write {path}: it is a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: its folder {folder} cannot be created ({e.strerror or e})") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] = None) -> None:
+    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically."""
+    check_writable(path)
+    meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
+                producer=np.array(os.path.basename(sys.argv[0]) or "python"),
+                inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays, **meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_npz(path: str, schema: str) -> dict:
+    """Read a handoff file (no pickles) and check its schema; returns a dict of NumPy arrays."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise InputError(f"{path} is not a readable .npz file ({e})") from None
+    found = str(arrays.get("schema", "none"))
+    if found != schema:
+        raise InputError(f"{path} has schema '{found}', expected '{schema}'")
+    return arrays
+
+
+def check_arrays(name: str, arrays: dict, spec: dict, sizes: Optional[dict] = None) -> dict:
+    """Check keys, dtypes and symbolic shapes, e.g. {"actions": ("float32", ("N", "act_dim"))}.
+
+    Symbols are bound on first sight (or taken from ``sizes``) and must agree everywhere; floating
+    arrays must be finite. Returns the bound sizes. Raises InputError naming the file and the key.
+    """
+    sizes = dict(sizes or {})
+    for key, (dtype, shape) in spec.items():
+        if key not in arrays:
+            raise InputError(f"{name} has no key '{key}'")
+        a = arrays[key]
+        if a.dtype != np.dtype(dtype):
+            raise InputError(f"{name}: '{key}' has dtype {a.dtype}, expected {dtype}")
+        if a.ndim != len(shape):
+            raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {len(shape)} dimensions {shape}")
+        for dim, want in zip(a.shape, shape):
+            want = sizes.setdefault(want, dim) if isinstance(want, str) else want
+            if dim != want:
+                raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {shape} with {sizes}")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{name}: '{key}' contains NaN or infinite values")
+    return sizes
+# --- end shared block: npz_io ---
+
+
+# --- shared block: dataset (keep identical across stages) ---
+DATASET_SCHEMA = "empo/dataset/v1"
+DATASET_SPEC = {
+    "observations": ("float32", ("N", "obs_dim")),
+    "actions": ("float32", ("N", "act_dim")),
+    "rewards": ("float32", ("N",)),
+    "next_observations": ("float32", ("N", "obs_dim")),
+    "terminals": ("bool", ("N",)),
+    "timeouts": ("bool", ("N",)),
+    "episode_ids": ("int32", ("N",)),
+    "behaviour": ("int32", ("N",)),
+}
+
+
+def load_dataset(source: str) -> tuple[dict, str]:
+    """Load a data set from an ``.npz`` path or comma-separated Minari ids; validate it.
+
+    Minari ids are read from the local store (``MINARI_DATASETS_PATH`` or ~/.minari), never
+    downloaded. Several ids are concatenated and labelled by their index, the way D4RL
+    medium-expert is medium + expert; a single id takes ``behaviour`` from each episode's metadata
+    where present (-1 otherwise). Returns (arrays, sha256 of the arrays' bytes).
+    """
+    if source.endswith(".npz") or os.path.isfile(source):
+        arrays = load_npz(source, DATASET_SCHEMA)
+        data = {k: arrays[k] for k in DATASET_SPEC if k in arrays}
+    else:
+        data = _load_minari([s.strip() for s in source.split(",") if s.strip()])
+    validate_dataset(source, data)
+    digest = hashlib.sha256()
+    for key in DATASET_SPEC:
+        digest.update(np.ascontiguousarray(data[key]).tobytes())
+    return data, digest.hexdigest()
+
+
+def validate_dataset(name: str, data: dict) -> dict:
+    """Schema, shapes, finiteness and trajectory structure; returns the sizes (N, obs_dim, act_dim)."""
+    sizes = check_arrays(name, data, DATASET_SPEC)
+    ids = data["episode_ids"]
+    if sizes["N"] == 0:
+        raise InputError(f"{name} holds no transitions")
+    steps = np.diff(ids)
+    if ids[0] != 0 or np.any((steps != 0) & (steps != 1)):
+        raise InputError(f"{name}: 'episode_ids' must start at 0 and count up by one, trajectories contiguous")
+    last = np.r_[steps != 0, True]  # last row of each trajectory
+    ends = data["terminals"] | data["timeouts"]
+    if np.any(ends & ~last):
+        raise InputError(f"{name}: a terminal or timeout flag stands inside a trajectory, not at its end")
+    if np.any(last & ~ends):
+        raise InputError(f"{name}: a trajectory ends with neither a terminal nor a timeout flag")
+    return sizes
+
+
+def _load_minari(ids: list) -> dict:
+    import minari
+
+    if not ids:
+        raise InputError("no Minari data set id was given")
+    parts, first_episode = [], 0
+    for index, dataset_id in enumerate(ids):
+        try:
+            dataset = minari.load_dataset(dataset_id, download=False)
+        except FileNotFoundError:
+            raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
+                             f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)"
+                             ) from None
+        except Exception as e:  # a damaged local copy: say which
+            raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
+        meta = list(dataset.storage.get_episode_metadata(dataset.episode_indices)) if len(ids) == 1 else None
+        for j, ep in enumerate(dataset.iterate_episodes()):
+            if isinstance(ep.observations, dict) or isinstance(ep.actions, dict):
+                raise InputError(f"Minari data set '{dataset_id}' has dictionary observations or actions")
+            n = len(ep.rewards)
+            obs = np.asarray(ep.observations, np.float32).reshape(n + 1, -1)
+            term = np.asarray(ep.terminations, bool)
+            label = index if meta is None else int(meta[j].get("behaviour", -1))
+            parts.append(dict(
+                observations=obs[:-1], actions=np.asarray(ep.actions, np.float32).reshape(n, -1),
+                rewards=np.asarray(ep.rewards, np.float32), next_observations=obs[1:], terminals=term,
+                # a trajectory that stops without a terminal is a timeout, whatever the flags say
+                timeouts=np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1) & ~term,
+                episode_ids=np.full(n, first_episode, np.int32), behaviour=np.full(n, label, np.int32)))
+            first_episode += 1
+    if not parts:
+        raise InputError(f"Minari data sets {ids} hold no episodes")
+    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
+# --- end shared block: dataset ---
+
+
+# --- shared block: run_utils (keep identical across stages) ---
+def make_writer(log_dir: str, args):
+    """A tensorboardX writer with the hyperparameters logged as a text table."""
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(log_dir)
+    rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(asdict(args).items()))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
+    return writer
+
+
+def seed_shardings(num_seeds: int):
+    """(per-seed sharding, replicated sharding) over as many devices as evenly divide num_seeds."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    count = max(d for d in range(1, len(devices) + 1) if num_seeds % d == 0)
+    mesh = Mesh(np.array(devices[:count]), ("seeds",))
+    return NamedSharding(mesh, PartitionSpec("seeds")), NamedSharding(mesh, PartitionSpec())
+
+
+class Progress:
+    """One status line per call: done/total, elapsed, estimated time left, and extra fields."""
+
+    def __init__(self, total: int, name: str):
+        self.total, self.name, self.start = total, name, time.perf_counter()
+
+    def __call__(self, done: int, **fields) -> None:
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / max(done, 1) * (self.total - done)
+        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        print(f"[{self.name}] {done}/{self.total} ({100 * done / self.total:.0f}%) "
+              f"elapsed {elapsed:.0f}s, left ~{left:.0f}s {extra}", flush=True)
+
+
+def flatten_params(prefix: str, params) -> dict:
+    """{'prefix/Dense_0/kernel': array, ...} (flax.traverse_util, '/' separated)."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {f"{prefix}/{k}": np.asarray(v) for k, v in flat.items()}
+
+
+def unflatten_params(prefix: str, arrays: dict):
+    flat = {k[len(prefix) + 1:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix + "/")}
+    return traverse_util.unflatten_dict(flat, sep="/")
+# --- end shared block: run_utils ---
+
+
+# --- shared block: networks (keep identical across stages) ---
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 0.0
+
+
+class MLP(nn.Module):
+    """hidden_layers x (Dense(hidden_dim) + ReLU), then a linear Dense(out_dim) (linear heads:
+    rewards can be negative)."""
+
+    hidden_dim: int
+    hidden_layers: int
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.hidden_layers):
+            x = nn.relu(nn.Dense(self.hidden_dim)(x))
+        return nn.Dense(self.out_dim)(x)
+
+
+class GaussianPolicy(nn.Module):
+    """beta(a|s; theta): mean = action_scale * tanh(.), log-std squashed into [LOG_STD_MIN, LOG_STD_MAX]."""
+
+    act_dim: int
+    action_scale: tuple
+    hidden_dim: int
+    hidden_layers: int
+
+    @nn.compact
+    def __call__(self, obs):
+        out = MLP(self.hidden_dim, self.hidden_layers, 2 * self.act_dim)(obs)
+        mean, log_std = jnp.split(out, 2, axis=-1)
+        mean = jnp.asarray(self.action_scale, jnp.float32) * jnp.tanh(mean)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(log_std) + 1.0)
+        return mean, log_std
+
+
+def gaussian_log_prob(mean, log_std, action):
+    """log N(action; mean, exp(log_std)^2), summed over the last (action) axis."""
+    z = (action - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+# --- end shared block: networks ---
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (one function per equation)
+# ----------------------------------------------------------------------------------------------
+
+def policy_log_probs(policy: GaussianPolicy, params, obs, actions):
+    """log beta(a | s; theta_z) for every z: [B, K] from stacked params [K, ...]."""
+    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
+    return gaussian_log_prob(mean, log_std, actions[None]).T  # [B, K]
+
+
+def e_step_log_posterior(log_probs, episode_ids, num_episodes: int):
+    """Eq. (3): log Q_Theta(z|tau) = sum_t log beta(a_t|s_t, z) - logsumexp_z(same), uniform prior.
+
+    log_probs [N, K] per-step log-likelihoods; episode_ids [N] (ids >= num_episodes are dropped).
+    Returns (log posterior [E, K], per-trajectory log-likelihood sums [E, K]).
+    """
+    loglik = jax.ops.segment_sum(log_probs, episode_ids, num_segments=num_episodes + 1)[:-1]  # [E, K]
+    return loglik - jax.nn.logsumexp(loglik, axis=1, keepdims=True), loglik  # Eq. (3)
+
+
+def m_step_loss(log_probs, weights):
+    """Eq. (6): l_M = -sum_z Q^(k)(z | tau(s,a)) log beta(a | s; theta_z), averaged over the batch."""
+    return -jnp.mean(jnp.sum(weights * log_probs, axis=1))  # Eq. (6)
+
+
+def classifier_loss(logits, weights):
+    """§3.3: l_C = KL(Q^(k)(.|tau(s,a)) || q(.|s; phi)), averaged over the batch (0 log 0 = 0)."""
+    log_q = jax.nn.log_softmax(logits, axis=1)  # [B, K]
+    entropy_term = jnp.sum(jnp.where(weights > 0, weights * jnp.log(jnp.where(weights > 0, weights, 1.0)), 0.0), 1)
+    return jnp.mean(entropy_term - jnp.sum(weights * log_q, axis=1))  # KL(Q || q)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training functions
+# ----------------------------------------------------------------------------------------------
+
+def make_networks(args: Args, act_dim: int, action_scale: tuple):
+    policy = GaussianPolicy(act_dim, action_scale, args.hidden_dim, args.hidden_layers)
+    classifier = MLP(args.hidden_dim, args.hidden_layers, args.k)
+    return policy, classifier
+
+
+def make_init(args: Args, policy, classifier, obs_dim: int):
+    tx = optax.adam(args.learning_rate)
+
+    def init(key) -> TrainState:
+        key_policy, key_classifier = jax.random.split(key)
+        dummy = jnp.zeros((1, obs_dim), jnp.float32)
+        policy_params = jax.vmap(policy.init, in_axes=(0, None))(jax.random.split(key_policy, args.k), dummy)
+        classifier_params = classifier.init(key_classifier, dummy)
+        return TrainState(policy_params, tx.init(policy_params), classifier_params, tx.init(classifier_params))
+
+    return init, tx
+
+
+def make_m_epoch(args: Args, policy, classifier, tx, num_rows: int, train_classifier: bool):
+    """One epoch of minibatch M-steps (Eq. 6) against fixed weights Q [E, K], as a lax.scan.
+
+    With ``train_classifier`` the classifier takes a step against the same Q (§3.3) each step.
+    Returns epoch(state, q [E, K], key, data) -> (state, metrics of the epoch's means).
+    """
+    steps = math.ceil(num_rows / args.batch_size)
+
+    def update(state: TrainState, key, q, data: Data):
+        idx = jax.random.randint(key, (args.batch_size,), 0, num_rows)
+        obs, actions = data.obs[idx], data.actions[idx]  # [B, obs_dim], [B, act_dim]
+        weights = q[data.episode_ids[idx]]  # [B, K]
+
+        def policy_loss(params):
+            return m_step_loss(policy_log_probs(policy, params, obs, actions), weights)
+
+        loss, grads = jax.value_and_grad(policy_loss)(state.policy)
+        updates, policy_opt = tx.update(grads, state.policy_opt, state.policy)
+        state = state.replace(policy=optax.apply_updates(state.policy, updates), policy_opt=policy_opt)
+        metrics = {"losses/m_step": loss}
+        if train_classifier:
+            c_loss, c_grads = jax.value_and_grad(
+                lambda p: classifier_loss(classifier.apply(p, obs), weights))(state.classifier)
+            updates, classifier_opt = tx.update(c_grads, state.classifier_opt, state.classifier)
+            state = state.replace(classifier=optax.apply_updates(state.classifier, updates),
+                                  classifier_opt=classifier_opt)
+            metrics["losses/classifier"] = c_loss
+        return state, metrics
+
+    def epoch(state: TrainState, q, key, data: Data):
+        keys = jax.random.split(key, steps)
+        state, metrics = jax.lax.scan(lambda s, k: update(s, k, q, data), state, keys)
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return epoch
+
+
+def make_e_step(args: Args, policy, num_episodes: int):
+    """Q_Theta over the whole data set in one call: chunked forward pass + segment sums (Eq. 3)."""
+
+    def e_step(policy_params, data: Data):
+        chunks = data.obs.shape[0] // args.estep_chunk
+        shape = lambda x: x.reshape((chunks, args.estep_chunk) + x.shape[1:])
+        log_probs = jax.lax.map(lambda c: policy_log_probs(policy, policy_params, c[0], c[1]),
+                                (shape(data.obs), shape(data.actions)))  # [chunks, chunk, K]
+        log_probs = log_probs.reshape(-1, args.k)  # [N_pad, K]
+        return e_step_log_posterior(log_probs, data.episode_ids, num_episodes)
+
+    return e_step
+
+
+def make_em_epoch(args: Args, e_step, m_epoch):
+    """Algorithm 1, lines 13-18: Q^(k) = mu Q^(k-1) + (1-mu) Q_Theta_(k-1) (Eq. 5), then one M epoch."""
+
+    def em_epoch(state: TrainState, q_prev, key, data: Data):
+        log_post, loglik = e_step(state.policy, data)  # [E, K]
+        q = args.momentum * q_prev + (1.0 - args.momentum) * jnp.exp(log_post)  # Eq. (5)
+        state, metrics = m_epoch(state, q, key, data)
+        return state, q, log_post, loglik, metrics
+
+    return em_epoch
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation helpers
+# ----------------------------------------------------------------------------------------------
+
+def rand_indices(labels_per_episode, lengths, assignment_per_episode) -> tuple[float, float]:
+    """(rand index, adjusted rand index) over transitions, from the trajectory contingency table.
+
+    Every transition of a trajectory shares its label and its assignment, so the pair counts
+    follow from the table weighted by trajectory lengths; equal to sklearn's rand_score and
+    adjusted_rand_score on the per-transition labels (tested).
+    """
+    _, lab = np.unique(labels_per_episode, return_inverse=True)
+    _, asg = np.unique(assignment_per_episode, return_inverse=True)
+    table = np.zeros((lab.max() + 1, asg.max() + 1))
+    np.add.at(table, (lab, asg), lengths)
+    pairs = lambda x: np.sum(x * (x - 1) / 2)
+    n = table.sum()
+    total, same_both = n * (n - 1) / 2, pairs(table)
+    same_label, same_cluster = pairs(table.sum(1)), pairs(table.sum(0))
+    rand = (total + 2 * same_both - same_label - same_cluster) / total if total > 0 else 1.0
+    expected = same_label * same_cluster / total if total > 0 else 0.0
+    max_index = 0.5 * (same_label + same_cluster)
+    ari = 1.0 if max_index == expected else (same_both - expected) / (max_index - expected)
+    return float(rand), float(ari)
+
+
+def entropy(log_p):
+    return float(-np.mean(np.sum(np.exp(log_p) * log_p, axis=-1)))
+
+
+def save_checkpoint(path: str, state, q, epoch: int) -> None:
+    leaves = jax.tree.leaves(jax.device_get(state))
+    arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
+    save_npz(path, dict(arrays, q=np.asarray(q), epoch=np.int64(epoch)), "empo/cluster-checkpoint/v1", {})
+
+
+def load_checkpoint(path: str, state_template, q_template):
+    arrays = load_npz(path, "empo/cluster-checkpoint/v1")
+    leaves, treedef = jax.tree.flatten(state_template)
+    if len(leaves) != sum(k.startswith("leaf_") for k in arrays) or arrays["q"].shape != q_template.shape:
+        raise InputError(f"{path} was written by a run with other sizes; delete it or drop --resume")
+    restored = [np.asarray(arrays[f"leaf_{i:04d}"]) for i in range(len(leaves))]
+    if any(a.shape != b.shape for a, b in zip(restored, leaves)):
+        raise InputError(f"{path} was written by a run with other network sizes; delete it or drop --resume")
+    return jax.tree.unflatten(treedef, restored), arrays["q"], int(arrays["epoch"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def validate_args(args: Args, num_episodes: int) -> None:
+    if args.k < 1:
+        raise InputError(f"--k must be at least 1, got {args.k}")
+    if args.k > num_episodes:
+        raise InputError(f"--k {args.k} is larger than the {num_episodes} trajectories of {args.dataset}")
+    if min(args.bias_epochs, args.pretrain_epochs, args.em_epochs) < 0:
+        raise InputError("epoch counts (--bias-epochs, --pretrain-epochs, --em-epochs) cannot be negative")
+    if not 0.0 <= args.momentum < 1.0:
+        raise InputError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if args.num_seeds < 1 or args.batch_size < 1 or args.estep_chunk < 1 or args.learning_rate <= 0:
+        raise InputError("--num-seeds, --batch-size, --estep-chunk and --learning-rate must be positive")
+
+
+def main(args: Args) -> dict:
+    check_writable(args.out)
+    data_np, data_sha = load_dataset(args.dataset)
+    n = len(data_np["rewards"])
+    num_episodes = int(data_np["episode_ids"][-1]) + 1
+    validate_args(args, num_episodes)
+    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
+    obs_mean = data_np["observations"].mean(0)
+    obs_std = data_np["observations"].std(0) + 1e-3
+    action_scale = tuple(float(x) for x in np.maximum(np.abs(data_np["actions"]).max(0), 1e-3))
+    labels = data_np["behaviour"]
+    has_labels = bool(np.all(labels >= 0))
+    starts = np.flatnonzero(np.r_[True, np.diff(data_np["episode_ids"]) != 0])
+    lengths = np.diff(np.r_[starts, n])
+    labels_per_episode = labels[starts]
+
+    # Data on the device, padded to whole E-step chunks (padding rows belong to no trajectory).
+    chunk = min(args.estep_chunk, n)
+    pad = (-n) % chunk
+    run_args = Args(**{**asdict(args), "estep_chunk": chunk})
+    obs = (data_np["observations"] - obs_mean) / obs_std
+    data = Data(
+        obs=jnp.asarray(np.pad(obs, ((0, pad), (0, 0)))),
+        actions=jnp.asarray(np.pad(data_np["actions"], ((0, pad), (0, 0)))),
+        episode_ids=jnp.asarray(np.pad(data_np["episode_ids"], (0, pad), constant_values=num_episodes)),
+    )
+
+    policy, classifier = make_networks(run_args, act_dim, action_scale)
+    init, tx = make_init(run_args, policy, classifier, obs_dim)
+    seed_sharding, replicated = seed_shardings(args.num_seeds)
+    data = jax.device_put(data, replicated)
+    seeds = np.arange(args.seed, args.seed + args.num_seeds)
+    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    key_init, key_split, key_train = (jax.device_put(k, seed_sharding)
+                                      for k in jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(seed_keys))
+
+    vinit = jax.jit(jax.vmap(init), out_shardings=seed_sharding)
+    m_epoch_plain = jax.jit(jax.vmap(make_m_epoch(run_args, policy, classifier, tx, n, False),
+                                     in_axes=(0, 0, 0, None)))
+    e_step = make_e_step(run_args, policy, num_episodes)
+    m_epoch_with_classifier = make_m_epoch(run_args, policy, classifier, tx, n, True)
+    em_epoch = jax.jit(jax.vmap(make_em_epoch(run_args, e_step, m_epoch_with_classifier), in_axes=(0, 0, 0, None)))
+    final_e_step = jax.jit(jax.vmap(e_step, in_axes=(0, None)))
+
+    state = vinit(key_init)
+    q_uniform = jax.device_put(jnp.full((args.num_seeds, num_episodes, args.k), 1.0 / args.k), seed_sharding)
+    z_tau = jax.vmap(lambda k: jax.random.randint(k, (num_episodes,), 0, args.k))(key_split)
+    q_bias = jax.device_put(jax.nn.one_hot(z_tau, args.k), seed_sharding)  # Eq. (8): Q^(-1), a random split
+
+    log_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "cluster")
+    ckpt_path = os.path.join(os.path.dirname(os.path.abspath(args.out)), "cluster_checkpoint.npz")
+    writer = make_writer(log_dir, args)
+    schedule = ["bias"] * args.bias_epochs + ["pretrain"] * args.pretrain_epochs + ["em"] * args.em_epochs
+    total = len(schedule)
+    first, q = 0, q_uniform
+    if args.resume and os.path.exists(ckpt_path):
+        state, q, first = load_checkpoint(ckpt_path, state, q)
+        state, q = jax.device_put(state, seed_sharding), jax.device_put(jnp.asarray(q), seed_sharding)
+        print(f"resumed from {ckpt_path} at epoch {first}/{total}")
+
+    # Compile ahead of time, so that the compile time is measured and reported on its own.
+    t0 = time.perf_counter()
+    key0 = jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, 0), seed_sharding)
+    compiled = {}
+    if args.bias_epochs + args.pretrain_epochs:
+        compiled["m"] = m_epoch_plain.lower(state, q_uniform, key0, data).compile()
+    if args.em_epochs:
+        compiled["em"] = em_epoch.lower(state, q_uniform, key0, data).compile()
+    compiled["e"] = final_e_step.lower(state.policy, data).compile()
+    compile_s = time.perf_counter() - t0
+    print(f"[cluster] N={n} E={num_episodes} K={args.k} seeds={args.num_seeds} on "
+          f"{seed_sharding.mesh.devices.size} device(s); compiled in {compile_s:.1f}s", flush=True)
+
+    progress = Progress(total, "cluster")
+    history = {"rand_index": [], "adjusted_rand_index": []}
+    t_train = time.perf_counter()
+    for epoch in range(first, total):
+        phase = schedule[epoch]
+        key = jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, epoch), seed_sharding)
+        if phase != "em":
+            q = q_bias if phase == "bias" else q_uniform  # Eq. (8) / Eq. (7)
+            state, metrics = compiled["m"](state, q, key, data)
+        else:
+            if epoch == args.bias_epochs + args.pretrain_epochs:
+                q = q_uniform  # Q^(0) = 1/K (Eq. 7) is where the momentum of Eq. (5) starts
+            state, q, log_post, loglik, metrics = compiled["em"](state, q, key, data)
+        if (epoch + 1) % max(args.checkpoint_every, 1) == 0 or epoch + 1 == total or (
+                epoch + 1 < total and schedule[epoch + 1] != phase):
+            save_checkpoint(ckpt_path, state, q, epoch + 1)
+        metrics = jax.device_get(metrics)
+        step = epoch + 1
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, float(np.mean(value)), step)
+        fields = {"phase": phase, "m_loss": float(np.mean(metrics["losses/m_step"]))}
+        if phase == "em":
+            log_post, loglik = np.asarray(jax.device_get(log_post)), np.asarray(jax.device_get(loglik))
+            assign = log_post.argmax(-1)  # [S, E], Eq. (9) under the current parameters
+            writer.add_scalar("charts/posterior_entropy", entropy(log_post), step)
+            mean_ll = np.take_along_axis(loglik, assign[..., None], -1)[..., 0].sum(-1) / n  # [S]
+            writer.add_scalar("charts/mean_log_likelihood", float(mean_ll.mean()), step)
+            for z in range(args.k):
+                writer.add_scalar(f"charts/cluster_fraction/{z}", float(((assign == z) * lengths).sum() / n
+                                                                       / args.num_seeds), step)
+            if has_labels:
+                scores = np.array([rand_indices(labels_per_episode, lengths, a) for a in assign])  # [S, 2]
+                history["rand_index"].append(scores[:, 0])
+                history["adjusted_rand_index"].append(scores[:, 1])
+                writer.add_scalar("eval/rand_index", float(scores[:, 0].mean()), step)
+                writer.add_scalar("eval/adjusted_rand_index", float(scores[:, 1].mean()), step)
+                for i, s in enumerate(scores[:, 0]):
+                    writer.add_scalar(f"eval/rand_index_seed/{seeds[i]}", float(s), step)
+                fields["rand_index"] = float(scores[:, 0].mean())
+        if step % args.log_every == 0 or step == total:
+            progress(step, **fields)
+    train_s = time.perf_counter() - t_train
+
+    # Algorithm 1, lines 20-22: Q_Theta* (Eq. 3) and the assignments A(s, a) (Eq. 9).
+    log_post, loglik = jax.device_get(compiled["e"](state.policy, data))
+    posterior = np.exp(np.asarray(log_post)).astype(np.float32)  # [S, E, K]
+    assignments = posterior.argmax(-1).astype(np.int32)[:, data_np["episode_ids"]]  # [S, N], Eq. (9)
+    state = jax.device_get(state)
+    arrays = {
+        **flatten_params("policy/params", state.policy["params"]),
+        **flatten_params("classifier/params", state.classifier["params"]),
+        "posterior": posterior, "assignments": assignments, "seeds": seeds.astype(np.int64),
+        "arch/k": np.int64(args.k), "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
+        "arch/hidden_dim": np.int64(args.hidden_dim), "arch/hidden_layers": np.int64(args.hidden_layers),
+        "arch/obs_mean": obs_mean.astype(np.float32), "arch/obs_std": obs_std.astype(np.float32),
+        "arch/action_scale": np.asarray(action_scale, np.float32),
+        "arch/log_std_range": np.asarray([LOG_STD_MIN, LOG_STD_MAX], np.float32),
+    }
+    summary = {"compile_s": compile_s, "train_s": train_s, "seeds": seeds.tolist()}
+    if has_labels:
+        from sklearn.metrics import adjusted_rand_score, rand_score
+
+        ri = np.array([rand_score(labels, a) for a in assignments])
+        ari = np.array([adjusted_rand_score(labels, a) for a in assignments])
+        arrays.update(rand_index=ri, adjusted_rand_index=ari)
+        if history["rand_index"]:
+            arrays["rand_index_history"] = np.stack(history["rand_index"], axis=1)  # [S, N_E]
+        summary.update(rand_index=ri.tolist(), adjusted_rand_index=ari.tolist())
+    save_npz(args.out, arrays, "empo/cluster/v1", asdict(args), {"dataset": data_sha})
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+
+    if obs_dim == 2:  # the navigation task: draw the clusters and the classifier
+        import nav_env
+
+        trajs, traj_labels = nav_env.episodes_of(data_np, max_per_label=10, labels=assignments[0])
+        image = nav_env.plot_map(trajs, traj_labels, title=f"Clusters (seed {seeds[0]})",
+                                 label_names=[f"cluster {z}" for z in range(args.k)],
+                                 path=os.path.join(os.path.dirname(os.path.abspath(args.out)), "clusters.png"))
+        writer.add_image("eval/clusters", image, total, dataformats="HWC")
+        grid = nav_env.grid_states(61)
+        classifier_params = jax.tree.map(lambda x: x[0], state.classifier)
+        q_grid = jax.nn.softmax(classifier.apply(classifier_params, (grid - obs_mean) / obs_std), -1)
+        image = nav_env.plot_map(field=np.asarray(q_grid[:, 0]).reshape(61, 61), field_label="q(z=0 | s)",
+                                 title="Classifier q(z=0 | s)", path=os.path.join(
+                                     os.path.dirname(os.path.abspath(args.out)), "classifier.png"))
+        writer.add_image("eval/classifier", image, total, dataformats="HWC")
+    writer.close()
+
+    print(f"[cluster] wrote {args.out}: compile {compile_s:.1f}s, training {train_s:.1f}s")
+    if has_labels:
+        print("[cluster] rand index per seed: " + " ".join(f"{x:.4f}" for x in summary["rand_index"]))
+        print(f"[cluster] rand index {np.mean(summary['rand_index']):.4f} +- {np.std(summary['rand_index']):.4f}, "
+              f"adjusted {np.mean(summary['adjusted_rand_index']):.4f} +- {np.std(summary['adjusted_rand_index']):.4f}")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except InputError as e:
+        sys.exit(f"error: {e}")
