@@ -635,8 +635,9 @@ def main(args: Args) -> dict:
     z_tau = jax.vmap(lambda k: jax.random.randint(k, (num_episodes,), 0, args.k))(key_split)
     q_bias = jax.device_put(jax.nn.one_hot(z_tau, args.k), seed_sharding)  # Eq. (8): Q^(-1), a random split
 
-    log_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "cluster")
-    ckpt_path = os.path.join(os.path.dirname(os.path.abspath(args.out)), "cluster_checkpoint.npz")
+    run_dir = os.path.dirname(os.path.abspath(args.out))
+    log_dir = os.path.join(run_dir, "cluster")
+    ckpt_path = os.path.join(run_dir, "cluster_checkpoint.npz")
     writer = make_writer(log_dir, args)
     schedule = ["bias"] * args.bias_epochs + ["pretrain"] * args.pretrain_epochs + ["em"] * args.em_epochs
     total = len(schedule)
@@ -648,7 +649,10 @@ def main(args: Args) -> dict:
 
     # Compile ahead of time, so that the compile time is measured and reported on its own.
     t0 = time.perf_counter()
-    key0 = jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, 0), seed_sharding)
+    def epoch_keys(epoch: int):  # one key per seed and epoch, so a resumed run draws the same batches
+        return jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, epoch), seed_sharding)
+
+    key0 = epoch_keys(0)
     compiled = {}
     if args.bias_epochs + args.pretrain_epochs:
         compiled["m"] = m_epoch_plain.lower(state, q_uniform, key0, data).compile()
@@ -664,7 +668,7 @@ def main(args: Args) -> dict:
     t_train = time.perf_counter()
     for epoch in range(first, total):
         phase = schedule[epoch]
-        key = jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, epoch), seed_sharding)
+        key = epoch_keys(epoch)
         if phase != "em":
             q = q_bias if phase == "bias" else q_uniform  # Eq. (8) / Eq. (7)
             state, metrics = compiled["m"](state, q, key, data)
@@ -737,14 +741,13 @@ def main(args: Args) -> dict:
         trajs, traj_labels = nav_env.episodes_of(data_np, max_per_label=10, labels=assignments[0])
         image = nav_env.plot_map(trajs, traj_labels, title=f"Clusters (seed {seeds[0]})",
                                  label_names=[f"cluster {z}" for z in range(args.k)],
-                                 path=os.path.join(os.path.dirname(os.path.abspath(args.out)), "clusters.png"))
+                                 path=os.path.join(run_dir, "clusters.png"))
         writer.add_image("eval/clusters", image, total, dataformats="HWC")
         grid = nav_env.grid_states(61)
         classifier_params = jax.tree.map(lambda x: x[0], state.classifier)
         q_grid = jax.nn.softmax(classifier.apply(classifier_params, (grid - obs_mean) / obs_std), -1)
         image = nav_env.plot_map(field=np.asarray(q_grid[:, 0]).reshape(61, 61), field_label="q(z=0 | s)",
-                                 title="Classifier q(z=0 | s)", path=os.path.join(
-                                     os.path.dirname(os.path.abspath(args.out)), "classifier.png"))
+                                 title="Classifier q(z=0 | s)", path=os.path.join(run_dir, "classifier.png"))
         writer.add_image("eval/classifier", image, total, dataformats="HWC")
     writer.close()
 

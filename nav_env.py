@@ -52,6 +52,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -347,8 +348,6 @@ def write_minari(dataset_id: str, data: dict, params: NavParams = NavParams()) -
             terminations=data["terminals"][a:b].tolist(), truncations=data["timeouts"][a:b].tolist(),
             infos={}))
         labels.append({"behaviour": int(data["behaviour"][a])})
-    import warnings
-
     env = NavEnv(params)
     with warnings.catch_warnings():  # Minari's reminders about author and code link fields
         warnings.filterwarnings("ignore", category=UserWarning, module="minari")
