@@ -1,0 +1,913 @@
+"""Stage 2 of EMPO: improve each behaviour cluster with SARSA Q, Monte-Carlo V and full-batch PPO.
+
+Paper: §3.2 (Algorithm 2, Eq. 10-14), §4.3.2 and Figure 4 (full batch against minibatches), Table 4.
+
+Input   a data set (``--dataset``, as stage 1) and ``--cluster cluster.npz`` (schema empo/cluster/v1,
+        made from that data set: its sha256 is checked).
+Output  ``ppo.npz`` (schema empo/ppo/v1) and TensorBoard logs in ``<out folder>/ppo``:
+        pi/params/... [S, K, ...] the improved policies pi_L(.|s, z; Theta'), q/params/... [S, ...]
+        Q(s, a; psi) -> R^K, v/params/... [S, ...] V(s; phi) -> R^K, arch/* (what rebuilds them),
+        cluster_run [S] (the stage-1 run each run improved), eval/* (rollouts of beta_z and pi_L
+        per cluster on the navigation task), plus args, producer and inputs.
+
+Equation map
+    Eq. (10)  R(s_i) = sum_t gamma^t r_t (per trajectory)          -> mc_returns
+    Eq. (11)  l_Q = [Q(s,a)_A(s,a) - (r + gamma Q_bar(s',a')_A(s',a'))]^2 -> sarsa_target, q_loss
+    Eq. (12)  l_V = [V(s)_A(s,a) - R(s)]^2                          -> v_loss
+    Eq. (13)  psi_bar <- (1 - tau_Q) psi_bar + tau_Q psi, every n_Q -> make_q_chunk
+    Eq. (14)  l_pi = min(rho A, clip(rho, 1-eps, 1+eps) A), maximised -> ppo_surrogate
+
+Interpretations and deviations
+    1. Networks: the stage-1 architecture (hidden layers and width from cluster.npz). Q takes the
+       standardised state and the action divided by the action scale; Q and V have K linear heads.
+       pi_L starts from the stage-1 policies Theta_hat* (Algorithm 2, line 2).
+    2. Value scale: Q and V are trained in units of c = std of the Monte-Carlo returns R(s) over the
+       data set (rewards divided by c), so that targets are O(1) for Adam; c is stored in
+       arch/value_scale and every logged value or advantage is multiplied back into reward units.
+       The PPO step is unchanged by a constant scale of the advantage, up to Adam's epsilon.
+    3. Trajectory ends: after a terminal (goal reached) the SARSA target is r alone. The data set
+       holds no next action after a timeout, so there a' is drawn once, before training, from
+       beta(.|s', A(s,a); Theta_hat*), the stage-1 policy of the trajectory's cluster, and the target
+       bootstraps through it. A(s', a') = A(s, a) inside a trajectory because assignments are per
+       trajectory (Eq. 9). Monte-Carlo returns (Eq. 10) stop at every trajectory end.
+    4. PPO: a' ~ beta(.|s, A(s,a); Theta_hat*) is drawn afresh every epoch for every transition
+       (noise fixed per row and epoch, so chunking never changes the gradient). rho and the
+       advantage use the unclipped a' (the density it was drawn from), Q is evaluated at the
+       action the environment would execute, clip(a', -max|a|, max|a|). The advantage is
+       (Q(s,a') - V(s))_A(s,a) without normalisation (the paper mentions none). eps_c = 0.2
+       (PPO's usual value; not in Table 4). One epoch of full-batch PPO is one Adam step on the
+       mean over all N transitions, the gradient accumulated over chunks of rows inside jit.
+       --ppo-minibatch B instead takes ceil(N / B) Adam steps per epoch over a shuffled pass.
+    5. Q is trained with minibatches drawn uniformly with replacement, N_Q steps; V for N_V epochs
+       of ceil(N / B) such steps; one Adam optimiser per network.
+    6. Seeds: run i uses seed --seed + i and clustering run i of cluster.npz (all runs share run 0
+       when cluster.npz holds one). Runs are vmapped and sharded over the visible devices.
+    7. Evaluation (navigation task only, never used for selection): beta_z and pi_L(.|s, z) run
+       alone from s_0 with their mean action, --eval-episodes rollouts each.
+
+Example
+    python empo_ppo.py --dataset data/nav.npz --cluster runs/nav/cluster.npz --out runs/nav/ppo.npz
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and "XLA_FLAGS" not in os.environ:
+    # One XLA host device per core, so that seeds run in parallel on a CPU (set before jax loads).
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={os.cpu_count() or 1}"
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import zipfile  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import tyro  # noqa: E402
+from flax import struct, traverse_util  # noqa: E402
+
+
+@dataclass
+class Args:
+    """Stage 2 of EMPO: SARSA Q, Monte-Carlo V and full-batch PPO for every cluster (Algorithm 2)."""
+
+    # --- experiment ---
+    dataset: str = "data/nav.npz"
+    """data set: an .npz (schema empo/dataset/v1) or comma-separated Minari ids, the one stage 1 used"""
+    cluster: str = "runs/nav/cluster.npz"
+    """stage-1 output (schema empo/cluster/v1): the policies Theta_hat* and the assignments A(s, a)"""
+    out: str = "runs/nav/ppo.npz"
+    """output file (schema empo/ppo/v1); TensorBoard logs go to the folder 'ppo' beside it"""
+    seed: int = 1
+    """random seed of the first run; run i uses seed + i and clustering run i of --cluster"""
+    num_seeds: int = 1
+    """independent runs in one vmapped call, sharded over the visible devices"""
+    resume: bool = False
+    """continue from the checkpoint beside --out (written after every chunk of steps and epoch)"""
+    eval_episodes: int = 100
+    """rollouts of each beta_z and pi_L(.|s, z) from s_0 (navigation task only; 0 skips the evaluation)"""
+    # --- algorithm (Table 4, didactic column) ---
+    gamma: float = 0.999
+    """gamma: discount factor"""
+    q_steps: int = 200_000
+    """N_Q: SARSA steps of the action-value network Q(s, a; psi)"""
+    q_target_every: int = 2
+    """n_Q: the target network psi_bar is updated every n_Q steps (Eq. 13)"""
+    q_target_rate: float = 0.005
+    """tau_Q: rate of the target update psi_bar <- (1 - tau_Q) psi_bar + tau_Q psi (Eq. 13)"""
+    v_epochs: int = 10
+    """N_V: epochs of Monte-Carlo regression of V(s; phi) (Eq. 12)"""
+    pi_epochs: int = 10
+    """N_pi: PPO epochs (Eq. 14); one full-batch Adam step each unless --ppo-minibatch is set"""
+    clip: float = 0.2
+    """eps_c: PPO clipping range (Eq. 14; not in Table 4)"""
+    batch_size: int = 256
+    """B: minibatch size of Q and V"""
+    learning_rate: float = 3e-4
+    """alpha: Adam learning rate of Q, V and pi_L"""
+    ppo_minibatch: int = 0
+    """0: full-batch PPO, every transition in every step (the paper); B > 0: minibatches of B rows,
+    ceil(N / B) steps per epoch (the comparison of Figure 4)"""
+    # --- speed and memory ---
+    steps_per_call: int = 5_000
+    """SARSA steps per jitted call: one log line and one checkpoint each"""
+    chunk: int = 131_072
+    """rows per chunk of the full-batch passes (gradient accumulation inside jit; the same gradient)"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Containers
+# ----------------------------------------------------------------------------------------------
+
+@struct.dataclass
+class TrainState:
+    q: Any  # Q(s, a; psi) -> R^K
+    q_target: Any  # psi_bar
+    q_opt: Any
+    v: Any  # V(s; phi) -> R^K
+    v_opt: Any
+    pi: Any  # pi_L(.|s, z; Theta'), stacked on a leading axis [K, ...]
+    pi_opt: Any
+    q_step: jax.Array  # [] int32, SARSA steps taken (Eq. 13 counts them)
+
+
+@struct.dataclass
+class Data:
+    """The data set on the device (shared by all runs), padded to a whole number of chunks."""
+
+    obs: jax.Array  # [N_pad, obs_dim], standardised
+    actions: jax.Array  # [N_pad, act_dim]
+    rewards: jax.Array  # [N_pad], divided by the value scale
+    next_obs: jax.Array  # [N_pad, obs_dim], standardised
+    next_actions: jax.Array  # [N_pad, act_dim], a' of the same trajectory (0 after its last row)
+    bootstrap: jax.Array  # [N_pad] float, 0 after a terminal, 1 otherwise
+    timeout_end: jax.Array  # [N_pad] bool, the last row of a trajectory cut by a timeout
+    returns: jax.Array  # [N_pad] R(s) (Eq. 10), divided by the value scale
+    valid: jax.Array  # [N_pad] float, 0 on padding rows
+
+
+@struct.dataclass
+class RunInputs:
+    """What differs between runs: the stage-1 policies, the assignments and the SARSA next actions."""
+
+    beta: Any  # Theta_hat*, stacked [K, ...]
+    assign: jax.Array  # [N_pad] int32, A(s, a)
+    next_actions: jax.Array  # [N_pad, act_dim], a' with the timeout rows filled from beta
+
+
+# --- shared block: npz_io (keep identical across stages) ---
+class InputError(ValueError):
+    """Bad input or output: the message is one sentence that names the file and the problem."""
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_writable(path: str) -> None:
+    """Fail before any work if ``path`` cannot be written (missing rights, a folder in the way)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"cannot write {path}: it is a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: its folder {folder} cannot be created ({e.strerror or e})") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] = None) -> None:
+    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically."""
+    check_writable(path)
+    meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
+                producer=np.array(os.path.basename(sys.argv[0]) or "python"),
+                inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays, **meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_npz(path: str, schema: str) -> dict:
+    """Read a handoff file (no pickles) and check its schema; returns a dict of NumPy arrays."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise InputError(f"{path} is not a readable .npz file ({e})") from None
+    found = str(arrays.get("schema", "none"))
+    if found != schema:
+        raise InputError(f"{path} has schema '{found}', expected '{schema}'")
+    return arrays
+
+
+def check_arrays(name: str, arrays: dict, spec: dict, sizes: Optional[dict] = None) -> dict:
+    """Check keys, dtypes and symbolic shapes, e.g. {"actions": ("float32", ("N", "act_dim"))}.
+
+    Symbols are bound on first sight (or taken from ``sizes``) and must agree everywhere; floating
+    arrays must be finite. Returns the bound sizes. Raises InputError naming the file and the key.
+    """
+    sizes = dict(sizes or {})
+    for key, (dtype, shape) in spec.items():
+        if key not in arrays:
+            raise InputError(f"{name} has no key '{key}'")
+        a = arrays[key]
+        if a.dtype != np.dtype(dtype):
+            raise InputError(f"{name}: '{key}' has dtype {a.dtype}, expected {dtype}")
+        if a.ndim != len(shape):
+            raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {len(shape)} dimensions {shape}")
+        for dim, want in zip(a.shape, shape):
+            want = sizes.setdefault(want, dim) if isinstance(want, str) else want
+            if dim != want:
+                raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {shape} with {sizes}")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{name}: '{key}' contains NaN or infinite values")
+    return sizes
+# --- end shared block: npz_io ---
+
+
+# --- shared block: dataset (keep identical across stages) ---
+DATASET_SCHEMA = "empo/dataset/v1"
+DATASET_SPEC = {
+    "observations": ("float32", ("N", "obs_dim")),
+    "actions": ("float32", ("N", "act_dim")),
+    "rewards": ("float32", ("N",)),
+    "next_observations": ("float32", ("N", "obs_dim")),
+    "terminals": ("bool", ("N",)),
+    "timeouts": ("bool", ("N",)),
+    "episode_ids": ("int32", ("N",)),
+    "behaviour": ("int32", ("N",)),
+}
+
+
+def load_dataset(source: str) -> tuple[dict, str]:
+    """Load a data set from an ``.npz`` path or comma-separated Minari ids; validate it.
+
+    Minari ids are read from the local store (``MINARI_DATASETS_PATH`` or ~/.minari), never
+    downloaded. Several ids are concatenated and labelled by their index, the way D4RL
+    medium-expert is medium + expert; a single id takes ``behaviour`` from each episode's metadata
+    where present (-1 otherwise). Returns (arrays, sha256 of the arrays' bytes).
+    """
+    if source.endswith(".npz") or os.path.isfile(source):
+        arrays = load_npz(source, DATASET_SCHEMA)
+        data = {k: arrays[k] for k in DATASET_SPEC if k in arrays}
+    else:
+        data = _load_minari([s.strip() for s in source.split(",") if s.strip()])
+    validate_dataset(source, data)
+    digest = hashlib.sha256()
+    for key in DATASET_SPEC:
+        digest.update(np.ascontiguousarray(data[key]).tobytes())
+    return data, digest.hexdigest()
+
+
+def validate_dataset(name: str, data: dict) -> dict:
+    """Schema, shapes, finiteness and trajectory structure; returns the sizes (N, obs_dim, act_dim)."""
+    sizes = check_arrays(name, data, DATASET_SPEC)
+    ids = data["episode_ids"]
+    if sizes["N"] == 0:
+        raise InputError(f"{name} holds no transitions")
+    steps = np.diff(ids)
+    if ids[0] != 0 or np.any((steps != 0) & (steps != 1)):
+        raise InputError(f"{name}: 'episode_ids' must start at 0 and count up by one, trajectories contiguous")
+    last = np.r_[steps != 0, True]  # last row of each trajectory
+    ends = data["terminals"] | data["timeouts"]
+    if np.any(ends & ~last):
+        raise InputError(f"{name}: a terminal or timeout flag stands inside a trajectory, not at its end")
+    if np.any(last & ~ends):
+        raise InputError(f"{name}: a trajectory ends with neither a terminal nor a timeout flag")
+    return sizes
+
+
+def _load_minari(ids: list) -> dict:
+    import minari
+
+    if not ids:
+        raise InputError("no Minari data set id was given")
+    parts, first_episode = [], 0
+    for index, dataset_id in enumerate(ids):
+        try:
+            dataset = minari.load_dataset(dataset_id, download=False)
+        except FileNotFoundError:
+            raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
+                             f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)"
+                             ) from None
+        except Exception as e:  # a damaged local copy: say which
+            raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
+        meta = list(dataset.storage.get_episode_metadata(dataset.episode_indices)) if len(ids) == 1 else None
+        for j, ep in enumerate(dataset.iterate_episodes()):
+            if isinstance(ep.observations, dict) or isinstance(ep.actions, dict):
+                raise InputError(f"Minari data set '{dataset_id}' has dictionary observations or actions")
+            n = len(ep.rewards)
+            obs = np.asarray(ep.observations, np.float32).reshape(n + 1, -1)
+            term = np.asarray(ep.terminations, bool)
+            label = index if meta is None else int(meta[j].get("behaviour", -1))
+            parts.append(dict(
+                observations=obs[:-1], actions=np.asarray(ep.actions, np.float32).reshape(n, -1),
+                rewards=np.asarray(ep.rewards, np.float32), next_observations=obs[1:], terminals=term,
+                # a trajectory that stops without a terminal is a timeout, whatever the flags say
+                timeouts=np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1) & ~term,
+                episode_ids=np.full(n, first_episode, np.int32), behaviour=np.full(n, label, np.int32)))
+            first_episode += 1
+    if not parts:
+        raise InputError(f"Minari data sets {ids} hold no episodes")
+    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
+# --- end shared block: dataset ---
+
+
+# --- shared block: run_utils (keep identical across stages) ---
+def make_writer(log_dir: str, args):
+    """A tensorboardX writer with the hyperparameters logged as a text table."""
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(log_dir)
+    rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(asdict(args).items()))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
+    return writer
+
+
+def seed_shardings(num_seeds: int):
+    """(per-seed sharding, replicated sharding) over as many devices as evenly divide num_seeds."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    count = max(d for d in range(1, len(devices) + 1) if num_seeds % d == 0)
+    mesh = Mesh(np.array(devices[:count]), ("seeds",))
+    return NamedSharding(mesh, PartitionSpec("seeds")), NamedSharding(mesh, PartitionSpec())
+
+
+class Progress:
+    """One status line per call: done/total, elapsed, estimated time left, and extra fields."""
+
+    def __init__(self, total: int, name: str):
+        self.total, self.name, self.start = total, name, time.perf_counter()
+
+    def __call__(self, done: int, **fields) -> None:
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / max(done, 1) * (self.total - done)
+        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        print(f"[{self.name}] {done}/{self.total} ({100 * done / self.total:.0f}%) "
+              f"elapsed {elapsed:.0f}s, left ~{left:.0f}s {extra}", flush=True)
+
+
+def flatten_params(prefix: str, params) -> dict:
+    """{'prefix/Dense_0/kernel': array, ...} (flax.traverse_util, '/' separated)."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {f"{prefix}/{k}": np.asarray(v) for k, v in flat.items()}
+
+
+def unflatten_params(prefix: str, arrays: dict):
+    flat = {k[len(prefix) + 1:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix + "/")}
+    return traverse_util.unflatten_dict(flat, sep="/")
+# --- end shared block: run_utils ---
+
+
+# --- shared block: networks (keep identical across stages) ---
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 0.0
+
+
+class MLP(nn.Module):
+    """hidden_layers x (Dense(hidden_dim) + ReLU), then a linear Dense(out_dim) (linear heads:
+    rewards can be negative)."""
+
+    hidden_dim: int
+    hidden_layers: int
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.hidden_layers):
+            x = nn.relu(nn.Dense(self.hidden_dim)(x))
+        return nn.Dense(self.out_dim)(x)
+
+
+class GaussianPolicy(nn.Module):
+    """beta(a|s; theta): mean = action_scale * tanh(.), log-std squashed into [LOG_STD_MIN, LOG_STD_MAX]."""
+
+    act_dim: int
+    action_scale: tuple
+    hidden_dim: int
+    hidden_layers: int
+
+    @nn.compact
+    def __call__(self, obs):
+        out = MLP(self.hidden_dim, self.hidden_layers, 2 * self.act_dim)(obs)
+        mean, log_std = jnp.split(out, 2, axis=-1)
+        mean = jnp.asarray(self.action_scale, jnp.float32) * jnp.tanh(mean)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(log_std) + 1.0)
+        return mean, log_std
+
+
+def gaussian_log_prob(mean, log_std, action):
+    """log N(action; mean, exp(log_std)^2), summed over the last (action) axis."""
+    z = (action - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+# --- end shared block: networks ---
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (one function per equation)
+# ----------------------------------------------------------------------------------------------
+
+def mc_returns(rewards, last, gamma: float):
+    """Eq. (10): R(s_i) = r_i + gamma R(s_{i+1}) inside a trajectory, R = r on its last row.
+
+    rewards [N], last [N] bool (the last row of a trajectory). A reverse associative scan of the
+    linear recurrence R_i = a_i R_{i+1} + r_i with a_i = gamma (1 - last_i): O(log N) depth.
+    """
+    a = gamma * (1.0 - last.astype(rewards.dtype))
+
+    def combine(right, left):  # compose R -> a_l (a_r R + b_r) + b_l
+        a_r, b_r = right
+        a_l, b_l = left
+        return a_l * a_r, a_l * b_r + b_l
+
+    return jax.lax.associative_scan(combine, (a, rewards), reverse=True)[1]  # Eq. (10)
+
+
+def select(values, z):
+    """values [B, K], z [B] -> values[b, z_b], i.e. values^T e_z (the cluster's head)."""
+    return jnp.take_along_axis(values, z[:, None], axis=1)[:, 0]
+
+
+def sarsa_target(rewards, bootstrap, q_next, z, gamma: float):
+    """Eq. (11) target: r + gamma Q(s', a'; psi_bar)^T e_A(s',a'); no bootstrap after a terminal."""
+    return rewards + gamma * bootstrap * select(q_next, z)  # Eq. (11)
+
+
+def q_loss(q_sa, target):
+    """Eq. (11): mean of [Q(s, a; psi)^T e_A(s,a) - target]^2 over the batch (target held fixed)."""
+    return jnp.mean((q_sa - jax.lax.stop_gradient(target)) ** 2)
+
+
+def v_loss(v_s, returns):
+    """Eq. (12): mean of [V(s; phi)^T e_A(s,a) - R(s)]^2 over the batch."""
+    return jnp.mean((v_s - returns) ** 2)
+
+
+def ppo_surrogate(log_pi, log_beta, advantage, clip: float):
+    """Eq. (14): min(rho A, clip(rho, 1 - eps_c, 1 + eps_c) A) per row, rho = pi_L(a'|s,z) / beta(a'|s,z)."""
+    ratio = jnp.exp(log_pi - log_beta)
+    return jnp.minimum(ratio * advantage, jnp.clip(ratio, 1.0 - clip, 1.0 + clip) * advantage)  # Eq. (14)
+
+
+def gaussian_kl(mean_p, log_std_p, mean_q, log_std_q):
+    """KL(N_p || N_q) of diagonal Gaussians, summed over the last axis."""
+    var_p, var_q = jnp.exp(2 * log_std_p), jnp.exp(2 * log_std_q)
+    return jnp.sum(log_std_q - log_std_p + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training functions
+# ----------------------------------------------------------------------------------------------
+
+def make_networks(hidden_dim: int, hidden_layers: int, k: int, act_dim: int, action_scale: tuple):
+    policy = GaussianPolicy(act_dim, action_scale, hidden_dim, hidden_layers)
+    q_net = MLP(hidden_dim, hidden_layers, k)  # Q(s, a) on [s, a / action_scale]
+    v_net = MLP(hidden_dim, hidden_layers, k)  # V(s)
+    return policy, q_net, v_net
+
+
+def stacked_apply(policy, params, obs, z):
+    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
+    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
+    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
+    return pick(mean), pick(log_std)
+
+
+def make_init(args: Args, q_net, v_net, obs_dim: int, act_dim: int):
+    tx = optax.adam(args.learning_rate)
+
+    def init(key, beta) -> TrainState:
+        key_q, key_v = jax.random.split(key)
+        q = q_net.init(key_q, jnp.zeros((1, obs_dim + act_dim)))
+        v = v_net.init(key_v, jnp.zeros((1, obs_dim)))
+        return TrainState(q=q, q_target=q, q_opt=tx.init(q), v=v, v_opt=tx.init(v), pi=beta,
+                          pi_opt=tx.init(beta), q_step=jnp.int32(0))  # Algorithm 2, lines 1-2
+
+    return init, tx
+
+
+def make_q_chunk(args: Args, q_net, tx, num_rows: int, action_scale):
+    """Algorithm 2, lines 3-9: ``steps`` SARSA updates (Eq. 11) with the target update (Eq. 13)."""
+    scale = jnp.asarray(action_scale, jnp.float32)
+
+    def update(state: TrainState, key, run: RunInputs, data: Data):
+        idx = jax.random.randint(key, (args.batch_size,), 0, num_rows)
+        z = run.assign[idx]  # [B]; A(s', a') = A(s, a) inside a trajectory
+        q_next = q_net.apply(state.q_target, jnp.concatenate([data.next_obs[idx], run.next_actions[idx] / scale], 1))
+        target = sarsa_target(data.rewards[idx], data.bootstrap[idx], q_next, z, args.gamma)  # [B]
+        inputs = jnp.concatenate([data.obs[idx], data.actions[idx] / scale], 1)
+        loss, grads = jax.value_and_grad(lambda p: q_loss(select(q_net.apply(p, inputs), z), target))(state.q)
+        updates, q_opt = tx.update(grads, state.q_opt, state.q)
+        q = optax.apply_updates(state.q, updates)
+        q_step = state.q_step + 1
+        refresh = (q_step % args.q_target_every) == 0  # Eq. (13), every n_Q steps
+        q_target = jax.tree.map(lambda t, p: jnp.where(refresh, (1 - args.q_target_rate) * t + args.q_target_rate * p,
+                                                       t), state.q_target, q)
+        return state.replace(q=q, q_opt=q_opt, q_target=q_target, q_step=q_step), {
+            "losses/q": loss, "charts/q_target_mean": jnp.mean(target)}
+
+    def chunk(state: TrainState, key, run: RunInputs, data: Data, steps: int):
+        state, metrics = jax.lax.scan(lambda s, k: update(s, k, run, data), state, jax.random.split(key, steps))
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return chunk
+
+
+def make_v_epoch(args: Args, v_net, tx, num_rows: int):
+    """Algorithm 2, lines 11-14: one epoch of ceil(N / B) minibatch steps on Eq. (12)."""
+    steps = math.ceil(num_rows / args.batch_size)
+
+    def update(state: TrainState, key, run: RunInputs, data: Data):
+        idx = jax.random.randint(key, (args.batch_size,), 0, num_rows)
+        loss, grads = jax.value_and_grad(
+            lambda p: v_loss(select(v_net.apply(p, data.obs[idx]), run.assign[idx]), data.returns[idx]))(state.v)
+        updates, v_opt = tx.update(grads, state.v_opt, state.v)
+        return state.replace(v=optax.apply_updates(state.v, updates), v_opt=v_opt), {"losses/v": loss}
+
+    def epoch(state: TrainState, key, run: RunInputs, data: Data):
+        state, metrics = jax.lax.scan(lambda s, k: update(s, k, run, data), state, jax.random.split(key, steps))
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return epoch
+
+
+def make_ppo_epoch(args: Args, policy, q_net, v_net, tx, num_rows: int, k: int, action_scale):
+    """Algorithm 2, lines 15-17: one PPO epoch (Eq. 14) over every transition of the data set.
+
+    Full batch: the gradient of the mean surrogate over all N rows, accumulated over chunks of
+    ``args.chunk`` rows in a lax.scan, then one Adam step. Minibatch: ceil(N / B) Adam steps over a
+    shuffled pass. Returns epoch(state, key, run, data) -> (state, metrics).
+    """
+    scale = jnp.asarray(action_scale, jnp.float32)
+
+    def rows_loss(pi_params, state: TrainState, run: RunInputs, obs, z, noise, valid):
+        """-(sum of the surrogate over the rows) / N, and the rows' statistics (sums)."""
+        beta_mean, beta_log_std = stacked_apply(policy, run.beta, obs, z)
+        a_new = beta_mean + jnp.exp(beta_log_std) * noise  # a' ~ beta(.|s, A(s,a); Theta_hat*)
+        log_beta = gaussian_log_prob(beta_mean, beta_log_std, a_new)
+        a_env = jnp.clip(a_new, -scale, scale)
+        adv = select(q_net.apply(state.q, jnp.concatenate([obs, a_env / scale], 1)) - v_net.apply(state.v, obs), z)
+        pi_mean, pi_log_std = stacked_apply(policy, pi_params, obs, z)
+        log_pi = gaussian_log_prob(pi_mean, pi_log_std, a_new)
+        surrogate = ppo_surrogate(log_pi, log_beta, adv, args.clip)  # [rows]
+        ratio = jnp.exp(log_pi - log_beta)
+        one_hot = jax.nn.one_hot(z, k) * valid[:, None]  # [rows, K]
+        stats = {
+            "surrogate": jnp.sum(valid * surrogate), "ratio": jnp.sum(valid * ratio),
+            "ratio_min": jnp.min(jnp.where(valid > 0, ratio, jnp.inf)),
+            "ratio_max": jnp.max(jnp.where(valid > 0, ratio, -jnp.inf)),
+            "clipped": jnp.sum(valid * (jnp.abs(ratio - 1.0) > args.clip)),
+            "count_z": one_hot.sum(0), "adv_z": one_hot.T @ adv, "adv2_z": one_hot.T @ (adv * adv),
+            "kl_z": one_hot.T @ gaussian_kl(pi_mean, pi_log_std, beta_mean, beta_log_std),
+        }
+        return -stats["surrogate"] / num_rows, stats
+
+    def chunked(x):
+        return x.reshape((-1, args.chunk) + x.shape[1:])
+
+    def full_batch(state: TrainState, key, run: RunInputs, data: Data):
+        noise = jax.random.normal(key, data.actions.shape)  # one a' per row and epoch
+
+        def accumulate(grads, rows):
+            obs, z, eps, valid = rows
+            g, stats = jax.grad(rows_loss, has_aux=True)(state.pi, state, run, obs, z, eps, valid)
+            return jax.tree.map(jnp.add, grads, g), stats
+
+        zeros = jax.tree.map(jnp.zeros_like, state.pi)
+        grads, stats = jax.lax.scan(accumulate, zeros, (chunked(data.obs), chunked(run.assign), chunked(noise),
+                                                        chunked(data.valid)))
+        updates, pi_opt = tx.update(grads, state.pi_opt, state.pi)
+        state = state.replace(pi=optax.apply_updates(state.pi, updates), pi_opt=pi_opt)
+        reduce = {"ratio_min": jnp.min, "ratio_max": jnp.max}
+        return state, {name: reduce.get(name, lambda x: jnp.sum(x, 0))(x) for name, x in stats.items()}
+
+    def minibatch(state: TrainState, key, run: RunInputs, data: Data):
+        key_noise, key_perm = jax.random.split(key)
+        noise = jax.random.normal(key_noise, data.actions.shape)
+        steps = math.ceil(num_rows / args.ppo_minibatch)
+        perm = jax.random.permutation(key_perm, num_rows)
+        perm = jnp.concatenate([perm, perm[: steps * args.ppo_minibatch - num_rows]]).reshape(steps, -1)
+
+        def update(state: TrainState, idx):
+            g, stats = jax.grad(rows_loss, has_aux=True)(state.pi, state, run, data.obs[idx], run.assign[idx],
+                                                         noise[idx], data.valid[idx])
+            g = jax.tree.map(lambda x: x * num_rows / idx.shape[0], g)  # the minibatch mean
+            updates, pi_opt = tx.update(g, state.pi_opt, state.pi)
+            return state.replace(pi=optax.apply_updates(state.pi, updates), pi_opt=pi_opt), stats
+
+        state, stats = jax.lax.scan(update, state, perm)
+        reduce = {"ratio_min": jnp.min, "ratio_max": jnp.max}
+        return state, {name: reduce.get(name, lambda x: jnp.sum(x, 0))(x) for name, x in stats.items()}
+
+    return minibatch if args.ppo_minibatch > 0 else full_batch
+
+
+def make_next_actions(policy, action_scale):
+    """Fill a' on the last row of every timeout-cut trajectory with a draw from beta(.|s', A(s,a))."""
+    scale = jnp.asarray(action_scale, jnp.float32)
+
+    def fill(key, beta, assign, data: Data):
+        mean, log_std = stacked_apply(policy, beta, data.next_obs, assign)
+        drawn = jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape), -scale, scale)
+        return jnp.where(data.timeout_end[:, None], drawn, data.next_actions)
+
+    return fill
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs, evaluation and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def load_cluster(path: str, data_sha: str, num_rows: int, num_episodes: int) -> tuple[dict, dict]:
+    """Read and validate cluster.npz against the data set; returns (arrays, sizes with S and K)."""
+    arrays = load_npz(path, "empo/cluster/v1")
+    spec = {"posterior": ("float32", ("S", "E", "K")), "assignments": ("int32", ("S", "N")),
+            "arch/k": ("int64", ()), "arch/hidden_dim": ("int64", ()), "arch/hidden_layers": ("int64", ()),
+            "arch/obs_mean": ("float32", ("obs_dim",)), "arch/obs_std": ("float32", ("obs_dim",)),
+            "arch/action_scale": ("float32", ("act_dim",))}
+    for key, a in arrays.items():
+        if key.startswith("policy/params/"):
+            spec[key] = ("float32", ("S", "K") + a.shape[2:])
+        elif key.startswith("classifier/params/"):
+            spec[key] = ("float32", ("S",) + a.shape[1:])
+    if not any(key.startswith("policy/params/") for key in arrays):
+        raise InputError(f"{path} has no key 'policy/params/...'")
+    sizes = check_arrays(path, arrays, spec, {"N": num_rows, "E": num_episodes})
+    if int(arrays["arch/k"]) != sizes["K"]:
+        raise InputError(f"{path}: 'arch/k' is {int(arrays['arch/k'])} but its arrays hold K={sizes['K']} clusters")
+    if arrays["assignments"].min() < 0 or arrays["assignments"].max() >= sizes["K"]:
+        raise InputError(f"{path}: 'assignments' holds cluster numbers outside 0..{sizes['K'] - 1}")
+    try:
+        made_from = json.loads(str(arrays["inputs"])).get("dataset")
+    except (KeyError, ValueError, AttributeError):
+        made_from = None
+    if made_from != data_sha:
+        raise InputError(f"{path} was made from another data set (sha256 {str(made_from)[:12]}..., "
+                         f"this one is {data_sha[:12]}...)")
+    return arrays, sizes
+
+
+def make_evaluate(policy, obs_mean, obs_std, episodes: int):
+    """Rollouts of one Gaussian policy with its mean action from s_0 (nav_env.rollout); vmap over seeds and K."""
+    import nav_env
+
+    def evaluate(params, key):
+        act = lambda _, pos: policy.apply(params, (pos - obs_mean) / obs_std)[0]
+        out = nav_env.rollout(key, act, episodes)
+        return {name: out[name] for name in ("return", "goal", "penalty_steps", "optimal_route", "positions",
+                                             "length")}
+
+    return jax.jit(jax.vmap(jax.vmap(evaluate, in_axes=(0, None)), in_axes=(0, 0)))
+
+
+def save_checkpoint(path: str, state, unit: int) -> None:
+    leaves = jax.tree.leaves(jax.device_get(state))
+    arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
+    save_npz(path, dict(arrays, unit=np.int64(unit)), "empo/ppo-checkpoint/v1", {})
+
+
+def load_checkpoint(path: str, state_template):
+    arrays = load_npz(path, "empo/ppo-checkpoint/v1")
+    leaves, treedef = jax.tree.flatten(state_template)
+    restored = [np.asarray(arrays.get(f"leaf_{i:04d}")) for i in range(len(leaves))]
+    if sum(k.startswith("leaf_") for k in arrays) != len(leaves) or any(
+            a.shape != np.shape(b) for a, b in zip(restored, leaves)):
+        raise InputError(f"{path} was written by a run with other sizes; delete it or drop --resume")
+    return jax.tree.unflatten(treedef, restored), int(arrays["unit"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def validate_args(args: Args) -> None:
+    positive = dict(num_seeds=args.num_seeds, batch_size=args.batch_size, chunk=args.chunk,
+                    steps_per_call=args.steps_per_call, q_target_every=args.q_target_every)
+    for name, value in positive.items():
+        if value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if min(args.q_steps, args.v_epochs, args.pi_epochs, args.eval_episodes, args.ppo_minibatch) < 0:
+        raise InputError("--q-steps, --v-epochs, --pi-epochs, --eval-episodes and --ppo-minibatch cannot be negative")
+    if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.q_target_rate <= 1.0 or not 0.0 < args.clip < 1.0:
+        raise InputError("need 0 <= --gamma <= 1, 0 < --q-target-rate <= 1 and 0 < --clip < 1")
+    if args.learning_rate <= 0:
+        raise InputError(f"--learning-rate must be positive, got {args.learning_rate}")
+
+
+def main(args: Args) -> dict:
+    validate_args(args)
+    check_writable(args.out)
+    data_np, data_sha = load_dataset(args.dataset)
+    n = len(data_np["rewards"])
+    num_episodes = int(data_np["episode_ids"][-1]) + 1
+    cluster, sizes = load_cluster(args.cluster, data_sha, n, num_episodes)
+    k, cluster_seeds = sizes["K"], sizes["S"]
+    if cluster_seeds != 1 and args.num_seeds > cluster_seeds:
+        raise InputError(f"--num-seeds {args.num_seeds} is more than the {cluster_seeds} clustering runs in "
+                         f"{args.cluster}")
+    cluster_run = np.arange(args.num_seeds) if cluster_seeds > 1 else np.zeros(args.num_seeds, int)
+    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
+    hidden_dim, hidden_layers = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])
+    obs_mean, obs_std = cluster["arch/obs_mean"], cluster["arch/obs_std"]
+    action_scale = tuple(float(x) for x in cluster["arch/action_scale"])
+
+    # Eq. (10) once, in reward units, to fix the value scale c (interpretation 2).
+    ids = data_np["episode_ids"]
+    last = np.r_[np.diff(ids) != 0, True]
+    returns = np.asarray(mc_returns(jnp.asarray(data_np["rewards"]), jnp.asarray(last), args.gamma))
+    value_scale = float(max(returns.std(), 1e-3))
+    next_actions = np.where(last[:, None], 0.0, np.roll(data_np["actions"], -1, axis=0)).astype(np.float32)
+
+    chunk = min(args.chunk, n)
+    pad = (-n) % chunk
+    run_args = Args(**{**asdict(args), "chunk": chunk})
+    padded = lambda x, value=0: jnp.asarray(np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value))
+    norm = lambda x: (x - obs_mean) / obs_std
+    data = Data(obs=padded(norm(data_np["observations"])), actions=padded(data_np["actions"]),
+                rewards=padded(data_np["rewards"] / value_scale), next_obs=padded(norm(data_np["next_observations"])),
+                next_actions=padded(next_actions), bootstrap=padded((~data_np["terminals"]).astype(np.float32)),
+                timeout_end=padded(data_np["timeouts"] & ~data_np["terminals"]),
+                returns=padded((returns / value_scale).astype(np.float32)), valid=padded(np.ones(n, np.float32)))
+
+    policy, q_net, v_net = make_networks(hidden_dim, hidden_layers, k, act_dim, action_scale)
+    init, tx = make_init(run_args, q_net, v_net, obs_dim, act_dim)
+    seed_sharding, replicated = seed_shardings(args.num_seeds)
+    data = jax.device_put(data, replicated)
+    beta = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x[cluster_run]),
+                                       unflatten_params("policy/params", cluster)), seed_sharding)
+    beta = {"params": beta}
+    assign = jnp.asarray(np.pad(cluster["assignments"][cluster_run], ((0, 0), (0, pad))))
+    seeds = np.arange(args.seed, args.seed + args.num_seeds)
+    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    key_init, key_next, key_train, key_eval = (
+        jax.device_put(x, seed_sharding) for x in jax.vmap(lambda s: jax.random.split(s, 4), out_axes=1)(seed_keys))
+    fill = jax.jit(jax.vmap(make_next_actions(policy, action_scale), in_axes=(0, 0, 0, None)))
+    run = RunInputs(beta=beta, assign=jax.device_put(assign, seed_sharding),
+                    next_actions=fill(key_next, beta, jax.device_put(assign, seed_sharding), data))
+    state = jax.jit(jax.vmap(init), out_shardings=seed_sharding)(key_init, beta)
+
+    # The schedule: SARSA calls, V epochs, PPO epochs; a checkpoint after each unit.
+    q_calls = [min(args.steps_per_call, args.q_steps - i) for i in range(0, args.q_steps, args.steps_per_call)]
+    schedule = [("q", s) for s in q_calls] + [("v", 0)] * args.v_epochs + [("pi", 0)] * args.pi_epochs
+    run_dir = os.path.dirname(os.path.abspath(args.out))
+    ckpt_path = os.path.join(run_dir, "ppo_checkpoint.npz")
+    first = 0
+    if args.resume and os.path.exists(ckpt_path):
+        state, first = load_checkpoint(ckpt_path, state)
+        state = jax.device_put(state, seed_sharding)
+        print(f"resumed from {ckpt_path} at unit {first}/{len(schedule)}")
+    writer = make_writer(os.path.join(run_dir, "ppo"), args)
+
+    vmapped = lambda f: jax.jit(jax.vmap(f, in_axes=(0, 0, 0, None)))
+    q_chunk = make_q_chunk(run_args, q_net, tx, n, action_scale)
+    q_calls_jit = {s: jax.jit(jax.vmap(lambda st, key, r, d, s=s: q_chunk(st, key, r, d, s), in_axes=(0, 0, 0, None)))
+                   for s in set(q_calls)}
+    v_epoch = vmapped(make_v_epoch(run_args, v_net, tx, n))
+    ppo_epoch = vmapped(make_ppo_epoch(run_args, policy, q_net, v_net, tx, n, k, action_scale))
+    unit_key = lambda unit: jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, unit),
+                                           seed_sharding)
+    print(f"[ppo] N={n} K={k} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
+          f"value scale c={value_scale:.1f}; {len(schedule)} units", flush=True)
+
+    progress = Progress(len(schedule), "ppo")
+    timings = {"q": 0.0, "v": 0.0, "pi": 0.0}
+    q_done = sum(s for part, s in schedule[:first] if part == "q")
+    for unit in range(first, len(schedule)):
+        part, steps = schedule[unit]
+        t0 = time.perf_counter()
+        if part == "q":
+            state, metrics = q_calls_jit[steps](state, unit_key(unit), run, data)
+            q_done += steps
+            log_step = q_done
+        elif part == "v":
+            state, metrics = v_epoch(state, unit_key(unit), run, data)
+            log_step = unit - len(q_calls) + 1
+        else:
+            state, metrics = ppo_epoch(state, unit_key(unit), run, data)
+            log_step = unit - len(q_calls) - args.v_epochs + 1
+        metrics = jax.device_get(metrics)
+        timings[part] += time.perf_counter() - t0
+        save_checkpoint(ckpt_path, state, unit + 1)
+        fields = {"part": part}
+        if part == "q":
+            writer.add_scalar("losses/q", float(np.mean(metrics["losses/q"])), log_step)
+            writer.add_scalar("charts/q_target_mean", float(np.mean(metrics["charts/q_target_mean"])) * value_scale,
+                              log_step)
+            fields["q_loss"] = float(np.mean(metrics["losses/q"]))
+        elif part == "v":
+            writer.add_scalar("losses/v", float(np.mean(metrics["losses/v"])), log_step)
+            fields["v_loss"] = float(np.mean(metrics["losses/v"]))
+        else:
+            fields.update(log_ppo(writer, metrics, n, value_scale, log_step))
+        progress(unit + 1, **fields)
+
+    # Evaluation for insight (navigation task only): beta_z and pi_L(.|s, z) alone from s_0.
+    arrays_eval, summary_eval = {}, {}
+    if obs_dim == 2 and args.eval_episodes > 0:
+        arrays_eval, summary_eval = evaluate_policies(args, policy, obs_mean, obs_std, beta, state.pi, key_eval,
+                                                      writer, run_dir, seeds, k)
+
+    state = jax.device_get(state)
+    arrays = {
+        **flatten_params("pi/params", state.pi["params"]), **flatten_params("q/params", state.q["params"]),
+        **flatten_params("v/params", state.v["params"]), **arrays_eval,
+        "seeds": seeds.astype(np.int64), "cluster_run": cluster_run.astype(np.int64),
+        "arch/k": np.int64(k), "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
+        "arch/hidden_dim": np.int64(hidden_dim), "arch/hidden_layers": np.int64(hidden_layers),
+        "arch/obs_mean": obs_mean, "arch/obs_std": obs_std, "arch/action_scale": np.asarray(action_scale, np.float32),
+        "arch/value_scale": np.float32(value_scale), "arch/gamma": np.float32(args.gamma),
+    }
+    save_npz(args.out, arrays, "empo/ppo/v1", asdict(args),
+             {"dataset": data_sha, "cluster": sha256_file(args.cluster)})
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    writer.close()
+    print(f"[ppo] wrote {args.out}: SARSA {timings['q']:.1f}s, V {timings['v']:.1f}s, PPO {timings['pi']:.1f}s")
+    return {"timings": timings, "value_scale": value_scale, **summary_eval}
+
+
+def log_ppo(writer, metrics, n: int, value_scale: float, step: int) -> dict:
+    """TensorBoard scalars of one PPO epoch (sums over rows -> means); returns the status-line fields."""
+    m = {name: np.asarray(x) for name, x in metrics.items()}  # leading axis: seeds
+    writer.add_scalar("losses/ppo_surrogate", float(m["surrogate"].mean() / n * value_scale), step)
+    writer.add_scalar("charts/ratio_mean", float(m["ratio"].mean() / n), step)
+    writer.add_scalar("charts/ratio_min", float(m["ratio_min"].min()), step)
+    writer.add_scalar("charts/ratio_max", float(m["ratio_max"].max()), step)
+    writer.add_scalar("charts/clip_fraction", float(m["clipped"].mean() / n), step)
+    count = np.maximum(m["count_z"].sum(0), 1)  # [K]
+    adv_mean = m["adv_z"].sum(0) / count
+    adv_std = np.sqrt(np.maximum(m["adv2_z"].sum(0) / count - adv_mean ** 2, 0))
+    for z in range(len(count)):
+        writer.add_scalar(f"charts/advantage_mean/{z}", float(adv_mean[z] * value_scale), step)
+        writer.add_scalar(f"charts/advantage_std/{z}", float(adv_std[z] * value_scale), step)
+        writer.add_scalar(f"charts/kl_pi_beta/{z}", float(m["kl_z"].sum(0)[z] / count[z]), step)
+    return {"surrogate": float(m["surrogate"].mean() / n * value_scale),
+            "clip_frac": float(m["clipped"].mean() / n), "kl": float(m["kl_z"].sum() / count.sum())}
+
+
+def evaluate_policies(args: Args, policy, obs_mean, obs_std, beta, pi, key_eval, writer, run_dir, seeds, k):
+    """Rollouts of every beta_z and pi_L(.|s, z) (mean actions); TensorBoard scalars, a figure, arrays."""
+    import nav_env
+
+    evaluate = make_evaluate(policy, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.eval_episodes)
+    arrays, summary = {}, {}
+    for name, params in (("beta", beta), ("pi", pi)):
+        out = jax.device_get(evaluate(params, key_eval))  # [S, K, E, ...]
+        for field in ("return", "goal", "penalty_steps", "optimal_route"):
+            arrays[f"eval/{name}_{field}"] = np.asarray(out[field])
+        for z in range(k):
+            writer.add_scalar(f"eval/{name}_return/{z}", float(out["return"][:, z].mean()), args.pi_epochs)
+            writer.add_scalar(f"eval/{name}_goal_rate/{z}", float(out["goal"][:, z].mean()), args.pi_epochs)
+            writer.add_scalar(f"eval/{name}_penalty_steps/{z}", float(out["penalty_steps"][:, z].mean()),
+                              args.pi_epochs)
+        summary[f"{name}_return"] = out["return"].mean(axis=(0, 2)).tolist()  # per cluster
+        summary[f"{name}_goal_rate"] = out["goal"].mean(axis=(0, 2)).tolist()
+        summary[f"{name}_optimal_route"] = out["optimal_route"].mean(axis=(0, 2)).tolist()
+        trajs, labels = [], []
+        for z in range(k):
+            for e in range(min(10, args.eval_episodes)):
+                trajs.append(out["positions"][0, z, e, : out["length"][0, z, e] + 1])
+                labels.append(z)
+        title = {"beta": "Stage-1 policies beta_z", "pi": "Improved policies pi_L(.|s, z)"}[name]
+        image = nav_env.plot_map(trajs, labels, title=f"{title} (seed {seeds[0]}, mean action)",
+                                 label_names=[f"z = {z}" for z in range(k)],
+                                 path=os.path.join(run_dir, f"ppo_{name}.png"))
+        writer.add_image(f"eval/{name}_rollouts", image, args.pi_epochs, dataformats="HWC")
+        for z in range(k):
+            print(f"[ppo] {name}_{z}: return {out['return'][:, z].mean():.1f} +- {out['return'][:, z].std():.1f}, "
+                  f"goal {out['goal'][:, z].mean():.2f}, penalty steps {out['penalty_steps'][:, z].mean():.1f}, "
+                  f"optimal route {out['optimal_route'][:, z].mean():.2f}")
+    return arrays, summary
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except InputError as e:
+        sys.exit(f"error: {e}")

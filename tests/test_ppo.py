@@ -1,0 +1,236 @@
+"""Stage 2 (empo_ppo.py): equations against NumPy, chunked gradients, a learning test, determinism, bad input."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import empo_cluster as ec
+import empo_ppo as ep
+import nav_env
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small navigation data set and a one-run and a two-run stage-1 output made from it."""
+    root = tmp_path_factory.mktemp("ppo")
+    data = nav_env.generate_dataset(seed=0, transitions_per_behaviour=4000, log=lambda s: None)
+    path = root / "tiny.npz"
+    nav_env.save_npz(str(path), data, nav_env.DATASET_SCHEMA, {})
+    for seeds in (1, 2):
+        ec.main(ec.Args(dataset=str(path), out=str(root / f"cluster{seeds}.npz"), num_seeds=seeds, bias_epochs=1,
+                        pretrain_epochs=2, em_epochs=3, hidden_dim=32, log_every=1000))
+    return root
+
+
+def _args(root, out, **kw):
+    base = dict(dataset=str(root / "tiny.npz"), cluster=str(root / "cluster1.npz"), out=str(out), q_steps=600,
+                steps_per_call=200, v_epochs=1, pi_epochs=2, eval_episodes=3, chunk=2048)
+    base.update(kw)
+    return ep.Args(**base)
+
+
+def test_mc_returns_match_a_numpy_loop_with_episode_boundaries():
+    rng = np.random.default_rng(0)
+    lengths = [1, 5, 3, 7, 2]
+    rewards = rng.normal(size=sum(lengths)).astype(np.float32)
+    last = np.zeros(sum(lengths), bool)
+    last[np.cumsum(lengths) - 1] = True
+    gamma = 0.9
+    ref, g = np.zeros_like(rewards), 0.0
+    for i in reversed(range(len(rewards))):
+        g = rewards[i] + (0.0 if last[i] else gamma * g)
+        ref[i] = g
+    np.testing.assert_allclose(ep.mc_returns(jnp.asarray(rewards), jnp.asarray(last), gamma), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sarsa_target_terminal_timeout_and_cluster_head():
+    rewards = np.array([-1.0, -2.0, 0.0, -1.0], np.float32)
+    bootstrap = np.array([1.0, 1.0, 0.0, 1.0], np.float32)  # row 2 ends in a terminal, row 3 in a timeout
+    q_next = np.array([[10.0, 20.0], [30.0, 40.0], [50.0, 60.0], [70.0, 80.0]], np.float32)
+    z = np.array([1, 0, 1, 0])
+    target = ep.sarsa_target(jnp.asarray(rewards), jnp.asarray(bootstrap), jnp.asarray(q_next), jnp.asarray(z), 0.5)
+    np.testing.assert_allclose(target, [-1 + 0.5 * 20, -2 + 0.5 * 30, 0.0, -1 + 0.5 * 70])
+
+
+def test_timeout_rows_get_a_next_action_from_their_clusters_policy():
+    policy = ep.GaussianPolicy(2, (0.2, 0.2), 8, 1)
+    beta = jax.vmap(policy.init, in_axes=(0, None))(jax.random.split(jax.random.key(0), 2), jnp.zeros((1, 2)))
+    n = 6
+    data = ep.Data(obs=jnp.zeros((n, 2)), actions=jnp.zeros((n, 2)), rewards=jnp.zeros(n),
+                   next_obs=jnp.asarray(np.random.default_rng(1).normal(size=(n, 2)), jnp.float32),
+                   next_actions=jnp.full((n, 2), 0.05), bootstrap=jnp.ones(n),
+                   timeout_end=jnp.asarray([False, False, True, False, False, True]), returns=jnp.zeros(n),
+                   valid=jnp.ones(n))
+    assign = jnp.asarray([0, 0, 0, 1, 1, 1])
+    filled = np.asarray(ep.make_next_actions(policy, (0.2, 0.2))(jax.random.key(2), beta, assign, data))
+    np.testing.assert_array_equal(filled[[0, 1, 3, 4]], np.float32(0.05))
+    assert np.all(np.abs(filled[[2, 5]]) <= 0.2) and not np.any(filled[[2, 5]] == np.float32(0.05))
+    # Drawn from the trajectory's cluster: over many draws the mean approaches that policy's mean.
+    draws = np.stack([np.asarray(ep.make_next_actions(policy, (0.2, 0.2))(jax.random.key(i), beta, assign, data))
+                      for i in range(400)])
+    for row, z in ((2, 0), (5, 1)):
+        mean = policy.apply(jax.tree.map(lambda x, z=z: x[z], beta), data.next_obs[row:row + 1])[0][0]
+        np.testing.assert_allclose(draws[:, row].mean(0), mean, atol=0.015)
+
+
+def test_ppo_surrogate_matches_numpy():
+    rng = np.random.default_rng(3)
+    log_pi, log_beta, adv = (rng.normal(size=50).astype(np.float32) * s for s in (0.5, 0.5, 3.0))
+    ratio = np.exp(log_pi - log_beta)
+    ref = np.minimum(ratio * adv, np.clip(ratio, 0.8, 1.2) * adv)
+    out = ep.ppo_surrogate(jnp.asarray(log_pi), jnp.asarray(log_beta), jnp.asarray(adv), 0.2)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def _ppo_problem(n=1000, k=2):
+    rng = np.random.default_rng(4)
+    policy, q_net, v_net = ep.make_networks(16, 2, k, 2, (0.2, 0.2))
+    keys = jax.random.split(jax.random.key(5), 3)
+    beta = jax.vmap(policy.init, in_axes=(0, None))(jax.random.split(keys[0], k), jnp.zeros((1, 2)))
+    state = ep.TrainState(q=q_net.init(keys[1], jnp.zeros((1, 4))), q_target=None, q_opt=None,
+                          v=v_net.init(keys[2], jnp.zeros((1, 2))), v_opt=None, pi=beta, pi_opt=None,
+                          q_step=jnp.int32(0))
+    obs = jnp.asarray(rng.normal(size=(n, 2)), jnp.float32)
+    data = ep.Data(obs=obs, actions=jnp.zeros((n, 2)), rewards=jnp.zeros(n), next_obs=obs,
+                   next_actions=jnp.zeros((n, 2)), bootstrap=jnp.ones(n), timeout_end=jnp.zeros(n, bool),
+                   returns=jnp.zeros(n), valid=jnp.ones(n))
+    run = ep.RunInputs(beta=beta, assign=jnp.asarray(rng.integers(0, k, n), jnp.int32), next_actions=data.actions)
+    return policy, q_net, v_net, state, data, run
+
+
+def test_chunked_full_batch_gradient_equals_the_one_shot_gradient():
+    policy, q_net, v_net, state, data, run = _ppo_problem()
+    tx = optax.sgd(1.0)  # the parameter change is then minus the gradient itself
+    state = state.replace(pi_opt=tx.init(state.pi))
+    # Move pi away from beta first, so that ratios differ from 1 and some rows are clipped.
+    state = state.replace(pi=jax.tree.map(lambda x: x + 0.05 * jnp.sign(jnp.sin(jnp.arange(x.size))).reshape(x.shape),
+                                          state.pi))
+    results = {}
+    for chunk in (1000, 250, 100):
+        args = ep.Args(chunk=chunk)
+        epoch = jax.jit(ep.make_ppo_epoch(args, policy, q_net, v_net, tx, 1000, 2, (0.2, 0.2)))
+        new, stats = epoch(state, jax.random.key(6), run, data)
+        results[chunk] = (jax.tree.map(lambda a, b: a - b, new.pi, state.pi), stats)
+    one_shot_grad, one_shot_stats = results[1000]
+    assert float(one_shot_stats["clipped"]) > 0  # the clip is active in this problem
+    for chunk in (250, 100):
+        for a, b in zip(jax.tree.leaves(one_shot_grad), jax.tree.leaves(results[chunk][0])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(results[chunk][1]["surrogate"], one_shot_stats["surrogate"], rtol=1e-4)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(one_shot_grad)) > 0
+
+
+def _bandit(path, n=3000, best=0.15):
+    """One-step episodes: reward -10 |a_0 - best|, a ~ U(A); the better action is a_0 = best."""
+    rng = np.random.default_rng(7)
+    obs = rng.uniform(0, 1, size=(n, 2)).astype(np.float32)
+    actions = rng.uniform(-0.2, 0.2, size=(n, 2)).astype(np.float32)
+    data = dict(observations=obs, actions=actions, rewards=(-10 * np.abs(actions[:, 0] - best)).astype(np.float32),
+                next_observations=obs, terminals=np.ones(n, bool), timeouts=np.zeros(n, bool),
+                episode_ids=np.arange(n, dtype=np.int32), behaviour=np.zeros(n, np.int32))
+    nav_env.save_npz(str(path), data, nav_env.DATASET_SCHEMA, {})
+    return obs
+
+
+def test_improved_policy_moves_toward_the_better_action(tmp_path):
+    obs = _bandit(tmp_path / "bandit.npz")
+    ec.main(ec.Args(dataset=str(tmp_path / "bandit.npz"), out=str(tmp_path / "cluster.npz"), k=1, bias_epochs=0,
+                    pretrain_epochs=0, em_epochs=20, hidden_dim=32, log_every=1000))
+    ep.main(ep.Args(dataset=str(tmp_path / "bandit.npz"), cluster=str(tmp_path / "cluster.npz"),
+                    out=str(tmp_path / "ppo.npz"), q_steps=3000, v_epochs=5, pi_epochs=30, learning_rate=1e-3,
+                    eval_episodes=0))
+    c, p = np.load(tmp_path / "cluster.npz"), np.load(tmp_path / "ppo.npz")
+    policy = ep.GaussianPolicy(2, (0.2, 0.2), 32, 3)
+    norm = (obs[:200] - p["arch/obs_mean"]) / p["arch/obs_std"]
+    mean = lambda f, prefix: np.asarray(policy.apply(
+        {"params": jax.tree.map(lambda x: x[0, 0], ep.unflatten_params(prefix, f))}, norm)[0])
+    before, after = mean(c, "policy/params"), mean(p, "pi/params")
+    assert np.abs(before[:, 0].mean()) < 0.05  # beta is the uniform behaviour: mean near 0
+    assert after[:, 0].mean() > before[:, 0].mean() + 0.03  # toward a_0 = 0.15
+    assert np.abs(after[:, 1].mean() - before[:, 1].mean()) < after[:, 0].mean() - before[:, 0].mean()
+
+
+def test_same_seed_same_output_and_vmapped_seeds_are_separate_runs(tiny, tmp_path):
+    ep.main(_args(tiny, tmp_path / "a.npz", seed=4, num_seeds=2))
+    ep.main(_args(tiny, tmp_path / "b.npz", seed=4, num_seeds=2))
+    ep.main(_args(tiny, tmp_path / "c.npz", seed=5, num_seeds=1))
+    a, b, c = (np.load(tmp_path / f"{x}.npz") for x in "abc")
+    for key in a.files:
+        if key != "args":
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    # Run 1 of the vmapped call is the separate run with seed 5, up to float rounding of batched matmuls
+    # that Adam amplifies in near-zero gradient entries; the two seeds of one call differ a hundred times more.
+    for key in [k for k in a.files if k.startswith(("q/", "v/"))]:
+        same = np.linalg.norm(a[key][1] - c[key][0])
+        assert same <= 0.01 * np.linalg.norm(a[key][1] - a[key][0]), key
+    assert str(a["schema"]) == "empo/ppo/v1" and a["eval/pi_return"].shape == (2, 2, 3)
+    assert json.loads(str(a["inputs"]))["cluster"] == nav_env.sha256_file(str(tiny / "cluster1.npz"))
+
+
+def test_runs_follow_the_clustering_runs_and_k1_works(tiny, tmp_path):
+    ep.main(_args(tiny, tmp_path / "two.npz", cluster=str(tiny / "cluster2.npz"), num_seeds=2))
+    f = np.load(tmp_path / "two.npz")
+    np.testing.assert_array_equal(f["cluster_run"], [0, 1])
+    ec.main(ec.Args(dataset=str(tiny / "tiny.npz"), out=str(tmp_path / "k1.npz"), k=1, bias_epochs=0,
+                    pretrain_epochs=1, em_epochs=1, hidden_dim=32, log_every=1000))
+    ep.main(_args(tiny, tmp_path / "ppo_k1.npz", cluster=str(tmp_path / "k1.npz")))
+    g = np.load(tmp_path / "ppo_k1.npz")
+    assert int(g["arch/k"]) == 1 and g["pi/params/MLP_0/Dense_0/kernel"].shape[:2] == (1, 1)
+    assert g["q/params/Dense_3/kernel"].shape[-1] == 1
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny, tmp_path, monkeypatch):
+    ep.main(_args(tiny, tmp_path / "full" / "ppo.npz"))
+    calls = []
+
+    def interrupt(self, done, **fields):
+        calls.append(done)
+        if done == 4:  # inside the V epochs, after the SARSA calls
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ep.Progress, "__call__", interrupt)
+    args = _args(tiny, tmp_path / "cut" / "ppo.npz")
+    with pytest.raises(KeyboardInterrupt):
+        ep.main(args)
+    assert not (tmp_path / "cut" / "ppo.npz").exists() and (tmp_path / "cut" / "ppo_checkpoint.npz").exists()
+    monkeypatch.undo()
+    ep.main(dataclasses.replace(args, resume=True))
+    full, cut = np.load(tmp_path / "full" / "ppo.npz"), np.load(tmp_path / "cut" / "ppo.npz")
+    for key in [k for k in full.files if k.startswith(("pi/", "q/", "v/"))]:
+        np.testing.assert_allclose(full[key], cut[key], atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("other_data", "made from another data set"),
+    ("k_mismatch", "arch/k"),
+    ("missing_key", "has no key 'assignments'"),
+    ("too_many_seeds", "more than the 2 clustering runs"),
+    ("nan", "NaN"),
+    ("clip", "--clip"),
+])
+def test_bad_input_gives_one_sentence_and_no_output(tiny, tmp_path, case, message):
+    cluster = dict(np.load(tiny / "cluster2.npz"))
+    kw = {}
+    if case == "other_data":
+        cluster["inputs"] = np.array(json.dumps({"dataset": "0" * 64}))
+    elif case == "k_mismatch":
+        cluster["arch/k"] = np.int64(3)
+    elif case == "missing_key":
+        del cluster["assignments"]
+    elif case == "too_many_seeds":
+        kw = dict(num_seeds=4)
+    elif case == "nan":
+        cluster["policy/params/MLP_0/Dense_0/kernel"][0, 0, 0, 0] = np.nan
+    elif case == "clip":
+        kw = dict(clip=1.5)
+    np.savez(tmp_path / "cluster.npz", **cluster)
+    out = tmp_path / "out" / "ppo.npz"
+    with pytest.raises(ep.InputError, match=message) as err:
+        ep.main(_args(tiny, out, cluster=str(tmp_path / "cluster.npz"), **kw))
+    assert "\n" not in str(err.value)
+    assert not out.exists()
