@@ -628,14 +628,24 @@ def make_ppo_epoch(args: Args, policy, q_net, v_net, tx, num_rows: int, k: int, 
     return minibatch if args.ppo_minibatch > 0 else full_batch
 
 
-def make_next_actions(policy, action_scale):
-    """Fill a' on the last row of every timeout-cut trajectory with a draw from beta(.|s', A(s,a))."""
+def make_next_actions(policy, action_scale, chunk: int):
+    """Fill a' on the last row of every timeout-cut trajectory with a draw from beta(.|s', A(s,a)).
+
+    Chunks of ``chunk`` rows (lax.map) bound the memory of the pass over the data set.
+    """
     scale = jnp.asarray(action_scale, jnp.float32)
 
     def fill(key, beta, assign, data: Data):
-        mean, log_std = stacked_apply(policy, beta, data.next_obs, assign)
-        drawn = jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape), -scale, scale)
-        return jnp.where(data.timeout_end[:, None], drawn, data.next_actions)
+        chunked = lambda x: x.reshape((-1, chunk) + x.shape[1:])
+
+        def rows(inputs):
+            next_obs, z, noise = inputs
+            mean, log_std = stacked_apply(policy, beta, next_obs, z)
+            return jnp.clip(mean + jnp.exp(log_std) * noise, -scale, scale)
+
+        noise = jax.random.normal(key, data.next_actions.shape)
+        drawn = jax.lax.map(rows, (chunked(data.next_obs), chunked(assign), chunked(noise)))
+        return jnp.where(data.timeout_end[:, None], drawn.reshape(data.next_actions.shape), data.next_actions)
 
     return fill
 
@@ -767,7 +777,7 @@ def main(args: Args) -> dict:
     seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
     key_init, key_next, key_train, key_eval = (
         jax.device_put(x, seed_sharding) for x in jax.vmap(lambda s: jax.random.split(s, 4), out_axes=1)(seed_keys))
-    fill = jax.jit(jax.vmap(make_next_actions(policy, action_scale), in_axes=(0, 0, 0, None)))
+    fill = jax.jit(jax.vmap(make_next_actions(policy, action_scale, chunk), in_axes=(0, 0, 0, None)))
     run = RunInputs(beta=beta, assign=jax.device_put(assign, seed_sharding),
                     next_actions=fill(key_next, beta, jax.device_put(assign, seed_sharding), data))
     state = jax.jit(jax.vmap(init), out_shardings=seed_sharding)(key_init, beta)
@@ -814,7 +824,7 @@ def main(args: Args) -> dict:
         metrics = jax.device_get(metrics)
         timings[part] += time.perf_counter() - t0
         save_checkpoint(ckpt_path, state, unit + 1)
-        fields = {"part": part}
+        fields = {"part": part, "took": time.perf_counter() - t0}
         if part == "q":
             writer.add_scalar("losses/q", float(np.mean(metrics["losses/q"])), log_step)
             writer.add_scalar("charts/q_target_mean", float(np.mean(metrics["charts/q_target_mean"])) * value_scale,

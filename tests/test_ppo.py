@@ -67,12 +67,13 @@ def test_timeout_rows_get_a_next_action_from_their_clusters_policy():
                    timeout_end=jnp.asarray([False, False, True, False, False, True]), returns=jnp.zeros(n),
                    valid=jnp.ones(n))
     assign = jnp.asarray([0, 0, 0, 1, 1, 1])
-    filled = np.asarray(ep.make_next_actions(policy, (0.2, 0.2))(jax.random.key(2), beta, assign, data))
+    fill = jax.jit(ep.make_next_actions(policy, (0.2, 0.2), 3))
+    filled = np.asarray(fill(jax.random.key(2), beta, assign, data))
     np.testing.assert_array_equal(filled[[0, 1, 3, 4]], np.float32(0.05))
     assert np.all(np.abs(filled[[2, 5]]) <= 0.2) and not np.any(filled[[2, 5]] == np.float32(0.05))
     # Drawn from the trajectory's cluster: over many draws the mean approaches that policy's mean.
-    draws = np.stack([np.asarray(ep.make_next_actions(policy, (0.2, 0.2))(jax.random.key(i), beta, assign, data))
-                      for i in range(400)])
+    draws = np.asarray(jax.vmap(fill, in_axes=(0, None, None, None))(jax.random.split(jax.random.key(3), 400),
+                                                                     beta, assign, data))
     for row, z in ((2, 0), (5, 1)):
         mean = policy.apply(jax.tree.map(lambda x, z=z: x[z], beta), data.next_obs[row:row + 1])[0][0]
         np.testing.assert_allclose(draws[:, row].mean(0), mean, atol=0.015)
