@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The navigation pipeline with the paper's hyperparameters (Table 4, didactic column):
-#   Algorithm 3 data set  ->  stage 1 (EM clustering, Algorithm 1)
+#   Algorithm 3 data set  ->  stage 1 (EM clustering, Algorithm 1)  ->  stage 2 (PPO per cluster, Algorithm 2)
 # Each stage prints its progress and wall time; outputs and TensorBoard logs go to $RUN.
 #   RUN=runs/nav SEEDS=2 bash scripts/run_nav.sh
 set -euo pipefail
@@ -18,4 +18,5 @@ stage() {  # stage NAME COMMAND...: run one stage and report its wall time
 }
 [ -f "$DATA" ] || stage data python nav_env.py --out "$DATA" --figure "$RUN/dataset.png"
 stage cluster python empo_cluster.py --dataset "$DATA" --out "$RUN/cluster.npz" --num-seeds "$SEEDS"
+stage ppo python empo_ppo.py --dataset "$DATA" --cluster "$RUN/cluster.npz" --out "$RUN/ppo.npz" --num-seeds "$SEEDS"
 echo "Done. Outputs in $RUN; curves: tensorboard --logdir $RUN"
