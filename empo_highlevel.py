@@ -1,0 +1,886 @@
+"""Stage 3 of EMPO: a high-level policy over the clusters by implicit Q-learning, the ID(s) filter, evaluation.
+
+Paper: §3.3 (high-level IQL, the classifier, ID(s), pi_H), Table 4 (n_H, N_H, tau, b, n-step), Appendix C.
+
+Input   a data set (``--dataset``, as stages 1 and 2), ``--cluster cluster.npz`` (schema empo/cluster/v1:
+        the classifier q(z|s; phi) and the assignments A(s, a)) and ``--ppo ppo.npz`` (schema empo/ppo/v1:
+        the improved policies pi_L(.|s, z; Theta')), made from that data set and that cluster file
+        (their sha256 are checked).
+Output  ``highlevel.npz`` (schema empo/highlevel/v1), figures and TensorBoard logs in ``<out folder>/highlevel``:
+        qh/params/... [S, ...] Q_H(s; psi_H) -> R^K, vh/params/... [S, ...] V_H(s; phi_H) -> R (both in
+        units of arch/value_scale), copies of the run's pi/params/... [S, K, ...] and classifier/params/...
+        [S, ...], so that the file holds the whole final policy pi, seeds, ppo_run and cluster_run [S],
+        arch/*, eval/* (rollouts of pi on the navigation task), plus args, producer and inputs.
+
+Equation map (the equations of §3.3 carry no numbers in the paper)
+    l_H^(Q) = [Q_H(s, A(s,a); psi_H) - y]^2, y the n-step target    -> n_step_returns, n_step_target, qh_loss
+    l_H^(V) = L_2^tau(Q_H(s, A(s,a); psi_bar_H) - V_H(s; phi_H))     -> expectile_loss, vh_loss
+    psi_bar_H <- psi_H every n_H steps; N_H steps of both            -> make_train_chunk
+    ID(s) = {z : q(z|s; phi) >= max_z' q(z'|s; phi) / b}             -> in_distribution
+    pi_H(s; psi_H) = argmax_{z in ID(s)} Q_H(s, z; psi_H)             -> high_level_action
+    pi(.|s) = pi_L(.|s, pi_H(s; psi_H); Theta')                      -> choose_cluster, final_action
+
+Interpretations and deviations
+    1. Networks: the stage-1 architecture (hidden layers and width from cluster.npz) on the standardised
+       state. The high-level action z is discrete, so Q_H(s; psi_H) -> R^K has one linear head per
+       cluster and Q_H(s, z) = Q_H(s)^T e_z. The paper writes V_H(s, z; phi_H) once in the text but
+       V_H(s') and V_H(s) in both losses; IQL's value is a function of the state alone (an expectile of
+       Q over the data's actions at s), so V_H(s; phi_H) -> R is a scalar.
+    2. Value scale: rewards are divided by c = arch/value_scale of ppo.npz (stage 2's std of the
+       Monte-Carlo returns over the data set), so that targets are O(1) for Adam; Q_H and V_H are
+       stored in these units and every logged value is multiplied back into reward units (the losses
+       are logged as trained, in units of c^2).
+    3. The n-step target (n = 3, "n-step return", Table 4): y = sum_{j<m} gamma^j r_{t+j} +
+       gamma^m V_H(s_{t+m}) with m = min(n, rows left in the trajectory from t). The bootstrap term is
+       dropped when the trajectory ends in a terminal within those m rows; after a timeout it uses V_H
+       at the last row's next_observation. The sums, discounts and bootstrap states are computed once
+       per row before training (NumPy, vectorised). A(s, a) is constant along a trajectory, so the m
+       rows all belong to the cluster z the target is credited to. V_H in the target is the current
+       phi_H, held fixed (stop_gradient), as in IQL: there is no target network for V_H.
+    4. The target network psi_bar_H starts equal to psi_H and is replaced by a full copy of psi_H every
+       n_H = 500 steps (the paper gives no rate, only "updated every n_H steps"); it is used only in
+       l_H^(V), as IQL does.
+    5. "Updated simultaneously": both gradients are taken at the parameters before the step, then both
+       Adam steps are applied (IQL's reference code updates V first and Q with the new V). Minibatches of
+       B = 256 rows are drawn uniformly with replacement; one Adam optimiser per network, lr 3e-4.
+    6. L_2^tau(u) = |tau - 1(u < 0)| u^2 (tau u^2 for u >= 0, (1 - tau) u^2 otherwise), tau = 0.9.
+    7. q(z|s; phi) is the softmax of the stage-1 classifier's logits. ID(s) always holds argmax_z q(z|s),
+       so pi_H is always defined; Q_H of the clusters outside ID(s) is masked with -inf; ties go to the
+       lowest z. pi_H is chosen afresh at every step.
+    8. The final policy executes the mean action of pi_L(.|s, pi_H(s); Theta') (deterministic, as the
+       stage-2 evaluation); --sample draws from the Gaussian instead. The environment clips actions.
+       Q_H is learned from the data, i.e. it values the clusters' behaviour beta_z for n steps, while pi
+       executes the improved pi_L, as the paper does.
+    9. Runs: run i uses seed --seed + i, ppo run i of ppo.npz (run 0 for all when it holds one) and the
+       classifier and assignments of that ppo run's clustering run (its cluster_run). Runs are vmapped
+       and sharded over the visible devices.
+    10. Evaluation (navigation task only, never used for selection): --eval-episodes rollouts of pi per
+        run from s_0 (the paper's Appendix C: 10 seeds x 10 rollouts); "optimal route" is reaching g
+        without ever entering S_p.
+
+Example
+    python empo_highlevel.py --dataset data/nav.npz --cluster runs/nav/cluster.npz --ppo runs/nav/ppo.npz \\
+        --out runs/nav/highlevel.npz
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and "XLA_FLAGS" not in os.environ:
+    # One XLA host device per core, so that seeds run in parallel on a CPU (set before jax loads).
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={os.cpu_count() or 1}"
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import zipfile  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import tyro  # noqa: E402
+from flax import struct, traverse_util  # noqa: E402
+
+
+@dataclass
+class Args:
+    """Stage 3 of EMPO: high-level IQL over the clusters, the ID(s) filter and the final policy (§3.3)."""
+
+    # --- experiment ---
+    dataset: str = "data/nav.npz"
+    """data set: an .npz (schema empo/dataset/v1) or comma-separated Minari ids, the one stages 1 and 2 used"""
+    cluster: str = "runs/nav/cluster.npz"
+    """stage-1 output (schema empo/cluster/v1): the classifier q(z|s; phi) and the assignments A(s, a)"""
+    ppo: str = "runs/nav/ppo.npz"
+    """stage-2 output (schema empo/ppo/v1): the improved policies pi_L(.|s, z; Theta')"""
+    out: str = "runs/nav/highlevel.npz"
+    """output file (schema empo/highlevel/v1); TensorBoard logs go to the folder 'highlevel' beside it"""
+    seed: int = 1
+    """random seed of the first run; run i uses seed + i and ppo run i of --ppo"""
+    num_seeds: int = 1
+    """independent runs in one vmapped call, sharded over the visible devices"""
+    resume: bool = False
+    """continue from the checkpoint beside --out (written after every chunk of steps)"""
+    eval_episodes: int = 10
+    """rollouts of the final policy pi per run from s_0 (navigation task only; 0 skips the evaluation)"""
+    sample: bool = False
+    """evaluate pi with actions drawn from pi_L(.|s, pi_H(s)) instead of its mean action"""
+    # --- algorithm (Table 4, didactic column) ---
+    gamma: float = 0.999
+    """gamma: discount factor"""
+    steps: int = 1_000_000
+    """N_H: IQL steps of Q_H(s, z; psi_H) and V_H(s; phi_H), updated simultaneously"""
+    target_every: int = 500
+    """n_H: the target network psi_bar_H is replaced by a copy of psi_H every n_H steps"""
+    expectile: float = 0.9
+    """tau: the expectile of the value loss L_2^tau"""
+    b: float = 5.0
+    """b: z is in ID(s) when q(z|s; phi) >= max_z' q(z'|s; phi) / b"""
+    n_step: int = 3
+    """n: the Q_H target sums up to n rewards before bootstrapping with V_H (n-step return)"""
+    batch_size: int = 256
+    """B: minibatch size"""
+    learning_rate: float = 3e-4
+    """alpha: Adam learning rate of Q_H and V_H"""
+    # --- speed ---
+    steps_per_call: int = 10_000
+    """IQL steps per jitted call: one log line and one checkpoint each"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Containers
+# ----------------------------------------------------------------------------------------------
+
+@struct.dataclass
+class TrainState:
+    qh: Any  # Q_H(s; psi_H) -> R^K
+    qh_target: Any  # psi_bar_H
+    qh_opt: Any
+    vh: Any  # V_H(s; phi_H) -> R
+    vh_opt: Any
+    step: jax.Array  # [] int32, IQL steps taken (the target refresh counts them)
+
+
+@struct.dataclass
+class Data:
+    """The data set on the device (shared by all runs): each row's n-step target pieces."""
+
+    obs: jax.Array  # [N, obs_dim], standardised
+    reward_sum: jax.Array  # [N] sum_{j<m} gamma^j r_{t+j}, divided by the value scale
+    discount: jax.Array  # [N] gamma^m, or 0 when the trajectory terminates within the m rows
+    bootstrap_obs: jax.Array  # [N, obs_dim] s_{t+m}, standardised
+
+
+@struct.dataclass
+class RunParams:
+    """What the final policy pi of one run needs (a leading seed axis when vmapped)."""
+
+    classifier: Any  # q(z|s; phi), logits
+    qh: Any  # Q_H(s; psi_H)
+    pi: Any  # pi_L(.|s, z; Theta'), stacked [K, ...]
+
+
+# --- shared block: npz_io (keep identical across stages) ---
+class InputError(ValueError):
+    """Bad input or output: the message is one sentence that names the file and the problem."""
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_writable(path: str) -> None:
+    """Fail before any work if ``path`` cannot be written (missing rights, a folder in the way)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"cannot write {path}: it is a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: its folder {folder} cannot be created ({e.strerror or e})") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] = None) -> None:
+    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically."""
+    check_writable(path)
+    meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
+                producer=np.array(os.path.basename(sys.argv[0]) or "python"),
+                inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays, **meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_npz(path: str, schema: str) -> dict:
+    """Read a handoff file (no pickles) and check its schema; returns a dict of NumPy arrays."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise InputError(f"{path} is not a readable .npz file ({e})") from None
+    found = str(arrays.get("schema", "none"))
+    if found != schema:
+        raise InputError(f"{path} has schema '{found}', expected '{schema}'")
+    return arrays
+
+
+def check_arrays(name: str, arrays: dict, spec: dict, sizes: Optional[dict] = None) -> dict:
+    """Check keys, dtypes and symbolic shapes, e.g. {"actions": ("float32", ("N", "act_dim"))}.
+
+    Symbols are bound on first sight (or taken from ``sizes``) and must agree everywhere; floating
+    arrays must be finite. Returns the bound sizes. Raises InputError naming the file and the key.
+    """
+    sizes = dict(sizes or {})
+    for key, (dtype, shape) in spec.items():
+        if key not in arrays:
+            raise InputError(f"{name} has no key '{key}'")
+        a = arrays[key]
+        if a.dtype != np.dtype(dtype):
+            raise InputError(f"{name}: '{key}' has dtype {a.dtype}, expected {dtype}")
+        if a.ndim != len(shape):
+            raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {len(shape)} dimensions {shape}")
+        for dim, want in zip(a.shape, shape):
+            want = sizes.setdefault(want, dim) if isinstance(want, str) else want
+            if dim != want:
+                raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {shape} with {sizes}")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{name}: '{key}' contains NaN or infinite values")
+    return sizes
+# --- end shared block: npz_io ---
+
+
+# --- shared block: dataset (keep identical across stages) ---
+DATASET_SCHEMA = "empo/dataset/v1"
+DATASET_SPEC = {
+    "observations": ("float32", ("N", "obs_dim")),
+    "actions": ("float32", ("N", "act_dim")),
+    "rewards": ("float32", ("N",)),
+    "next_observations": ("float32", ("N", "obs_dim")),
+    "terminals": ("bool", ("N",)),
+    "timeouts": ("bool", ("N",)),
+    "episode_ids": ("int32", ("N",)),
+    "behaviour": ("int32", ("N",)),
+}
+
+
+def load_dataset(source: str) -> tuple[dict, str]:
+    """Load a data set from an ``.npz`` path or comma-separated Minari ids; validate it.
+
+    Minari ids are read from the local store (``MINARI_DATASETS_PATH`` or ~/.minari), never
+    downloaded. Several ids are concatenated and labelled by their index, the way D4RL
+    medium-expert is medium + expert; a single id takes ``behaviour`` from each episode's metadata
+    where present (-1 otherwise). Returns (arrays, sha256 of the arrays' bytes).
+    """
+    if source.endswith(".npz") or os.path.isfile(source):
+        arrays = load_npz(source, DATASET_SCHEMA)
+        data = {k: arrays[k] for k in DATASET_SPEC if k in arrays}
+    else:
+        data = _load_minari([s.strip() for s in source.split(",") if s.strip()])
+    validate_dataset(source, data)
+    digest = hashlib.sha256()
+    for key in DATASET_SPEC:
+        digest.update(np.ascontiguousarray(data[key]).tobytes())
+    return data, digest.hexdigest()
+
+
+def validate_dataset(name: str, data: dict) -> dict:
+    """Schema, shapes, finiteness and trajectory structure; returns the sizes (N, obs_dim, act_dim)."""
+    sizes = check_arrays(name, data, DATASET_SPEC)
+    ids = data["episode_ids"]
+    if sizes["N"] == 0:
+        raise InputError(f"{name} holds no transitions")
+    steps = np.diff(ids)
+    if ids[0] != 0 or np.any((steps != 0) & (steps != 1)):
+        raise InputError(f"{name}: 'episode_ids' must start at 0 and count up by one, trajectories contiguous")
+    last = np.r_[steps != 0, True]  # last row of each trajectory
+    ends = data["terminals"] | data["timeouts"]
+    if np.any(ends & ~last):
+        raise InputError(f"{name}: a terminal or timeout flag stands inside a trajectory, not at its end")
+    if np.any(last & ~ends):
+        raise InputError(f"{name}: a trajectory ends with neither a terminal nor a timeout flag")
+    return sizes
+
+
+def _load_minari(ids: list) -> dict:
+    import minari
+
+    if not ids:
+        raise InputError("no Minari data set id was given")
+    parts, first_episode = [], 0
+    for index, dataset_id in enumerate(ids):
+        try:
+            dataset = minari.load_dataset(dataset_id, download=False)
+        except FileNotFoundError:
+            raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
+                             f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)"
+                             ) from None
+        except Exception as e:  # a damaged local copy: say which
+            raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
+        meta = list(dataset.storage.get_episode_metadata(dataset.episode_indices)) if len(ids) == 1 else None
+        for j, ep in enumerate(dataset.iterate_episodes()):
+            if isinstance(ep.observations, dict) or isinstance(ep.actions, dict):
+                raise InputError(f"Minari data set '{dataset_id}' has dictionary observations or actions")
+            n = len(ep.rewards)
+            obs = np.asarray(ep.observations, np.float32).reshape(n + 1, -1)
+            term = np.asarray(ep.terminations, bool)
+            label = index if meta is None else int(meta[j].get("behaviour", -1))
+            parts.append(dict(
+                observations=obs[:-1], actions=np.asarray(ep.actions, np.float32).reshape(n, -1),
+                rewards=np.asarray(ep.rewards, np.float32), next_observations=obs[1:], terminals=term,
+                # a trajectory that stops without a terminal is a timeout, whatever the flags say
+                timeouts=np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1) & ~term,
+                episode_ids=np.full(n, first_episode, np.int32), behaviour=np.full(n, label, np.int32)))
+            first_episode += 1
+    if not parts:
+        raise InputError(f"Minari data sets {ids} hold no episodes")
+    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
+# --- end shared block: dataset ---
+
+
+# --- shared block: run_utils (keep identical across stages) ---
+def make_writer(log_dir: str, args):
+    """A tensorboardX writer with the hyperparameters logged as a text table."""
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(log_dir)
+    rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(asdict(args).items()))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
+    return writer
+
+
+def seed_shardings(num_seeds: int):
+    """(per-seed sharding, replicated sharding) over as many devices as evenly divide num_seeds."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    count = max(d for d in range(1, len(devices) + 1) if num_seeds % d == 0)
+    mesh = Mesh(np.array(devices[:count]), ("seeds",))
+    return NamedSharding(mesh, PartitionSpec("seeds")), NamedSharding(mesh, PartitionSpec())
+
+
+class Progress:
+    """One status line per call: done/total, elapsed, estimated time left, and extra fields."""
+
+    def __init__(self, total: int, name: str):
+        self.total, self.name, self.start = total, name, time.perf_counter()
+
+    def __call__(self, done: int, **fields) -> None:
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / max(done, 1) * (self.total - done)
+        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        print(f"[{self.name}] {done}/{self.total} ({100 * done / self.total:.0f}%) "
+              f"elapsed {elapsed:.0f}s, left ~{left:.0f}s {extra}", flush=True)
+
+
+def flatten_params(prefix: str, params) -> dict:
+    """{'prefix/Dense_0/kernel': array, ...} (flax.traverse_util, '/' separated)."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {f"{prefix}/{k}": np.asarray(v) for k, v in flat.items()}
+
+
+def unflatten_params(prefix: str, arrays: dict):
+    flat = {k[len(prefix) + 1:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix + "/")}
+    return traverse_util.unflatten_dict(flat, sep="/")
+# --- end shared block: run_utils ---
+
+
+# --- shared block: networks (keep identical across stages) ---
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 0.0
+
+
+class MLP(nn.Module):
+    """hidden_layers x (Dense(hidden_dim) + ReLU), then a linear Dense(out_dim) (linear heads:
+    rewards can be negative)."""
+
+    hidden_dim: int
+    hidden_layers: int
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.hidden_layers):
+            x = nn.relu(nn.Dense(self.hidden_dim)(x))
+        return nn.Dense(self.out_dim)(x)
+
+
+class GaussianPolicy(nn.Module):
+    """beta(a|s; theta): mean = action_scale * tanh(.), log-std squashed into [LOG_STD_MIN, LOG_STD_MAX]."""
+
+    act_dim: int
+    action_scale: tuple
+    hidden_dim: int
+    hidden_layers: int
+
+    @nn.compact
+    def __call__(self, obs):
+        out = MLP(self.hidden_dim, self.hidden_layers, 2 * self.act_dim)(obs)
+        mean, log_std = jnp.split(out, 2, axis=-1)
+        mean = jnp.asarray(self.action_scale, jnp.float32) * jnp.tanh(mean)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(log_std) + 1.0)
+        return mean, log_std
+
+
+def gaussian_log_prob(mean, log_std, action):
+    """log N(action; mean, exp(log_std)^2), summed over the last (action) axis."""
+    z = (action - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+# --- end shared block: networks ---
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and the high-level policy (§3.3)
+# ----------------------------------------------------------------------------------------------
+
+def n_step_returns(rewards, next_obs, terminals, episode_ids, gamma: float, n: int):
+    """§3.3 n-step return, per row t: (sum_{j<m} gamma^j r_{t+j}, gamma^m or 0, s_{t+m}).
+
+    m = min(n, rows left in the trajectory from t). The discount is 0 when the trajectory ends in a
+    terminal within the m rows; s_{t+m} is the next_observation of row t+m-1 (after a timeout, the
+    last row's). NumPy arrays: rewards [N], next_obs [N, obs_dim], terminals [N] bool, episode_ids [N].
+    Vectorised over rows; the loop runs over the n steps of the horizon.
+    """
+    num = len(rewards)
+    rows = np.arange(num)
+    new_traj = np.r_[True, np.diff(episode_ids) != 0]
+    end = np.flatnonzero(np.r_[new_traj[1:], True])[np.cumsum(new_traj) - 1]  # [N] last row of each row's trajectory
+    m = np.minimum(n, end - rows + 1)  # [N] rows summed
+    reward_sum = np.zeros(num, np.float64)
+    for j in range(n):
+        reward_sum += np.where(j < m, gamma ** j * rewards[np.minimum(rows + j, num - 1)], 0.0)
+    last = rows + m - 1  # [N] row t+m-1
+    discount = np.where(terminals[last], 0.0, float(gamma) ** m)  # no bootstrap past a terminal
+    return reward_sum.astype(np.float32), discount.astype(np.float32), next_obs[last]
+
+
+def select(values, z):
+    """values [B, K], z [B] -> values[b, z_b], i.e. values^T e_z (the cluster's head)."""
+    return jnp.take_along_axis(values, z[:, None], axis=1)[:, 0]
+
+
+def n_step_target(reward_sum, discount, v_next):
+    """§3.3 l_H^(Q) target, n-step: y = sum_{j<m} gamma^j r_{t+j} + gamma^m V_H(s_{t+m}; phi_H)."""
+    return reward_sum + discount * v_next  # §3.3, n-step return
+
+
+def qh_loss(q_sa, target):
+    """§3.3: l_H^(Q) = mean of [Q_H(s; psi_H)^T e_A(s,a) - y]^2 over the batch (y held fixed)."""
+    return jnp.mean((q_sa - jax.lax.stop_gradient(target)) ** 2)  # §3.3 l_H^(Q)
+
+
+def expectile_loss(u, tau: float):
+    """§3.3: L_2^tau(u) = |tau - 1(u < 0)| u^2, i.e. tau u^2 if u >= 0 and (1 - tau) u^2 otherwise."""
+    return jnp.abs(tau - (u < 0).astype(u.dtype)) * u * u  # §3.3 L_2^tau
+
+
+def vh_loss(q_bar_sa, v_s, tau: float):
+    """§3.3: l_H^(V) = mean of L_2^tau(Q_H(s; psi_bar_H)^T e_A(s,a) - V_H(s; phi_H)) over the batch."""
+    return jnp.mean(expectile_loss(jax.lax.stop_gradient(q_bar_sa) - v_s, tau))  # §3.3 l_H^(V)
+
+
+def in_distribution(q_probs, b: float):
+    """§3.3: ID(s) = {z : q(z|s; phi) >= max_z' q(z'|s; phi) / b}. q_probs [..., K] -> mask [..., K] bool."""
+    return q_probs >= jnp.max(q_probs, axis=-1, keepdims=True) / b  # §3.3 ID(s)
+
+
+def high_level_action(q_h, q_probs, b: float):
+    """§3.3: pi_H(s) = argmax_{z in ID(s)} Q_H(s, z; psi_H). q_h, q_probs [..., K] -> z [...] int32."""
+    masked = jnp.where(in_distribution(q_probs, b), q_h, -jnp.inf)  # [..., K]
+    return jnp.argmax(masked, axis=-1).astype(jnp.int32)  # §3.3 pi_H
+
+
+def stacked_apply(policy, params, obs, z):
+    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
+    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
+    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
+    return pick(mean), pick(log_std)
+
+
+def choose_cluster(nets: dict, run: RunParams, obs, b: float):
+    """pi_H(s) at standardised obs [B, obs_dim] with the run's classifier and Q_H -> z [B]."""
+    q_probs = jax.nn.softmax(nets["classifier"].apply(run.classifier, obs), axis=-1)  # [B, K] q(z|s; phi)
+    return high_level_action(nets["qh"].apply(run.qh, obs), q_probs, b)  # [B]
+
+
+def final_action(nets: dict, run: RunParams, obs, key, b: float, sample: bool):
+    """§3.3: a ~ pi(.|s) = pi_L(.|s, pi_H(s; psi_H); Theta') at standardised obs [B, obs_dim] -> [B, act_dim].
+
+    The mean action of pi_L unless ``sample``.
+    """
+    mean, log_std = stacked_apply(nets["policy"], run.pi, obs, choose_cluster(nets, run, obs, b))  # [B, act_dim]
+    if sample:
+        return mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
+    return mean  # §3.3 pi
+
+
+# ----------------------------------------------------------------------------------------------
+# Training functions
+# ----------------------------------------------------------------------------------------------
+
+def make_networks(hidden_dim: int, hidden_layers: int, k: int, act_dim: int, action_scale: tuple) -> dict:
+    return {
+        "classifier": MLP(hidden_dim, hidden_layers, k),  # q(z|s; phi), logits (stage 1)
+        "qh": MLP(hidden_dim, hidden_layers, k),  # Q_H(s; psi_H) -> R^K
+        "vh": MLP(hidden_dim, hidden_layers, 1),  # V_H(s; phi_H) -> R
+        "policy": GaussianPolicy(act_dim, action_scale, hidden_dim, hidden_layers),  # pi_L(.|s, z; Theta')
+    }
+
+
+def make_init(args: Args, nets: dict, obs_dim: int):
+    tx = optax.adam(args.learning_rate)
+
+    def init(key) -> TrainState:
+        key_q, key_v = jax.random.split(key)
+        qh = nets["qh"].init(key_q, jnp.zeros((1, obs_dim)))
+        vh = nets["vh"].init(key_v, jnp.zeros((1, obs_dim)))
+        return TrainState(qh=qh, qh_target=qh, qh_opt=tx.init(qh), vh=vh, vh_opt=tx.init(vh), step=jnp.int32(0))
+
+    return init, tx
+
+
+def make_train_chunk(args: Args, nets: dict, tx, num_rows: int):
+    """§3.3: ``steps`` simultaneous IQL updates of psi_H and phi_H, psi_bar_H <- psi_H every n_H steps.
+
+    Returns chunk(state, key, assign [N], data, steps) -> (state, metrics averaged over the steps).
+    """
+    qh_net, vh_net = nets["qh"], nets["vh"]
+
+    def update(state: TrainState, key, assign, data: Data):
+        idx = jax.random.randint(key, (args.batch_size,), 0, num_rows)  # [B], uniform with replacement
+        z = assign[idx]  # [B] A(s, a)
+        obs = data.obs[idx]  # [B, obs_dim]
+        v_next = vh_net.apply(state.vh, data.bootstrap_obs[idx])[:, 0]  # [B] the current V_H(s_{t+m})
+        target = n_step_target(data.reward_sum[idx], data.discount[idx], v_next)  # [B]
+        q_bar = select(qh_net.apply(state.qh_target, obs), z)  # [B] Q_H(s, A(s,a); psi_bar_H)
+
+        def q_objective(params):
+            q_sa = select(qh_net.apply(params, obs), z)  # [B]
+            return qh_loss(q_sa, target), q_sa
+
+        def v_objective(params):
+            v_s = vh_net.apply(params, obs)[:, 0]  # [B]
+            return vh_loss(q_bar, v_s, args.expectile), v_s
+
+        (loss_q, q_sa), grads_q = jax.value_and_grad(q_objective, has_aux=True)(state.qh)
+        (loss_v, v_s), grads_v = jax.value_and_grad(v_objective, has_aux=True)(state.vh)
+        updates, qh_opt = tx.update(grads_q, state.qh_opt, state.qh)
+        qh = optax.apply_updates(state.qh, updates)
+        updates, vh_opt = tx.update(grads_v, state.vh_opt, state.vh)
+        vh = optax.apply_updates(state.vh, updates)
+        step = state.step + 1
+        refresh = (step % args.target_every) == 0  # psi_bar_H <- psi_H every n_H steps
+        qh_target = jax.tree.map(lambda t, p: jnp.where(refresh, p, t), state.qh_target, qh)
+        state = TrainState(qh=qh, qh_target=qh_target, qh_opt=qh_opt, vh=vh, vh_opt=vh_opt, step=step)
+        return state, {"losses/q_h": loss_q, "losses/v_h": loss_v, "charts/q_h_mean": jnp.mean(q_sa),
+                       "charts/v_h_mean": jnp.mean(v_s)}
+
+    def chunk(state: TrainState, key, assign, data: Data, steps: int):
+        state, metrics = jax.lax.scan(lambda s, k: update(s, k, assign, data), state, jax.random.split(key, steps))
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return chunk
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs, evaluation and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def made_from(arrays: dict, name: str):
+    """The sha256 recorded under ``name`` in a file's inputs JSON (None when absent or unreadable)."""
+    try:
+        return json.loads(str(arrays["inputs"])).get(name)
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def load_cluster(path: str, data_sha: str, num_rows: int) -> tuple[dict, dict]:
+    """Read and validate cluster.npz against the data set; returns (arrays, sizes with S and K)."""
+    arrays = load_npz(path, "empo/cluster/v1")
+    spec = {"assignments": ("int32", ("S", "N")), "arch/k": ("int64", ()), "arch/hidden_dim": ("int64", ()),
+            "arch/hidden_layers": ("int64", ()), "arch/obs_mean": ("float32", ("obs_dim",)),
+            "arch/obs_std": ("float32", ("obs_dim",))}
+    if not any(key.startswith("classifier/params/") for key in arrays):
+        raise InputError(f"{path} has no key 'classifier/params/...'")
+    spec.update({key: ("float32", ("S",) + a.shape[1:]) for key, a in arrays.items()
+                 if key.startswith("classifier/params/")})
+    sizes = check_arrays(path, arrays, spec, {"N": num_rows})
+    sizes["K"] = int(arrays["arch/k"])
+    if arrays["assignments"].min() < 0 or arrays["assignments"].max() >= sizes["K"]:
+        raise InputError(f"{path}: 'assignments' holds cluster numbers outside 0..{sizes['K'] - 1} (arch/k)")
+    if made_from(arrays, "dataset") != data_sha:
+        raise InputError(f"{path} was made from another data set (sha256 {str(made_from(arrays, 'dataset'))[:12]}"
+                         f"..., this one is {data_sha[:12]}...)")
+    return arrays, sizes
+
+
+def load_ppo(path: str, data_sha: str, cluster_path: str, cluster_sizes: dict) -> tuple[dict, dict]:
+    """Read and validate ppo.npz against the data set and cluster.npz; returns (arrays, sizes with S and K)."""
+    arrays = load_npz(path, "empo/ppo/v1")
+    spec = {"cluster_run": ("int64", ("S",)), "arch/k": ("int64", ()), "arch/action_scale": ("float32", ("act_dim",)),
+            "arch/value_scale": ("float32", ())}
+    if not any(key.startswith("pi/params/") for key in arrays):
+        raise InputError(f"{path} has no key 'pi/params/...'")
+    spec.update({key: ("float32", ("S", "K") + a.shape[2:]) for key, a in arrays.items()
+                 if key.startswith("pi/params/")})
+    sizes = check_arrays(path, arrays, spec)
+    if int(arrays["arch/k"]) != sizes["K"]:
+        raise InputError(f"{path}: 'arch/k' is {int(arrays['arch/k'])} but its arrays hold K={sizes['K']} clusters")
+    if made_from(arrays, "dataset") != data_sha:
+        raise InputError(f"{path} was made from another data set (sha256 {str(made_from(arrays, 'dataset'))[:12]}"
+                         f"..., this one is {data_sha[:12]}...)")
+    if sizes["K"] != cluster_sizes["K"]:
+        raise InputError(f"{path} has K={sizes['K']} clusters but {cluster_path} has K={cluster_sizes['K']}")
+    if made_from(arrays, "cluster") != sha256_file(cluster_path):
+        raise InputError(f"{path} was made from another cluster file than {cluster_path} (its inputs.cluster "
+                         f"sha256 differs)")
+    if arrays["cluster_run"].min() < 0 or arrays["cluster_run"].max() >= cluster_sizes["S"]:
+        raise InputError(f"{path}: 'cluster_run' names runs outside the {cluster_sizes['S']} of {cluster_path}")
+    if not np.isfinite(arrays["arch/value_scale"]) or arrays["arch/value_scale"] <= 0:
+        raise InputError(f"{path}: 'arch/value_scale' must be positive, got {arrays['arch/value_scale']}")
+    return arrays, sizes
+
+
+def make_evaluate(nets: dict, obs_mean, obs_std, b: float, episodes: int, sample: bool):
+    """Rollouts of the final policy pi from s_0 (nav_env.rollout), vmapped over runs.
+
+    Also returns the cluster pi_H chose at every step (-1 after the episode's end).
+    """
+    import nav_env
+
+    def evaluate(run: RunParams, key):
+        act = lambda key_t, pos: final_action(nets, run, (pos - obs_mean) / obs_std, key_t, b, sample)
+        out = nav_env.rollout(key, act, episodes)
+        z = jax.lax.map(lambda pos: choose_cluster(nets, run, (pos - obs_mean) / obs_std, b),
+                        out["positions"][:, :-1])  # [E, T], one episode at a time (bounds the memory)
+        chosen = jnp.where(out["alive"], z, -1)  # [E, T]
+        return {name: out[name] for name in ("return", "goal", "penalty_steps", "optimal_route", "positions",
+                                             "length")} | {"chosen": chosen}
+
+    return jax.jit(jax.vmap(evaluate))
+
+
+def cluster_segments(positions, chosen, lengths) -> tuple[list, list]:
+    """Cut every rollout into pieces of constant pi_H(s), for plot_map: ([T_i, 2] arrays, cluster labels)."""
+    trajs, labels = [], []
+    for pos, z, length in zip(positions, chosen, lengths):
+        z = z[:length]
+        cuts = np.flatnonzero(np.diff(z)) + 1
+        for start, stop in zip(np.r_[0, cuts], np.r_[cuts, length]):
+            trajs.append(pos[start: stop + 1])
+            labels.append(int(z[start]))
+    return trajs, labels
+
+
+def save_checkpoint(path: str, state, unit: int) -> None:
+    leaves = jax.tree.leaves(jax.device_get(state))
+    arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
+    save_npz(path, dict(arrays, unit=np.int64(unit)), "empo/highlevel-checkpoint/v1", {})
+
+
+def load_checkpoint(path: str, state_template):
+    arrays = load_npz(path, "empo/highlevel-checkpoint/v1")
+    leaves, treedef = jax.tree.flatten(state_template)
+    restored = [np.asarray(arrays.get(f"leaf_{i:04d}")) for i in range(len(leaves))]
+    if sum(k.startswith("leaf_") for k in arrays) != len(leaves) or any(
+            a.shape != np.shape(b) for a, b in zip(restored, leaves)):
+        raise InputError(f"{path} was written by a run with other sizes; delete it or drop --resume")
+    return jax.tree.unflatten(treedef, restored), int(arrays["unit"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def validate_args(args: Args) -> None:
+    positive = dict(num_seeds=args.num_seeds, batch_size=args.batch_size, steps_per_call=args.steps_per_call,
+                    target_every=args.target_every, n_step=args.n_step)
+    for name, value in positive.items():
+        if value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if min(args.steps, args.eval_episodes) < 0:
+        raise InputError("--steps and --eval-episodes cannot be negative")
+    if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.expectile < 1.0:
+        raise InputError("need 0 <= --gamma <= 1 and 0 < --expectile < 1")
+    if not args.b > 0 or not args.learning_rate > 0:
+        raise InputError(f"--b and --learning-rate must be positive, got {args.b} and {args.learning_rate}")
+
+
+def main(args: Args) -> dict:
+    validate_args(args)
+    check_writable(args.out)
+    data_np, data_sha = load_dataset(args.dataset)
+    n = len(data_np["rewards"])
+    cluster, cluster_sizes = load_cluster(args.cluster, data_sha, n)
+    ppo, ppo_sizes = load_ppo(args.ppo, data_sha, args.cluster, cluster_sizes)
+    k, ppo_seeds = ppo_sizes["K"], ppo_sizes["S"]
+    if ppo_seeds != 1 and args.num_seeds > ppo_seeds:
+        raise InputError(f"--num-seeds {args.num_seeds} is more than the {ppo_seeds} runs in {args.ppo}")
+    ppo_run = np.arange(args.num_seeds) if ppo_seeds > 1 else np.zeros(args.num_seeds, int)
+    cluster_run = ppo["cluster_run"][ppo_run]
+    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
+    hidden_dim, hidden_layers = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])
+    obs_mean, obs_std = cluster["arch/obs_mean"], cluster["arch/obs_std"]
+    action_scale = tuple(float(x) for x in ppo["arch/action_scale"])
+    value_scale = float(ppo["arch/value_scale"])  # c (interpretation 2)
+
+    # The n-step target's pieces, once for all runs (interpretation 3).
+    reward_sum, discount, bootstrap_obs = n_step_returns(
+        data_np["rewards"], data_np["next_observations"], data_np["terminals"], data_np["episode_ids"], args.gamma,
+        args.n_step)
+    norm = lambda x: jnp.asarray((x - obs_mean) / obs_std)
+    data = Data(obs=norm(data_np["observations"]), reward_sum=jnp.asarray(reward_sum / value_scale),
+                discount=jnp.asarray(discount), bootstrap_obs=norm(bootstrap_obs))
+
+    nets = make_networks(hidden_dim, hidden_layers, k, act_dim, action_scale)
+    init, tx = make_init(args, nets, obs_dim)
+    seed_sharding, replicated = seed_shardings(args.num_seeds)
+    data = jax.device_put(data, replicated)
+    assign = jax.device_put(jnp.asarray(cluster["assignments"][cluster_run]), seed_sharding)  # [S, N]
+    seeds = np.arange(args.seed, args.seed + args.num_seeds)
+    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    key_init, key_train, key_eval = (
+        jax.device_put(x, seed_sharding) for x in jax.vmap(lambda s: jax.random.split(s, 3), out_axes=1)(seed_keys))
+    state = jax.jit(jax.vmap(init), out_shardings=seed_sharding)(key_init)
+
+    # The schedule: chunks of IQL steps, a checkpoint after each.
+    calls = [min(args.steps_per_call, args.steps - i) for i in range(0, args.steps, args.steps_per_call)]
+    run_dir = os.path.dirname(os.path.abspath(args.out))
+    ckpt_path = os.path.join(run_dir, "highlevel_checkpoint.npz")
+    first = 0
+    if args.resume and os.path.exists(ckpt_path):
+        state, first = load_checkpoint(ckpt_path, state)
+        state = jax.device_put(state, seed_sharding)
+        print(f"resumed from {ckpt_path} at chunk {first}/{len(calls)}")
+    writer = make_writer(os.path.join(run_dir, "highlevel"), args)
+
+    train_chunk = make_train_chunk(args, nets, tx, n)
+    calls_jit = {s: jax.jit(jax.vmap(lambda st, key, a, d, s=s: train_chunk(st, key, a, d, s), in_axes=(0, 0, 0, None)))
+                 for s in set(calls)}
+    chunk_key = lambda unit: jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, unit),
+                                            seed_sharding)
+    print(f"[highlevel] N={n} K={k} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
+          f"value scale c={value_scale:.1f}; {args.steps} steps in {len(calls)} chunks", flush=True)
+
+    progress = Progress(len(calls), "highlevel")
+    t_train = time.perf_counter()
+    done = sum(calls[:first])
+    for unit in range(first, len(calls)):
+        t0 = time.perf_counter()
+        state, metrics = calls_jit[calls[unit]](state, chunk_key(unit), assign, data)
+        metrics = {name: float(np.mean(x)) for name, x in jax.device_get(metrics).items()}
+        done += calls[unit]
+        save_checkpoint(ckpt_path, state, unit + 1)
+        writer.add_scalar("losses/q_h", metrics["losses/q_h"], done)
+        writer.add_scalar("losses/v_h", metrics["losses/v_h"], done)
+        writer.add_scalar("charts/q_h_mean", metrics["charts/q_h_mean"] * value_scale, done)
+        writer.add_scalar("charts/v_h_mean", metrics["charts/v_h_mean"] * value_scale, done)
+        progress(unit + 1, took=time.perf_counter() - t0, q_h_loss=metrics["losses/q_h"],
+                 v_h_loss=metrics["losses/v_h"], v_h=metrics["charts/v_h_mean"] * value_scale)
+    train_s = time.perf_counter() - t_train
+
+    state = jax.device_get(state)
+    pick = lambda prefix, arrays, runs: jax.tree.map(lambda x: jnp.asarray(x[runs]), unflatten_params(prefix, arrays))
+    run = RunParams(classifier={"params": pick("classifier/params", cluster, cluster_run)}, qh=state.qh,
+                    pi={"params": pick("pi/params", ppo, ppo_run)})
+    arrays = {
+        **flatten_params("qh/params", state.qh["params"]), **flatten_params("vh/params", state.vh["params"]),
+        **flatten_params("pi/params", run.pi["params"]),
+        **flatten_params("classifier/params", run.classifier["params"]),
+        "seeds": seeds.astype(np.int64), "ppo_run": ppo_run.astype(np.int64),
+        "cluster_run": cluster_run.astype(np.int64),
+        "arch/k": np.int64(k), "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
+        "arch/hidden_dim": np.int64(hidden_dim), "arch/hidden_layers": np.int64(hidden_layers),
+        "arch/obs_mean": obs_mean, "arch/obs_std": obs_std, "arch/action_scale": np.asarray(action_scale, np.float32),
+        "arch/value_scale": np.float32(value_scale), "arch/gamma": np.float32(args.gamma), "arch/b": np.float32(args.b),
+    }
+
+    # Evaluation for insight (navigation task only): the final policy pi from s_0, and maps of pi_H and ID(s).
+    summary = {"train_s": train_s, "value_scale": value_scale, "seeds": seeds.tolist()}
+    if obs_dim == 2 and args.eval_episodes > 0:
+        run = jax.device_put(run, seed_sharding)
+        eval_arrays, eval_summary = evaluate_final_policy(args, nets, obs_mean, obs_std, value_scale, run, state.vh,
+                                                          key_eval, writer, run_dir, seeds)
+        arrays.update(eval_arrays)
+        summary.update(eval_summary)
+    save_npz(args.out, arrays, "empo/highlevel/v1", asdict(args),
+             {"dataset": data_sha, "cluster": sha256_file(args.cluster), "ppo": sha256_file(args.ppo)})
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    writer.close()
+    print(f"[highlevel] wrote {args.out}: IQL {train_s:.1f}s")
+    return summary
+
+
+def evaluate_final_policy(args: Args, nets, obs_mean, obs_std, value_scale, run: RunParams, vh, key_eval, writer,
+                          run_dir, seeds):
+    """Rollouts of pi per run, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
+    import nav_env
+
+    evaluate = make_evaluate(nets, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.b, args.eval_episodes,
+                             args.sample)
+    out = {name: np.asarray(x) for name, x in jax.device_get(evaluate(run, key_eval)).items()}  # [S, E, ...]
+    k = nets["qh"].out_dim
+    arrays = {f"eval/{name}": out[name] for name in ("return", "goal", "penalty_steps", "length", "optimal_route")}
+    arrays["eval/cluster_steps"] = np.stack([(out["chosen"] == z).sum(-1) for z in range(k)], -1)  # [S, E, K]
+
+    def stats(runs) -> dict:  # runs: one run's index, or slice(None) for all
+        steps_per_z = arrays["eval/cluster_steps"][runs].reshape(-1, k).sum(0)  # [K]
+        return {"return_mean": float(out["return"][runs].mean()), "return_std": float(out["return"][runs].std()),
+                "goal_rate": float(out["goal"][runs].mean()), "length": float(out["length"][runs].mean()),
+                "penalty_steps": float(out["penalty_steps"][runs].mean()),
+                "optimal_route": float(out["optimal_route"][runs].mean()),
+                "cluster_share": (steps_per_z / max(steps_per_z.sum(), 1)).tolist()}
+
+    per_run = [stats(i) for i in range(len(seeds))]
+    overall = stats(slice(None))
+    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
+        writer.add_scalar(f"eval/{name}", overall[name], args.steps)
+
+    print(f"[highlevel] final policy pi ({'sampled' if args.sample else 'mean'} actions), "
+          f"{args.eval_episodes} rollouts per run:")
+    print(f"{'seed':>6} {'return':>17} {'goal':>6} {'length':>8} {'penalty':>8} {'optimal':>8}  share of steps per z")
+    rows = [(str(s), r) for s, r in zip(seeds, per_run)] + ([("all", overall)] if len(seeds) > 1 else [])
+    for name, r in rows:
+        share = " ".join(f"{x:.2f}" for x in r["cluster_share"])
+        print(f"{name:>6} {r['return_mean']:9.1f} +- {r['return_std']:5.1f} {r['goal_rate']:6.2f} "
+              f"{r['length']:8.1f} {r['penalty_steps']:8.1f} {r['optimal_route']:8.2f}  {share}")
+
+    # Figures: the rollouts of run 0 cut by the cluster pi_H ran, every run's rollouts, and maps over S.
+    names = [f"z = {z}" for z in range(k)]
+    trajs, labels = cluster_segments(out["positions"][0], out["chosen"][0], out["length"][0])
+    images = {"rollouts": nav_env.plot_map(trajs, labels, label_names=names,
+                                           title=f"Final policy pi (seed {seeds[0]}), coloured by pi_H(s)",
+                                           path=os.path.join(run_dir, "highlevel_rollouts.png"))}
+    if len(seeds) > 1:
+        trajs = [out["positions"][i, e, : out["length"][i, e] + 1] for i in range(len(seeds))
+                 for e in range(args.eval_episodes)]
+        labels = np.repeat(np.arange(len(seeds)), args.eval_episodes)
+        images["rollouts_runs"] = nav_env.plot_map(trajs, labels, label_names=[f"seed {s}" for s in seeds],
+                                                   title="Final policy pi, every run",
+                                                   path=os.path.join(run_dir, "highlevel_rollouts_runs.png"))
+    grid = jnp.asarray((nav_env.grid_states(61) - obs_mean) / obs_std)
+    run0 = jax.tree.map(lambda x: x[0], jax.device_get(run))
+    q_probs = jax.nn.softmax(nets["classifier"].apply(run0.classifier, grid), -1)  # [G*G, K]
+    fields = {
+        "pi_h": (choose_cluster(nets, run0, grid, args.b), "pi_H(s): the chosen cluster"),
+        "id": (in_distribution(q_probs, args.b).sum(-1), f"|ID(s)|: clusters in distribution (b = {args.b:g})"),
+        "v_h": (nets["vh"].apply(jax.tree.map(lambda x: x[0], vh), grid)[:, 0] * value_scale, "V_H(s)"),
+    }
+    for name, (field, label) in fields.items():
+        images[name] = nav_env.plot_map(field=np.asarray(field, np.float32).reshape(61, 61), field_label=label,
+                                        title=f"{label} (seed {seeds[0]})",
+                                        path=os.path.join(run_dir, f"highlevel_{name}.png"))
+    for name, image in images.items():
+        writer.add_image(f"eval/{name}", image, args.steps, dataformats="HWC")
+    return arrays, {**overall, "per_run": per_run}
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except InputError as e:
+        sys.exit(f"error: {e}")
