@@ -401,6 +401,13 @@ def gaussian_log_prob(mean, log_std, action):
     """log N(action; mean, exp(log_std)^2), summed over the last (action) axis."""
     z = (action - mean) * jnp.exp(-log_std)
     return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+
+
+def stacked_apply(policy, params, obs, z):
+    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
+    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
+    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
+    return pick(mean), pick(log_std)
 # --- end shared block: networks ---
 
 
@@ -552,21 +559,24 @@ def entropy(log_p):
     return float(-np.mean(np.sum(np.exp(log_p) * log_p, axis=-1)))
 
 
-def save_checkpoint(path: str, state, q, epoch: int) -> None:
+# --- shared block: checkpoint (keep identical across stages) ---
+def save_checkpoint(path: str, state, unit: int, schema: str) -> None:
+    """The leaves of a train state and the number of finished units of the schedule, atomically."""
     leaves = jax.tree.leaves(jax.device_get(state))
     arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
-    save_npz(path, dict(arrays, q=np.asarray(q), epoch=np.int64(epoch)), "empo/cluster-checkpoint/v1", {})
+    save_npz(path, dict(arrays, unit=np.int64(unit)), schema, {})
 
 
-def load_checkpoint(path: str, state_template, q_template):
-    arrays = load_npz(path, "empo/cluster-checkpoint/v1")
+def load_checkpoint(path: str, state_template, schema: str):
+    """(state shaped like state_template, finished units); a file from another configuration is refused."""
+    arrays = load_npz(path, schema)
     leaves, treedef = jax.tree.flatten(state_template)
-    if len(leaves) != sum(k.startswith("leaf_") for k in arrays) or arrays["q"].shape != q_template.shape:
+    restored = [np.asarray(arrays.get(f"leaf_{i:04d}")) for i in range(len(leaves))]
+    if sum(k.startswith("leaf_") for k in arrays) != len(leaves) or any(
+            a.shape != np.shape(b) for a, b in zip(restored, leaves)):
         raise InputError(f"{path} was written by a run with other sizes; delete it or drop --resume")
-    restored = [np.asarray(arrays[f"leaf_{i:04d}"]) for i in range(len(leaves))]
-    if any(a.shape != b.shape for a, b in zip(restored, leaves)):
-        raise InputError(f"{path} was written by a run with other network sizes; delete it or drop --resume")
-    return jax.tree.unflatten(treedef, restored), arrays["q"], int(arrays["epoch"])
+    return jax.tree.unflatten(treedef, restored), int(arrays["unit"])
+# --- end shared block: checkpoint ---
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,7 +653,7 @@ def main(args: Args) -> dict:
     total = len(schedule)
     first, q = 0, q_uniform
     if args.resume and os.path.exists(ckpt_path):
-        state, q, first = load_checkpoint(ckpt_path, state, q)
+        (state, q), first = load_checkpoint(ckpt_path, (state, q), "empo/cluster-checkpoint/v1")
         state, q = jax.device_put(state, seed_sharding), jax.device_put(jnp.asarray(q), seed_sharding)
         print(f"resumed from {ckpt_path} at epoch {first}/{total}")
 
@@ -678,7 +688,7 @@ def main(args: Args) -> dict:
             state, q, log_post, loglik, metrics = compiled["em"](state, q, key, data)
         if (epoch + 1) % max(args.checkpoint_every, 1) == 0 or epoch + 1 == total or (
                 epoch + 1 < total and schedule[epoch + 1] != phase):
-            save_checkpoint(ckpt_path, state, q, epoch + 1)
+            save_checkpoint(ckpt_path, (state, q), epoch + 1, "empo/cluster-checkpoint/v1")
         metrics = jax.device_get(metrics)
         step = epoch + 1
         for tag, value in metrics.items():

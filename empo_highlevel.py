@@ -429,6 +429,13 @@ def gaussian_log_prob(mean, log_std, action):
     """log N(action; mean, exp(log_std)^2), summed over the last (action) axis."""
     z = (action - mean) * jnp.exp(-log_std)
     return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+
+
+def stacked_apply(policy, params, obs, z):
+    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
+    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
+    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
+    return pick(mean), pick(log_std)
 # --- end shared block: networks ---
 
 
@@ -491,13 +498,6 @@ def high_level_action(q_h, q_probs, b: float):
     """§3.3: pi_H(s) = argmax_{z in ID(s)} Q_H(s, z; psi_H). q_h, q_probs [..., K] -> z [...] int32."""
     masked = jnp.where(in_distribution(q_probs, b), q_h, -jnp.inf)  # [..., K]
     return jnp.argmax(masked, axis=-1).astype(jnp.int32)  # §3.3 pi_H
-
-
-def stacked_apply(policy, params, obs, z):
-    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
-    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
-    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
-    return pick(mean), pick(log_std)
 
 
 def choose_cluster(nets: dict, run: RunParams, obs, b: float):
@@ -675,20 +675,24 @@ def cluster_segments(positions, chosen, lengths) -> tuple[list, list]:
     return trajs, labels
 
 
-def save_checkpoint(path: str, state, unit: int) -> None:
+# --- shared block: checkpoint (keep identical across stages) ---
+def save_checkpoint(path: str, state, unit: int, schema: str) -> None:
+    """The leaves of a train state and the number of finished units of the schedule, atomically."""
     leaves = jax.tree.leaves(jax.device_get(state))
     arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
-    save_npz(path, dict(arrays, unit=np.int64(unit)), "empo/highlevel-checkpoint/v1", {})
+    save_npz(path, dict(arrays, unit=np.int64(unit)), schema, {})
 
 
-def load_checkpoint(path: str, state_template):
-    arrays = load_npz(path, "empo/highlevel-checkpoint/v1")
+def load_checkpoint(path: str, state_template, schema: str):
+    """(state shaped like state_template, finished units); a file from another configuration is refused."""
+    arrays = load_npz(path, schema)
     leaves, treedef = jax.tree.flatten(state_template)
     restored = [np.asarray(arrays.get(f"leaf_{i:04d}")) for i in range(len(leaves))]
     if sum(k.startswith("leaf_") for k in arrays) != len(leaves) or any(
             a.shape != np.shape(b) for a, b in zip(restored, leaves)):
         raise InputError(f"{path} was written by a run with other sizes; delete it or drop --resume")
     return jax.tree.unflatten(treedef, restored), int(arrays["unit"])
+# --- end shared block: checkpoint ---
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,7 +756,7 @@ def main(args: Args) -> dict:
     ckpt_path = os.path.join(run_dir, "highlevel_checkpoint.npz")
     first = 0
     if args.resume and os.path.exists(ckpt_path):
-        state, first = load_checkpoint(ckpt_path, state)
+        state, first = load_checkpoint(ckpt_path, state, "empo/highlevel-checkpoint/v1")
         state = jax.device_put(state, seed_sharding)
         print(f"resumed from {ckpt_path} at chunk {first}/{len(calls)}")
     writer = make_writer(os.path.join(run_dir, "highlevel"), args)
@@ -773,7 +777,7 @@ def main(args: Args) -> dict:
         state, metrics = calls_jit[calls[unit]](state, chunk_key(unit), assign, data)
         metrics = {name: float(np.mean(x)) for name, x in jax.device_get(metrics).items()}
         done += calls[unit]
-        save_checkpoint(ckpt_path, state, unit + 1)
+        save_checkpoint(ckpt_path, state, unit + 1, "empo/highlevel-checkpoint/v1")
         writer.add_scalar("losses/q_h", metrics["losses/q_h"], done)
         writer.add_scalar("losses/v_h", metrics["losses/v_h"], done)
         writer.add_scalar("charts/q_h_mean", metrics["charts/q_h_mean"] * value_scale, done)

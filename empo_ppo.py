@@ -426,6 +426,13 @@ def gaussian_log_prob(mean, log_std, action):
     """log N(action; mean, exp(log_std)^2), summed over the last (action) axis."""
     z = (action - mean) * jnp.exp(-log_std)
     return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+
+
+def stacked_apply(policy, params, obs, z):
+    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
+    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
+    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
+    return pick(mean), pick(log_std)
 # --- end shared block: networks ---
 
 
@@ -490,13 +497,6 @@ def make_networks(hidden_dim: int, hidden_layers: int, k: int, act_dim: int, act
     q_net = MLP(hidden_dim, hidden_layers, k)  # Q(s, a) on [s, a / action_scale]
     v_net = MLP(hidden_dim, hidden_layers, k)  # V(s)
     return policy, q_net, v_net
-
-
-def stacked_apply(policy, params, obs, z):
-    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
-    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
-    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
-    return pick(mean), pick(log_std)
 
 
 def make_init(args: Args, q_net, v_net, obs_dim: int, act_dim: int):
@@ -696,20 +696,24 @@ def make_evaluate(policy, obs_mean, obs_std, episodes: int):
     return jax.jit(jax.vmap(jax.vmap(evaluate, in_axes=(0, None)), in_axes=(0, 0)))
 
 
-def save_checkpoint(path: str, state, unit: int) -> None:
+# --- shared block: checkpoint (keep identical across stages) ---
+def save_checkpoint(path: str, state, unit: int, schema: str) -> None:
+    """The leaves of a train state and the number of finished units of the schedule, atomically."""
     leaves = jax.tree.leaves(jax.device_get(state))
     arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
-    save_npz(path, dict(arrays, unit=np.int64(unit)), "empo/ppo-checkpoint/v1", {})
+    save_npz(path, dict(arrays, unit=np.int64(unit)), schema, {})
 
 
-def load_checkpoint(path: str, state_template):
-    arrays = load_npz(path, "empo/ppo-checkpoint/v1")
+def load_checkpoint(path: str, state_template, schema: str):
+    """(state shaped like state_template, finished units); a file from another configuration is refused."""
+    arrays = load_npz(path, schema)
     leaves, treedef = jax.tree.flatten(state_template)
     restored = [np.asarray(arrays.get(f"leaf_{i:04d}")) for i in range(len(leaves))]
     if sum(k.startswith("leaf_") for k in arrays) != len(leaves) or any(
             a.shape != np.shape(b) for a, b in zip(restored, leaves)):
         raise InputError(f"{path} was written by a run with other sizes; delete it or drop --resume")
     return jax.tree.unflatten(treedef, restored), int(arrays["unit"])
+# --- end shared block: checkpoint ---
 
 
 # ----------------------------------------------------------------------------------------------
@@ -789,7 +793,7 @@ def main(args: Args) -> dict:
     ckpt_path = os.path.join(run_dir, "ppo_checkpoint.npz")
     first = 0
     if args.resume and os.path.exists(ckpt_path):
-        state, first = load_checkpoint(ckpt_path, state)
+        state, first = load_checkpoint(ckpt_path, state, "empo/ppo-checkpoint/v1")
         state = jax.device_put(state, seed_sharding)
         print(f"resumed from {ckpt_path} at unit {first}/{len(schedule)}")
     writer = make_writer(os.path.join(run_dir, "ppo"), args)
@@ -823,7 +827,7 @@ def main(args: Args) -> dict:
             log_step = unit - len(q_calls) - args.v_epochs + 1
         metrics = jax.device_get(metrics)
         timings[part] += time.perf_counter() - t0
-        save_checkpoint(ckpt_path, state, unit + 1)
+        save_checkpoint(ckpt_path, state, unit + 1, "empo/ppo-checkpoint/v1")
         fields = {"part": part, "took": time.perf_counter() - t0}
         if part == "q":
             writer.add_scalar("losses/q", float(np.mean(metrics["losses/q"])), log_step)

@@ -29,7 +29,7 @@ def test_every_stage_carries_the_io_blocks():
     blocks = _blocks()
     for stage in ["empo_cluster.py", "empo_ppo.py", "empo_highlevel.py"]:
         if (ROOT / stage).exists():
-            for name in ["npz_io", "dataset", "run_utils", "networks"]:
+            for name in ["npz_io", "dataset", "run_utils", "networks", "checkpoint"]:
                 assert stage in [f for f, _ in blocks.get(name, [])], f"{stage} lacks the shared block '{name}'"
 
 
