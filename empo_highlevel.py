@@ -51,7 +51,7 @@ Interpretations and deviations
        stage-2 evaluation); --sample draws from the Gaussian instead. The environment clips actions.
        Q_H is learned from the data, i.e. it values the clusters' behaviour beta_z for n steps, while pi
        executes the improved pi_L, as the paper does.
-    9. Runs: run i uses seed --seed + i, ppo run i of ppo.npz (run 0 for all when it holds one) and the
+    9. Runs: run i uses seed --seed + i, ppo run --first-run + i of ppo.npz (run 0 for all when it holds one) and the
        classifier and assignments of that ppo run's clustering run (its cluster_run). Runs are vmapped
        and sharded over the visible devices.
     10. Evaluation (navigation task only, never used for selection): --eval-episodes rollouts of pi per
@@ -103,7 +103,9 @@ class Args:
     out: str = "runs/nav/highlevel.npz"
     """output file (schema empo/highlevel/v1); TensorBoard logs go to the folder 'highlevel' beside it"""
     seed: int = 1
-    """random seed of the first run; run i uses seed + i and ppo run i of --ppo"""
+    """random seed of the first run; run i uses seed + i and ppo run first_run + i of --ppo"""
+    first_run: int = 0
+    """index of the ppo run of --ppo that run 0 uses (to add seeds to an earlier run)"""
     num_seeds: int = 1
     """independent runs in one vmapped call, sharded over the visible devices"""
     resume: bool = False
@@ -705,8 +707,8 @@ def validate_args(args: Args) -> None:
     for name, value in positive.items():
         if value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if min(args.steps, args.eval_episodes) < 0:
-        raise InputError("--steps and --eval-episodes cannot be negative")
+    if min(args.steps, args.eval_episodes, args.first_run) < 0:
+        raise InputError("--steps, --eval-episodes and --first-run cannot be negative")
     if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.expectile < 1.0:
         raise InputError("need 0 <= --gamma <= 1 and 0 < --expectile < 1")
     if not args.b > 0 or not args.learning_rate > 0:
@@ -721,9 +723,10 @@ def main(args: Args) -> dict:
     cluster, cluster_sizes = load_cluster(args.cluster, data_sha, n)
     ppo, ppo_sizes = load_ppo(args.ppo, data_sha, args.cluster, cluster_sizes)
     k, ppo_seeds = ppo_sizes["K"], ppo_sizes["S"]
-    if ppo_seeds != 1 and args.num_seeds > ppo_seeds:
-        raise InputError(f"--num-seeds {args.num_seeds} is more than the {ppo_seeds} runs in {args.ppo}")
-    ppo_run = np.arange(args.num_seeds) if ppo_seeds > 1 else np.zeros(args.num_seeds, int)
+    if ppo_seeds != 1 and args.first_run + args.num_seeds > ppo_seeds:
+        raise InputError(f"--first-run {args.first_run} plus --num-seeds {args.num_seeds} is more than the "
+                         f"{ppo_seeds} runs in {args.ppo}")
+    ppo_run = args.first_run + np.arange(args.num_seeds) if ppo_seeds > 1 else np.zeros(args.num_seeds, int)
     cluster_run = ppo["cluster_run"][ppo_run]
     obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
     hidden_dim, hidden_layers = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])

@@ -40,8 +40,9 @@ Interpretations and deviations
        --ppo-minibatch B instead takes ceil(N / B) Adam steps per epoch over a shuffled pass.
     5. Q is trained with minibatches drawn uniformly with replacement, N_Q steps; V for N_V epochs
        of ceil(N / B) such steps; one Adam optimiser per network.
-    6. Seeds: run i uses seed --seed + i and clustering run i of cluster.npz (all runs share run 0
-       when cluster.npz holds one). Runs are vmapped and sharded over the visible devices.
+    6. Seeds: run i uses seed --seed + i and clustering run --first-run + i of cluster.npz (all runs
+       share run 0 when cluster.npz holds one). Runs are vmapped and sharded over the visible devices.
+       --seed 3 --first-run 2 --num-seeds 8 adds seeds 3..10 to an earlier run of seeds 1 and 2.
     7. Evaluation (navigation task only, never used for selection): beta_z and pi_L(.|s, z) run
        alone from s_0 with their mean action, --eval-episodes rollouts each.
 
@@ -88,7 +89,9 @@ class Args:
     out: str = "runs/nav/ppo.npz"
     """output file (schema empo/ppo/v1); TensorBoard logs go to the folder 'ppo' beside it"""
     seed: int = 1
-    """random seed of the first run; run i uses seed + i and clustering run i of --cluster"""
+    """random seed of the first run; run i uses seed + i and clustering run first_run + i of --cluster"""
+    first_run: int = 0
+    """index of the clustering run of --cluster that run 0 improves (to add seeds to an earlier run)"""
     num_seeds: int = 1
     """independent runs in one vmapped call, sharded over the visible devices"""
     resume: bool = False
@@ -726,8 +729,9 @@ def validate_args(args: Args) -> None:
     for name, value in positive.items():
         if value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if min(args.q_steps, args.v_epochs, args.pi_epochs, args.eval_episodes, args.ppo_minibatch) < 0:
-        raise InputError("--q-steps, --v-epochs, --pi-epochs, --eval-episodes and --ppo-minibatch cannot be negative")
+    if min(args.q_steps, args.v_epochs, args.pi_epochs, args.eval_episodes, args.ppo_minibatch, args.first_run) < 0:
+        raise InputError("--q-steps, --v-epochs, --pi-epochs, --eval-episodes, --ppo-minibatch and --first-run "
+                         "cannot be negative")
     if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.q_target_rate <= 1.0 or not 0.0 < args.clip < 1.0:
         raise InputError("need 0 <= --gamma <= 1, 0 < --q-target-rate <= 1 and 0 < --clip < 1")
     if args.learning_rate <= 0:
@@ -742,10 +746,10 @@ def main(args: Args) -> dict:
     num_episodes = int(data_np["episode_ids"][-1]) + 1
     cluster, sizes = load_cluster(args.cluster, data_sha, n, num_episodes)
     k, cluster_seeds = sizes["K"], sizes["S"]
-    if cluster_seeds != 1 and args.num_seeds > cluster_seeds:
-        raise InputError(f"--num-seeds {args.num_seeds} is more than the {cluster_seeds} clustering runs in "
-                         f"{args.cluster}")
-    cluster_run = np.arange(args.num_seeds) if cluster_seeds > 1 else np.zeros(args.num_seeds, int)
+    if cluster_seeds != 1 and args.first_run + args.num_seeds > cluster_seeds:
+        raise InputError(f"--first-run {args.first_run} plus --num-seeds {args.num_seeds} is more than the "
+                         f"{cluster_seeds} clustering runs in {args.cluster}")
+    cluster_run = args.first_run + np.arange(args.num_seeds) if cluster_seeds > 1 else np.zeros(args.num_seeds, int)
     obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
     hidden_dim, hidden_layers = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])
     obs_mean, obs_std = cluster["arch/obs_mean"], cluster["arch/obs_std"]

@@ -263,6 +263,11 @@ def test_one_ppo_run_serves_every_seed(tiny, tmp_path):
     f = np.load(tmp_path / "out.npz")
     np.testing.assert_array_equal(f["ppo_run"], [0, 0])
     np.testing.assert_array_equal(f["cluster_run"], [1, 1])
+    # --first-run adds seeds to an earlier run: run 0 of this call uses ppo run 1.
+    eh.main(_args(tiny, tmp_path / "more.npz", first_run=1, num_seeds=1, steps=0, eval_episodes=0))
+    f = np.load(tmp_path / "more.npz")
+    np.testing.assert_array_equal(f["ppo_run"], [1])
+    np.testing.assert_array_equal(f["cluster_run"], np.load(tiny / "ppo.npz")["cluster_run"][1:])
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, monkeypatch, capsys):

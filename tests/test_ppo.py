@@ -177,6 +177,10 @@ def test_runs_follow_the_clustering_runs_and_k1_works(tiny, tmp_path):
     ep.main(_args(tiny, tmp_path / "two.npz", cluster=str(tiny / "cluster2.npz"), num_seeds=2))
     f = np.load(tmp_path / "two.npz")
     np.testing.assert_array_equal(f["cluster_run"], [0, 1])
+    # --first-run adds seeds to an earlier run: run 0 of this call improves clustering run 1.
+    ep.main(_args(tiny, tmp_path / "more.npz", cluster=str(tiny / "cluster2.npz"), first_run=1, q_steps=0,
+                  v_epochs=0, pi_epochs=0, eval_episodes=0))
+    np.testing.assert_array_equal(np.load(tmp_path / "more.npz")["cluster_run"], [1])
     ec.main(ec.Args(dataset=str(tiny / "tiny.npz"), out=str(tmp_path / "k1.npz"), k=1, bias_epochs=0,
                     pretrain_epochs=1, em_epochs=1, hidden_dim=32, log_every=1000))
     ep.main(_args(tiny, tmp_path / "ppo_k1.npz", cluster=str(tmp_path / "k1.npz")))
