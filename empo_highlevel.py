@@ -833,6 +833,7 @@ def evaluate_final_policy(args: Args, nets, obs_mean, obs_std, value_scale, run:
     k = nets["qh"].out_dim
     arrays = {f"eval/{name}": out[name] for name in ("return", "goal", "penalty_steps", "length", "optimal_route")}
     arrays["eval/cluster_steps"] = np.stack([(out["chosen"] == z).sum(-1) for z in range(k)], -1)  # [S, E, K]
+    arrays["eval/positions"] = out["positions"].astype(np.float16)  # [S, E, T+1, 2], frozen after the end
 
     def stats(runs) -> dict:  # runs: one run's index, or slice(None) for all
         steps_per_z = arrays["eval/cluster_steps"][runs].reshape(-1, k).sum(0)  # [K]

@@ -897,8 +897,10 @@ def evaluate_policies(args: Args, policy, obs_mean, obs_std, beta, pi, key_eval,
     arrays, summary = {}, {}
     for name, params in (("beta", beta), ("pi", pi)):
         out = jax.device_get(evaluate(params, key_eval))  # [S, K, E, ...]
-        for field in ("return", "goal", "penalty_steps", "optimal_route"):
+        for field in ("return", "goal", "penalty_steps", "optimal_route", "length"):
             arrays[f"eval/{name}_{field}"] = np.asarray(out[field])
+        # The paths of the first 10 rollouts per policy, for maps drawn later: [S, K, min(E, 10), T+1, 2].
+        arrays[f"eval/{name}_positions"] = np.asarray(out["positions"][:, :, :10], np.float16)
         for z in range(k):
             writer.add_scalar(f"eval/{name}_return/{z}", float(out["return"][:, z].mean()), args.pi_epochs)
             writer.add_scalar(f"eval/{name}_goal_rate/{z}", float(out["goal"][:, z].mean()), args.pi_epochs)

@@ -4,6 +4,8 @@
 #   ->  stage 3 (high-level IQL, ID(s), the final policy and its evaluation)
 # Each stage prints its progress and wall time; outputs and TensorBoard logs go to $RUN.
 #   RUN=runs/nav SEEDS=2 bash scripts/run_nav.sh
+# Run again after an interruption: finished stages (their output exists) are skipped and the interrupted
+# one resumes from its last checkpoint. Delete a stage's output to run it again.
 # Extra flags per stage (e.g. a short schedule for a smoke test) go in DATA_ARGS, CLUSTER_ARGS, PPO_ARGS
 # and HIGHLEVEL_ARGS.
 set -euo pipefail
@@ -16,17 +18,19 @@ read -r -a cluster_args <<< "${CLUSTER_ARGS:-}"
 read -r -a ppo_args <<< "${PPO_ARGS:-}"
 read -r -a highlevel_args <<< "${HIGHLEVEL_ARGS:-}"
 mkdir -p "$RUN"
-stage() {  # stage NAME COMMAND...: run one stage and report its wall time
-  local name=$1; shift
+stage() {  # stage NAME OUTPUT COMMAND...: run one stage unless OUTPUT exists, and report its wall time
+  local name=$1 output=$2; shift 2
+  if [ -f "$output" ]; then echo "=== $name: $output exists, skipped"; return; fi
   local t0=$SECONDS
   echo "=== $name: $*"
   "$@"
   echo "=== $name took $((SECONDS - t0)) s"
 }
-[ -f "$DATA" ] || stage data python nav_env.py --out "$DATA" --figure "$RUN/dataset.png" "${data_args[@]}"
-stage cluster python empo_cluster.py --dataset "$DATA" --out "$RUN/cluster.npz" --num-seeds "$SEEDS" "${cluster_args[@]}"
-stage ppo python empo_ppo.py --dataset "$DATA" --cluster "$RUN/cluster.npz" --out "$RUN/ppo.npz" \
-  --num-seeds "$SEEDS" "${ppo_args[@]}"
-stage highlevel python empo_highlevel.py --dataset "$DATA" --cluster "$RUN/cluster.npz" --ppo "$RUN/ppo.npz" \
-  --out "$RUN/highlevel.npz" --num-seeds "$SEEDS" "${highlevel_args[@]}"
+stage data "$DATA" python nav_env.py --out "$DATA" --figure "$RUN/dataset.png" "${data_args[@]}"
+stage cluster "$RUN/cluster.npz" python empo_cluster.py --dataset "$DATA" --out "$RUN/cluster.npz" \
+  --num-seeds "$SEEDS" --resume "${cluster_args[@]}"
+stage ppo "$RUN/ppo.npz" python empo_ppo.py --dataset "$DATA" --cluster "$RUN/cluster.npz" --out "$RUN/ppo.npz" \
+  --num-seeds "$SEEDS" --resume "${ppo_args[@]}"
+stage highlevel "$RUN/highlevel.npz" python empo_highlevel.py --dataset "$DATA" --cluster "$RUN/cluster.npz" \
+  --ppo "$RUN/ppo.npz" --out "$RUN/highlevel.npz" --num-seeds "$SEEDS" --resume "${highlevel_args[@]}"
 echo "Done. Outputs in $RUN; curves: tensorboard --logdir $RUN"

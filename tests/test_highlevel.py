@@ -245,6 +245,7 @@ def test_same_seed_same_output_and_runs_follow_the_ppo_runs(tiny, full_run, tmp_
     assert not np.array_equal(a["qh/params/Dense_3/kernel"][0], a["qh/params/Dense_3/kernel"][1])
     assert a["eval/return"].shape == (2, 3) and a["eval/cluster_steps"].shape == (2, 3, 2)
     np.testing.assert_array_equal(a["eval/cluster_steps"].sum(-1), a["eval/length"])
+    assert a["eval/positions"].shape == (2, 3, 1001, 2) and a["eval/positions"].dtype == np.float16
     assert summary["return_mean"] == pytest.approx(float(a["eval/return"].mean()))
     assert len(summary["per_run"]) == 2
     inputs = json.loads(str(a["inputs"]))

@@ -27,3 +27,10 @@ def test_main_command_runs_every_stage_end_to_end(tmp_path):
     assert high["eval/return"].shape == (2, 3) and ppo["eval/pi_return"].shape[:2] == (2, 2)
     assert high["seeds"].tolist() == ppo["seeds"].tolist() == cluster["seeds"].tolist() == [1, 2]
     assert "final policy" in out.stdout
+    # The same command again finds every output and recomputes nothing (an interrupted run continues).
+    before = {name: (run / f"{name}.npz").stat().st_mtime_ns for name in ("cluster", "ppo", "highlevel")}
+    again = subprocess.run(["bash", str(ROOT / "scripts" / "run_nav.sh")], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("exists, skipped") == 4 and " took " not in again.stdout
+    assert before == {name: (run / f"{name}.npz").stat().st_mtime_ns for name in ("cluster", "ppo", "highlevel")}

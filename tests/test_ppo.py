@@ -170,6 +170,7 @@ def test_same_seed_same_output_and_vmapped_seeds_are_separate_runs(tiny, tmp_pat
         same = np.linalg.norm(a[key][1] - c[key][0])
         assert same <= 0.01 * np.linalg.norm(a[key][1] - a[key][0]), key
     assert str(a["schema"]) == "empo/ppo/v1" and a["eval/pi_return"].shape == (2, 2, 3)
+    assert a["eval/beta_positions"].shape == (2, 2, 3, 1001, 2) and a["eval/pi_length"].shape == (2, 2, 3)
     assert json.loads(str(a["inputs"]))["cluster"] == nav_env.sha256_file(str(tiny / "cluster1.npz"))
 
 
