@@ -336,17 +336,28 @@ def seed_shardings(num_seeds: int):
 
 
 class Progress:
-    """One status line per call: done/total, elapsed, estimated time left, and extra fields."""
+    """One status line per call: done/total, elapsed, estimated time left, and extra fields.
 
-    def __init__(self, total: int, name: str):
-        self.total, self.name, self.start = total, name, time.perf_counter()
+    kinds (one label per unit, optional) estimate each kind of unit by the mean time of the finished units
+    of that kind (by all finished units until one is seen); first is the number of units finished before
+    this process started (a resumed run), which the estimate leaves out.
+    """
+
+    def __init__(self, total: int, name: str, kinds=None, first: int = 0):
+        self.total, self.name, self.kinds = total, name, list(kinds) if kinds else [""] * total
+        self.start = self.last = time.perf_counter()
+        self.done, self.times = first, {}
 
     def __call__(self, done: int, **fields) -> None:
-        elapsed = time.perf_counter() - self.start
-        left = elapsed / max(done, 1) * (self.total - done)
+        now = time.perf_counter()
+        for kind in self.kinds[self.done: done]:  # the time since the last call, shared by its units
+            self.times.setdefault(kind, []).append((now - self.last) / max(done - self.done, 1))
+        self.done, self.last = done, now
+        every = [t for times in self.times.values() for t in times] or [0.0]
+        left = sum(np.mean(self.times.get(kind, every)) for kind in self.kinds[done:])
         extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
         print(f"[{self.name}] {done}/{self.total} ({100 * done / self.total:.0f}%) "
-              f"elapsed {elapsed:.0f}s, left ~{left:.0f}s {extra}", flush=True)
+              f"elapsed {now - self.start:.0f}s, left ~{left:.0f}s {extra}", flush=True)
 
 
 def flatten_params(prefix: str, params) -> dict:
@@ -673,7 +684,7 @@ def main(args: Args) -> dict:
     print(f"[cluster] N={n} E={num_episodes} K={args.k} seeds={args.num_seeds} on "
           f"{seed_sharding.mesh.devices.size} device(s); compiled in {compile_s:.1f}s", flush=True)
 
-    progress = Progress(total, "cluster")
+    progress = Progress(total, "cluster", kinds=schedule, first=first)
     history = {"rand_index": [], "adjusted_rand_index": []}
     t_train = time.perf_counter()
     for epoch in range(first, total):

@@ -38,3 +38,23 @@ def test_no_stage_imports_another_stage():
         path = ROOT / stage
         if path.exists():
             assert not re.search(r"^\s*(from|import)\s+empo_(cluster|ppo|highlevel)\b", path.read_text(), re.M)
+
+
+def test_progress_estimates_each_kind_of_unit_by_its_own_mean_time(monkeypatch, capsys):
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    import empo_ppo
+
+    clock = iter([0.0, 1.0, 2.0, 12.0, 112.0])  # start; then units of 1 s, 1 s, 10 s, 100 s
+    monkeypatch.setattr(empo_ppo.time, "perf_counter", lambda: next(clock))
+    progress = empo_ppo.Progress(7, "t", kinds=["q", "q", "v", "pi", "pi", "pi", "v"], first=0)
+    for done in (1, 2, 3, 4):
+        progress(done)
+    lines = capsys.readouterr().out.splitlines()
+    assert "left ~5s" in lines[1]  # q known (1 s); v and pi not yet seen: the mean of all finished units
+    assert "left ~210s" in lines[3]  # two pi at 100 s and one v at 10 s
+    monkeypatch.setattr(empo_ppo.time, "perf_counter", iter([0.0, 5.0]).__next__)
+    resumed = empo_ppo.Progress(4, "r", first=2)  # a resumed run does not count the units done before it
+    resumed(3)
+    assert "left ~5s" in capsys.readouterr().out
