@@ -366,17 +366,28 @@ def seed_shardings(num_seeds: int):
 
 
 class Progress:
-    """One status line per call: done/total, elapsed, estimated time left, and extra fields."""
+    """One status line per call: done/total, elapsed, estimated time left, and extra fields.
 
-    def __init__(self, total: int, name: str):
-        self.total, self.name, self.start = total, name, time.perf_counter()
+    kinds (one label per unit, optional) estimate each kind of unit by the mean time of the finished units
+    of that kind (by all finished units until one is seen); first is the number of units finished before
+    this process started (a resumed run), which the estimate leaves out.
+    """
+
+    def __init__(self, total: int, name: str, kinds=None, first: int = 0):
+        self.total, self.name, self.kinds = total, name, list(kinds) if kinds else [""] * total
+        self.start = self.last = time.perf_counter()
+        self.done, self.times = first, {}
 
     def __call__(self, done: int, **fields) -> None:
-        elapsed = time.perf_counter() - self.start
-        left = elapsed / max(done, 1) * (self.total - done)
+        now = time.perf_counter()
+        for kind in self.kinds[self.done: done]:  # the time since the last call, shared by its units
+            self.times.setdefault(kind, []).append((now - self.last) / max(done - self.done, 1))
+        self.done, self.last = done, now
+        every = [t for times in self.times.values() for t in times] or [0.0]
+        left = sum(np.mean(self.times.get(kind, every)) for kind in self.kinds[done:])
         extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
         print(f"[{self.name}] {done}/{self.total} ({100 * done / self.total:.0f}%) "
-              f"elapsed {elapsed:.0f}s, left ~{left:.0f}s {extra}", flush=True)
+              f"elapsed {now - self.start:.0f}s, left ~{left:.0f}s {extra}", flush=True)
 
 
 def flatten_params(prefix: str, params) -> dict:
@@ -772,7 +783,7 @@ def main(args: Args) -> dict:
     print(f"[highlevel] N={n} K={k} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
           f"value scale c={value_scale:.1f}; {args.steps} steps in {len(calls)} chunks", flush=True)
 
-    progress = Progress(len(calls), "highlevel")
+    progress = Progress(len(calls), "highlevel", first=first)
     t_train = time.perf_counter()
     done = sum(calls[:first])
     for unit in range(first, len(calls)):
@@ -831,31 +842,19 @@ def evaluate_final_policy(args: Args, nets, obs_mean, obs_std, value_scale, run:
                              args.sample)
     out = {name: np.asarray(x) for name, x in jax.device_get(evaluate(run, key_eval)).items()}  # [S, E, ...]
     k = nets["qh"].out_dim
-    arrays = {f"eval/{name}": out[name] for name in ("return", "goal", "penalty_steps", "length", "optimal_route")}
-    arrays["eval/cluster_steps"] = np.stack([(out["chosen"] == z).sum(-1) for z in range(k)], -1)  # [S, E, K]
-    arrays["eval/positions"] = out["positions"].astype(np.float16)  # [S, E, T+1, 2], frozen after the end
+    cluster_steps = np.stack([(out["chosen"] == z).sum(-1) for z in range(k)], -1)  # [S, E, K]
 
-    def stats(runs) -> dict:  # runs: one run's index, or slice(None) for all
-        steps_per_z = arrays["eval/cluster_steps"][runs].reshape(-1, k).sum(0)  # [K]
-        return {"return_mean": float(out["return"][runs].mean()), "return_std": float(out["return"][runs].std()),
-                "goal_rate": float(out["goal"][runs].mean()), "length": float(out["length"][runs].mean()),
-                "penalty_steps": float(out["penalty_steps"][runs].mean()),
-                "optimal_route": float(out["optimal_route"][runs].mean()),
-                "cluster_share": (steps_per_z / max(steps_per_z.sum(), 1)).tolist()}
+    def share(runs) -> tuple[dict, str]:  # the share of steps on which pi_H chose each cluster
+        steps_per_z = cluster_steps[runs].reshape(-1, k).sum(0)  # [K]
+        fractions = (steps_per_z / max(steps_per_z.sum(), 1)).tolist()
+        return {"cluster_share": fractions}, "z: " + " ".join(f"{x:.2f}" for x in fractions)
 
-    per_run = [stats(i) for i in range(len(seeds))]
-    overall = stats(slice(None))
+    arrays, summary = nav_env.report_rollouts(
+        out, seeds, f"[highlevel] final policy pi ({'sampled' if args.sample else 'mean'} actions), "
+                    f"{args.eval_episodes} rollouts per run (last column: share of steps per cluster):", share)
+    arrays["eval/cluster_steps"] = cluster_steps
     for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
-        writer.add_scalar(f"eval/{name}", overall[name], args.steps)
-
-    print(f"[highlevel] final policy pi ({'sampled' if args.sample else 'mean'} actions), "
-          f"{args.eval_episodes} rollouts per run:")
-    print(f"{'seed':>6} {'return':>17} {'goal':>6} {'length':>8} {'penalty':>8} {'optimal':>8}  share of steps per z")
-    rows = [(str(s), r) for s, r in zip(seeds, per_run)] + ([("all", overall)] if len(seeds) > 1 else [])
-    for name, r in rows:
-        share = " ".join(f"{x:.2f}" for x in r["cluster_share"])
-        print(f"{name:>6} {r['return_mean']:9.1f} +- {r['return_std']:5.1f} {r['goal_rate']:6.2f} "
-              f"{r['length']:8.1f} {r['penalty_steps']:8.1f} {r['optimal_route']:8.2f}  {share}")
+        writer.add_scalar(f"eval/{name}", summary[name], args.steps)
 
     # Figures: the rollouts of run 0 cut by the cluster pi_H ran, every run's rollouts, and maps over S.
     names = [f"z = {z}" for z in range(k)]
@@ -864,12 +863,8 @@ def evaluate_final_policy(args: Args, nets, obs_mean, obs_std, value_scale, run:
                                            title=f"Final policy pi (seed {seeds[0]}), coloured by pi_H(s)",
                                            path=os.path.join(run_dir, "highlevel_rollouts.png"))}
     if len(seeds) > 1:
-        trajs = [out["positions"][i, e, : out["length"][i, e] + 1] for i in range(len(seeds))
-                 for e in range(args.eval_episodes)]
-        labels = np.repeat(np.arange(len(seeds)), args.eval_episodes)
-        images["rollouts_runs"] = nav_env.plot_map(trajs, labels, label_names=[f"seed {s}" for s in seeds],
-                                                   title="Final policy pi, every run",
-                                                   path=os.path.join(run_dir, "highlevel_rollouts_runs.png"))
+        images["rollouts_runs"] = nav_env.plot_runs(out, seeds, "Final policy pi, every run",
+                                                    os.path.join(run_dir, "highlevel_rollouts_runs.png"))
     grid = jnp.asarray((nav_env.grid_states(61) - obs_mean) / obs_std)
     run0 = jax.tree.map(lambda x: x[0], jax.device_get(run))
     q_probs = jax.nn.softmax(nets["classifier"].apply(run0.classifier, grid), -1)  # [G*G, K]
@@ -884,7 +879,7 @@ def evaluate_final_policy(args: Args, nets, obs_mean, obs_std, value_scale, run:
                                         path=os.path.join(run_dir, f"highlevel_{name}.png"))
     for name, image in images.items():
         writer.add_image(f"eval/{name}", image, args.steps, dataformats="HWC")
-    return arrays, {**overall, "per_run": per_run}
+    return arrays, summary
 
 
 if __name__ == "__main__":

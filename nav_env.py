@@ -596,6 +596,52 @@ def plot_map(trajectories=(), labels=None, subgoals=None, title: Optional[str] =
     return pixels
 
 
+# ----------------------------------------------------------------------------------------------
+# Evaluation reports (the paper's protocol: rollouts from s_0, Appendix C)
+# ----------------------------------------------------------------------------------------------
+
+EVAL_FIELDS = ("return", "goal", "penalty_steps", "length", "optimal_route")
+
+
+def report_rollouts(out: dict, seeds, header: str, extra: Optional[Callable] = None) -> tuple[dict, dict]:
+    """The eval/* arrays and a printed table of ``rollout`` outputs vmapped over runs (``out[...]`` is [S, E, ...]).
+
+    Arrays: ``eval/<field>`` [S, E] for EVAL_FIELDS and ``eval/positions`` [S, E, T+1, 2] float16.
+    The table has one row per run and one over all runs: return mean +- std, goal rate, steps,
+    penalty steps and the optimal-route fraction. ``extra(runs) -> (fields, text)`` adds summary
+    fields and a last column (runs: a run's index, or ``slice(None)`` for all). Returns (arrays,
+    summary), the summary being the all-runs statistics plus ``per_run``.
+    """
+    out = {name: np.asarray(out[name]) for name in EVAL_FIELDS + ("positions",)}
+    arrays = {f"eval/{name}": out[name] for name in EVAL_FIELDS}
+    arrays["eval/positions"] = out["positions"].astype(np.float16)  # frozen after the end
+
+    def stats(runs) -> tuple[dict, str]:
+        fields, text = extra(runs) if extra else ({}, "")
+        return {"return_mean": float(out["return"][runs].mean()), "return_std": float(out["return"][runs].std()),
+                "goal_rate": float(out["goal"][runs].mean()), "length": float(out["length"][runs].mean()),
+                "penalty_steps": float(out["penalty_steps"][runs].mean()),
+                "optimal_route": float(out["optimal_route"][runs].mean()), **fields}, text
+
+    per_run = [stats(i) for i in range(len(seeds))]
+    overall = stats(slice(None))
+    print(header)
+    print(f"{'seed':>6} {'return':>17} {'goal':>6} {'length':>8} {'penalty':>8} {'optimal':>8}")
+    rows = [(str(s), r) for s, r in zip(seeds, per_run)] + ([("all", overall)] if len(seeds) > 1 else [])
+    for name, (r, text) in rows:
+        print(f"{name:>6} {r['return_mean']:9.1f} +- {r['return_std']:5.1f} {r['goal_rate']:6.2f} "
+              f"{r['length']:8.1f} {r['penalty_steps']:8.1f} {r['optimal_route']:8.2f}  {text}".rstrip())
+    return arrays, {**overall[0], "per_run": [r for r, _ in per_run]}
+
+
+def plot_runs(out: dict, seeds, title: str, path: Optional[str] = None) -> np.ndarray:
+    """Every rollout of every run on the map, coloured by run (``out`` as in ``report_rollouts``)."""
+    positions, lengths = np.asarray(out["positions"]), np.asarray(out["length"])
+    trajs = [positions[i, e, : lengths[i, e] + 1] for i in range(len(seeds)) for e in range(lengths.shape[1])]
+    labels = np.repeat(np.arange(len(seeds)), lengths.shape[1])
+    return plot_map(trajs, labels, label_names=[f"seed {s}" for s in seeds], title=title, path=path)
+
+
 def grid_states(resolution: int = 61, params: NavParams = NavParams()) -> np.ndarray:
     """A regular grid over S as [G*G, 2] states, row-major in y (reshape values to [G, G] for plot_map)."""
     axis = np.linspace(params.state_low, params.state_high, resolution, dtype=np.float32)
