@@ -1,0 +1,805 @@
+"""TD3+BC (Fujimoto & Gu 2021) on the navigation task: the "TD3+BC" row of Table 1.
+
+Paper: §4.1 and Table 1 (TD3+BC [11], a baseline), Appendix B (the didactic network), Appendix C (10 seeds x
+10 rollouts), Table 4 (gamma). TD3+BC: Fujimoto & Gu, "A Minimalist Approach to Offline Reinforcement
+Learning" (NeurIPS 2021) and the author's code (github.com/sfujim/TD3_BC), which fixes what the paper leaves
+open; TD3: Fujimoto, van Hoof & Meger (2018).
+
+Input   a data set (``--dataset``, as the EMPO stages): an .npz (schema empo/dataset/v1) or Minari ids.
+Output  ``td3_bc.npz`` (schema empo/td3_bc/v1), figures beside it and TensorBoard logs in ``<out folder>/td3_bc``:
+        actor/params/... [S, ...] the deterministic policy pi(s; phi), critic1/params/... and
+        critic2/params/... [S, ...] the twin critics Q1(s, a; theta_1), Q2(s, a; theta_2), seeds [S], arch/*
+        (hidden_dim, hidden_layers, obs_mean, obs_std, action_scale, obs_dim, act_dim, gamma),
+        eval/{return, goal, penalty_steps, length, optimal_route} [S, E] and eval/positions [S, E, T+1, 2]
+        float16 (rollouts of pi on the navigation task, paths frozen after their end), plus args, producer
+        and inputs (the data set's sha256).
+        Figures (navigation task): td3_bc_rollouts.png (every run's rollouts, coloured by seed) and
+        td3_bc_action_field.png (run 0's action pi(s) as arrows over Q1(s, pi(s))).
+
+Equation map (TD3+BC's equations as its paper writes them; the tags in the code name them)
+    s <- (s - mu) / (sigma + eps), eps = 1e-3 (state normalisation)            -> main
+    a~ = clip(pi(s'; phi') + clip(e, -c, c), -a_max, a_max), e ~ N(0, sigma^2) -> smoothed_target_action
+    y = r + gamma (1 - d) min_{i=1,2} Q_i(s', a~; theta_i')  (clipped double Q) -> critic_target
+    L(theta) = sum_{i=1,2} mean_B (Q_i(s, a; theta_i) - y)^2                   -> critic_loss
+    lambda = alpha / mean_B |Q1(s, pi(s))|                                      -> actor_loss
+    L(phi) = -lambda mean_B Q1(s, pi(s; phi)) + mean_B (pi(s; phi) - a)^2      -> actor_loss
+    theta_i' <- tau theta_i + (1 - tau) theta_i', phi' likewise, every d steps -> polyak, make_train_chunk
+
+Interpretations and deviations
+    1. Networks: the paper's didactic network for every algorithm on this task, --hidden-dim 64
+       --hidden-layers 3 ("a 4-layer MLP with hidden layers of size 64", read as EMPO's stages read it:
+       three hidden ReLU layers and a linear output layer). The original TD3+BC uses two hidden layers of
+       256 (--hidden-dim 256 --hidden-layers 2). Flax's default initialisation (LeCun-normal kernels, zero
+       biases), not PyTorch's. The actor is pi(s) = a_max * tanh(MLP(s)) on the standardised state.
+    2. Critic input: concat(standardised s, a / a_max), as EMPO's SARSA Q. The original feeds the raw
+       action, which is the same thing on its MuJoCo tasks (a_max = 1); here a_max = 0.2 and the division
+       keeps the action inputs O(1) like the state's. Q1 and Q2 are two MLPs with one linear output each,
+       stored stacked ([2, ...]) and trained by one Adam optimiser on the sum of their losses, as the
+       original's single Critic module (Adam is per parameter: the same as two optimisers).
+    3. a_max is the data set's largest |a| per dimension (arch/action_scale, 0.2 on this task) in place of
+       the environment's action bound (a data-set-only script has none). The target smoothing noise is
+       sigma = 0.2 a_max, clipped to c = 0.5 a_max, per dimension (the original's policy_noise * max_action
+       and noise_clip * max_action); the smoothed target action is clipped to +-a_max.
+    4. The BC term is the mean over the batch and the action dimensions of (pi(s) - a)^2 in action units
+       (the original's F.mse_loss). With a_max = 0.2 it is 25 times smaller than in units of a_max, so
+       alpha = 2.5 leans further towards Q here than on MuJoCo (a_max = 1); we keep the original's units.
+    5. lambda's denominator is the batch mean of |Q1(s, pi(s))| (the original's code; the paper writes
+       Q(s_i, a_i)), held constant (stop_gradient), so lambda only rescales the Q term.
+    6. Bootstrap mask: 1 - d with d = terminals (the goal reached); a trajectory cut by a timeout
+       bootstraps from its next_observation (STYLE §7). Rewards are used raw (-1 a step, -2 in S_p, 0 at
+       the goal), as the original uses D4RL's: lambda takes Q's scale out of the actor's step. gamma = 0.999
+       (Table 4's didactic value, used for every algorithm on this task: episodes last ~750 steps, and the
+       original's 0.99 would look only ~100 steps ahead). With slow targets (tau every d steps) Q grows by
+       about one reward per 1 / tau * d = 400 steps, so it needs a few hundred thousand of the 1,000,000
+       steps to reach its scale (~ -500 at s_0); short runs have a Q of the right shape but too small.
+    7. Delayed updates, counted as the original does (c = 1, 2, ... critic steps): every step updates
+       both critics on a minibatch of B = 256 rows drawn uniformly with replacement; when c % d == 0
+       (d = 2) the actor then takes one Adam step on the same minibatch against the just-updated Q1, and
+       the targets of the actor and both critics move by Polyak tau = 0.005. All of it runs inside the
+       lax.scan of a jitted call: a lax.cond on the step counter, which is the same for every run and so
+       stays a real branch under vmap. Adam, lr 3e-4, for actor and critics; targets start as copies.
+    8. Schedule: --steps 1,000,000 (the paper's and the original's), in calls of --steps-per-call steps;
+       a log line, TensorBoard scalars (chunk means; the actor's over its update steps) and a checkpoint
+       after each call. Call u draws from fold_in(key, u), so --resume continues to the identical result.
+    9. Runs: run i uses seed --seed + i; the runs are vmapped in one call and sharded over the visible
+       devices (on a CPU one XLA host device per core).
+    10. Evaluation (navigation task only, never used for selection): the final actor after --steps,
+        --eval-episodes rollouts per run from s_0 with nav_env.rollout (the same JAX rollouts as EMPO's
+        stage 3); the environment clips actions to A. "Optimal route" is reaching g without entering S_p.
+
+Example
+    python baselines/td3_bc.py --dataset data/nav.npz --out runs/nav/td3_bc.npz --num-seeds 10
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and "XLA_FLAGS" not in os.environ:
+    # One XLA host device per core, so that seeds run in parallel on a CPU (set before jax loads).
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={os.cpu_count() or 1}"
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.append(ROOT)  # nav_env (evaluation and figures) lives in the repository root
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import zipfile  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import tyro  # noqa: E402
+from flax import struct, traverse_util  # noqa: E402
+
+
+@dataclass
+class Args:
+    """TD3+BC (Fujimoto & Gu 2021): TD3 with a behaviour-cloning term in the actor loss (Table 1, TD3+BC)."""
+
+    # --- experiment ---
+    dataset: str = "data/nav.npz"
+    """data set: an .npz (schema empo/dataset/v1) or comma-separated Minari ids, as the EMPO stages take"""
+    out: str = "runs/nav/td3_bc.npz"
+    """output file (schema empo/td3_bc/v1); figures go beside it, TensorBoard logs to the folder 'td3_bc' beside it"""
+    seed: int = 1
+    """random seed of the first run; run i uses seed + i"""
+    num_seeds: int = 1
+    """independent runs in one vmapped call, sharded over the visible devices"""
+    resume: bool = False
+    """continue from the checkpoint beside --out (written after every chunk of steps)"""
+    eval_episodes: int = 10
+    """rollouts of each run's actor from s_0 (navigation task only; 0 skips the evaluation)"""
+    # --- algorithm (TD3+BC's defaults; gamma from Table 4) ---
+    steps: int = 1_000_000
+    """critic steps (the original's max_timesteps; the actor takes one step every d of them)"""
+    gamma: float = 0.999
+    """gamma: discount factor (Table 4, didactic; the original TD3+BC uses 0.99)"""
+    alpha: float = 2.5
+    """alpha: weight of the Q term against the BC term, lambda = alpha / mean |Q1(s, pi(s))|"""
+    policy_freq: int = 2
+    """d: the actor and the target networks are updated every d critic steps (delayed updates)"""
+    tau: float = 0.005
+    """tau: Polyak rate of the target networks, theta' <- tau theta + (1 - tau) theta'"""
+    policy_noise: float = 0.2
+    """sigma / a_max: std of the target policy smoothing noise, in units of a_max"""
+    noise_clip: float = 0.5
+    """c / a_max: the smoothing noise is clipped to +-c, in units of a_max"""
+    batch_size: int = 256
+    """B: minibatch size, rows drawn uniformly with replacement"""
+    learning_rate: float = 3e-4
+    """Adam learning rate of the actor and of the critics"""
+    hidden_dim: int = 64
+    """hidden units per layer of the actor and the critics (Appendix B: 64 didactic; TD3+BC: 256)"""
+    hidden_layers: int = 3
+    """hidden ReLU layers before the linear output (Appendix B's 4-layer MLP: 3; TD3+BC: 2)"""
+    # --- speed ---
+    steps_per_call: int = 5_000
+    """critic steps per jitted call: one log line, TensorBoard scalars and one checkpoint each"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Containers
+# ----------------------------------------------------------------------------------------------
+
+@struct.dataclass
+class TrainState:
+    actor: Any  # pi(s; phi)
+    actor_target: Any  # phi'
+    actor_opt: Any
+    critic: Any  # (Q1, Q2), parameters stacked on a leading axis [2, ...]
+    critic_target: Any  # (theta_1', theta_2')
+    critic_opt: Any
+
+
+@struct.dataclass
+class Data:
+    """The data set on the device (shared by all runs)."""
+
+    obs: jax.Array  # [N, obs_dim], standardised
+    actions: jax.Array  # [N, act_dim]
+    rewards: jax.Array  # [N]
+    next_obs: jax.Array  # [N, obs_dim], standardised
+    not_done: jax.Array  # [N] float, 0 after a terminal, 1 otherwise (a timeout bootstraps)
+
+
+# --- shared block: npz_io (keep identical across stages) ---
+class InputError(ValueError):
+    """Bad input or output: the message is one sentence that names the file and the problem."""
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_writable(path: str) -> None:
+    """Fail before any work if ``path`` cannot be written (missing rights, a folder in the way)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"cannot write {path}: it is a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: its folder {folder} cannot be created ({e.strerror or e})") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] = None) -> None:
+    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically."""
+    check_writable(path)
+    meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
+                producer=np.array(os.path.basename(sys.argv[0]) or "python"),
+                inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays, **meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_npz(path: str, schema: str) -> dict:
+    """Read a handoff file (no pickles) and check its schema; returns a dict of NumPy arrays."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise InputError(f"{path} is not a readable .npz file ({e})") from None
+    found = str(arrays.get("schema", "none"))
+    if found != schema:
+        raise InputError(f"{path} has schema '{found}', expected '{schema}'")
+    return arrays
+
+
+def check_arrays(name: str, arrays: dict, spec: dict, sizes: Optional[dict] = None) -> dict:
+    """Check keys, dtypes and symbolic shapes, e.g. {"actions": ("float32", ("N", "act_dim"))}.
+
+    Symbols are bound on first sight (or taken from ``sizes``) and must agree everywhere; floating
+    arrays must be finite. Returns the bound sizes. Raises InputError naming the file and the key.
+    """
+    sizes = dict(sizes or {})
+    for key, (dtype, shape) in spec.items():
+        if key not in arrays:
+            raise InputError(f"{name} has no key '{key}'")
+        a = arrays[key]
+        if a.dtype != np.dtype(dtype):
+            raise InputError(f"{name}: '{key}' has dtype {a.dtype}, expected {dtype}")
+        if a.ndim != len(shape):
+            raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {len(shape)} dimensions {shape}")
+        for dim, want in zip(a.shape, shape):
+            want = sizes.setdefault(want, dim) if isinstance(want, str) else want
+            if dim != want:
+                raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {shape} with {sizes}")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{name}: '{key}' contains NaN or infinite values")
+    return sizes
+# --- end shared block: npz_io ---
+
+
+# --- shared block: dataset (keep identical across stages) ---
+DATASET_SCHEMA = "empo/dataset/v1"
+DATASET_SPEC = {
+    "observations": ("float32", ("N", "obs_dim")),
+    "actions": ("float32", ("N", "act_dim")),
+    "rewards": ("float32", ("N",)),
+    "next_observations": ("float32", ("N", "obs_dim")),
+    "terminals": ("bool", ("N",)),
+    "timeouts": ("bool", ("N",)),
+    "episode_ids": ("int32", ("N",)),
+    "behaviour": ("int32", ("N",)),
+}
+
+
+def load_dataset(source: str) -> tuple[dict, str]:
+    """Load a data set from an ``.npz`` path or comma-separated Minari ids; validate it.
+
+    Minari ids are read from the local store (``MINARI_DATASETS_PATH`` or ~/.minari), never
+    downloaded. Several ids are concatenated and labelled by their index, the way D4RL
+    medium-expert is medium + expert; a single id takes ``behaviour`` from each episode's metadata
+    where present (-1 otherwise). Returns (arrays, sha256 of the arrays' bytes).
+    """
+    if source.endswith(".npz") or os.path.isfile(source):
+        arrays = load_npz(source, DATASET_SCHEMA)
+        data = {k: arrays[k] for k in DATASET_SPEC if k in arrays}
+    else:
+        data = _load_minari([s.strip() for s in source.split(",") if s.strip()])
+    validate_dataset(source, data)
+    digest = hashlib.sha256()
+    for key in DATASET_SPEC:
+        digest.update(np.ascontiguousarray(data[key]).tobytes())
+    return data, digest.hexdigest()
+
+
+def validate_dataset(name: str, data: dict) -> dict:
+    """Schema, shapes, finiteness and trajectory structure; returns the sizes (N, obs_dim, act_dim)."""
+    sizes = check_arrays(name, data, DATASET_SPEC)
+    ids = data["episode_ids"]
+    if sizes["N"] == 0:
+        raise InputError(f"{name} holds no transitions")
+    steps = np.diff(ids)
+    if ids[0] != 0 or np.any((steps != 0) & (steps != 1)):
+        raise InputError(f"{name}: 'episode_ids' must start at 0 and count up by one, trajectories contiguous")
+    last = np.r_[steps != 0, True]  # last row of each trajectory
+    ends = data["terminals"] | data["timeouts"]
+    if np.any(ends & ~last):
+        raise InputError(f"{name}: a terminal or timeout flag stands inside a trajectory, not at its end")
+    if np.any(last & ~ends):
+        raise InputError(f"{name}: a trajectory ends with neither a terminal nor a timeout flag")
+    return sizes
+
+
+def _load_minari(ids: list) -> dict:
+    import minari
+
+    if not ids:
+        raise InputError("no Minari data set id was given")
+    parts, first_episode = [], 0
+    for index, dataset_id in enumerate(ids):
+        try:
+            dataset = minari.load_dataset(dataset_id, download=False)
+        except FileNotFoundError:
+            raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
+                             f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)"
+                             ) from None
+        except Exception as e:  # a damaged local copy: say which
+            raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
+        meta = list(dataset.storage.get_episode_metadata(dataset.episode_indices)) if len(ids) == 1 else None
+        for j, ep in enumerate(dataset.iterate_episodes()):
+            if isinstance(ep.observations, dict) or isinstance(ep.actions, dict):
+                raise InputError(f"Minari data set '{dataset_id}' has dictionary observations or actions")
+            n = len(ep.rewards)
+            obs = np.asarray(ep.observations, np.float32).reshape(n + 1, -1)
+            term = np.asarray(ep.terminations, bool)
+            label = index if meta is None else int(meta[j].get("behaviour", -1))
+            parts.append(dict(
+                observations=obs[:-1], actions=np.asarray(ep.actions, np.float32).reshape(n, -1),
+                rewards=np.asarray(ep.rewards, np.float32), next_observations=obs[1:], terminals=term,
+                # a trajectory that stops without a terminal is a timeout, whatever the flags say
+                timeouts=np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1) & ~term,
+                episode_ids=np.full(n, first_episode, np.int32), behaviour=np.full(n, label, np.int32)))
+            first_episode += 1
+    if not parts:
+        raise InputError(f"Minari data sets {ids} hold no episodes")
+    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
+# --- end shared block: dataset ---
+
+
+# --- shared block: run_utils (keep identical across stages) ---
+def make_writer(log_dir: str, args):
+    """A tensorboardX writer with the hyperparameters logged as a text table."""
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(log_dir)
+    rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(asdict(args).items()))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
+    return writer
+
+
+def seed_shardings(num_seeds: int):
+    """(per-seed sharding, replicated sharding) over as many devices as evenly divide num_seeds."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    count = max(d for d in range(1, len(devices) + 1) if num_seeds % d == 0)
+    mesh = Mesh(np.array(devices[:count]), ("seeds",))
+    return NamedSharding(mesh, PartitionSpec("seeds")), NamedSharding(mesh, PartitionSpec())
+
+
+class Progress:
+    """One status line per call: done/total, elapsed, estimated time left, and extra fields.
+
+    kinds (one label per unit, optional) estimate each kind of unit by the mean time of the finished units
+    of that kind (by all finished units until one is seen); first is the number of units finished before
+    this process started (a resumed run), which the estimate leaves out.
+    """
+
+    def __init__(self, total: int, name: str, kinds=None, first: int = 0):
+        self.total, self.name, self.kinds = total, name, list(kinds) if kinds else [""] * total
+        self.start = self.last = time.perf_counter()
+        self.done, self.times = first, {}
+
+    def __call__(self, done: int, **fields) -> None:
+        now = time.perf_counter()
+        for kind in self.kinds[self.done: done]:  # the time since the last call, shared by its units
+            self.times.setdefault(kind, []).append((now - self.last) / max(done - self.done, 1))
+        self.done, self.last = done, now
+        every = [t for times in self.times.values() for t in times] or [0.0]
+        left = sum(np.mean(self.times.get(kind, every)) for kind in self.kinds[done:])
+        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        print(f"[{self.name}] {done}/{self.total} ({100 * done / self.total:.0f}%) "
+              f"elapsed {now - self.start:.0f}s, left ~{left:.0f}s {extra}", flush=True)
+
+
+def flatten_params(prefix: str, params) -> dict:
+    """{'prefix/Dense_0/kernel': array, ...} (flax.traverse_util, '/' separated)."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {f"{prefix}/{k}": np.asarray(v) for k, v in flat.items()}
+
+
+def unflatten_params(prefix: str, arrays: dict):
+    flat = {k[len(prefix) + 1:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix + "/")}
+    return traverse_util.unflatten_dict(flat, sep="/")
+# --- end shared block: run_utils ---
+
+
+# --- shared block: networks (keep identical across stages) ---
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 0.0
+
+
+class MLP(nn.Module):
+    """hidden_layers x (Dense(hidden_dim) + ReLU), then a linear Dense(out_dim) (linear heads:
+    rewards can be negative)."""
+
+    hidden_dim: int
+    hidden_layers: int
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.hidden_layers):
+            x = nn.relu(nn.Dense(self.hidden_dim)(x))
+        return nn.Dense(self.out_dim)(x)
+
+
+class GaussianPolicy(nn.Module):
+    """beta(a|s; theta): mean = action_scale * tanh(.), log-std squashed into [LOG_STD_MIN, LOG_STD_MAX]."""
+
+    act_dim: int
+    action_scale: tuple
+    hidden_dim: int
+    hidden_layers: int
+
+    @nn.compact
+    def __call__(self, obs):
+        out = MLP(self.hidden_dim, self.hidden_layers, 2 * self.act_dim)(obs)
+        mean, log_std = jnp.split(out, 2, axis=-1)
+        mean = jnp.asarray(self.action_scale, jnp.float32) * jnp.tanh(mean)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(log_std) + 1.0)
+        return mean, log_std
+
+
+def gaussian_log_prob(mean, log_std, action):
+    """log N(action; mean, exp(log_std)^2), summed over the last (action) axis."""
+    z = (action - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+
+
+def stacked_apply(policy, params, obs, z):
+    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
+    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
+    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
+    return pick(mean), pick(log_std)
+# --- end shared block: networks ---
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+
+class Actor(nn.Module):
+    """pi(s; phi) = a_max * tanh(MLP(s)): the deterministic policy of TD3."""
+
+    act_dim: int
+    action_scale: tuple
+    hidden_dim: int
+    hidden_layers: int
+
+    @nn.compact
+    def __call__(self, obs):
+        out = MLP(self.hidden_dim, self.hidden_layers, self.act_dim)(obs)
+        return jnp.asarray(self.action_scale, jnp.float32) * jnp.tanh(out)
+
+
+def make_networks(hidden_dim: int, hidden_layers: int, act_dim: int, action_scale: tuple) -> dict:
+    return {"actor": Actor(act_dim, action_scale, hidden_dim, hidden_layers),  # pi(s; phi)
+            "critic": MLP(hidden_dim, hidden_layers, 1)}  # Q_i(s, a; theta_i) on [s, a / a_max]
+
+
+def critic_input(obs, actions, action_scale: tuple):
+    """[s, a / a_max] (interpretation 2): obs [B, obs_dim], actions [B, act_dim] -> [B, obs_dim + act_dim]."""
+    return jnp.concatenate([obs, actions / jnp.asarray(action_scale, jnp.float32)], axis=-1)
+
+
+def q_values(nets: dict, critic, obs, actions, action_scale: tuple):
+    """Q1 and Q2 at (obs, actions) with the stacked critic parameters -> [2, B]."""
+    x = critic_input(obs, actions, action_scale)  # [B, obs_dim + act_dim]
+    return jax.vmap(lambda params: nets["critic"].apply(params, x)[:, 0])(critic)  # [2, B]
+
+
+def q1_value(nets: dict, critic, obs, actions, action_scale: tuple):
+    """Q1 alone (the actor's critic) at (obs, actions) with the stacked critic parameters -> [B]."""
+    theta_1 = jax.tree.map(lambda x: x[0], critic)
+    return nets["critic"].apply(theta_1, critic_input(obs, actions, action_scale))[:, 0]  # [B]
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (TD3 and TD3+BC)
+# ----------------------------------------------------------------------------------------------
+
+def smoothed_target_action(next_pi, noise, action_scale, policy_noise: float, noise_clip: float):
+    """Target policy smoothing: a~ = clip(pi(s'; phi') + clip(sigma e, -c, c), -a_max, a_max), e ~ N(0, 1).
+
+    next_pi, noise [B, act_dim]; sigma = policy_noise * a_max and c = noise_clip * a_max per dimension.
+    """
+    scale = jnp.asarray(action_scale, jnp.float32)  # [act_dim] a_max
+    smoothing = jnp.clip(noise * policy_noise * scale, -noise_clip * scale, noise_clip * scale)  # [B, act_dim]
+    return jnp.clip(next_pi + smoothing, -scale, scale)  # TD3 target policy smoothing
+
+
+def critic_target(rewards, not_done, next_q1, next_q2, gamma: float):
+    """Clipped double Q-learning target: y = r + gamma (1 - d) min(Q1(s', a~; theta_1'), Q2(s', a~; theta_2')). [B]"""
+    return rewards + gamma * not_done * jnp.minimum(next_q1, next_q2)  # TD3 clipped double Q target
+
+
+def critic_loss(q, target):
+    """L(theta) = sum_{i=1,2} mean_B (Q_i(s, a; theta_i) - y)^2, y held fixed. q [2, B], target [B]."""
+    return jnp.sum(jnp.mean((q - jax.lax.stop_gradient(target)[None]) ** 2, axis=-1))  # TD3 critic loss
+
+
+def actor_loss(q_pi, pi, actions, alpha: float):
+    """TD3+BC: L(phi) = -lambda mean_B Q1(s, pi(s)) + mean_B (pi(s) - a)^2, lambda = alpha / mean_B |Q1(s, pi(s))|.
+
+    q_pi [B], pi and actions [B, act_dim]; lambda is held constant (no gradient through the denominator),
+    the BC term is the mean over the batch and the action dimensions. Returns (loss, (lambda, bc)).
+    """
+    lam = alpha / jax.lax.stop_gradient(jnp.mean(jnp.abs(q_pi)))  # TD3+BC lambda
+    bc = jnp.mean((pi - actions) ** 2)  # TD3+BC behaviour-cloning term
+    return -lam * jnp.mean(q_pi) + bc, (lam, bc)  # TD3+BC actor loss
+
+
+def polyak(target, online, tau: float):
+    """theta' <- tau theta + (1 - tau) theta' for every leaf."""
+    return jax.tree.map(lambda t, p: tau * p + (1.0 - tau) * t, target, online)  # TD3 target update
+
+
+# ----------------------------------------------------------------------------------------------
+# Training functions
+# ----------------------------------------------------------------------------------------------
+
+def make_init(args: Args, nets: dict, obs_dim: int, act_dim: int):
+    tx = optax.adam(args.learning_rate)
+
+    def init(key) -> TrainState:
+        key_actor, key_critic = jax.random.split(key)
+        actor = nets["actor"].init(key_actor, jnp.zeros((1, obs_dim)))
+        critic = jax.vmap(lambda k: nets["critic"].init(k, jnp.zeros((1, obs_dim + act_dim))))(
+            jax.random.split(key_critic, 2))  # Q1, Q2 stacked
+        return TrainState(actor=actor, actor_target=actor, actor_opt=tx.init(actor), critic=critic,
+                          critic_target=critic, critic_opt=tx.init(critic))
+
+    return init, tx
+
+
+ACTOR_METRICS = ("losses/actor", "losses/bc", "charts/lambda", "charts/q_pi_mean")
+
+
+def make_train_chunk(args: Args, nets: dict, tx, num_rows: int, action_scale: tuple):
+    """TD3+BC: ``steps`` critic steps, the actor and the targets every d of them (interpretation 7).
+
+    Returns chunk(state, key, data, first_step, steps) -> (state, metrics averaged over the chunk), where
+    first_step is the number of critic steps taken before the chunk (the same for every run: not vmapped).
+    """
+    actor_net = nets["actor"]
+
+    def update(state: TrainState, key, step, data: Data):
+        key_batch, key_noise = jax.random.split(key)
+        idx = jax.random.randint(key_batch, (args.batch_size,), 0, num_rows)  # [B], uniform with replacement
+        obs, actions, next_obs = data.obs[idx], data.actions[idx], data.next_obs[idx]  # [B, ...]
+        noise = jax.random.normal(key_noise, actions.shape)  # [B, act_dim]
+        next_action = smoothed_target_action(actor_net.apply(state.actor_target, next_obs), noise, action_scale,
+                                             args.policy_noise, args.noise_clip)  # [B, act_dim]
+        next_q = q_values(nets, state.critic_target, next_obs, next_action, action_scale)  # [2, B]
+        target = critic_target(data.rewards[idx], data.not_done[idx], next_q[0], next_q[1], args.gamma)  # [B]
+
+        def critic_objective(critic):
+            q = q_values(nets, critic, obs, actions, action_scale)  # [2, B]
+            return critic_loss(q, target), q
+
+        (loss_critic, q), grads = jax.value_and_grad(critic_objective, has_aux=True)(state.critic)
+        updates, critic_opt = tx.update(grads, state.critic_opt, state.critic)
+        state = state.replace(critic=optax.apply_updates(state.critic, updates), critic_opt=critic_opt)
+
+        def actor_step(state: TrainState):
+            def actor_objective(actor):
+                pi = actor_net.apply(actor, obs)  # [B, act_dim]
+                q_pi = q1_value(nets, state.critic, obs, pi, action_scale)  # [B] Q1(s, pi(s))
+                loss, (lam, bc) = actor_loss(q_pi, pi, actions, args.alpha)
+                return loss, (lam, bc, jnp.mean(q_pi))
+
+            (loss, (lam, bc, q_pi_mean)), grads = jax.value_and_grad(actor_objective, has_aux=True)(state.actor)
+            updates, actor_opt = tx.update(grads, state.actor_opt, state.actor)
+            actor = optax.apply_updates(state.actor, updates)
+            state = state.replace(actor=actor, actor_opt=actor_opt,
+                                  actor_target=polyak(state.actor_target, actor, args.tau),
+                                  critic_target=polyak(state.critic_target, state.critic, args.tau))
+            return state, dict(zip(ACTOR_METRICS, (loss, bc, lam, q_pi_mean)))
+
+        skip = lambda state: (state, {name: jnp.float32(0.0) for name in ACTOR_METRICS})
+        delayed = (step + 1) % args.policy_freq == 0  # the original's total_it % policy_freq == 0
+        state, actor_metrics = jax.lax.cond(delayed, actor_step, skip, state)
+        return state, {"losses/critic": loss_critic, "charts/q_data_mean": jnp.mean(q[0]),
+                       "charts/target_mean": jnp.mean(target), "actor_updates": delayed.astype(jnp.float32),
+                       **actor_metrics}
+
+    def chunk(state: TrainState, key, data: Data, first_step, steps: int):
+        xs = (jax.random.split(key, steps), first_step + jnp.arange(steps, dtype=jnp.int32))
+        state, metrics = jax.lax.scan(lambda s, x: update(s, x[0], x[1], data), state, xs)
+        count = jnp.sum(metrics["actor_updates"])
+        means = {name: jnp.mean(x) for name, x in metrics.items() if name not in ACTOR_METRICS}
+        means.update({name: jnp.sum(metrics[name]) / jnp.maximum(count, 1.0) for name in ACTOR_METRICS})
+        return state, dict(means, actor_updates=count)
+
+    return chunk
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def make_evaluate(actor_net, obs_mean, obs_std, episodes: int):
+    """Rollouts of the deterministic actor from s_0 (nav_env.rollout), vmapped over runs."""
+    import nav_env
+
+    def evaluate(params, key):
+        act = lambda _, pos: actor_net.apply(params, (pos - obs_mean) / obs_std)
+        out = nav_env.rollout(key, act, episodes)
+        return {name: out[name] for name in ("return", "goal", "penalty_steps", "optimal_route", "positions",
+                                             "length")}
+
+    return jax.jit(jax.vmap(evaluate))
+
+
+# --- shared block: checkpoint (keep identical across stages) ---
+def save_checkpoint(path: str, state, unit: int, schema: str) -> None:
+    """The leaves of a train state and the number of finished units of the schedule, atomically."""
+    leaves = jax.tree.leaves(jax.device_get(state))
+    arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
+    save_npz(path, dict(arrays, unit=np.int64(unit)), schema, {})
+
+
+def load_checkpoint(path: str, state_template, schema: str):
+    """(state shaped like state_template, finished units); a file from another configuration is refused."""
+    arrays = load_npz(path, schema)
+    leaves, treedef = jax.tree.flatten(state_template)
+    restored = [np.asarray(arrays.get(f"leaf_{i:04d}")) for i in range(len(leaves))]
+    if sum(k.startswith("leaf_") for k in arrays) != len(leaves) or any(
+            a.shape != np.shape(b) for a, b in zip(restored, leaves)):
+        raise InputError(f"{path} was written by a run with other sizes; delete it or drop --resume")
+    return jax.tree.unflatten(treedef, restored), int(arrays["unit"])
+# --- end shared block: checkpoint ---
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def validate_args(args: Args) -> None:
+    positive = dict(steps=args.steps, num_seeds=args.num_seeds, batch_size=args.batch_size,
+                    steps_per_call=args.steps_per_call, policy_freq=args.policy_freq, hidden_dim=args.hidden_dim)
+    for name, value in positive.items():
+        if value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if min(args.eval_episodes, args.hidden_layers) < 0:
+        raise InputError("--eval-episodes and --hidden-layers cannot be negative")
+    if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
+        raise InputError(f"need 0 <= --gamma <= 1 and 0 < --tau <= 1, got {args.gamma} and {args.tau}")
+    if not args.alpha > 0 or not args.learning_rate > 0:
+        raise InputError(f"--alpha and --learning-rate must be positive, got {args.alpha} and {args.learning_rate}")
+    if not args.policy_noise >= 0 or not args.noise_clip >= 0:
+        raise InputError(f"--policy-noise and --noise-clip cannot be negative, got {args.policy_noise} and "
+                         f"{args.noise_clip}")
+
+
+def main(args: Args) -> dict:
+    validate_args(args)
+    check_writable(args.out)
+    data_np, data_sha = load_dataset(args.dataset)
+    n = len(data_np["rewards"])
+    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
+
+    # State normalisation (TD3+BC, eps = 1e-3) and a_max (interpretation 3).
+    obs_mean = data_np["observations"].mean(0).astype(np.float32)
+    obs_std = (data_np["observations"].std(0) + 1e-3).astype(np.float32)
+    action_scale = tuple(float(x) for x in np.maximum(np.abs(data_np["actions"]).max(0), 1e-3))
+    norm = lambda x: jnp.asarray((x - obs_mean) / obs_std)
+    data = Data(obs=norm(data_np["observations"]), actions=jnp.asarray(data_np["actions"]),
+                rewards=jnp.asarray(data_np["rewards"]), next_obs=norm(data_np["next_observations"]),
+                not_done=jnp.asarray(1.0 - data_np["terminals"].astype(np.float32)))
+
+    nets = make_networks(args.hidden_dim, args.hidden_layers, act_dim, action_scale)
+    init, tx = make_init(args, nets, obs_dim, act_dim)
+    seed_sharding, replicated = seed_shardings(args.num_seeds)
+    data = jax.device_put(data, replicated)
+    seeds = np.arange(args.seed, args.seed + args.num_seeds)
+    split = jax.jit(jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3), out_axes=1))
+    key_init, key_train, key_eval = (jax.device_put(x, seed_sharding) for x in split(jnp.asarray(seeds)))
+    state = jax.jit(jax.vmap(init), out_shardings=seed_sharding)(key_init)
+
+    # The schedule: chunks of critic steps, a checkpoint after each.
+    calls = [min(args.steps_per_call, args.steps - i) for i in range(0, args.steps, args.steps_per_call)]
+    run_dir = os.path.dirname(os.path.abspath(args.out))
+    ckpt_path = os.path.join(run_dir, "td3_bc_checkpoint.npz")
+    first = 0
+    if args.resume and os.path.exists(ckpt_path):
+        state, first = load_checkpoint(ckpt_path, state, "empo/td3_bc-checkpoint/v1")
+        state = jax.device_put(state, seed_sharding)
+        print(f"resumed from {ckpt_path} at chunk {first}/{len(calls)}")
+    writer = make_writer(os.path.join(run_dir, "td3_bc"), args)
+
+    train_chunk = make_train_chunk(args, nets, tx, n, action_scale)
+    calls_jit = {s: jax.jit(jax.vmap(lambda st, key, d, step0, s=s: train_chunk(st, key, d, step0, s),
+                                     in_axes=(0, 0, None, None)))
+                 for s in set(calls)}
+    fold_in = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+    chunk_key = lambda unit: jax.device_put(fold_in(key_train, unit), seed_sharding)
+    print(f"[td3_bc] N={n} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
+          f"a_max={[round(a, 4) for a in action_scale]}; {args.steps} steps in {len(calls)} chunks", flush=True)
+
+    progress = Progress(len(calls), "td3_bc", first=first)
+    t_train = time.perf_counter()
+    done, timed = sum(calls[:first]), []
+    for unit in range(first, len(calls)):
+        t0 = time.perf_counter()
+        state, metrics = calls_jit[calls[unit]](state, chunk_key(unit), data, np.int32(done))
+        metrics = {name: float(np.mean(x)) for name, x in jax.device_get(metrics).items()}
+        took = time.perf_counter() - t0
+        timed.append((calls[unit], took))
+        done += calls[unit]
+        save_checkpoint(ckpt_path, state, unit + 1, "empo/td3_bc-checkpoint/v1")
+        for name, value in metrics.items():
+            if name != "actor_updates" and (name not in ACTOR_METRICS or metrics["actor_updates"] > 0):
+                writer.add_scalar(name, value, done)
+        writer.add_scalar("charts/steps_per_second", calls[unit] / took, done)
+        progress(unit + 1, took=took, critic_loss=metrics["losses/critic"], actor_loss=metrics["losses/actor"],
+                 lam=metrics["charts/lambda"], q_pi=metrics["charts/q_pi_mean"], bc=metrics["losses/bc"])
+    train_s = time.perf_counter() - t_train
+    # Steps per second of every run (they run in parallel), leaving out the first call (compilation).
+    steady = timed[1:] or timed
+    steps_per_s = sum(s for s, _ in steady) / max(sum(t for _, t in steady), 1e-9) if steady else float("nan")
+
+    state = jax.device_get(state)
+    critic_i = lambda i: jax.tree.map(lambda x: x[:, i], state.critic["params"])  # [S, 2, ...] -> [S, ...]
+    arrays = {
+        **flatten_params("actor/params", state.actor["params"]), **flatten_params("critic1/params", critic_i(0)),
+        **flatten_params("critic2/params", critic_i(1)),
+        "seeds": seeds.astype(np.int64), "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
+        "arch/hidden_dim": np.int64(args.hidden_dim), "arch/hidden_layers": np.int64(args.hidden_layers),
+        "arch/obs_mean": obs_mean, "arch/obs_std": obs_std, "arch/action_scale": np.asarray(action_scale, np.float32),
+        "arch/gamma": np.float32(args.gamma),
+    }
+
+    # Evaluation for insight (navigation task only): the deterministic actor from s_0, figures.
+    summary = {"train_s": train_s, "steps_per_s": steps_per_s, "seeds": seeds.tolist()}
+    if obs_dim == 2 and act_dim == 2 and args.eval_episodes > 0:
+        eval_arrays, eval_summary = evaluate_actor(args, nets, obs_mean, obs_std, action_scale, state, key_eval,
+                                                   writer, run_dir, seeds)
+        arrays.update(eval_arrays)
+        summary.update(eval_summary)
+    save_npz(args.out, arrays, "empo/td3_bc/v1", asdict(args), {"dataset": data_sha})
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    writer.close()
+    print(f"[td3_bc] wrote {args.out}: training {train_s:.1f}s, {steps_per_s:.0f} steps/s per run")
+    return summary
+
+
+def evaluate_actor(args: Args, nets, obs_mean, obs_std, action_scale, state: TrainState, key_eval, writer,
+                   run_dir, seeds):
+    """Rollouts of every run's actor, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
+    import nav_env
+
+    evaluate = make_evaluate(nets["actor"], jnp.asarray(obs_mean), jnp.asarray(obs_std), args.eval_episodes)
+    out = jax.device_get(evaluate(state.actor, key_eval))  # [S, E, ...]
+    arrays, summary = nav_env.report_rollouts(
+        out, seeds, f"[td3_bc] deterministic actor pi(s), {args.eval_episodes} rollouts per run:")
+    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
+        writer.add_scalar(f"eval/{name}", summary[name], args.steps)
+
+    # Figures: every run's rollouts, and run 0's action field over V-like Q1(s, pi(s)).
+    images = {"rollouts": nav_env.plot_runs(out, seeds, "TD3+BC: deterministic actor, every run",
+                                            os.path.join(run_dir, "td3_bc_rollouts.png"))}
+    arrow_states, field_states = nav_env.grid_states(16), nav_env.grid_states(61)
+
+    @jax.jit
+    def maps(actor, critic):  # run 0's pi(s) at the arrows and Q1(s, pi(s)) on the field's grid
+        arrow_obs, field_obs = ((jnp.asarray(x) - obs_mean) / obs_std for x in (arrow_states, field_states))
+        field_pi = nets["actor"].apply(actor, field_obs)  # [61*61, act_dim]
+        return nets["actor"].apply(actor, arrow_obs), q1_value(nets, critic, field_obs, field_pi, action_scale)
+
+    arrow_actions, q1_pi = jax.device_get(maps(*jax.tree.map(lambda x: x[0], (state.actor, state.critic))))
+    images["action_field"] = nav_env.plot_map(
+        arrows=(arrow_states, arrow_actions), field=q1_pi.reshape(61, 61),
+        field_label="Q1(s, pi(s))", title=f"TD3+BC: actor pi(s) over Q1(s, pi(s)) (seed {seeds[0]})",
+        path=os.path.join(run_dir, "td3_bc_action_field.png"))
+    for name, image in images.items():
+        writer.add_image(f"eval/{name}", image, args.steps, dataformats="HWC")
+    return arrays, summary
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except InputError as e:
+        sys.exit(f"error: {e}")

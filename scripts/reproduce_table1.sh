@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Table 1 and Figures 3/5 of the paper on the navigation task: BC, TD3+BC, EMPO with K = 1 and EMPO with
+# K = 2, SEEDS seeds each and 10 rollouts per seed (Appendix C), every schedule at its default (the paper's
+# Table 4 for EMPO). Then scripts/table1.py writes $RUN/table1.md and $RUN/table1.png.
+#   RUN=runs/table1 SEEDS=10 bash scripts/reproduce_table1.sh
+# EMPO K = 1 is stages 1 and 2 with one cluster; its row is pi_L(.|s, 0) itself, which is what stage 3
+# would execute (ID(s) = {0} everywhere), so stage 3 is not run for it.
+# Run again after an interruption: finished steps (their output exists) are skipped and the interrupted
+# one resumes from its checkpoint. EMPO K = 2 is the main pipeline (scripts/run_nav.sh with RUN=$RUN/k2), so
+# an existing run of it can be linked there. Extra flags per script (for a smoke test): DATA_ARGS,
+# CLUSTER_ARGS, PPO_ARGS, HIGHLEVEL_ARGS (as for run_nav.sh; the first two serve K = 1 too), BC_ARGS, TD3_BC_ARGS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${RUN:-runs/table1}
+SEEDS=${SEEDS:-10}
+DATA=${DATA:-data/nav.npz}
+for name in CLUSTER PPO BC TD3_BC; do
+  var="${name}_ARGS"; read -r -a "${name,,}_args" <<< "${!var:-}"
+done
+mkdir -p "$RUN"/{k1,bc,td3_bc}
+step() {  # step NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists, and report its wall time
+  local name=$1 output=$2; shift 2
+  if [ -f "$output" ]; then echo "=== $name: $output exists, skipped"; return; fi
+  local t0=$SECONDS
+  echo "=== $name: $*"
+  "$@"
+  echo "=== $name took $((SECONDS - t0)) s"
+}
+echo "=== EMPO K=2: the main pipeline, scripts/run_nav.sh, in $RUN/k2"
+RUN="$RUN/k2" SEEDS="$SEEDS" DATA="$DATA" bash scripts/run_nav.sh
+dir="$RUN/k1"
+step "EMPO K=1 stage 1" "$dir/cluster.npz" python empo_cluster.py --dataset "$DATA" --out "$dir/cluster.npz" \
+  --k 1 --num-seeds "$SEEDS" --resume "${cluster_args[@]}"
+step "EMPO K=1 stage 2" "$dir/ppo.npz" python empo_ppo.py --dataset "$DATA" --cluster "$dir/cluster.npz" \
+  --out "$dir/ppo.npz" --num-seeds "$SEEDS" --eval-episodes 10 --resume "${ppo_args[@]}"
+step BC "$RUN/bc/bc.npz" python baselines/bc.py --dataset "$DATA" --out "$RUN/bc/bc.npz" --num-seeds "$SEEDS" \
+  --eval-episodes 10 --resume "${bc_args[@]}"
+step TD3+BC "$RUN/td3_bc/td3_bc.npz" python baselines/td3_bc.py --dataset "$DATA" --out "$RUN/td3_bc/td3_bc.npz" \
+  --num-seeds "$SEEDS" --eval-episodes 10 --resume "${td3_bc_args[@]}"
+python scripts/table1.py --bc "$RUN/bc/bc.npz" --td3-bc "$RUN/td3_bc/td3_bc.npz" --empo-k1 "$RUN/k1/ppo.npz" \
+  --empo-k2 "$RUN/k2/highlevel.npz" --dataset "$DATA" --out "$RUN/table1"
+echo "Done. Curves: tensorboard --logdir $RUN"
