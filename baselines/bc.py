@@ -481,9 +481,7 @@ def make_evaluate(policy, obs_mean, obs_std, episodes: int, sample: bool):
                 return mean + jnp.exp(log_std) * jax.random.normal(key_t, mean.shape)
             return mean
 
-        out = nav_env.rollout(key, act, episodes)
-        return {name: out[name] for name in ("return", "goal", "penalty_steps", "optimal_route", "positions",
-                                             "length")}
+        return nav_env.rollout(key, act, episodes)  # nav_env.report_rollouts picks the fields it stores
 
     return jax.jit(jax.vmap(evaluate))
 
