@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/table1}
 SEEDS=${SEEDS:-10}
+SEED=${SEED:-1}   # seed of the first run; SEED=3 SEEDS=8 adds seeds 3..10 to a run of seeds 1..2
 DATA=${DATA:-data/nav.npz}
 for name in CLUSTER PPO BC TD3_BC; do
   var="${name}_ARGS"; read -r -a "${name,,}_args" <<< "${!var:-}"
@@ -27,16 +28,16 @@ step() {  # step NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists, and r
   echo "=== $name took $((SECONDS - t0)) s"
 }
 echo "=== EMPO K=2: the main pipeline, scripts/run_nav.sh, in $RUN/k2"
-RUN="$RUN/k2" SEEDS="$SEEDS" DATA="$DATA" bash scripts/run_nav.sh
+RUN="$RUN/k2" SEED="$SEED" SEEDS="$SEEDS" DATA="$DATA" bash scripts/run_nav.sh
 dir="$RUN/k1"
 step "EMPO K=1 stage 1" "$dir/cluster.npz" python empo_cluster.py --dataset "$DATA" --out "$dir/cluster.npz" \
-  --k 1 --num-seeds "$SEEDS" --resume "${cluster_args[@]}"
+  --k 1 --seed "$SEED" --num-seeds "$SEEDS" --resume "${cluster_args[@]}"
 step "EMPO K=1 stage 2" "$dir/ppo.npz" python empo_ppo.py --dataset "$DATA" --cluster "$dir/cluster.npz" \
-  --out "$dir/ppo.npz" --num-seeds "$SEEDS" --eval-episodes 10 --resume "${ppo_args[@]}"
-step BC "$RUN/bc/bc.npz" python baselines/bc.py --dataset "$DATA" --out "$RUN/bc/bc.npz" --num-seeds "$SEEDS" \
+  --out "$dir/ppo.npz" --seed "$SEED" --num-seeds "$SEEDS" --eval-episodes 10 --resume "${ppo_args[@]}"
+step BC "$RUN/bc/bc.npz" python baselines/bc.py --dataset "$DATA" --out "$RUN/bc/bc.npz" --seed "$SEED" --num-seeds "$SEEDS" \
   --eval-episodes 10 --resume "${bc_args[@]}"
 step TD3+BC "$RUN/td3_bc/td3_bc.npz" python baselines/td3_bc.py --dataset "$DATA" --out "$RUN/td3_bc/td3_bc.npz" \
-  --num-seeds "$SEEDS" --eval-episodes 10 --resume "${td3_bc_args[@]}"
+  --seed "$SEED" --num-seeds "$SEEDS" --eval-episodes 10 --resume "${td3_bc_args[@]}"
 python scripts/table1.py --bc "$RUN/bc/bc.npz" --td3-bc "$RUN/td3_bc/td3_bc.npz" --empo-k1 "$RUN/k1/ppo.npz" \
   --empo-k2 "$RUN/k2/highlevel.npz" --dataset "$DATA" --out "$RUN/table1"
 echo "Done. Curves: tensorboard --logdir $RUN"
