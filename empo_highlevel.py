@@ -78,7 +78,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import zipfile  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+from typing import Any, Literal, Optional  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -94,6 +94,9 @@ class Args:
     """Stage 3 of EMPO: high-level IQL over the clusters, the ID(s) filter and the final policy (§3.3)."""
 
     # --- experiment ---
+    preset: Literal["nav", "d4rl"] = "nav"
+    """the defaults of every other flag: 'nav' = Table 4's didactic column (the navigation task), 'd4rl' = its D4RL
+    column (gamma 0.99, tau 0.7; halfcheetah medium-expert from Minari); flags given on the command line override it"""
     dataset: str = "data/nav.npz"
     """data set: an .npz (schema empo/dataset/v1) or comma-separated Minari ids, the one stages 1 and 2 used"""
     cluster: str = "runs/nav/cluster.npz"
@@ -111,7 +114,12 @@ class Args:
     resume: bool = False
     """continue from the checkpoint beside --out (written after every chunk of steps)"""
     eval_episodes: int = 10
-    """rollouts of the final policy pi per run from s_0 (navigation task only; 0 skips the evaluation)"""
+    """episodes of the final policy pi per run: JAX rollouts from s_0 (navigation task) or episodes in the
+    Minari data set's Gymnasium environment (MuJoCo); 0 skips the evaluation"""
+    ref_min_score: Optional[float] = None
+    """reference return of score 0 for the normalised score (default: the Minari data set's ref_min_score)"""
+    ref_max_score: Optional[float] = None
+    """reference return of score 100 for the normalised score (default: the Minari data set's ref_max_score)"""
     sample: bool = False
     """evaluate pi with actions drawn from pi_L(.|s, pi_H(s)) instead of its mean action"""
     # --- algorithm (Table 4, didactic column) ---
@@ -134,6 +142,14 @@ class Args:
     # --- speed ---
     steps_per_call: int = 10_000
     """IQL steps per jitted call: one log line and one checkpoint each"""
+
+
+PRESETS = {  # Table 4: the didactic column and the D4RL column
+    "nav": Args(),
+    "d4rl": Args(preset="d4rl", dataset="mujoco/halfcheetah/medium-v0,mujoco/halfcheetah/expert-v0",
+                 cluster="runs/halfcheetah-medium-expert/cluster.npz", ppo="runs/halfcheetah-medium-expert/ppo.npz",
+                 out="runs/halfcheetah-medium-expert/highlevel.npz", gamma=0.99, expectile=0.7),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +415,18 @@ def flatten_params(prefix: str, params) -> dict:
 def unflatten_params(prefix: str, arrays: dict):
     flat = {k[len(prefix) + 1:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix + "/")}
     return traverse_util.unflatten_dict(flat, sep="/")
+
+def cli(args_class, presets: dict):
+    """tyro's command line with the defaults of the ``--preset`` named on it (a column of the paper's Table 4).
+
+    The preset is read first, then every flag is parsed against that preset's defaults, so ``--help`` shows
+    them and a flag given on the command line always wins over its preset.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)))
+    return tyro.cli(args_class, default=presets[parser.parse_known_args()[0].preset])
 # --- end shared block: run_utils ---
 
 
@@ -733,13 +761,18 @@ def main(args: Args) -> dict:
     n = len(data_np["rewards"])
     cluster, cluster_sizes = load_cluster(args.cluster, data_sha, n)
     ppo, ppo_sizes = load_ppo(args.ppo, data_sha, args.cluster, cluster_sizes)
+    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
+    env = None  # where the final policy is evaluated; checked before training, not after it
+    if args.eval_episodes > 0:
+        import nav_env
+
+        env = nav_env.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score)
     k, ppo_seeds = ppo_sizes["K"], ppo_sizes["S"]
     if ppo_seeds != 1 and args.first_run + args.num_seeds > ppo_seeds:
         raise InputError(f"--first-run {args.first_run} plus --num-seeds {args.num_seeds} is more than the "
                          f"{ppo_seeds} runs in {args.ppo}")
     ppo_run = args.first_run + np.arange(args.num_seeds) if ppo_seeds > 1 else np.zeros(args.num_seeds, int)
     cluster_run = ppo["cluster_run"][ppo_run]
-    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
     hidden_dim, hidden_layers = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])
     obs_mean, obs_std = cluster["arch/obs_mean"], cluster["arch/obs_std"]
     action_scale = tuple(float(x) for x in ppo["arch/action_scale"])
@@ -816,12 +849,16 @@ def main(args: Args) -> dict:
         "arch/value_scale": np.float32(value_scale), "arch/gamma": np.float32(args.gamma), "arch/b": np.float32(args.b),
     }
 
-    # Evaluation for insight (navigation task only): the final policy pi from s_0, and maps of pi_H and ID(s).
+    # Evaluation: the final policy pi from s_0 with maps of pi_H and ID(s) (navigation), or in the Gymnasium env.
     summary = {"train_s": train_s, "value_scale": value_scale, "seeds": seeds.tolist()}
-    if obs_dim == 2 and args.eval_episodes > 0:
+    if env is not None:
         run = jax.device_put(run, seed_sharding)
-        eval_arrays, eval_summary = evaluate_final_policy(args, nets, obs_mean, obs_std, value_scale, run, state.vh,
-                                                          key_eval, writer, run_dir, seeds)
+        if env["kind"] == "nav":
+            eval_arrays, eval_summary = evaluate_final_policy(args, nets, obs_mean, obs_std, value_scale, run,
+                                                              state.vh, key_eval, writer, run_dir, seeds)
+        else:
+            eval_arrays, eval_summary = evaluate_final_policy_gym(args, nets, obs_mean, obs_std, run, env, key_eval,
+                                                                  writer, seeds)
         arrays.update(eval_arrays)
         summary.update(eval_summary)
     save_npz(args.out, arrays, "empo/highlevel/v1", asdict(args),
@@ -882,8 +919,58 @@ def evaluate_final_policy(args: Args, nets, obs_mean, obs_std, value_scale, run:
     return arrays, summary
 
 
+def evaluate_final_policy_gym(args: Args, nets, obs_mean, obs_std, run: RunParams, env: dict, key_eval, writer,
+                              seeds):
+    """Episodes of pi per run in the data set's Gymnasium environment, all S x E at once in one vector env:
+    returns, normalised scores, the share of steps per cluster, TensorBoard scalars and a table."""
+    import nav_env
+
+    shape, k = (len(seeds), args.eval_episodes), nets["qh"].out_dim
+
+    @jax.jit
+    def act(obs, t):  # obs [S*E, obs_dim] at step t -> (actions [S*E, act_dim], pi_H's clusters [S*E])
+        obs = ((obs - obs_mean) / obs_std).reshape(shape + obs.shape[-1:])  # [S, E, obs_dim]
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_eval, t)  # [S]
+        actions = jax.vmap(lambda r, o, key: final_action(nets, r, o, key, args.b, args.sample))(run, obs, keys)
+        chosen = jax.vmap(lambda r, o: choose_cluster(nets, r, o, args.b))(run, obs)  # [S, E]
+        return actions.reshape(-1, actions.shape[-1]), chosen.reshape(-1)
+
+    chosen = []  # pi_H(s_t) of every episode at every step, masked by the episode lengths below
+
+    def policy(obs):
+        actions, z = act(obs, len(chosen))
+        chosen.append(np.asarray(z))
+        return actions
+
+    out = nav_env.gym_evaluate(env, policy, shape, args.seed)
+    alive = np.arange(len(chosen))[:, None] < out["length"].reshape(-1)[None]  # [T, S*E]
+    steps = np.stack([((np.stack(chosen) == z) & alive).sum(0) for z in range(k)], -1)  # [S*E, K]
+    out["cluster_steps"] = steps.reshape(shape + (k,))
+    share = (steps.sum(0) / max(steps.sum(), 1)).tolist()
+    summary = {"return_mean": float(out["return"].mean()), "return_std": float(out["return"].std()),
+               "cluster_share": share}
+    lines = [f"[highlevel] final policy pi ({'sampled' if args.sample else 'mean'} actions) in {env['env_id']}, "
+             f"{args.eval_episodes} episodes per run:"]
+    for i, seed in enumerate(seeds):
+        score = (f", normalised score {out['normalized_score'][i].mean():.1f} +- "
+                 f"{out['normalized_score'][i].std():.1f}" if "normalized_score" in out else "")
+        lines.append(f"  seed {seed}: return {out['return'][i].mean():.1f} +- {out['return'][i].std():.1f}{score}, "
+                     f"length {out['length'][i].mean():.0f}")
+    writer.add_scalar("eval/return_mean", summary["return_mean"], args.steps)
+    if "normalized_score" in out:
+        summary["normalized_score_mean"] = float(out["normalized_score"].mean())
+        summary["normalized_score_std"] = float(out["normalized_score"].std())
+        writer.add_scalar("eval/normalized_score", summary["normalized_score_mean"], args.steps)
+        lines.append(f"  all: normalised score {summary['normalized_score_mean']:.1f} +- "
+                     f"{summary['normalized_score_std']:.1f} (std of seed means "
+                     f"{out['normalized_score'].mean(1).std():.1f})")
+    lines.append("  share of steps per cluster: " + " ".join(f"z={z} {x:.2f}" for z, x in enumerate(share)))
+    print("\n".join(lines))
+    return {f"eval/{name}": x for name, x in out.items()}, summary
+
+
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(cli(Args, PRESETS))
     except InputError as e:
         sys.exit(f"error: {e}")

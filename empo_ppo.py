@@ -66,7 +66,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import zipfile  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+from typing import Any, Literal, Optional  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -82,6 +82,10 @@ class Args:
     """Stage 2 of EMPO: SARSA Q, Monte-Carlo V and full-batch PPO for every cluster (Algorithm 2)."""
 
     # --- experiment ---
+    preset: Literal["nav", "d4rl"] = "nav"
+    """the defaults of every other flag: 'nav' = Table 4's didactic column (the navigation task), 'd4rl' = its D4RL
+    column (gamma 0.99, N_Q 1.5M, N_V 40, N_pi 100; halfcheetah medium-expert from Minari); flags given on the
+    command line override it"""
     dataset: str = "data/nav.npz"
     """data set: an .npz (schema empo/dataset/v1) or comma-separated Minari ids, the one stage 1 used"""
     cluster: str = "runs/nav/cluster.npz"
@@ -97,7 +101,12 @@ class Args:
     resume: bool = False
     """continue from the checkpoint beside --out (written after every chunk of steps and epoch)"""
     eval_episodes: int = 100
-    """rollouts of each beta_z and pi_L(.|s, z) from s_0 (navigation task only; 0 skips the evaluation)"""
+    """episodes of each beta_z and pi_L(.|s, z): JAX rollouts from s_0 (navigation task) or episodes in the
+    Minari data set's Gymnasium environment (MuJoCo); 0 skips the evaluation"""
+    ref_min_score: Optional[float] = None
+    """reference return of score 0 for the normalised score (default: the Minari data set's ref_min_score)"""
+    ref_max_score: Optional[float] = None
+    """reference return of score 100 for the normalised score (default: the Minari data set's ref_max_score)"""
     # --- algorithm (Table 4, didactic column) ---
     gamma: float = 0.999
     """gamma: discount factor"""
@@ -125,6 +134,14 @@ class Args:
     """SARSA steps per jitted call: one log line and one checkpoint each"""
     chunk: int = 131_072
     """rows per chunk of the full-batch passes (gradient accumulation inside jit; the same gradient)"""
+
+
+PRESETS = {  # Table 4: the didactic column and the D4RL column
+    "nav": Args(),
+    "d4rl": Args(preset="d4rl", dataset="mujoco/halfcheetah/medium-v0,mujoco/halfcheetah/expert-v0",
+                 cluster="runs/halfcheetah-medium-expert/cluster.npz", out="runs/halfcheetah-medium-expert/ppo.npz",
+                 eval_episodes=10, gamma=0.99, q_steps=1_500_000, v_epochs=40, pi_epochs=100),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,6 +414,18 @@ def flatten_params(prefix: str, params) -> dict:
 def unflatten_params(prefix: str, arrays: dict):
     flat = {k[len(prefix) + 1:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix + "/")}
     return traverse_util.unflatten_dict(flat, sep="/")
+
+def cli(args_class, presets: dict):
+    """tyro's command line with the defaults of the ``--preset`` named on it (a column of the paper's Table 4).
+
+    The preset is read first, then every flag is parsed against that preset's defaults, so ``--help`` shows
+    them and a flag given on the command line always wins over its preset.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)))
+    return tyro.cli(args_class, default=presets[parser.parse_known_args()[0].preset])
 # --- end shared block: run_utils ---
 
 
@@ -756,12 +785,17 @@ def main(args: Args) -> dict:
     n = len(data_np["rewards"])
     num_episodes = int(data_np["episode_ids"][-1]) + 1
     cluster, sizes = load_cluster(args.cluster, data_sha, n, num_episodes)
+    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
+    env = None  # where the policies are evaluated; checked before training, not after it
+    if args.eval_episodes > 0:
+        import nav_env
+
+        env = nav_env.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score)
     k, cluster_seeds = sizes["K"], sizes["S"]
     if cluster_seeds != 1 and args.first_run + args.num_seeds > cluster_seeds:
         raise InputError(f"--first-run {args.first_run} plus --num-seeds {args.num_seeds} is more than the "
                          f"{cluster_seeds} clustering runs in {args.cluster}")
     cluster_run = args.first_run + np.arange(args.num_seeds) if cluster_seeds > 1 else np.zeros(args.num_seeds, int)
-    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
     hidden_dim, hidden_layers = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])
     obs_mean, obs_std = cluster["arch/obs_mean"], cluster["arch/obs_std"]
     action_scale = tuple(float(x) for x in cluster["arch/action_scale"])
@@ -856,11 +890,14 @@ def main(args: Args) -> dict:
             fields.update(log_ppo(writer, metrics, n, value_scale, log_step))
         progress(unit + 1, **fields)
 
-    # Evaluation for insight (navigation task only): beta_z and pi_L(.|s, z) alone from s_0.
+    # Evaluation for insight: beta_z and pi_L(.|s, z) alone, from s_0 (navigation) or in the Gymnasium env.
     arrays_eval, summary_eval = {}, {}
-    if obs_dim == 2 and args.eval_episodes > 0:
+    if env is not None and env["kind"] == "nav":
         arrays_eval, summary_eval = evaluate_policies(args, policy, obs_mean, obs_std, beta, state.pi, key_eval,
                                                       writer, run_dir, seeds, k)
+    elif env is not None:
+        arrays_eval, summary_eval = evaluate_policies_gym(args, policy, obs_mean, obs_std, beta, state.pi, env,
+                                                          writer, seeds, k)
 
     state = jax.device_get(state)
     arrays = {
@@ -937,8 +974,38 @@ def evaluate_policies(args: Args, policy, obs_mean, obs_std, beta, pi, key_eval,
     return arrays, summary
 
 
+def evaluate_policies_gym(args: Args, policy, obs_mean, obs_std, beta, pi, env: dict, writer, seeds, k: int):
+    """Episodes of every beta_z and pi_L(.|s, z) (mean actions) in the data set's Gymnasium environment, all
+    S x K x E at once in one vector env; returns, normalised scores, TensorBoard scalars and a table."""
+    import nav_env
+
+    shape = (len(seeds), k, args.eval_episodes)
+
+    @jax.jit
+    def act(params, obs):  # obs [S*K*E, obs_dim] -> the mean action of each episode's policy [S*K*E, act_dim]
+        obs = ((obs - obs_mean) / obs_std).reshape(shape + obs.shape[-1:])  # [S, K, E, obs_dim]
+        mean = jax.vmap(jax.vmap(lambda p, o: policy.apply(p, o)[0]))(params, obs)  # [S, K, E, act_dim]
+        return mean.reshape(-1, mean.shape[-1])
+
+    arrays, summary = {}, {}
+    for name, params in (("beta", beta), ("pi", pi)):
+        out = nav_env.gym_evaluate(env, lambda obs, params=params: act(params, obs), shape, args.seed)
+        arrays.update({f"eval/{name}_{field}": x for field, x in out.items()})
+        for field in ("return", "normalized_score"):
+            if field in out:
+                summary[f"{name}_{field}"] = out[field].mean(axis=(0, 2)).tolist()  # per cluster
+                for z in range(k):
+                    writer.add_scalar(f"eval/{name}_{field}/{z}", float(out[field][:, z].mean()), args.pi_epochs)
+        for z in range(k):
+            score = (f", normalised score {out['normalized_score'][:, z].mean():.1f} +- "
+                     f"{out['normalized_score'][:, z].std():.1f}" if "normalized_score" in out else "")
+            print(f"[ppo] {name}_{z} in {env['env_id']}: return {out['return'][:, z].mean():.1f} +- "
+                  f"{out['return'][:, z].std():.1f}{score}, length {out['length'][:, z].mean():.0f}")
+    return arrays, summary
+
+
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(cli(Args, PRESETS))
     except InputError as e:
         sys.exit(f"error: {e}")

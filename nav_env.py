@@ -11,6 +11,10 @@ What is here
       (their concatenation, the index of each id being the ``behaviour`` label) and validates it.
       It is a shared block, repeated verbatim in every stage so that a stage copies alone.
     * ``plot_map``: the map (penalty area, start, goal, subgoals) with trajectories coloured by label.
+    * ``report_rollouts`` / ``plot_runs``: the evaluation table and maps of the stages (Appendix C).
+    * ``evaluation_env`` / ``gym_evaluate``: where a stage evaluates; for a Minari MuJoCo set, many
+      episodes at once in its recorded Gymnasium environment (``gym_rollout``, a vector env and a
+      jitted policy) and D4RL's normalised score (``normalized_score``).
 
 Paper map
     Appendix A, S, A, S_p, g, s' = clip(s + a; 0, 30), r(s, a, s')   -> NavParams, step
@@ -665,6 +669,148 @@ def episodes_of(data: dict, max_per_label: int = 5, labels=None) -> tuple[list, 
             trajs.append(np.concatenate([data["observations"][a:b], data["next_observations"][b - 1:b]]))
             labels.append(lab)
     return trajs, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation in a Gymnasium environment (MuJoCo data sets)
+# ----------------------------------------------------------------------------------------------
+
+def _open_minari(dataset_id: str):
+    """``minari.load_dataset(dataset_id, download=False)`` with one-sentence errors."""
+    import minari
+
+    try:
+        return minari.load_dataset(dataset_id, download=False)
+    except FileNotFoundError:
+        raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
+                         f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)") from None
+    except Exception as e:  # a damaged local copy: say which
+        raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
+
+
+def minari_env_info(source: str) -> dict:
+    """The environment to evaluate in and the reference scores of comma-separated Minari ids.
+
+    The environment is the first id's ``eval_env_spec`` (else its ``env_spec``); every id must
+    record the same one (id, kwargs, time limit). The reference scores (D4RL's random and expert
+    returns) live in each data set's metadata (``dataset.storage.metadata``, keys ``ref_min_score``
+    and ``ref_max_score``); they are taken from the first id that has both, None when none has.
+    Nothing is downloaded. Returns {"env_spec": EnvSpec JSON, "env_id", "ref_min_score", "ref_max_score"}.
+    """
+    ids = [s.strip() for s in source.split(",") if s.strip()]
+    if not ids:
+        raise InputError("no Minari data set id was given")
+    first_spec, first_id, ref = None, None, (None, None)
+    for dataset_id in ids:
+        dataset = _open_minari(dataset_id)
+        # Minari parses both specs (with its fixes for older gymnasium JSON); only env_spec is public.
+        spec = getattr(dataset, "_eval_env_spec", None) or dataset.env_spec
+        if spec is None:
+            raise InputError(f"Minari data set '{dataset_id}' records no environment spec to evaluate in")
+        if first_spec is None:
+            first_spec, first_id = spec, dataset_id
+        elif (spec.id, spec.kwargs, spec.max_episode_steps) != (
+                first_spec.id, first_spec.kwargs, first_spec.max_episode_steps):
+            raise InputError(f"Minari data sets '{first_id}' and '{dataset_id}' record different environments "
+                             f"({first_spec.id} with {first_spec.max_episode_steps} steps vs "
+                             f"{spec.id} with {spec.max_episode_steps} steps)")
+        meta = dataset.storage.metadata
+        if ref == (None, None) and meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+            ref = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
+    return {"env_spec": first_spec.to_json(), "env_id": first_spec.id,
+            "ref_min_score": ref[0], "ref_max_score": ref[1]}
+
+
+def normalized_score(returns, ref_min: float, ref_max: float) -> np.ndarray:
+    """D4RL's normalised score 100 (R - ref_min) / (ref_max - ref_min), as float64."""
+    if not (np.isfinite(ref_min) and np.isfinite(ref_max) and ref_max > ref_min):
+        raise InputError(f"reference scores must be finite with ref_max > ref_min, got ref_min={ref_min}, "
+                         f"ref_max={ref_max}")
+    return 100.0 * (np.asarray(returns, np.float64) - ref_min) / (ref_max - ref_min)
+
+
+def gym_rollout(env_spec: str, act: Callable[[np.ndarray], np.ndarray], num_envs: int, seed: int,
+                max_steps: Optional[int] = None) -> dict:
+    """One episode in each of ``num_envs`` copies of the environment, stepped together.
+
+    ``act`` maps observations [num_envs, obs_dim] float32 to actions [num_envs, act_dim] (a jitted,
+    batched policy); actions are clipped to the action space before stepping. Env i is reset with
+    ``seed + i``. Each env counts its first episode only, until terminated or truncated (the spec's
+    time limit) or ``max_steps``: the vector env resets a finished env on its next step
+    (AutoresetMode.NEXT_STEP, reward 0), and those steps are masked. Returns ``return`` [E] float64,
+    ``length`` [E] int64 and ``terminated`` [E] bool.
+    """
+    spec = gym.envs.registration.EnvSpec.from_json(env_spec)
+    if num_envs < 1:
+        raise InputError(f"the number of evaluation episodes must be at least 1, got {num_envs}")
+    if max_steps is None and spec.max_episode_steps is None:
+        raise InputError(f"environment {spec.id} has no time limit; give max_steps")
+    if max_steps is not None and max_steps < 1:
+        raise InputError(f"max_steps must be at least 1, got {max_steps}")
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make(spec) for _ in range(num_envs)],
+                                    autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    try:
+        space = envs.single_action_space
+        if not isinstance(space, gym.spaces.Box):
+            raise InputError(f"environment {spec.id} has a {type(space).__name__} action space, not a Box")
+        obs, _ = envs.reset(seed=seed)  # env i gets seed + i
+        returns = np.zeros(num_envs, np.float64)
+        lengths = np.zeros(num_envs, np.int64)
+        terminated = np.zeros(num_envs, bool)
+        done = np.zeros(num_envs, bool)
+        steps = 0
+        while not done.all() and (max_steps is None or steps < max_steps):
+            actions = np.asarray(act(np.asarray(obs, np.float32)), space.dtype).reshape(envs.action_space.shape)
+            obs, reward, term, trunc, _ = envs.step(np.clip(actions, space.low, space.high))
+            alive = ~done  # steps after an env's first episode are autoreset steps: masked
+            returns += np.where(alive, reward, 0.0)
+            lengths += alive
+            terminated |= alive & term
+            done |= alive & (term | trunc)
+            steps += 1
+    finally:
+        envs.close()
+    return {"return": returns, "length": lengths, "terminated": terminated}
+
+
+def evaluation_env(dataset: str, obs_dim: int, ref_min: Optional[float] = None,
+                   ref_max: Optional[float] = None) -> Optional[dict]:
+    """Where a stage evaluates its policies, decided (and checked) before it trains.
+
+    {"kind": "nav"} for the navigation task (JAX rollouts from s_0: an .npz with 2-dim states, or a Minari
+    set recorded in EMPONav-v0); {"kind": "gym", **minari_env_info(dataset), ...} for any other Minari set
+    (episodes in its recorded Gymnasium environment), the reference scores taken from the flags when both
+    are given, else from the data set's metadata (None when it has none: returns only); None for an .npz of
+    another task, which records no environment.
+    """
+    if (ref_min is None) != (ref_max is None):
+        raise InputError("give both --ref-min-score and --ref-max-score, or neither")
+    if dataset.endswith(".npz") or os.path.isfile(dataset):
+        if obs_dim == 2:
+            return {"kind": "nav"}
+        print(f"note: {dataset} records no environment, so the policies are not evaluated (use Minari ids)")
+        return None
+    info = minari_env_info(dataset)
+    if info["env_id"].split("/")[-1].startswith("EMPONav"):
+        return {"kind": "nav"}
+    if ref_min is not None:
+        info.update(ref_min_score=float(ref_min), ref_max_score=float(ref_max))
+    if info["ref_min_score"] is not None:
+        normalized_score(np.zeros(1), info["ref_min_score"], info["ref_max_score"])  # checks the pair
+    return {"kind": "gym", **info}
+
+
+def gym_evaluate(env: dict, act: Callable, shape: tuple, seed: int) -> dict:
+    """prod(shape) episodes at once in ``env`` (from evaluation_env) with the batched policy ``act``.
+
+    Returns "return", "length" and "terminated" arrays of ``shape`` (e.g. [S, K, E]), and "normalized_score"
+    when the environment has reference scores.
+    """
+    out = gym_rollout(env["env_spec"], act, int(np.prod(shape)), seed)
+    result = {name: np.asarray(out[name]).reshape(shape) for name in ("return", "length", "terminated")}
+    if env.get("ref_min_score") is not None:
+        result["normalized_score"] = normalized_score(result["return"], env["ref_min_score"], env["ref_max_score"])
+    return result
 
 
 def main(args: Args) -> None:

@@ -68,7 +68,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import zipfile  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+from typing import Any, Literal, Optional  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -84,6 +84,8 @@ class Args:
     """Behaviour cloning: a Gaussian policy fitted by maximum likelihood to the whole data set (Table 1, BC)."""
 
     # --- experiment ---
+    preset: Literal["nav"] = "nav"
+    """the defaults of every other flag: 'nav' = the navigation task; flags given on the command line override it"""
     dataset: str = "data/nav.npz"
     """data set: an .npz (schema empo/dataset/v1) or comma-separated Minari ids, as the EMPO stages take"""
     out: str = "runs/nav/bc.npz"
@@ -112,6 +114,9 @@ class Args:
     # --- speed ---
     steps_per_call: int = 5_000
     """gradient steps per jitted call: one log line and one checkpoint each"""
+
+
+PRESETS = {"nav": Args()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,6 +367,18 @@ def flatten_params(prefix: str, params) -> dict:
 def unflatten_params(prefix: str, arrays: dict):
     flat = {k[len(prefix) + 1:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix + "/")}
     return traverse_util.unflatten_dict(flat, sep="/")
+
+def cli(args_class, presets: dict):
+    """tyro's command line with the defaults of the ``--preset`` named on it (a column of the paper's Table 4).
+
+    The preset is read first, then every flag is parsed against that preset's defaults, so ``--help`` shows
+    them and a flag given on the command line always wins over its preset.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)))
+    return tyro.cli(args_class, default=presets[parser.parse_known_args()[0].preset])
 # --- end shared block: run_utils ---
 
 
@@ -642,6 +659,6 @@ def evaluate_policy(args: Args, policy, obs_mean, obs_std, policy_params, key_ev
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(cli(Args, PRESETS))
     except InputError as e:
         sys.exit(f"error: {e}")
