@@ -1,0 +1,102 @@
+"""The MuJoCo / D4RL path end to end, offline: a local Minari set from scripts/make_mujoco_set.py, the three
+stages at the D4RL preset with tiny schedules, and their evaluation in the data set's Gymnasium environment."""
+
+import dataclasses
+import importlib.util
+import json
+import sys
+
+import minari
+import numpy as np
+import pytest
+from conftest import ROOT
+
+import empo_cluster as ec
+import empo_highlevel as eh
+import empo_ppo as ep
+import nav_env
+
+IDS = "empopipe/halfcheetah/gait-b0-v0,empopipe/halfcheetah/gait-b1-v0"
+EPISODES, STEPS = 6, 60
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The set (6 + 6 episodes of 60 steps) and the three stages run on it, D4RL preset with tiny overrides."""
+    root = tmp_path_factory.mktemp("mujoco")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MINARI_DATASETS_PATH", str(root / "minari"))
+    spec = importlib.util.spec_from_file_location("make_mujoco_set", ROOT / "scripts" / "make_mujoco_set.py")
+    mms = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mms
+    spec.loader.exec_module(mms)
+    mms.main(mms.Args(prefix="empopipe/halfcheetah/gait", episodes=EPISODES, episode_steps=STEPS, ref_episodes=2))
+    tiny = dict(dataset=IDS)
+    preset = lambda module, **kw: dataclasses.replace(module.PRESETS["d4rl"], **tiny, **kw)
+    ec.main(preset(ec, out=str(root / "cluster.npz"), bias_epochs=1,
+                       pretrain_epochs=1, em_epochs=2, hidden_dim=32, log_every=100))
+    ep.main(preset(ep, cluster=str(root / "cluster.npz"), out=str(root / "ppo.npz"),
+                       q_steps=100, steps_per_call=50, v_epochs=1, pi_epochs=1, eval_episodes=2, chunk=256))
+    eh.main(preset(eh, cluster=str(root / "cluster.npz"), ppo=str(root / "ppo.npz"),
+                       out=str(root / "highlevel.npz"), steps=100, steps_per_call=50, eval_episodes=3))
+    yield root
+    mp.undo()
+
+
+def refs():
+    meta = minari.load_dataset(IDS.split(",")[0], download=False).storage.metadata
+    return meta["ref_min_score"], meta["ref_max_score"]
+
+
+def test_stages_read_the_concatenation_with_labels_and_the_preset(run):
+    cluster = np.load(run / "cluster.npz", allow_pickle=False)
+    assert cluster["assignments"].shape == (1, 2 * EPISODES * STEPS)
+    assert 0.0 <= float(cluster["rand_index"][0]) <= 1.0  # labels came from the ids
+    assert int(cluster["arch/obs_dim"]) == 17 and int(cluster["arch/act_dim"]) == 6
+    for name, want in (("ppo.npz", dict(preset="d4rl", gamma=0.99)),
+                       ("highlevel.npz", dict(preset="d4rl", gamma=0.99, expectile=0.7))):
+        args = json.loads(str(np.load(run / name, allow_pickle=False)["args"]))
+        assert {k: args[k] for k in want} == want
+
+
+def test_stage2_evaluates_every_policy_in_the_environment(run):
+    ppo = np.load(run / "ppo.npz", allow_pickle=False)
+    lo, hi = refs()
+    for name in ("beta", "pi"):
+        returns = ppo[f"eval/{name}_return"]
+        assert returns.shape == (1, 2, 2)  # [S, K, E]
+        np.testing.assert_array_equal(ppo[f"eval/{name}_length"], STEPS)  # HalfCheetah: truncated at the limit
+        assert not ppo[f"eval/{name}_terminated"].any()
+        np.testing.assert_allclose(ppo[f"eval/{name}_normalized_score"], 100 * (returns - lo) / (hi - lo))
+    assert "eval/pi_positions" not in ppo  # navigation-only arrays stay out
+
+
+def test_stage3_evaluates_the_final_policy_in_the_environment(run):
+    out = np.load(run / "highlevel.npz", allow_pickle=False)
+    lo, hi = refs()
+    returns = out["eval/return"]
+    assert returns.shape == (1, 3)
+    np.testing.assert_allclose(out["eval/normalized_score"], 100 * (returns - lo) / (hi - lo))
+    np.testing.assert_array_equal(out["eval/cluster_steps"].sum(-1), out["eval/length"])  # pi_H at every step
+    assert np.all(out["eval/length"] == STEPS)
+    # Episodes are seeded: the 3 episodes differ (reset seeds seed + i), and returns are finite.
+    assert np.all(np.isfinite(returns)) and len(np.unique(returns)) == 3
+
+
+def test_reference_scores_from_flags_override_the_metadata(run, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(run / "minari"))
+    env = nav_env.evaluation_env(IDS, 17, -100.0, 100.0)
+    assert env["kind"] == "gym" and env["env_id"] == "HalfCheetah-v5"
+    assert (env["ref_min_score"], env["ref_max_score"]) == (-100.0, 100.0)
+    with pytest.raises(nav_env.InputError, match="both --ref-min-score and --ref-max-score"):
+        nav_env.evaluation_env(IDS, 17, -100.0, None)
+    with pytest.raises(nav_env.InputError, match="ref_max > ref_min"):
+        nav_env.evaluation_env(IDS, 17, 5.0, 5.0)
+
+
+def test_a_missing_data_set_fails_before_training_and_names_the_download(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(run / "minari"))
+    out = tmp_path / "ppo.npz"
+    with pytest.raises(ep.InputError, match="minari download mujoco/halfcheetah/medium-v0"):
+        ep.main(dataclasses.replace(ep.PRESETS["d4rl"], cluster=str(run / "cluster.npz"), out=str(out)))
+    assert not out.exists()
