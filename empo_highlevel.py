@@ -325,20 +325,11 @@ def validate_dataset(name: str, data: dict) -> dict:
 
 
 def _load_minari(ids: list) -> dict:
-    import minari
-
     if not ids:
         raise InputError("no Minari data set id was given")
     parts, first_episode = [], 0
     for index, dataset_id in enumerate(ids):
-        try:
-            dataset = minari.load_dataset(dataset_id, download=False)
-        except FileNotFoundError:
-            raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
-                             f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)"
-                             ) from None
-        except Exception as e:  # a damaged local copy: say which
-            raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
+        dataset = _open_minari(dataset_id)
         meta = list(dataset.storage.get_episode_metadata(dataset.episode_indices)) if len(ids) == 1 else None
         for j, ep in enumerate(dataset.iterate_episodes()):
             if isinstance(ep.observations, dict) or isinstance(ep.actions, dict):
@@ -357,6 +348,18 @@ def _load_minari(ids: list) -> dict:
     if not parts:
         raise InputError(f"Minari data sets {ids} hold no episodes")
     return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
+
+def _open_minari(dataset_id: str):
+    """``minari.load_dataset(dataset_id, download=False)`` with one-sentence errors."""
+    import minari
+
+    try:
+        return minari.load_dataset(dataset_id, download=False)
+    except FileNotFoundError:
+        raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
+                         f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)") from None
+    except Exception as e:  # a damaged local copy: say which
+        raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
 # --- end shared block: dataset ---
 
 
@@ -415,6 +418,7 @@ def flatten_params(prefix: str, params) -> dict:
 def unflatten_params(prefix: str, arrays: dict):
     flat = {k[len(prefix) + 1:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix + "/")}
     return traverse_util.unflatten_dict(flat, sep="/")
+
 
 def cli(args_class, presets: dict):
     """tyro's command line with the defaults of the ``--preset`` named on it (a column of the paper's Table 4).
@@ -548,14 +552,15 @@ def choose_cluster(nets: dict, run: RunParams, obs, b: float):
 
 
 def final_action(nets: dict, run: RunParams, obs, key, b: float, sample: bool):
-    """§3.3: a ~ pi(.|s) = pi_L(.|s, pi_H(s; psi_H); Theta') at standardised obs [B, obs_dim] -> [B, act_dim].
+    """§3.3: a ~ pi(.|s) = pi_L(.|s, pi_H(s; psi_H); Theta') at standardised obs [B, obs_dim].
 
-    The mean action of pi_L unless ``sample``.
+    Returns (actions [B, act_dim], the clusters pi_H chose [B]); the mean action of pi_L unless ``sample``.
     """
-    mean, log_std = stacked_apply(nets["policy"], run.pi, obs, choose_cluster(nets, run, obs, b))  # [B, act_dim]
+    z = choose_cluster(nets, run, obs, b)  # [B]
+    mean, log_std = stacked_apply(nets["policy"], run.pi, obs, z)  # [B, act_dim]
     if sample:
-        return mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
-    return mean  # §3.3 pi
+        return mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape), z
+    return mean, z  # §3.3 pi
 
 
 # ----------------------------------------------------------------------------------------------
@@ -693,7 +698,7 @@ def make_evaluate(nets: dict, obs_mean, obs_std, b: float, episodes: int, sample
     import nav_env
 
     def evaluate(run: RunParams, key):
-        act = lambda key_t, pos: final_action(nets, run, (pos - obs_mean) / obs_std, key_t, b, sample)
+        act = lambda key_t, pos: final_action(nets, run, (pos - obs_mean) / obs_std, key_t, b, sample)[0]
         out = nav_env.rollout(key, act, episodes)
         z = jax.lax.map(lambda pos: choose_cluster(nets, run, (pos - obs_mean) / obs_std, b),
                         out["positions"][:, :-1])  # [E, T], one episode at a time (bounds the memory)
@@ -931,8 +936,8 @@ def evaluate_final_policy_gym(args: Args, nets, obs_mean, obs_std, run: RunParam
     def act(obs, t):  # obs [S*E, obs_dim] at step t -> (actions [S*E, act_dim], pi_H's clusters [S*E])
         obs = ((obs - obs_mean) / obs_std).reshape(shape + obs.shape[-1:])  # [S, E, obs_dim]
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_eval, t)  # [S]
-        actions = jax.vmap(lambda r, o, key: final_action(nets, r, o, key, args.b, args.sample))(run, obs, keys)
-        chosen = jax.vmap(lambda r, o: choose_cluster(nets, r, o, args.b))(run, obs)  # [S, E]
+        actions, chosen = jax.vmap(lambda r, o, key: final_action(nets, r, o, key, args.b, args.sample))(
+            run, obs, keys)  # [S, E, act_dim], [S, E]
         return actions.reshape(-1, actions.shape[-1]), chosen.reshape(-1)
 
     chosen = []  # pi_H(s_t) of every episode at every step, masked by the episode lengths below

@@ -504,20 +504,11 @@ def validate_dataset(name: str, data: dict) -> dict:
 
 
 def _load_minari(ids: list) -> dict:
-    import minari
-
     if not ids:
         raise InputError("no Minari data set id was given")
     parts, first_episode = [], 0
     for index, dataset_id in enumerate(ids):
-        try:
-            dataset = minari.load_dataset(dataset_id, download=False)
-        except FileNotFoundError:
-            raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
-                             f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)"
-                             ) from None
-        except Exception as e:  # a damaged local copy: say which
-            raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
+        dataset = _open_minari(dataset_id)
         meta = list(dataset.storage.get_episode_metadata(dataset.episode_indices)) if len(ids) == 1 else None
         for j, ep in enumerate(dataset.iterate_episodes()):
             if isinstance(ep.observations, dict) or isinstance(ep.actions, dict):
@@ -536,6 +527,18 @@ def _load_minari(ids: list) -> dict:
     if not parts:
         raise InputError(f"Minari data sets {ids} hold no episodes")
     return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
+
+def _open_minari(dataset_id: str):
+    """``minari.load_dataset(dataset_id, download=False)`` with one-sentence errors."""
+    import minari
+
+    try:
+        return minari.load_dataset(dataset_id, download=False)
+    except FileNotFoundError:
+        raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
+                         f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)") from None
+    except Exception as e:  # a damaged local copy: say which
+        raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
 # --- end shared block: dataset ---
 
 
@@ -674,19 +677,6 @@ def episodes_of(data: dict, max_per_label: int = 5, labels=None) -> tuple[list, 
 # ----------------------------------------------------------------------------------------------
 # Evaluation in a Gymnasium environment (MuJoCo data sets)
 # ----------------------------------------------------------------------------------------------
-
-def _open_minari(dataset_id: str):
-    """``minari.load_dataset(dataset_id, download=False)`` with one-sentence errors."""
-    import minari
-
-    try:
-        return minari.load_dataset(dataset_id, download=False)
-    except FileNotFoundError:
-        raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
-                         f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)") from None
-    except Exception as e:  # a damaged local copy: say which
-        raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
-
 
 def minari_env_info(source: str) -> dict:
     """The environment to evaluate in and the reference scores of comma-separated Minari ids.
