@@ -1,4 +1,4 @@
-"""scripts/make_mujoco_set.py: two local Minari data sets of a MuJoCo task, one per open-loop gait.
+"""scripts/make_mujoco_set.py: two local Minari data sets of a MuJoCo task, one per behaviour (gaits, controllers).
 
 Every test writes into its own temporary Minari store (MINARI_DATASETS_PATH), never ~/.minari, and
 calls the script's ``main`` in-process with tiny sizes.
@@ -40,7 +40,8 @@ def store(tmp_path, monkeypatch):
 
 
 def tiny_args(mms, **overrides):
-    kwargs = dict(prefix="empotest/halfcheetah/gait", episodes=EPISODES, episode_steps=STEPS, ref_episodes=3)
+    kwargs = dict(behaviours="gaits", prefix="empotest/halfcheetah/gait", episodes=EPISODES, episode_steps=STEPS,
+                  ref_episodes=3)
     return mms.Args(**{**kwargs, **overrides})
 
 
@@ -138,6 +139,9 @@ def test_existing_id_is_refused_unless_overwrite(mms, store, capsys):
     (dict(env_id="CartPole-v1"), "Box"),
     (dict(prefix="x/gait"), "x/gait-b0-v0"),  # Minari wants namespaces of two characters or more
     (dict(prefix="bad id"), "bad id-b0-v0"),
+    (dict(behaviours="controllers", env_id=None, gains_b0=(1.0, 2.0, 3.0)), "1 x 4 = 4 numbers for InvertedPendulum"),
+    (dict(behaviours="controllers", env_id="HalfCheetah-v5"), "6 x 17 = 102 numbers"),  # the pendulum's gains
+    (dict(behaviours="controllers", env_id=None, gains_b1=(1.0, float("nan"), 0.0, 0.0)), "--gains-b1"),
 ])
 def test_bad_arguments_fail_in_one_sentence_and_write_nothing(mms, store, overrides, words):
     with pytest.raises(mms.InputError, match=words) as error:
@@ -171,3 +175,31 @@ def test_actions_follow_the_action_space_bounds(mms, store):
                        episode_steps=50))
     actions = np.concatenate([arrays_of(f"empotest/pendulum/gait-b{b}-v0")["actions"] for b in range(2)])
     assert actions.shape[1] == 1 and np.all(np.abs(actions) <= 3.0) and np.abs(actions).max() > 1.5
+
+
+def test_controllers_share_states_and_act_differently_there(mms, store):
+    """The default family: two noisy linear controllers on InvertedPendulum-v5, written and labelled."""
+    steps = 1000
+    mms.main(mms.Args(prefix="empotest/pendulum/ctl", episodes=6, episode_steps=steps, ref_episodes=2))
+    ids = ["empotest/pendulum/ctl-b0-v0", "empotest/pendulum/ctl-b1-v0"]
+    arrays = [arrays_of(i) for i in ids]
+    for dataset_id in ids:
+        dataset = minari.load_dataset(dataset_id, download=False)
+        assert dataset.recover_environment(eval_env=True).spec.id == "InvertedPendulum-v5"
+        assert "linear state-feedback controller" in dataset.storage.metadata["algorithm_name"]
+    # Actions are u in [-1, 1] mapped to the [-3, 3] bounds: a = 3 u, with u = clip(G o + sigma eps).
+    for b, gains in enumerate((mms.Args.gains_b0, mms.Args.gains_b1)):
+        eps = episodes_of(ids[b])
+        obs = np.concatenate([ep.observations[:-1] for ep in eps])  # [N, 4]
+        actions = np.concatenate([ep.actions for ep in eps])[:, 0]  # [N]
+        mean = np.clip(obs @ np.asarray(gains), -1.0, 1.0) * 3.0
+        residual = (actions - mean)[np.abs(obs @ np.asarray(gains)) < 0.5]  # away from the clip
+        assert abs(residual.mean()) < 0.1 and residual.std() == pytest.approx(3.0 * (0.1, 0.2)[b], rel=0.15)
+    # Shared states: both keep the pole near upright, in overlapping ranges of every observation.
+    for j in range(4):
+        lo = max(np.percentile(a["observations"][:, j], 10) for a in arrays)
+        hi = min(np.percentile(a["observations"][:, j], 90) for a in arrays)
+        assert lo < hi
+    # Behaviour 0 keeps the pole up to the step limit; the noisier behaviour 1 drops it in some episode.
+    assert all(len(ep.rewards) == steps and ep.truncations[-1] for ep in episodes_of(ids[0]))
+    assert any(ep.terminations[-1] for ep in episodes_of(ids[1]))
