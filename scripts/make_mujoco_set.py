@@ -20,13 +20,13 @@ controllers (the default, on ``InvertedPendulum-v5``)
     (seed 0, 100 episodes of 1000 steps) behaviour 0 never drops the pole (return 1000) and
     behaviour 1 drops it in some episodes (a termination). This is the kind of data stage 1 must
     separate: at a shared state the two behaviours' actions differ, as medium and expert SAC policies
-    do on D4RL. Stage 1 separates these two (rand index 1.0, hidden 64 and 256).
+    do on D4RL. Stage 1 at the D4RL preset (hidden 256) separates them: rand index 0.9928 and
+    1.0000 on two seeds (README).
 
 gaits (``--behaviours gaits``, on ``HalfCheetah-v5``)
     Behaviour b is an open-loop periodic gait with Gaussian action noise, per joint j:
 
-        u_t,j = clip(A_b sin(2 pi f_b t + phi_b,j + phi_0) + sigma eps_t,j, -1, 1),   eps ~ N(0, 1),
-        a_t,j = low_j + (u_t,j + 1) / 2 (high_j - low_j),
+        u_t,j = clip(A_b sin(2 pi f_b t + phi_b,j + phi_0) + c_b + sigma_b eps_t,j, -1, 1),   eps ~ N(0, 1),
 
     t the step in the episode, phi_0 ~ U[0, 2 pi) drawn once per episode. The default gaits were found
     by a small search on HalfCheetah-v5. With the defaults (seed 0, 100 episodes of 1000 steps each)
@@ -212,22 +212,21 @@ def check_args(args: Args) -> tuple[gym.envs.registration.EnvSpec, list[str], li
             if len(getattr(args, name)) != act_dim * obs_dim:
                 raise InputError(f"--{name.replace('_', '-')} needs act_dim x obs_dim = {act_dim} x {obs_dim} = "
                                  f"{act_dim * obs_dim} numbers for {env_id}, got {len(getattr(args, name))}")
-    for dataset_id in ids:
-        if os.path.exists(get_dataset_path(dataset_id)) and not args.overwrite:
-            raise InputError(f"Minari data set '{dataset_id}' already exists in {get_dataset_path()}; "
-                             "pass --overwrite to replace it")
-    if args.behaviours == "controllers":
         behaviours = [Controller(np.asarray(gains, float).reshape(act_dim, obs_dim), noise[b], args.action_offset[b])
                       for b, gains in enumerate((args.gains_b0, args.gains_b1))]
     else:
         behaviours = [Gait(args.amplitude[b], args.frequency[b], np.resize(np.asarray(phases, float), act_dim),
                            noise[b], args.action_offset[b])
                       for b, phases in enumerate((args.phases_b0, args.phases_b1))]
+    for dataset_id in ids:
+        if os.path.exists(get_dataset_path(dataset_id)) and not args.overwrite:
+            raise InputError(f"Minari data set '{dataset_id}' already exists in {get_dataset_path()}; "
+                             "pass --overwrite to replace it")
     return spec, ids, behaviours
 
 
 def gait_action(gait: Gait, t: int, phase0: float, eps: np.ndarray) -> np.ndarray:
-    """u_t = clip(A sin(2 pi f t + phi + phi_0) + sigma eps, -1, 1), in action-space units."""
+    """u_t = clip(A sin(2 pi f t + phi + phi_0) + c + sigma eps, -1, 1), in action-space units."""
     return np.clip(gait.offset + gait.amplitude * np.sin(2 * np.pi * gait.frequency * t + gait.phases + phase0)
                    + gait.noise * eps, -1.0, 1.0)  # [act_dim]
 
