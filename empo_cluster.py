@@ -313,6 +313,7 @@ def _load_minari(ids: list) -> dict:
         raise InputError(f"Minari data sets {ids} hold no episodes")
     return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
 
+
 def _open_minari(dataset_id: str):
     """``minari.load_dataset(dataset_id, download=False)`` with one-sentence errors."""
     import minari

@@ -349,6 +349,7 @@ def _load_minari(ids: list) -> dict:
         raise InputError(f"Minari data sets {ids} hold no episodes")
     return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
 
+
 def _open_minari(dataset_id: str):
     """``minari.load_dataset(dataset_id, download=False)`` with one-sentence errors."""
     import minari
@@ -948,8 +949,9 @@ def evaluate_final_policy_gym(args: Args, nets, obs_mean, obs_std, run: RunParam
         return actions
 
     out = nav_env.gym_evaluate(env, policy, shape, args.seed)
+    chosen = np.stack(chosen)  # [T, S*E]
     alive = np.arange(len(chosen))[:, None] < out["length"].reshape(-1)[None]  # [T, S*E]
-    steps = np.stack([((np.stack(chosen) == z) & alive).sum(0) for z in range(k)], -1)  # [S*E, K]
+    steps = np.stack([((chosen == z) & alive).sum(0) for z in range(k)], -1)  # [S*E, K]
     out["cluster_steps"] = steps.reshape(shape + (k,))
     share = (steps.sum(0) / max(steps.sum(), 1)).tolist()
     summary = {"return_mean": float(out["return"].mean()), "return_std": float(out["return"].std()),
@@ -957,10 +959,7 @@ def evaluate_final_policy_gym(args: Args, nets, obs_mean, obs_std, run: RunParam
     lines = [f"[highlevel] final policy pi ({'sampled' if args.sample else 'mean'} actions) in {env['env_id']}, "
              f"{args.eval_episodes} episodes per run:"]
     for i, seed in enumerate(seeds):
-        score = (f", normalised score {out['normalized_score'][i].mean():.1f} +- "
-                 f"{out['normalized_score'][i].std():.1f}" if "normalized_score" in out else "")
-        lines.append(f"  seed {seed}: return {out['return'][i].mean():.1f} +- {out['return'][i].std():.1f}{score}, "
-                     f"length {out['length'][i].mean():.0f}")
+        lines.append(f"  seed {seed}: {nav_env.describe_episodes(out, i)}")
     writer.add_scalar("eval/return_mean", summary["return_mean"], args.steps)
     if "normalized_score" in out:
         summary["normalized_score_mean"] = float(out["normalized_score"].mean())

@@ -348,6 +348,7 @@ def _load_minari(ids: list) -> dict:
         raise InputError(f"Minari data sets {ids} hold no episodes")
     return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
 
+
 def _open_minari(dataset_id: str):
     """``minari.load_dataset(dataset_id, download=False)`` with one-sentence errors."""
     import minari
@@ -1001,10 +1002,7 @@ def evaluate_policies_gym(args: Args, policy, obs_mean, obs_std, beta, pi, env: 
                 for z in range(k):
                     writer.add_scalar(f"eval/{name}_{field}/{z}", float(out[field][:, z].mean()), args.pi_epochs)
         for z in range(k):
-            score = (f", normalised score {out['normalized_score'][:, z].mean():.1f} +- "
-                     f"{out['normalized_score'][:, z].std():.1f}" if "normalized_score" in out else "")
-            print(f"[ppo] {name}_{z} in {env['env_id']}: return {out['return'][:, z].mean():.1f} +- "
-                  f"{out['return'][:, z].std():.1f}{score}, length {out['length'][:, z].mean():.0f}")
+            print(f"[ppo] {name}_{z} in {env['env_id']}: {nav_env.describe_episodes(out, (slice(None), z))}")
     return arrays, summary
 
 

@@ -14,7 +14,8 @@ What is here
     * ``report_rollouts`` / ``plot_runs``: the evaluation table and maps of the stages (Appendix C).
     * ``evaluation_env`` / ``gym_evaluate``: where a stage evaluates; for a Minari MuJoCo set, many
       episodes at once in its recorded Gymnasium environment (``gym_rollout``, a vector env and a
-      jitted policy) and D4RL's normalised score (``normalized_score``).
+      jitted policy) and D4RL's normalised score (``normalized_score``); ``describe_episodes`` is the
+      line the stages print for them.
 
 Paper map
     Appendix A, S, A, S_p, g, s' = clip(s + a; 0, 30), r(s, a, s')   -> NavParams, step
@@ -528,6 +529,7 @@ def _load_minari(ids: list) -> dict:
         raise InputError(f"Minari data sets {ids} hold no episodes")
     return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
 
+
 def _open_minari(dataset_id: str):
     """``minari.load_dataset(dataset_id, download=False)`` with one-sentence errors."""
     import minari
@@ -801,6 +803,15 @@ def gym_evaluate(env: dict, act: Callable, shape: tuple, seed: int) -> dict:
     if env.get("ref_min_score") is not None:
         result["normalized_score"] = normalized_score(result["return"], env["ref_min_score"], env["ref_max_score"])
     return result
+
+
+def describe_episodes(out: dict, index=...) -> str:
+    """'return R +- s, normalised score N +- s, length L' of the episodes ``out[field][index]`` (gym_evaluate's)."""
+    pick = lambda field: np.asarray(out[field])[index]
+    score = (f", normalised score {pick('normalized_score').mean():.1f} +- {pick('normalized_score').std():.1f}"
+             if "normalized_score" in out else "")
+    length = pick("length").mean()
+    return f"return {pick('return').mean():.1f} +- {pick('return').std():.1f}{score}, length {length:.0f}"
 
 
 def main(args: Args) -> None:
