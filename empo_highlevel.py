@@ -44,9 +44,10 @@ Interpretations and deviations
        Adam steps are applied (IQL's reference code updates V first and Q with the new V). Minibatches of
        B = 256 rows are drawn uniformly with replacement; one Adam optimiser per network, lr 3e-4.
     6. L_2^tau(u) = |tau - 1(u < 0)| u^2 (tau u^2 for u >= 0, (1 - tau) u^2 otherwise), tau = 0.9.
-    7. q(z|s; phi) is the softmax of the stage-1 classifier's logits. ID(s) always holds argmax_z q(z|s),
-       so pi_H is always defined; Q_H of the clusters outside ID(s) is masked with -inf; ties go to the
-       lowest z. pi_H is chosen afresh at every step.
+    7. q(z|s; phi) is the softmax of the stage-1 classifier's logits. The paper asks b > 0; b >= 1 is required
+       here, so that ID(s) always holds argmax_z q(z|s) and pi_H is always defined (below 1 it can be empty).
+       Q_H of the clusters outside ID(s) is masked with -inf; ties go to the lowest z. pi_H is chosen afresh at
+       every step.
     8. The final policy executes the mean action of pi_L(.|s, pi_H(s); Theta') (deterministic, as the
        stage-2 evaluation); --sample draws from the Gaussian instead. The environment clips actions.
        Q_H is learned from the data, i.e. it values the clusters' behaviour beta_z for n steps, while pi
@@ -73,7 +74,9 @@ if __name__ == "__main__" and "XLA_FLAGS" not in os.environ:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={os.cpu_count() or 1}"
 
 import hashlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import zipfile  # noqa: E402
@@ -132,7 +135,7 @@ class Args:
     expectile: float = 0.9
     """tau: the expectile of the value loss L_2^tau"""
     b: float = 5.0
-    """b: z is in ID(s) when q(z|s; phi) >= max_z' q(z'|s; phi) / b"""
+    """b >= 1: z is in ID(s) when q(z|s; phi) >= max_z' q(z'|s; phi) / b (b = 1: only the most likely cluster)"""
     n_step: int = 3
     """n: the Q_H target sums up to n rewards before bootstrapping with V_H (n-step return)"""
     batch_size: int = 256
@@ -198,11 +201,28 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def check_writable(path: str) -> None:
-    """Fail before any work if ``path`` cannot be written (missing rights, a folder in the way)."""
-    folder = os.path.dirname(os.path.abspath(path))
+def same_file(a: str, b: str) -> bool:
+    """True when two paths name one file: equal after resolving links, or hard links to the same inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_writable(path: str, inputs=()) -> None:
+    """Fail before any work if ``path`` cannot be written or is one of ``inputs`` (paths or comma-joined paths):
+    an output never replaces an input."""
+    if not os.path.basename(path or ""):
+        raise InputError(f"the output path '{path}' names no file")
     if os.path.isdir(path):
         raise InputError(f"cannot write {path}: it is a folder")
+    for source in inputs:
+        for part in {source, *source.split(",")}:
+            if part and same_file(path, part):
+                raise InputError(f"refusing to write {path}: it is the input {part}, which would be lost")
+    folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -215,36 +235,79 @@ def check_writable(path: str) -> None:
 
 
 def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] = None) -> None:
-    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically."""
+    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically.
+
+    The file is written beside ``path`` under a temporary name (with the writer's pid, so that one left by a
+    killed writer is removed by the next) and renamed over ``path`` only when complete, with the permissions the
+    umask gives. Arrays with NaN or infinite values are refused; on any failure an earlier file stays as it was.
+    """
+    for key, a in arrays.items():
+        if np.asarray(a).dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{path} was not written: '{key}' contains NaN or infinite values (did the run "
+                             f"diverge?); an earlier file there is left as it was")
     check_writable(path)
     meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
                 producer=np.array(os.path.basename(sys.argv[0]) or "python"),
                 inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    folder, name = os.path.split(os.path.abspath(path))
+    for old in os.listdir(folder):  # temporaries of this file left by writers that no longer run
+        pid = old[len(name) + 2:].split(".")[0]
+        if old.startswith(f".{name}.") and old.endswith(".tmp") and pid.isdigit() and not _pid_alive(int(pid)):
+            os.remove(os.path.join(folder, old))
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays, **meta)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise InputError(f"cannot write {path}: {e.strerror or e}; an earlier file there is left as "
+                             f"it was") from None
         raise
 
 
-def load_npz(path: str, schema: str) -> dict:
-    """Read a handoff file (no pickles) and check its schema; returns a dict of NumPy arrays."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def load_npz(path: str, schema: str, digest: bool = False):
+    """Read a handoff file (no pickles) and check its schema: a dict of NumPy arrays, or with ``digest`` the pair
+    (arrays, sha256 of the bytes that were read), so that provenance names the file as it was used."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder, not an .npz file")
     if not os.path.isfile(path):
         raise InputError(f"{path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        with open(path, "rb") as f:
+            raw = f.read()
+        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
+    except ValueError:  # numpy takes what is neither .npz nor .npy for pickled data
+        raise InputError(f"{path} is not an .npz file") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise InputError(f"{path} is not a readable .npz file ({e})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise InputError(f"{path} holds a single array (.npy), not an .npz file")
+    try:
+        with loaded:
+            arrays = {k: loaded[k] for k in loaded.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
         raise InputError(f"{path} is not a readable .npz file ({e})") from None
     found = str(arrays.get("schema", "none"))
     if found != schema:
         raise InputError(f"{path} has schema '{found}', expected '{schema}'")
-    return arrays
+    return (arrays, hashlib.sha256(raw).hexdigest()) if digest else arrays
 
 
 def check_arrays(name: str, arrays: dict, spec: dict, sizes: Optional[dict] = None) -> dict:
@@ -432,6 +495,30 @@ def cli(args_class, presets: dict):
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)))
     return tyro.cli(args_class, default=presets[parser.parse_known_args()[0].preset])
+
+
+def check_flags(args) -> None:
+    """Every float flag is a finite number (NaN passes every comparison, so range checks alone let it through)."""
+    for name, value in asdict(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def run(main, args) -> None:
+    """``main(args)`` as a command: bad input, a full memory and Ctrl-C end in one sentence, not a traceback."""
+    try:
+        main(args)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        path = checkpoint_path(args.out)
+        if os.path.exists(path):
+            sys.exit(f"interrupted: progress is saved in {path}; run the same command with --resume to continue")
+        sys.exit("interrupted before the first checkpoint; nothing was saved")
+    except Exception as e:  # XLA's allocation failures and NumPy's MemoryError
+        if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+            sys.exit(f"error: out of memory ({type(e).__name__}); lower --num-seeds, --batch-size or the chunk sizes")
+        raise
 # --- end shared block: run_utils ---
 
 
@@ -482,6 +569,44 @@ def stacked_apply(policy, params, obs, z):
     mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
     pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
     return pick(mean), pick(log_std)
+
+
+def observation_stats(name: str, observations):
+    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
+    x = np.asarray(observations, np.float64)
+    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
+                         f"{np.abs(x).max():.3g})")
+    return mean, std
+
+
+def check_arch(name: str, arrays: dict) -> None:
+    """The arch/* entries of a handoff file rebuild a network: sizes at least 1, scales positive."""
+    for key in ("arch/k", "arch/hidden_dim", "arch/hidden_layers"):
+        if key in arrays and int(arrays[key]) < 1:
+            raise InputError(f"{name}: '{key}' must be at least 1, got {int(arrays[key])}")
+    for key in ("arch/obs_std", "arch/action_scale", "arch/value_scale"):
+        if key in arrays and not np.all(arrays[key] > 0):
+            raise InputError(f"{name}: '{key}' must be positive, got {arrays[key]}")
+
+
+def param_shapes(net, in_dim: int):
+    """The parameters of ``net`` on inputs of ``in_dim`` features, as shapes only (nothing is computed)."""
+    return jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, in_dim), jnp.float32))["params"]
+
+
+def check_param_shapes(name: str, arrays: dict, prefix: str, template, lead: int) -> None:
+    """The parameters under ``prefix`` have, after ``lead`` leading axes (seeds, clusters), the shapes of
+    ``template`` (one network built from the file's arch/* entries)."""
+    want = {f"{prefix}/{k}": tuple(v.shape) for k, v in traverse_util.flatten_dict(template, sep="/").items()}
+    have = {k: a.shape[lead:] for k, a in arrays.items() if k.startswith(prefix + "/")}
+    for key in sorted(set(want) | set(have)):
+        if key not in have:
+            raise InputError(f"{name} has no key '{key}', which its arch/* entries call for")
+        if key not in want or have[key] != want[key]:
+            raise InputError(f"{name}: '{key}' has shape {have[key]} per run, but its arch/* entries give "
+                             f"{want.get(key, 'no such parameter')}")
 # --- end shared block: networks ---
 
 
@@ -644,51 +769,54 @@ def made_from(arrays: dict, name: str):
         return None
 
 
-def load_cluster(path: str, data_sha: str, num_rows: int) -> tuple[dict, dict]:
-    """Read and validate cluster.npz against the data set; returns (arrays, sizes with S and K)."""
-    arrays = load_npz(path, "empo/cluster/v1")
+def load_cluster(path: str, data_sha: str, data_sizes: dict) -> tuple[dict, dict, str]:
+    """Read and validate cluster.npz against the data set (sizes N, obs_dim, act_dim); returns (arrays, sizes with S
+    and K, sha256 of the file as read)."""
+    arrays, digest = load_npz(path, "empo/cluster/v1", digest=True)
     spec = {"assignments": ("int32", ("S", "N")), "arch/k": ("int64", ()), "arch/hidden_dim": ("int64", ()),
             "arch/hidden_layers": ("int64", ()), "arch/obs_mean": ("float32", ("obs_dim",)),
             "arch/obs_std": ("float32", ("obs_dim",))}
-    if not any(key.startswith("classifier/params/") for key in arrays):
-        raise InputError(f"{path} has no key 'classifier/params/...'")
-    spec.update({key: ("float32", ("S",) + a.shape[1:]) for key, a in arrays.items()
-                 if key.startswith("classifier/params/")})
-    sizes = check_arrays(path, arrays, spec, {"N": num_rows})
+    sizes = check_arrays(path, arrays, spec, data_sizes)
+    check_arch(path, arrays)
     sizes["K"] = int(arrays["arch/k"])
+    classifier = MLP(int(arrays["arch/hidden_dim"]), int(arrays["arch/hidden_layers"]), sizes["K"])
+    check_param_shapes(path, arrays, "classifier/params", param_shapes(classifier, sizes["obs_dim"]), 1)
+    check_arrays(path, arrays, {key: ("float32", ("S",) + a.shape[1:]) for key, a in arrays.items()
+                                if key.startswith("classifier/params/")}, sizes)
     if arrays["assignments"].min() < 0 or arrays["assignments"].max() >= sizes["K"]:
         raise InputError(f"{path}: 'assignments' holds cluster numbers outside 0..{sizes['K'] - 1} (arch/k)")
     if made_from(arrays, "dataset") != data_sha:
         raise InputError(f"{path} was made from another data set (sha256 {str(made_from(arrays, 'dataset'))[:12]}"
                          f"..., this one is {data_sha[:12]}...)")
-    return arrays, sizes
+    return arrays, sizes, digest
 
 
-def load_ppo(path: str, data_sha: str, cluster_path: str, cluster_sizes: dict) -> tuple[dict, dict]:
-    """Read and validate ppo.npz against the data set and cluster.npz; returns (arrays, sizes with S and K)."""
-    arrays = load_npz(path, "empo/ppo/v1")
-    spec = {"cluster_run": ("int64", ("S",)), "arch/k": ("int64", ()), "arch/action_scale": ("float32", ("act_dim",)),
-            "arch/value_scale": ("float32", ())}
-    if not any(key.startswith("pi/params/") for key in arrays):
-        raise InputError(f"{path} has no key 'pi/params/...'")
-    spec.update({key: ("float32", ("S", "K") + a.shape[2:]) for key, a in arrays.items()
-                 if key.startswith("pi/params/")})
-    sizes = check_arrays(path, arrays, spec)
-    if int(arrays["arch/k"]) != sizes["K"]:
-        raise InputError(f"{path}: 'arch/k' is {int(arrays['arch/k'])} but its arrays hold K={sizes['K']} clusters")
+def load_ppo(path: str, data_sha: str, cluster_path: str, cluster_sha: str, cluster_sizes: dict,
+             cluster: dict) -> tuple[dict, dict, str]:
+    """Read and validate ppo.npz against the data set and cluster.npz (as read: its sha256 and arrays); returns
+    (arrays, sizes with S and K, sha256 of the file as read)."""
+    arrays, digest = load_npz(path, "empo/ppo/v1", digest=True)
+    spec = {"cluster_run": ("int64", ("S",)), "arch/k": ("int64", ()),
+            "arch/action_scale": ("float32", ("act_dim",)), "arch/value_scale": ("float32", ())}
+    sizes = check_arrays(path, arrays, spec, {"act_dim": cluster_sizes["act_dim"]})
+    check_arch(path, arrays)
+    if int(arrays["arch/k"]) != cluster_sizes["K"]:
+        raise InputError(f"{path} has K={int(arrays['arch/k'])} clusters but {cluster_path} has "
+                         f"K={cluster_sizes['K']}")
+    hidden = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])
+    policy = GaussianPolicy(sizes["act_dim"], (1.0,) * sizes["act_dim"], *hidden)
+    check_param_shapes(path, arrays, "pi/params", param_shapes(policy, cluster_sizes["obs_dim"]), 2)
+    sizes = check_arrays(path, arrays, {key: ("float32", ("S", "K") + a.shape[2:]) for key, a in arrays.items()
+                                        if key.startswith("pi/params/")}, dict(sizes, K=cluster_sizes["K"]))
     if made_from(arrays, "dataset") != data_sha:
         raise InputError(f"{path} was made from another data set (sha256 {str(made_from(arrays, 'dataset'))[:12]}"
                          f"..., this one is {data_sha[:12]}...)")
-    if sizes["K"] != cluster_sizes["K"]:
-        raise InputError(f"{path} has K={sizes['K']} clusters but {cluster_path} has K={cluster_sizes['K']}")
-    if made_from(arrays, "cluster") != sha256_file(cluster_path):
+    if made_from(arrays, "cluster") != cluster_sha:
         raise InputError(f"{path} was made from another cluster file than {cluster_path} (its inputs.cluster "
                          f"sha256 differs)")
     if arrays["cluster_run"].min() < 0 or arrays["cluster_run"].max() >= cluster_sizes["S"]:
         raise InputError(f"{path}: 'cluster_run' names runs outside the {cluster_sizes['S']} of {cluster_path}")
-    if not np.isfinite(arrays["arch/value_scale"]) or arrays["arch/value_scale"] <= 0:
-        raise InputError(f"{path}: 'arch/value_scale' must be positive, got {arrays['arch/value_scale']}")
-    return arrays, sizes
+    return arrays, sizes, digest
 
 
 def make_evaluate(nets: dict, obs_mean, obs_std, b: float, episodes: int, sample: bool):
@@ -723,22 +851,72 @@ def cluster_segments(positions, chosen, lengths) -> tuple[list, list]:
 
 
 # --- shared block: checkpoint (keep identical across stages) ---
-def save_checkpoint(path: str, state, unit: int, schema: str) -> None:
-    """The leaves of a train state and the number of finished units of the schedule, atomically."""
+# Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood for
+# by their sha256, so that moved files still resume).
+NEUTRAL_FLAGS = ("out", "resume", "log_every", "checkpoint_every", "preset", "eval_episodes", "sample",
+                 "ref_min_score", "ref_max_score", "dataset", "cluster", "ppo")
+
+
+def checkpoint_path(out: str) -> str:
+    """The checkpoint of the run that writes ``out``: beside it and named after it (x.npz -> x.checkpoint.npz)."""
+    return os.path.splitext(os.path.abspath(out))[0] + ".checkpoint.npz"
+
+
+def run_identity(args, inputs: dict) -> dict:
+    """What a checkpoint belongs to: the output path, the inputs' sha256 and every flag that changes the result."""
+    flags = {k: v for k, v in asdict(args).items() if k not in NEUTRAL_FLAGS}
+    identity = {"out": os.path.abspath(args.out), "inputs": inputs, "flags": flags}
+    return json.loads(json.dumps(identity, default=str, sort_keys=True))
+
+
+def save_checkpoint(path: str, state, unit: int, schema: str, identity: dict) -> None:
+    """The leaves of a train state, the number of finished units of the schedule and the run's identity, atomically."""
     leaves = jax.tree.leaves(jax.device_get(state))
     arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
-    save_npz(path, dict(arrays, unit=np.int64(unit)), schema, {})
+    arrays.update(unit=np.int64(unit), identity=np.array(json.dumps(identity, sort_keys=True)))
+    save_npz(path, arrays, schema, {})
 
 
-def load_checkpoint(path: str, state_template, schema: str):
-    """(state shaped like state_template, finished units); a file from another configuration is refused."""
+def resume_checkpoint(args, state_template, schema: str, identity: dict, total: int):
+    """(checkpoint path, state, finished units): with --resume and a checkpoint of this run, its state and progress;
+    otherwise (path, state_template, 0). A checkpoint of another run (other output, inputs or flags), of other
+    sizes, or past this run's schedule of ``total`` units is refused in one sentence."""
+    path = checkpoint_path(args.out)
+    if not (args.resume and os.path.exists(path)):
+        return path, state_template, 0
     arrays = load_npz(path, schema)
+    try:
+        stored = json.loads(str(arrays.get("identity", "{}")))
+    except ValueError:
+        stored = {}
+    old, new = _flat(stored), _flat(identity)
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            show = lambda v: "(none)" if v is None else (f"{v[:12]}..." if isinstance(v, str) and len(v) > 24 else v)
+            raise InputError(f"{path} belongs to another run ({key} is {show(old.get(key))} there, "
+                             f"{show(new.get(key))} here); delete it or drop --resume")
+    unit = int(arrays.get("unit", -1))
+    if not 0 <= unit <= total:
+        raise InputError(f"{path} records {unit} finished units, but this run's schedule has {total}; delete it or "
+                         f"drop --resume")
     leaves, treedef = jax.tree.flatten(state_template)
     restored = [np.asarray(arrays.get(f"leaf_{i:04d}")) for i in range(len(leaves))]
     if sum(k.startswith("leaf_") for k in arrays) != len(leaves) or any(
             a.shape != np.shape(b) for a, b in zip(restored, leaves)):
         raise InputError(f"{path} was written by a run with other sizes; delete it or drop --resume")
-    return jax.tree.unflatten(treedef, restored), int(arrays["unit"])
+    print(f"resumed from {path} at unit {unit}/{total}")
+    return path, jax.tree.unflatten(treedef, restored), unit
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{'a.b': leaf} of a nested dict."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 # --- end shared block: checkpoint ---
 
 
@@ -747,27 +925,31 @@ def load_checkpoint(path: str, state_template, schema: str):
 # ----------------------------------------------------------------------------------------------
 
 def validate_args(args: Args) -> None:
-    positive = dict(num_seeds=args.num_seeds, batch_size=args.batch_size, steps_per_call=args.steps_per_call,
-                    target_every=args.target_every, n_step=args.n_step)
-    for name, value in positive.items():
-        if value < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if min(args.steps, args.eval_episodes, args.first_run) < 0:
-        raise InputError("--steps, --eval-episodes and --first-run cannot be negative")
+    """The flags alone, before anything is read: one sentence for the first one out of range."""
+    check_flags(args)
+    at_least = dict(num_seeds=1, batch_size=1, steps_per_call=1, target_every=1, n_step=1, steps=0, eval_episodes=0,
+                    first_run=0)
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.expectile < 1.0:
         raise InputError("need 0 <= --gamma <= 1 and 0 < --expectile < 1")
-    if not args.b > 0 or not args.learning_rate > 0:
-        raise InputError(f"--b and --learning-rate must be positive, got {args.b} and {args.learning_rate}")
+    if not args.b >= 1:  # below 1, ID(s) would not hold argmax_z q(z|s), and could be empty
+        raise InputError(f"--b must be at least 1 (ID(s) keeps z with q(z|s) >= max q / b), got {args.b}")
+    if not args.learning_rate > 0:
+        raise InputError(f"--learning-rate must be positive, got {args.learning_rate}")
 
 
 def main(args: Args) -> dict:
     validate_args(args)
-    check_writable(args.out)
+    for path in (args.out, checkpoint_path(args.out)):
+        check_writable(path, [args.dataset, args.cluster, args.ppo])
     data_np, data_sha = load_dataset(args.dataset)
     n = len(data_np["rewards"])
-    cluster, cluster_sizes = load_cluster(args.cluster, data_sha, n)
-    ppo, ppo_sizes = load_ppo(args.ppo, data_sha, args.cluster, cluster_sizes)
     obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
+    cluster, cluster_sizes, cluster_sha = load_cluster(args.cluster, data_sha, dict(N=n, obs_dim=obs_dim,
+                                                                                    act_dim=act_dim))
+    ppo, ppo_sizes, ppo_sha = load_ppo(args.ppo, data_sha, args.cluster, cluster_sha, cluster_sizes, cluster)
     env = None  # where the final policy is evaluated; checked before training, not after it
     if args.eval_episodes > 0:
         import nav_env
@@ -806,12 +988,9 @@ def main(args: Args) -> dict:
     # The schedule: chunks of IQL steps, a checkpoint after each.
     calls = [min(args.steps_per_call, args.steps - i) for i in range(0, args.steps, args.steps_per_call)]
     run_dir = os.path.dirname(os.path.abspath(args.out))
-    ckpt_path = os.path.join(run_dir, "highlevel_checkpoint.npz")
-    first = 0
-    if args.resume and os.path.exists(ckpt_path):
-        state, first = load_checkpoint(ckpt_path, state, "empo/highlevel-checkpoint/v1")
-        state = jax.device_put(state, seed_sharding)
-        print(f"resumed from {ckpt_path} at chunk {first}/{len(calls)}")
+    identity = run_identity(args, {"dataset": data_sha, "cluster": cluster_sha, "ppo": ppo_sha})
+    ckpt_path, state, first = resume_checkpoint(args, state, "empo/highlevel-checkpoint/v2", identity, len(calls))
+    state = jax.device_put(state, seed_sharding)
     writer = make_writer(os.path.join(run_dir, "highlevel"), args)
 
     train_chunk = make_train_chunk(args, nets, tx, n)
@@ -830,7 +1009,7 @@ def main(args: Args) -> dict:
         state, metrics = calls_jit[calls[unit]](state, chunk_key(unit), assign, data)
         metrics = {name: float(np.mean(x)) for name, x in jax.device_get(metrics).items()}
         done += calls[unit]
-        save_checkpoint(ckpt_path, state, unit + 1, "empo/highlevel-checkpoint/v1")
+        save_checkpoint(ckpt_path, state, unit + 1, "empo/highlevel-checkpoint/v2", identity)
         writer.add_scalar("losses/q_h", metrics["losses/q_h"], done)
         writer.add_scalar("losses/v_h", metrics["losses/v_h"], done)
         writer.add_scalar("charts/q_h_mean", metrics["charts/q_h_mean"] * value_scale, done)
@@ -868,7 +1047,7 @@ def main(args: Args) -> dict:
         arrays.update(eval_arrays)
         summary.update(eval_summary)
     save_npz(args.out, arrays, "empo/highlevel/v1", asdict(args),
-             {"dataset": data_sha, "cluster": sha256_file(args.cluster), "ppo": sha256_file(args.ppo)})
+             {"dataset": data_sha, "cluster": cluster_sha, "ppo": ppo_sha})
     if os.path.exists(ckpt_path):
         os.remove(ckpt_path)
     writer.close()
@@ -974,7 +1153,4 @@ def evaluate_final_policy_gym(args: Args, nets, obs_mean, obs_std, run: RunParam
 
 
 if __name__ == "__main__":
-    try:
-        main(cli(Args, PRESETS))
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    run(main, cli(Args, PRESETS))

@@ -60,6 +60,7 @@ if __name__ == "__main__" and "XLA_FLAGS" not in os.environ:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={os.cpu_count() or 1}"
 
 import hashlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import tempfile  # noqa: E402
@@ -197,11 +198,28 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def check_writable(path: str) -> None:
-    """Fail before any work if ``path`` cannot be written (missing rights, a folder in the way)."""
-    folder = os.path.dirname(os.path.abspath(path))
+def same_file(a: str, b: str) -> bool:
+    """True when two paths name one file: equal after resolving links, or hard links to the same inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_writable(path: str, inputs=()) -> None:
+    """Fail before any work if ``path`` cannot be written or is one of ``inputs`` (paths or comma-joined paths):
+    an output never replaces an input."""
+    if not os.path.basename(path or ""):
+        raise InputError(f"the output path '{path}' names no file")
     if os.path.isdir(path):
         raise InputError(f"cannot write {path}: it is a folder")
+    for source in inputs:
+        for part in {source, *source.split(",")}:
+            if part and same_file(path, part):
+                raise InputError(f"refusing to write {path}: it is the input {part}, which would be lost")
+    folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -214,36 +232,79 @@ def check_writable(path: str) -> None:
 
 
 def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] = None) -> None:
-    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically."""
+    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically.
+
+    The file is written beside ``path`` under a temporary name (with the writer's pid, so that one left by a
+    killed writer is removed by the next) and renamed over ``path`` only when complete, with the permissions the
+    umask gives. Arrays with NaN or infinite values are refused; on any failure an earlier file stays as it was.
+    """
+    for key, a in arrays.items():
+        if np.asarray(a).dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{path} was not written: '{key}' contains NaN or infinite values (did the run "
+                             f"diverge?); an earlier file there is left as it was")
     check_writable(path)
     meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
                 producer=np.array(os.path.basename(sys.argv[0]) or "python"),
                 inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    folder, name = os.path.split(os.path.abspath(path))
+    for old in os.listdir(folder):  # temporaries of this file left by writers that no longer run
+        pid = old[len(name) + 2:].split(".")[0]
+        if old.startswith(f".{name}.") and old.endswith(".tmp") and pid.isdigit() and not _pid_alive(int(pid)):
+            os.remove(os.path.join(folder, old))
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays, **meta)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise InputError(f"cannot write {path}: {e.strerror or e}; an earlier file there is left as "
+                             f"it was") from None
         raise
 
 
-def load_npz(path: str, schema: str) -> dict:
-    """Read a handoff file (no pickles) and check its schema; returns a dict of NumPy arrays."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def load_npz(path: str, schema: str, digest: bool = False):
+    """Read a handoff file (no pickles) and check its schema: a dict of NumPy arrays, or with ``digest`` the pair
+    (arrays, sha256 of the bytes that were read), so that provenance names the file as it was used."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder, not an .npz file")
     if not os.path.isfile(path):
         raise InputError(f"{path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        with open(path, "rb") as f:
+            raw = f.read()
+        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
+    except ValueError:  # numpy takes what is neither .npz nor .npy for pickled data
+        raise InputError(f"{path} is not an .npz file") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise InputError(f"{path} is not a readable .npz file ({e})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise InputError(f"{path} holds a single array (.npy), not an .npz file")
+    try:
+        with loaded:
+            arrays = {k: loaded[k] for k in loaded.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
         raise InputError(f"{path} is not a readable .npz file ({e})") from None
     found = str(arrays.get("schema", "none"))
     if found != schema:
         raise InputError(f"{path} has schema '{found}', expected '{schema}'")
-    return arrays
+    return (arrays, hashlib.sha256(raw).hexdigest()) if digest else arrays
 
 
 def check_arrays(name: str, arrays: dict, spec: dict, sizes: Optional[dict] = None) -> dict:
@@ -431,6 +492,30 @@ def cli(args_class, presets: dict):
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)))
     return tyro.cli(args_class, default=presets[parser.parse_known_args()[0].preset])
+
+
+def check_flags(args) -> None:
+    """Every float flag is a finite number (NaN passes every comparison, so range checks alone let it through)."""
+    for name, value in asdict(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def run(main, args) -> None:
+    """``main(args)`` as a command: bad input, a full memory and Ctrl-C end in one sentence, not a traceback."""
+    try:
+        main(args)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        path = checkpoint_path(args.out)
+        if os.path.exists(path):
+            sys.exit(f"interrupted: progress is saved in {path}; run the same command with --resume to continue")
+        sys.exit("interrupted before the first checkpoint; nothing was saved")
+    except Exception as e:  # XLA's allocation failures and NumPy's MemoryError
+        if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+            sys.exit(f"error: out of memory ({type(e).__name__}); lower --num-seeds, --batch-size or the chunk sizes")
+        raise
 # --- end shared block: run_utils ---
 
 
@@ -481,6 +566,44 @@ def stacked_apply(policy, params, obs, z):
     mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
     pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
     return pick(mean), pick(log_std)
+
+
+def observation_stats(name: str, observations):
+    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
+    x = np.asarray(observations, np.float64)
+    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
+                         f"{np.abs(x).max():.3g})")
+    return mean, std
+
+
+def check_arch(name: str, arrays: dict) -> None:
+    """The arch/* entries of a handoff file rebuild a network: sizes at least 1, scales positive."""
+    for key in ("arch/k", "arch/hidden_dim", "arch/hidden_layers"):
+        if key in arrays and int(arrays[key]) < 1:
+            raise InputError(f"{name}: '{key}' must be at least 1, got {int(arrays[key])}")
+    for key in ("arch/obs_std", "arch/action_scale", "arch/value_scale"):
+        if key in arrays and not np.all(arrays[key] > 0):
+            raise InputError(f"{name}: '{key}' must be positive, got {arrays[key]}")
+
+
+def param_shapes(net, in_dim: int):
+    """The parameters of ``net`` on inputs of ``in_dim`` features, as shapes only (nothing is computed)."""
+    return jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, in_dim), jnp.float32))["params"]
+
+
+def check_param_shapes(name: str, arrays: dict, prefix: str, template, lead: int) -> None:
+    """The parameters under ``prefix`` have, after ``lead`` leading axes (seeds, clusters), the shapes of
+    ``template`` (one network built from the file's arch/* entries)."""
+    want = {f"{prefix}/{k}": tuple(v.shape) for k, v in traverse_util.flatten_dict(template, sep="/").items()}
+    have = {k: a.shape[lead:] for k, a in arrays.items() if k.startswith(prefix + "/")}
+    for key in sorted(set(want) | set(have)):
+        if key not in have:
+            raise InputError(f"{name} has no key '{key}', which its arch/* entries call for")
+        if key not in want or have[key] != want[key]:
+            raise InputError(f"{name}: '{key}' has shape {have[key]} per run, but its arch/* entries give "
+                             f"{want.get(key, 'no such parameter')}")
 # --- end shared block: networks ---
 
 
@@ -702,23 +825,24 @@ def make_next_actions(policy, action_scale, chunk: int):
 # Inputs, evaluation and checkpoints
 # ----------------------------------------------------------------------------------------------
 
-def load_cluster(path: str, data_sha: str, num_rows: int, num_episodes: int) -> tuple[dict, dict]:
-    """Read and validate cluster.npz against the data set; returns (arrays, sizes with S and K)."""
-    arrays = load_npz(path, "empo/cluster/v1")
+def load_cluster(path: str, data_sha: str, data_sizes: dict) -> tuple[dict, dict, str]:
+    """Read and validate cluster.npz against the data set (sizes N, E, obs_dim, act_dim); returns (arrays, sizes with
+    S and K, sha256 of the file as read)."""
+    arrays, digest = load_npz(path, "empo/cluster/v1", digest=True)
     spec = {"posterior": ("float32", ("S", "E", "K")), "assignments": ("int32", ("S", "N")),
             "arch/k": ("int64", ()), "arch/hidden_dim": ("int64", ()), "arch/hidden_layers": ("int64", ()),
             "arch/obs_mean": ("float32", ("obs_dim",)), "arch/obs_std": ("float32", ("obs_dim",)),
             "arch/action_scale": ("float32", ("act_dim",))}
-    for key, a in arrays.items():
-        if key.startswith("policy/params/"):
-            spec[key] = ("float32", ("S", "K") + a.shape[2:])
-        elif key.startswith("classifier/params/"):
-            spec[key] = ("float32", ("S",) + a.shape[1:])
-    if not any(key.startswith("policy/params/") for key in arrays):
-        raise InputError(f"{path} has no key 'policy/params/...'")
-    sizes = check_arrays(path, arrays, spec, {"N": num_rows, "E": num_episodes})
+    sizes = check_arrays(path, arrays, spec, data_sizes)
+    check_arch(path, arrays)
     if int(arrays["arch/k"]) != sizes["K"]:
         raise InputError(f"{path}: 'arch/k' is {int(arrays['arch/k'])} but its arrays hold K={sizes['K']} clusters")
+    hidden = int(arrays["arch/hidden_dim"]), int(arrays["arch/hidden_layers"])
+    policy = GaussianPolicy(sizes["act_dim"], (1.0,) * sizes["act_dim"], *hidden)
+    check_param_shapes(path, arrays, "policy/params", param_shapes(policy, sizes["obs_dim"]), 2)
+    check_param_shapes(path, arrays, "classifier/params", param_shapes(MLP(*hidden, sizes["K"]), sizes["obs_dim"]), 1)
+    check_arrays(path, arrays, {key: ("float32", ("S", "K") + a.shape[2:] if key.startswith("policy/") else ("S",)
+                                      + a.shape[1:]) for key, a in arrays.items() if "/params/" in key}, sizes)
     if arrays["assignments"].min() < 0 or arrays["assignments"].max() >= sizes["K"]:
         raise InputError(f"{path}: 'assignments' holds cluster numbers outside 0..{sizes['K'] - 1}")
     try:
@@ -728,7 +852,7 @@ def load_cluster(path: str, data_sha: str, num_rows: int, num_episodes: int) -> 
     if made_from != data_sha:
         raise InputError(f"{path} was made from another data set (sha256 {str(made_from)[:12]}..., "
                          f"this one is {data_sha[:12]}...)")
-    return arrays, sizes
+    return arrays, sizes, digest
 
 
 def make_evaluate(policy, obs_mean, obs_std, episodes: int):
@@ -745,22 +869,72 @@ def make_evaluate(policy, obs_mean, obs_std, episodes: int):
 
 
 # --- shared block: checkpoint (keep identical across stages) ---
-def save_checkpoint(path: str, state, unit: int, schema: str) -> None:
-    """The leaves of a train state and the number of finished units of the schedule, atomically."""
+# Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood for
+# by their sha256, so that moved files still resume).
+NEUTRAL_FLAGS = ("out", "resume", "log_every", "checkpoint_every", "preset", "eval_episodes", "sample",
+                 "ref_min_score", "ref_max_score", "dataset", "cluster", "ppo")
+
+
+def checkpoint_path(out: str) -> str:
+    """The checkpoint of the run that writes ``out``: beside it and named after it (x.npz -> x.checkpoint.npz)."""
+    return os.path.splitext(os.path.abspath(out))[0] + ".checkpoint.npz"
+
+
+def run_identity(args, inputs: dict) -> dict:
+    """What a checkpoint belongs to: the output path, the inputs' sha256 and every flag that changes the result."""
+    flags = {k: v for k, v in asdict(args).items() if k not in NEUTRAL_FLAGS}
+    identity = {"out": os.path.abspath(args.out), "inputs": inputs, "flags": flags}
+    return json.loads(json.dumps(identity, default=str, sort_keys=True))
+
+
+def save_checkpoint(path: str, state, unit: int, schema: str, identity: dict) -> None:
+    """The leaves of a train state, the number of finished units of the schedule and the run's identity, atomically."""
     leaves = jax.tree.leaves(jax.device_get(state))
     arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
-    save_npz(path, dict(arrays, unit=np.int64(unit)), schema, {})
+    arrays.update(unit=np.int64(unit), identity=np.array(json.dumps(identity, sort_keys=True)))
+    save_npz(path, arrays, schema, {})
 
 
-def load_checkpoint(path: str, state_template, schema: str):
-    """(state shaped like state_template, finished units); a file from another configuration is refused."""
+def resume_checkpoint(args, state_template, schema: str, identity: dict, total: int):
+    """(checkpoint path, state, finished units): with --resume and a checkpoint of this run, its state and progress;
+    otherwise (path, state_template, 0). A checkpoint of another run (other output, inputs or flags), of other
+    sizes, or past this run's schedule of ``total`` units is refused in one sentence."""
+    path = checkpoint_path(args.out)
+    if not (args.resume and os.path.exists(path)):
+        return path, state_template, 0
     arrays = load_npz(path, schema)
+    try:
+        stored = json.loads(str(arrays.get("identity", "{}")))
+    except ValueError:
+        stored = {}
+    old, new = _flat(stored), _flat(identity)
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            show = lambda v: "(none)" if v is None else (f"{v[:12]}..." if isinstance(v, str) and len(v) > 24 else v)
+            raise InputError(f"{path} belongs to another run ({key} is {show(old.get(key))} there, "
+                             f"{show(new.get(key))} here); delete it or drop --resume")
+    unit = int(arrays.get("unit", -1))
+    if not 0 <= unit <= total:
+        raise InputError(f"{path} records {unit} finished units, but this run's schedule has {total}; delete it or "
+                         f"drop --resume")
     leaves, treedef = jax.tree.flatten(state_template)
     restored = [np.asarray(arrays.get(f"leaf_{i:04d}")) for i in range(len(leaves))]
     if sum(k.startswith("leaf_") for k in arrays) != len(leaves) or any(
             a.shape != np.shape(b) for a, b in zip(restored, leaves)):
         raise InputError(f"{path} was written by a run with other sizes; delete it or drop --resume")
-    return jax.tree.unflatten(treedef, restored), int(arrays["unit"])
+    print(f"resumed from {path} at unit {unit}/{total}")
+    return path, jax.tree.unflatten(treedef, restored), unit
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{'a.b': leaf} of a nested dict."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 # --- end shared block: checkpoint ---
 
 
@@ -769,28 +943,29 @@ def load_checkpoint(path: str, state_template, schema: str):
 # ----------------------------------------------------------------------------------------------
 
 def validate_args(args: Args) -> None:
-    positive = dict(num_seeds=args.num_seeds, batch_size=args.batch_size, chunk=args.chunk,
-                    steps_per_call=args.steps_per_call, q_target_every=args.q_target_every)
-    for name, value in positive.items():
-        if value < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if min(args.q_steps, args.v_epochs, args.pi_epochs, args.eval_episodes, args.ppo_minibatch, args.first_run) < 0:
-        raise InputError("--q-steps, --v-epochs, --pi-epochs, --eval-episodes, --ppo-minibatch and --first-run "
-                         "cannot be negative")
+    """The flags alone, before anything is read: one sentence for the first one out of range."""
+    check_flags(args)
+    at_least = dict(num_seeds=1, batch_size=1, chunk=1, steps_per_call=1, q_target_every=1, q_steps=0, v_epochs=0,
+                    pi_epochs=0, eval_episodes=0, ppo_minibatch=0, first_run=0)
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.q_target_rate <= 1.0 or not 0.0 < args.clip < 1.0:
         raise InputError("need 0 <= --gamma <= 1, 0 < --q-target-rate <= 1 and 0 < --clip < 1")
-    if args.learning_rate <= 0:
+    if not args.learning_rate > 0:
         raise InputError(f"--learning-rate must be positive, got {args.learning_rate}")
 
 
 def main(args: Args) -> dict:
     validate_args(args)
-    check_writable(args.out)
+    for path in (args.out, checkpoint_path(args.out)):
+        check_writable(path, [args.dataset, args.cluster])
     data_np, data_sha = load_dataset(args.dataset)
     n = len(data_np["rewards"])
     num_episodes = int(data_np["episode_ids"][-1]) + 1
-    cluster, sizes = load_cluster(args.cluster, data_sha, n, num_episodes)
     obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
+    cluster, sizes, cluster_sha = load_cluster(args.cluster, data_sha,
+                                               dict(N=n, E=num_episodes, obs_dim=obs_dim, act_dim=act_dim))
     env = None  # where the policies are evaluated; checked before training, not after it
     if args.eval_episodes > 0:
         import nav_env
@@ -844,12 +1019,9 @@ def main(args: Args) -> dict:
     q_calls = [min(args.steps_per_call, args.q_steps - i) for i in range(0, args.q_steps, args.steps_per_call)]
     schedule = [("q", s) for s in q_calls] + [("v", 0)] * args.v_epochs + [("pi", 0)] * args.pi_epochs
     run_dir = os.path.dirname(os.path.abspath(args.out))
-    ckpt_path = os.path.join(run_dir, "ppo_checkpoint.npz")
-    first = 0
-    if args.resume and os.path.exists(ckpt_path):
-        state, first = load_checkpoint(ckpt_path, state, "empo/ppo-checkpoint/v1")
-        state = jax.device_put(state, seed_sharding)
-        print(f"resumed from {ckpt_path} at unit {first}/{len(schedule)}")
+    identity = run_identity(args, {"dataset": data_sha, "cluster": cluster_sha})
+    ckpt_path, state, first = resume_checkpoint(args, state, "empo/ppo-checkpoint/v2", identity, len(schedule))
+    state = jax.device_put(state, seed_sharding)
     writer = make_writer(os.path.join(run_dir, "ppo"), args)
 
     vmapped = lambda f: jax.jit(jax.vmap(f, in_axes=(0, 0, 0, None)))
@@ -881,7 +1053,7 @@ def main(args: Args) -> dict:
             log_step = unit - len(q_calls) - args.v_epochs + 1
         metrics = jax.device_get(metrics)
         timings[part] += time.perf_counter() - t0
-        save_checkpoint(ckpt_path, state, unit + 1, "empo/ppo-checkpoint/v1")
+        save_checkpoint(ckpt_path, state, unit + 1, "empo/ppo-checkpoint/v2", identity)
         fields = {"part": part, "took": time.perf_counter() - t0}
         if part == "q":
             writer.add_scalar("losses/q", float(np.mean(metrics["losses/q"])), log_step)
@@ -915,7 +1087,7 @@ def main(args: Args) -> dict:
         "arch/value_scale": np.float32(value_scale), "arch/gamma": np.float32(args.gamma),
     }
     save_npz(args.out, arrays, "empo/ppo/v1", asdict(args),
-             {"dataset": data_sha, "cluster": sha256_file(args.cluster)})
+             {"dataset": data_sha, "cluster": cluster_sha})
     if os.path.exists(ckpt_path):
         os.remove(ckpt_path)
     writer.close()
@@ -1007,7 +1179,4 @@ def evaluate_policies_gym(args: Args, policy, obs_mean, obs_std, beta, pi, env: 
 
 
 if __name__ == "__main__":
-    try:
-        main(cli(Args, PRESETS))
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    run(main, cli(Args, PRESETS))

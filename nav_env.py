@@ -53,6 +53,7 @@ Example
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -378,11 +379,28 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def check_writable(path: str) -> None:
-    """Fail before any work if ``path`` cannot be written (missing rights, a folder in the way)."""
-    folder = os.path.dirname(os.path.abspath(path))
+def same_file(a: str, b: str) -> bool:
+    """True when two paths name one file: equal after resolving links, or hard links to the same inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_writable(path: str, inputs=()) -> None:
+    """Fail before any work if ``path`` cannot be written or is one of ``inputs`` (paths or comma-joined paths):
+    an output never replaces an input."""
+    if not os.path.basename(path or ""):
+        raise InputError(f"the output path '{path}' names no file")
     if os.path.isdir(path):
         raise InputError(f"cannot write {path}: it is a folder")
+    for source in inputs:
+        for part in {source, *source.split(",")}:
+            if part and same_file(path, part):
+                raise InputError(f"refusing to write {path}: it is the input {part}, which would be lost")
+    folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -395,36 +413,79 @@ def check_writable(path: str) -> None:
 
 
 def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] = None) -> None:
-    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically."""
+    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically.
+
+    The file is written beside ``path`` under a temporary name (with the writer's pid, so that one left by a
+    killed writer is removed by the next) and renamed over ``path`` only when complete, with the permissions the
+    umask gives. Arrays with NaN or infinite values are refused; on any failure an earlier file stays as it was.
+    """
+    for key, a in arrays.items():
+        if np.asarray(a).dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{path} was not written: '{key}' contains NaN or infinite values (did the run "
+                             f"diverge?); an earlier file there is left as it was")
     check_writable(path)
     meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
                 producer=np.array(os.path.basename(sys.argv[0]) or "python"),
                 inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    folder, name = os.path.split(os.path.abspath(path))
+    for old in os.listdir(folder):  # temporaries of this file left by writers that no longer run
+        pid = old[len(name) + 2:].split(".")[0]
+        if old.startswith(f".{name}.") and old.endswith(".tmp") and pid.isdigit() and not _pid_alive(int(pid)):
+            os.remove(os.path.join(folder, old))
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays, **meta)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise InputError(f"cannot write {path}: {e.strerror or e}; an earlier file there is left as "
+                             f"it was") from None
         raise
 
 
-def load_npz(path: str, schema: str) -> dict:
-    """Read a handoff file (no pickles) and check its schema; returns a dict of NumPy arrays."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def load_npz(path: str, schema: str, digest: bool = False):
+    """Read a handoff file (no pickles) and check its schema: a dict of NumPy arrays, or with ``digest`` the pair
+    (arrays, sha256 of the bytes that were read), so that provenance names the file as it was used."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder, not an .npz file")
     if not os.path.isfile(path):
         raise InputError(f"{path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        with open(path, "rb") as f:
+            raw = f.read()
+        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
+    except ValueError:  # numpy takes what is neither .npz nor .npy for pickled data
+        raise InputError(f"{path} is not an .npz file") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise InputError(f"{path} is not a readable .npz file ({e})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise InputError(f"{path} holds a single array (.npy), not an .npz file")
+    try:
+        with loaded:
+            arrays = {k: loaded[k] for k in loaded.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
         raise InputError(f"{path} is not a readable .npz file ({e})") from None
     found = str(arrays.get("schema", "none"))
     if found != schema:
         raise InputError(f"{path} has schema '{found}', expected '{schema}'")
-    return arrays
+    return (arrays, hashlib.sha256(raw).hexdigest()) if digest else arrays
 
 
 def check_arrays(name: str, arrays: dict, spec: dict, sizes: Optional[dict] = None) -> dict:
@@ -814,12 +875,29 @@ def describe_episodes(out: dict, index=...) -> str:
     return f"return {pick('return').mean():.1f} +- {pick('return').std():.1f}{score}, length {length:.0f}"
 
 
+def check_minari_id(dataset_id: str) -> None:
+    """A new local Minari id: well formed ``(namespace/)name-vN`` and not taken in the local store."""
+    from minari.dataset.minari_dataset import DATASET_ID_RE
+
+    match = DATASET_ID_RE.fullmatch(dataset_id)
+    if not match or match.group("version") is None:
+        raise InputError(f"--minari-id '{dataset_id}' is not a Minari id of the form (namespace/)name-vN")
+    store = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
+    if os.path.exists(os.path.join(store, dataset_id)):
+        raise InputError(f"Minari data set '{dataset_id}' already exists in the local store ({store}); choose "
+                         f"another id or delete it")
+
+
 def main(args: Args) -> None:
     import time
 
+    if args.transitions_per_behaviour < 1:  # generate_dataset checks it too, but only after the id
+        raise InputError(f"--transitions-per-behaviour must be at least 1, got {args.transitions_per_behaviour}")
+    if args.minari_id is not None:
+        check_minari_id(args.minari_id)
     check_writable(args.out)
     if args.figure:
-        check_writable(args.figure)
+        check_writable(args.figure, [args.out])
     start = time.perf_counter()
     data = generate_dataset(args.seed, args.transitions_per_behaviour)
     validate_dataset(args.out, data)

@@ -112,7 +112,7 @@ def test_output_has_the_schema_shapes_and_figures(tiny, full_run):
     for name in ("bc_rollouts.png", "bc_action_field.png"):
         assert (out.parent / name).stat().st_size > 10_000, name
     assert any(p.name.startswith("events.out.tfevents") for p in (out.parent / "bc").iterdir())
-    assert not (out.parent / "bc_checkpoint.npz").exists()
+    assert not (out.parent / "bc.checkpoint.npz").exists()
 
 
 def test_same_seed_same_output_and_the_runs_differ(tiny, full_run, tmp_path):
@@ -168,12 +168,12 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         bc.main(args)
     assert not (tmp_path / "cut" / "bc.npz").exists()
-    assert (tmp_path / "cut" / "bc_checkpoint.npz").exists()
+    assert (tmp_path / "cut" / "bc.checkpoint.npz").exists()
     monkeypatch.undo()
     capsys.readouterr()
     bc.main(dataclasses.replace(args, resume=True))
     assert "at chunk 2/3" in capsys.readouterr().out  # only the last chunk ran again
-    assert not (tmp_path / "cut" / "bc_checkpoint.npz").exists()
+    assert not (tmp_path / "cut" / "bc.checkpoint.npz").exists()
     full, cut = np.load(full_run[0]), np.load(tmp_path / "cut" / "bc.npz")
     for key in [k for k in full.files if k.startswith("policy/")]:
         np.testing.assert_array_equal(full[key], cut[key], err_msg=key)

@@ -155,13 +155,13 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_path, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         ec.main(args)
     assert not (tmp_path / "cut" / "cluster.npz").exists()
-    assert (tmp_path / "cut" / "cluster_checkpoint.npz").exists()
+    assert (tmp_path / "cut" / "cluster.checkpoint.npz").exists()
     monkeypatch.undo()
     ec.main(dataclasses.replace(args, resume=True))
     full, cut = np.load(tmp_path / "full" / "cluster.npz"), np.load(tmp_path / "cut" / "cluster.npz")
     np.testing.assert_array_equal(full["assignments"], cut["assignments"])
     np.testing.assert_allclose(full["posterior"], cut["posterior"], atol=1e-6)
-    assert not (tmp_path / "cut" / "cluster_checkpoint.npz").exists()
+    assert not (tmp_path / "cut" / "cluster.checkpoint.npz").exists()
 
 
 @pytest.mark.parametrize("case, message", [

@@ -284,12 +284,12 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         eh.main(args)
     assert not (tmp_path / "cut" / "highlevel.npz").exists()
-    assert (tmp_path / "cut" / "highlevel_checkpoint.npz").exists()
+    assert (tmp_path / "cut" / "highlevel.checkpoint.npz").exists()
     monkeypatch.undo()
     capsys.readouterr()
     eh.main(dataclasses.replace(args, resume=True))
     assert "at chunk 2/3" in capsys.readouterr().out  # only the last chunk ran again
-    assert not (tmp_path / "cut" / "highlevel_checkpoint.npz").exists()
+    assert not (tmp_path / "cut" / "highlevel.checkpoint.npz").exists()
     full, cut = np.load(full_run[0]), np.load(tmp_path / "cut" / "highlevel.npz")
     for key in [k for k in full.files if k.startswith(("qh/", "vh/", "eval/"))]:
         np.testing.assert_allclose(full[key], cut[key], atol=1e-6, err_msg=key)

@@ -203,7 +203,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, tmp_path, monkeypatch)
     args = _args(tiny, tmp_path / "cut" / "ppo.npz")
     with pytest.raises(KeyboardInterrupt):
         ep.main(args)
-    assert not (tmp_path / "cut" / "ppo.npz").exists() and (tmp_path / "cut" / "ppo_checkpoint.npz").exists()
+    assert not (tmp_path / "cut" / "ppo.npz").exists() and (tmp_path / "cut" / "ppo.checkpoint.npz").exists()
     monkeypatch.undo()
     ep.main(dataclasses.replace(args, resume=True))
     full, cut = np.load(tmp_path / "full" / "ppo.npz"), np.load(tmp_path / "cut" / "ppo.npz")

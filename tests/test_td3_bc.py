@@ -211,7 +211,7 @@ def test_output_schema_shapes_and_figures(tiny, full_run):
     for name in ("td3_bc_rollouts.png", "td3_bc_action_field.png"):
         assert (out.parent / name).stat().st_size > 0, name
     assert any((out.parent / "td3_bc").iterdir())  # TensorBoard events
-    assert not (out.parent / "td3_bc_checkpoint.npz").exists()
+    assert not (out.parent / "td3_bc.checkpoint.npz").exists()
 
 
 def test_same_seed_same_output_and_the_seeds_differ(tiny, full_run, tmp_path):
@@ -236,12 +236,12 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         td.main(args)
     assert not (tmp_path / "cut" / "td3_bc.npz").exists()
-    assert (tmp_path / "cut" / "td3_bc_checkpoint.npz").exists()
+    assert (tmp_path / "cut" / "td3_bc.checkpoint.npz").exists()
     monkeypatch.undo()
     capsys.readouterr()
     td.main(dataclasses.replace(args, resume=True))
     assert "at chunk 2/3" in capsys.readouterr().out  # only the last chunk ran again
-    assert not (tmp_path / "cut" / "td3_bc_checkpoint.npz").exists()
+    assert not (tmp_path / "cut" / "td3_bc.checkpoint.npz").exists()
     full, cut = np.load(full_run[0]), np.load(tmp_path / "cut" / "td3_bc.npz")
     for key in [k for k in full.files if k.startswith(("actor/", "critic1/", "critic2/", "eval/"))]:
         np.testing.assert_array_equal(full[key], cut[key], err_msg=key)
@@ -290,11 +290,13 @@ def test_bad_input_gives_one_sentence_and_leaves_out_untouched(tiny, tmp_path, c
     out = tmp_path / "out" / "td3_bc.npz"
     out.parent.mkdir()
     out.write_bytes(b"an earlier result")
-    if case == "resume_other_sizes":
+    args = _args(tiny, out, dataset=str(dataset), **kw)
+    if case == "resume_other_sizes":  # this run's identity, but not its sizes
         other = {"actor": np.zeros((2, 16, 16), np.float32), "critic": np.zeros((2, 2, 16), np.float32)}
-        td.save_checkpoint(str(out.parent / "td3_bc_checkpoint.npz"), other, 1, "empo/td3_bc-checkpoint/v1")
+        identity = td.run_identity(args, {"dataset": td.load_dataset(str(dataset))[1]})
+        td.save_checkpoint(td.checkpoint_path(str(out)), other, 1, "empo/td3_bc-checkpoint/v2", identity)
     with pytest.raises(td.InputError, match=message) as err:
-        td.main(_args(tiny, out, dataset=str(dataset), **kw))
+        td.main(args)
     assert "\n" not in str(err.value)
     assert out.read_bytes() == b"an earlier result"
     assert not (out.parent / "td3_bc_rollouts.png").exists()
