@@ -375,6 +375,9 @@ def validate_dataset(name: str, data: dict) -> dict:
     ids = data["episode_ids"]
     if sizes["N"] == 0:
         raise InputError(f"{name} holds no transitions")
+    for key, dim in (("observations", "obs_dim"), ("actions", "act_dim")):
+        if sizes[dim] == 0:
+            raise InputError(f"{name}: '{key}' has no features (shape {data[key].shape})")
     steps = np.diff(ids)
     if ids[0] != 0 or np.any((steps != 0) & (steps != 1)):
         raise InputError(f"{name}: 'episode_ids' must start at 0 and count up by one, trajectories contiguous")

@@ -91,8 +91,8 @@ def test_output_has_the_schema_shapes_and_figures(tiny, full_run):
     assert f["policy/params/MLP_0/Dense_3/kernel"].shape == (2, 32, 4)  # 3 hidden layers, then mean and log-std
     assert int(f["arch/hidden_dim"]) == 32 and int(f["arch/hidden_layers"]) == 3
     data, data_sha = bc.load_dataset(str(tiny / "tiny.npz"))
-    np.testing.assert_allclose(f["arch/obs_mean"], data["observations"].mean(0), rtol=1e-6)
-    np.testing.assert_allclose(f["arch/obs_std"], data["observations"].std(0) + 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(f["arch/obs_mean"], data["observations"].astype(np.float64).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(f["arch/obs_std"], data["observations"].astype(np.float64).std(0) + 1e-3, rtol=1e-6)
     np.testing.assert_array_equal(f["arch/action_scale"], np.abs(data["actions"]).max(0))
     assert json.loads(str(f["inputs"])) == {"dataset": data_sha}
     assert json.loads(str(f["args"]))["steps"] == 1800

@@ -190,8 +190,8 @@ def test_output_schema_shapes_and_figures(tiny, full_run):
         assert f[f"{critic}/params/Dense_3/kernel"].shape == (2, 32, 1)
     assert not np.array_equal(f["critic1/params/Dense_0/kernel"], f["critic2/params/Dense_0/kernel"])
     data, sha = td.load_dataset(str(tiny / "tiny.npz"))
-    np.testing.assert_allclose(f["arch/obs_mean"], data["observations"].mean(0), rtol=1e-5)
-    np.testing.assert_allclose(f["arch/obs_std"], data["observations"].std(0) + 1e-3, rtol=1e-5)
+    np.testing.assert_allclose(f["arch/obs_mean"], data["observations"].astype(np.float64).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(f["arch/obs_std"], data["observations"].astype(np.float64).std(0) + 1e-3, rtol=1e-5)
     np.testing.assert_allclose(f["arch/action_scale"], np.abs(data["actions"]).max(0))
     assert int(f["arch/hidden_dim"]) == 32 and int(f["arch/hidden_layers"]) == 3
     assert float(f["arch/gamma"]) == pytest.approx(0.999)
