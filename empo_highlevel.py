@@ -779,6 +779,8 @@ def load_cluster(path: str, data_sha: str, data_sizes: dict) -> tuple[dict, dict
     spec = {"assignments": ("int32", ("S", "N")), "arch/k": ("int64", ()), "arch/hidden_dim": ("int64", ()),
             "arch/hidden_layers": ("int64", ()), "arch/obs_mean": ("float32", ("obs_dim",)),
             "arch/obs_std": ("float32", ("obs_dim",))}
+    if not any(key.startswith("classifier/params/") for key in arrays):
+        raise InputError(f"{path} has no key 'classifier/params/...'")
     sizes = check_arrays(path, arrays, spec, data_sizes)
     check_arch(path, arrays)
     sizes["K"] = int(arrays["arch/k"])
@@ -799,18 +801,21 @@ def load_ppo(path: str, data_sha: str, cluster_path: str, cluster_sha: str, clus
     """Read and validate ppo.npz against the data set and cluster.npz (as read: its sha256 and arrays); returns
     (arrays, sizes with S and K, sha256 of the file as read)."""
     arrays, digest = load_npz(path, "empo/ppo/v1", digest=True)
+    if not any(key.startswith("pi/params/") for key in arrays):
+        raise InputError(f"{path} has no key 'pi/params/...'")
     spec = {"cluster_run": ("int64", ("S",)), "arch/k": ("int64", ()),
             "arch/action_scale": ("float32", ("act_dim",)), "arch/value_scale": ("float32", ())}
+    spec.update({key: ("float32", ("S", "K") + a.shape[2:]) for key, a in arrays.items()
+                 if key.startswith("pi/params/")})
     sizes = check_arrays(path, arrays, spec, {"act_dim": cluster_sizes["act_dim"]})
     check_arch(path, arrays)
-    if int(arrays["arch/k"]) != cluster_sizes["K"]:
-        raise InputError(f"{path} has K={int(arrays['arch/k'])} clusters but {cluster_path} has "
-                         f"K={cluster_sizes['K']}")
+    if int(arrays["arch/k"]) != sizes["K"]:
+        raise InputError(f"{path}: 'arch/k' is {int(arrays['arch/k'])} but its arrays hold K={sizes['K']} clusters")
+    if sizes["K"] != cluster_sizes["K"]:
+        raise InputError(f"{path} has K={sizes['K']} clusters but {cluster_path} has K={cluster_sizes['K']}")
     hidden = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])
     policy = GaussianPolicy(sizes["act_dim"], (1.0,) * sizes["act_dim"], *hidden)
     check_param_shapes(path, arrays, "pi/params", param_shapes(policy, cluster_sizes["obs_dim"]), 2)
-    sizes = check_arrays(path, arrays, {key: ("float32", ("S", "K") + a.shape[2:]) for key, a in arrays.items()
-                                        if key.startswith("pi/params/")}, dict(sizes, K=cluster_sizes["K"]))
     if made_from(arrays, "dataset") != data_sha:
         raise InputError(f"{path} was made from another data set (sha256 {str(made_from(arrays, 'dataset'))[:12]}"
                          f"..., this one is {data_sha[:12]}...)")

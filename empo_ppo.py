@@ -836,6 +836,9 @@ def load_cluster(path: str, data_sha: str, data_sizes: dict) -> tuple[dict, dict
             "arch/k": ("int64", ()), "arch/hidden_dim": ("int64", ()), "arch/hidden_layers": ("int64", ()),
             "arch/obs_mean": ("float32", ("obs_dim",)), "arch/obs_std": ("float32", ("obs_dim",)),
             "arch/action_scale": ("float32", ("act_dim",))}
+    for prefix in ("policy/params/", "classifier/params/"):
+        if not any(key.startswith(prefix) for key in arrays):
+            raise InputError(f"{path} has no key '{prefix}...'")
     sizes = check_arrays(path, arrays, spec, data_sizes)
     check_arch(path, arrays)
     if int(arrays["arch/k"]) != sizes["K"]:

@@ -898,9 +898,17 @@ def main(args: Args) -> None:
         raise InputError(f"--transitions-per-behaviour must be at least 1, got {args.transitions_per_behaviour}")
     if args.minari_id is not None:
         check_minari_id(args.minari_id)
+    row_bytes = 38  # obs, action, next obs: 2 float32 each; reward, episode id, label: 4 bytes; two flags
+    need = 2 * args.transitions_per_behaviour * row_bytes
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise InputError(f"--transitions-per-behaviour {args.transitions_per_behaviour} needs about {need / 2**30:.0f} "
+                         f"GiB for the data set, more than this machine's {have / 2**30:.0f} GiB")
     check_writable(args.out)
     if args.figure:
         check_writable(args.figure, [args.out])
+        if os.path.splitext(args.figure)[1].lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+            raise InputError(f"--figure {args.figure} must end in .png, .pdf, .svg or .jpg (the image format)")
     start = time.perf_counter()
     data = generate_dataset(args.seed, args.transitions_per_behaviour)
     validate_dataset(args.out, data)

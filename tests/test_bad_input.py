@@ -369,3 +369,13 @@ def test_outputs_follow_the_umask_and_stale_temporaries_are_removed(tmp_path):
     finally:
         os.umask(old)
     assert not stale.exists() and live.exists() and other.exists()
+
+
+@pytest.mark.parametrize("kw, message", [(dict(transitions_per_behaviour=10 ** 12), "GiB for the data set, more than"),
+                                         (dict(figure="map.npz"), "must end in .png"),
+                                         (dict(transitions_per_behaviour=0), "must be at least 1")])
+def test_nav_env_refuses_impossible_requests_before_writing(tmp_path, kw, message):
+    out = tmp_path / "nav.npz"
+    with pytest.raises(nav_env.InputError, match=message):
+        nav_env.main(nav_env.Args(out=str(out), **{"figure": None, **kw}))
+    assert os.listdir(tmp_path) == []

@@ -172,7 +172,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, mo
     monkeypatch.undo()
     capsys.readouterr()
     bc.main(dataclasses.replace(args, resume=True))
-    assert "at chunk 2/3" in capsys.readouterr().out  # only the last chunk ran again
+    assert "at unit 2/3" in capsys.readouterr().out  # only the last chunk ran again
     assert not (tmp_path / "cut" / "bc.checkpoint.npz").exists()
     full, cut = np.load(full_run[0]), np.load(tmp_path / "cut" / "bc.npz")
     for key in [k for k in full.files if k.startswith("policy/")]:
@@ -181,14 +181,14 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, mo
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
-    ("not_npz", "is not a readable .npz file"),
+    ("not_npz", "is not an .npz file"),
     ("schema", "has schema 'empo/other/v1', expected 'empo/dataset/v1'"),
     ("missing_key", "has no key 'actions'"),
     ("nan", "'actions' contains NaN"),
     ("steps", "--steps must be at least 1, got 0"),
     ("num_seeds", "--num-seeds must be at least 1, got 0"),
     ("batch_size", "--batch-size must be at least 1, got -5"),
-    ("eval_episodes", "--eval-episodes and --hidden-layers cannot be negative"),
+    ("eval_episodes", "--eval-episodes must be at least 0"),
     ("learning_rate", "--learning-rate must be positive, got 0.0"),
     ("out_is_folder", "it is a folder"),
 ])

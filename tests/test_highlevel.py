@@ -288,7 +288,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, mo
     monkeypatch.undo()
     capsys.readouterr()
     eh.main(dataclasses.replace(args, resume=True))
-    assert "at chunk 2/3" in capsys.readouterr().out  # only the last chunk ran again
+    assert "at unit 2/3" in capsys.readouterr().out  # only the last chunk ran again
     assert not (tmp_path / "cut" / "highlevel.checkpoint.npz").exists()
     full, cut = np.load(full_run[0]), np.load(tmp_path / "cut" / "highlevel.npz")
     for key in [k for k in full.files if k.startswith(("qh/", "vh/", "eval/"))]:

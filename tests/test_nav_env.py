@@ -592,7 +592,7 @@ def test_bad_files(small_dataset, subset, tmp_path):
     end0 = np.flatnonzero(d["episode_ids"] == 0)[-1]
     _bad(tmp_path / "absent.npz", "does not exist")
     (tmp_path / "text.npz").write_text("this is not a zip archive")
-    _bad(tmp_path / "text.npz", "not a readable .npz")
+    _bad(tmp_path / "text.npz", "is not an .npz file")
     _bad(_save_raw(tmp_path / "cluster.npz", d, "empo/cluster/v1"), "empo/cluster/v1", SCHEMA)
     _bad(_save_raw(tmp_path / "noschema.npz", d, None), "schema", SCHEMA)
     _bad(_save_raw(tmp_path / "nokey.npz", {k: v for k, v in d.items() if k != "rewards"}), "'rewards'")
@@ -647,7 +647,7 @@ def test_failed_save_keeps_the_existing_file(small_dataset, subset, tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "savez", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(nav_env.InputError, match="No space left on device"):
         nav_env.save_npz(str(path), subset(small_dataset, [1]), SCHEMA, {"good": False})
     monkeypatch.undo()
     assert nav_env.sha256_file(str(path)) == before

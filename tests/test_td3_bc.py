@@ -240,7 +240,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, mo
     monkeypatch.undo()
     capsys.readouterr()
     td.main(dataclasses.replace(args, resume=True))
-    assert "at chunk 2/3" in capsys.readouterr().out  # only the last chunk ran again
+    assert "at unit 2/3" in capsys.readouterr().out  # only the last chunk ran again
     assert not (tmp_path / "cut" / "td3_bc.checkpoint.npz").exists()
     full, cut = np.load(full_run[0]), np.load(tmp_path / "cut" / "td3_bc.npz")
     for key in [k for k in full.files if k.startswith(("actor/", "critic1/", "critic2/", "eval/"))]:
@@ -249,7 +249,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, mo
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
-    ("not_npz", "is not a readable .npz file"),
+    ("not_npz", "is not an .npz file"),
     ("schema", "has schema 'empo/cluster/v1'"),
     ("missing_key", "has no key 'terminals'"),
     ("nan", "NaN"),
