@@ -488,11 +488,13 @@ def stacked_apply(policy, params, obs, z):
 # Losses (one function per equation)
 # ----------------------------------------------------------------------------------------------
 
+@jax.jit
 def mc_returns(rewards, last, gamma: float):
     """Eq. (10): R(s_i) = r_i + gamma R(s_{i+1}) inside a trajectory, R = r on its last row.
 
     rewards [N], last [N] bool (the last row of a trajectory). A reverse associative scan of the
-    linear recurrence R_i = a_i R_{i+1} + r_i with a_i = gamma (1 - last_i): O(log N) depth.
+    linear recurrence R_i = a_i R_{i+1} + r_i with a_i = gamma (1 - last_i): O(log N) depth, one
+    compiled call (run op by op, the scan's levels cost a compilation each).
     """
     a = gamma * (1.0 - last.astype(rewards.dtype))
 
