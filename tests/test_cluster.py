@@ -182,7 +182,7 @@ def test_main_runs_the_heuristics_momentum_and_final_assignment_of_algorithm_1(t
     np.testing.assert_array_equal(uniform, np.float32(1.0 / 3))  # Eq. (7)
     np.testing.assert_array_equal(uniform_again, np.float32(1.0 / 3))
     em = [q for tag, q in seen[4:]]
-    np.testing.assert_array_equal(em[0], np.float32(1.0 / 3))  # the momentum starts from Q^(0) = 1/K, not from the split
+    np.testing.assert_array_equal(em[0], np.float32(1.0 / 3))  # the momentum starts from Q^(0) = 1/K, not the split
     for k in (1, 2):
         np.testing.assert_array_equal(em[2 * k], em[2 * k - 1])  # Q^(k) carried into the next epoch
 
