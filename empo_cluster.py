@@ -726,7 +726,7 @@ def main(args: Args) -> dict:
             if epoch == args.bias_epochs + args.pretrain_epochs:
                 q = q_uniform  # Q^(0) = 1/K (Eq. 7) is where the momentum of Eq. (5) starts
             state, q, log_post, loglik, metrics = compiled["em"](state, q, key, data)
-        if (epoch + 1) % max(args.checkpoint_every, 1) == 0 or epoch + 1 == total or (
+        if (args.checkpoint_every > 0 and (epoch + 1) % args.checkpoint_every == 0) or epoch + 1 == total or (
                 epoch + 1 < total and schedule[epoch + 1] != phase):
             save_checkpoint(ckpt_path, (state, q), epoch + 1, "empo/cluster-checkpoint/v1")
         metrics = jax.device_get(metrics)

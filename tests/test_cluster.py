@@ -198,6 +198,15 @@ def test_main_runs_the_heuristics_momentum_and_final_assignment_of_algorithm_1(t
     assert len(np.unique(f["assignments"])) >= 2
 
 
+@pytest.mark.parametrize("every, units", [(0, [1, 3, 6]), (2, [1, 2, 3, 4, 6])])
+def test_checkpoints_after_every_phase_and_every_n_epochs(tiny_path, tmp_path, monkeypatch, every, units):
+    """--checkpoint-every 0 writes checkpoints at the phase ends only (N_b = 1, N_p = 2, N_E = 3: epochs 1, 3, 6)."""
+    saved = []
+    monkeypatch.setattr(ec, "save_checkpoint", lambda path, state, unit, schema: saved.append(unit))
+    ec.main(_tiny_args(tiny_path, tmp_path / "cluster.npz", checkpoint_every=every))
+    assert saved == units
+
+
 def test_interrupted_run_resumes_to_the_same_result(tiny_path, tmp_path, monkeypatch):
     ec.main(_tiny_args(tiny_path, tmp_path / "full" / "cluster.npz", checkpoint_every=1))
     calls = []
