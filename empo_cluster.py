@@ -472,8 +472,12 @@ def e_step_log_posterior(log_probs, episode_ids, num_episodes: int):
 
 
 def m_step_loss(log_probs, weights):
-    """Eq. (6): l_M = -sum_z Q^(k)(z | tau(s,a)) log beta(a | s; theta_z), averaged over the batch."""
-    return -jnp.mean(jnp.sum(weights * log_probs, axis=1))  # Eq. (6)
+    """Eq. (4)/(6): l_M = -sum_z Q(z | tau(s,a)) log beta(a | s; theta_z), averaged over the batch.
+
+    Eq. (4) with the posterior Q_Theta_k as weights, Eq. (6) with its moving average Q^(k) (what Algorithm 1
+    runs; Q^(-1) and Q^(0) of Eq. 7-8 in the first phases).
+    """
+    return -jnp.mean(jnp.sum(weights * log_probs, axis=1))  # Eq. (4), Eq. (6)
 
 
 def classifier_loss(logits, weights):
