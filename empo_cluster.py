@@ -349,6 +349,8 @@ def validate_dataset(name: str, data: dict) -> dict:
         raise InputError(f"{name}: a terminal or timeout flag stands inside a trajectory, not at its end")
     if np.any(last & ~ends):
         raise InputError(f"{name}: a trajectory ends with neither a terminal nor a timeout flag")
+    if np.any(data["terminals"] & data["timeouts"]):
+        raise InputError(f"{name}: a trajectory ends with both a terminal and a timeout flag (exactly one is allowed)")
     return sizes
 
 
@@ -369,8 +371,8 @@ def _load_minari(ids: list) -> dict:
             parts.append(dict(
                 observations=obs[:-1], actions=np.asarray(ep.actions, np.float32).reshape(n, -1),
                 rewards=np.asarray(ep.rewards, np.float32), next_observations=obs[1:], terminals=term,
-                # a trajectory that stops without a terminal is a timeout, whatever the flags say
-                timeouts=np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1) & ~term,
+                # a trajectory that stops without a terminal is a timeout, whatever the flags say; a terminal never is
+                timeouts=(np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1)) & ~term,
                 episode_ids=np.full(n, first_episode, np.int32), behaviour=np.full(n, label, np.int32)))
             first_episode += 1
     if not parts:
@@ -596,8 +598,12 @@ def e_step_log_posterior(log_probs, episode_ids, num_episodes: int):
 
 
 def m_step_loss(log_probs, weights):
-    """Eq. (6): l_M = -sum_z Q^(k)(z | tau(s,a)) log beta(a | s; theta_z), averaged over the batch."""
-    return -jnp.mean(jnp.sum(weights * log_probs, axis=1))  # Eq. (6)
+    """Eq. (4)/(6): l_M = -sum_z Q(z | tau(s,a)) log beta(a | s; theta_z), averaged over the batch.
+
+    Eq. (4) with the posterior Q_Theta_k as weights, Eq. (6) with its moving average Q^(k) (what Algorithm 1
+    runs; Q^(-1) and Q^(0) of Eq. 7-8 in the first phases).
+    """
+    return -jnp.mean(jnp.sum(weights * log_probs, axis=1))  # Eq. (4), Eq. (6)
 
 
 def classifier_loss(logits, weights):
@@ -924,7 +930,7 @@ def main(args: Args) -> dict:
                 for i, s in enumerate(scores[:, 0]):
                     writer.add_scalar(f"eval/rand_index_seed/{seeds[i]}", float(s), step)
                 fields["rand_index"] = float(scores[:, 0].mean())
-        if (epoch + 1) % max(args.checkpoint_every, 1) == 0 or epoch + 1 == total or (
+        if (args.checkpoint_every > 0 and (epoch + 1) % args.checkpoint_every == 0) or epoch + 1 == total or (
                 epoch + 1 < total and schedule[epoch + 1] != phase):
             save_checkpoint(ckpt_path, (state, q, history), epoch + 1, "empo/cluster-checkpoint/v2", identity)
         if step % args.log_every == 0 or step == total:

@@ -11,7 +11,7 @@ Output  ``ppo.npz`` (schema empo/ppo/v1) and TensorBoard logs in ``<out folder>/
         per cluster on the navigation task), plus args, producer and inputs.
 
 Equation map
-    Eq. (10)  R(s_i) = sum_t gamma^t r_t (per trajectory)          -> mc_returns
+    Eq. (10)  R(s_i) = sum_t gamma^t r_{i+t} (interpretation 8)     -> mc_returns
     Eq. (11)  l_Q = [Q(s,a)_A(s,a) - (r + gamma Q_bar(s',a')_A(s',a'))]^2 -> sarsa_target, q_loss
     Eq. (12)  l_V = [V(s)_A(s,a) - R(s)]^2                          -> v_loss
     Eq. (13)  psi_bar <- (1 - tau_Q) psi_bar + tau_Q psi, every n_Q -> make_q_chunk
@@ -45,6 +45,9 @@ Interpretations and deviations
        --seed 3 --first-run 2 --num-seeds 8 adds seeds 3..10 to an earlier run of seeds 1 and 2.
     7. Evaluation (navigation task only, never used for selection): beta_z and pi_L(.|s, z) run
        alone from s_0 with their mean action, --eval-episodes rollouts each.
+    8. Eq. (10) as printed, R(s_i) = sum_{t=0}^{T-i} gamma^t r_t, indexes the rewards from the start of
+       the trajectory whatever i is; read as the return from s_i, R(s_i) = sum_{t=0}^{T-i} gamma^t r_{i+t}
+       (the sample return of §3.2 that V(s) regresses on, Eq. 12), i.e. R_i = r_i + gamma R_{i+1}.
 
 Example
     python empo_ppo.py --dataset data/nav.npz --cluster runs/nav/cluster.npz --out runs/nav/ppo.npz
@@ -384,6 +387,8 @@ def validate_dataset(name: str, data: dict) -> dict:
         raise InputError(f"{name}: a terminal or timeout flag stands inside a trajectory, not at its end")
     if np.any(last & ~ends):
         raise InputError(f"{name}: a trajectory ends with neither a terminal nor a timeout flag")
+    if np.any(data["terminals"] & data["timeouts"]):
+        raise InputError(f"{name}: a trajectory ends with both a terminal and a timeout flag (exactly one is allowed)")
     return sizes
 
 
@@ -404,8 +409,8 @@ def _load_minari(ids: list) -> dict:
             parts.append(dict(
                 observations=obs[:-1], actions=np.asarray(ep.actions, np.float32).reshape(n, -1),
                 rewards=np.asarray(ep.rewards, np.float32), next_observations=obs[1:], terminals=term,
-                # a trajectory that stops without a terminal is a timeout, whatever the flags say
-                timeouts=np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1) & ~term,
+                # a trajectory that stops without a terminal is a timeout, whatever the flags say; a terminal never is
+                timeouts=(np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1)) & ~term,
                 episode_ids=np.full(n, first_episode, np.int32), behaviour=np.full(n, label, np.int32)))
             first_episode += 1
     if not parts:
@@ -614,11 +619,13 @@ def check_param_shapes(name: str, arrays: dict, prefix: str, template, lead: int
 # Losses (one function per equation)
 # ----------------------------------------------------------------------------------------------
 
+@jax.jit
 def mc_returns(rewards, last, gamma: float):
     """Eq. (10): R(s_i) = r_i + gamma R(s_{i+1}) inside a trajectory, R = r on its last row.
 
     rewards [N], last [N] bool (the last row of a trajectory). A reverse associative scan of the
-    linear recurrence R_i = a_i R_{i+1} + r_i with a_i = gamma (1 - last_i): O(log N) depth.
+    linear recurrence R_i = a_i R_{i+1} + r_i with a_i = gamma (1 - last_i): O(log N) depth, one
+    compiled call (run op by op, the scan's levels cost a compilation each).
     """
     a = gamma * (1.0 - last.astype(rewards.dtype))
 
@@ -647,7 +654,7 @@ def q_loss(q_sa, target):
 
 def v_loss(v_s, returns):
     """Eq. (12): mean of [V(s; phi)^T e_A(s,a) - R(s)]^2 over the batch."""
-    return jnp.mean((v_s - returns) ** 2)
+    return jnp.mean((v_s - returns) ** 2)  # Eq. (12)
 
 
 def ppo_surrogate(log_pi, log_beta, advantage, clip: float):
@@ -702,7 +709,7 @@ def make_q_chunk(args: Args, q_net, tx, num_rows: int, action_scale):
         q_step = state.q_step + 1
         refresh = (q_step % args.q_target_every) == 0  # Eq. (13), every n_Q steps
         q_target = jax.tree.map(lambda t, p: jnp.where(refresh, (1 - args.q_target_rate) * t + args.q_target_rate * p,
-                                                       t), state.q_target, q)
+                                                       t), state.q_target, q)  # Eq. (13)
         return state.replace(q=q, q_opt=q_opt, q_target=q_target, q_step=q_step), {
             "losses/q": loss, "charts/q_target_mean": jnp.mean(target)}
 

@@ -377,6 +377,8 @@ def validate_dataset(name: str, data: dict) -> dict:
         raise InputError(f"{name}: a terminal or timeout flag stands inside a trajectory, not at its end")
     if np.any(last & ~ends):
         raise InputError(f"{name}: a trajectory ends with neither a terminal nor a timeout flag")
+    if np.any(data["terminals"] & data["timeouts"]):
+        raise InputError(f"{name}: a trajectory ends with both a terminal and a timeout flag (exactly one is allowed)")
     return sizes
 
 
@@ -397,8 +399,8 @@ def _load_minari(ids: list) -> dict:
             parts.append(dict(
                 observations=obs[:-1], actions=np.asarray(ep.actions, np.float32).reshape(n, -1),
                 rewards=np.asarray(ep.rewards, np.float32), next_observations=obs[1:], terminals=term,
-                # a trajectory that stops without a terminal is a timeout, whatever the flags say
-                timeouts=np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1) & ~term,
+                # a trajectory that stops without a terminal is a timeout, whatever the flags say; a terminal never is
+                timeouts=(np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1)) & ~term,
                 episode_ids=np.full(n, first_episode, np.int32), behaviour=np.full(n, label, np.int32)))
             first_episode += 1
     if not parts:

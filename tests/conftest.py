@@ -23,6 +23,27 @@ SMALL_SEED = 0
 SMALL_TRANSITIONS_PER_BEHAVIOUR = 20_000  # about 27 + 36 episodes, about 40k rows, ~2 s on 2 CPU cores
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_once(tmp_path_factory):
+    """Tests run the stages' main() many times with the same sizes, and each run builds new jitted functions: a
+    persistent compilation cache for the session lets XLA compile each program once (the cache is keyed by the
+    program, so results are unchanged). The settings are restored afterwards."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    saved = {name: getattr(jax.config, name) for name in (
+        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes")}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="session")
 def small_dataset_target() -> int:
     """The ``transitions_per_behaviour`` the small data set was generated with."""

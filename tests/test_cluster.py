@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import np_reference as ref
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, rand_score
@@ -32,7 +33,7 @@ def _np_log_normal(mean, log_std, a):
     return np.sum(-0.5 * ((a - mean) / np.exp(log_std)) ** 2 - log_std - 0.5 * np.log(2 * np.pi), axis=-1)
 
 
-def test_e_step_posterior_and_momentum_match_numpy():
+def test_e_step_posterior_matches_numpy():
     rng = np.random.default_rng(0)
     n, k, e = 40, 3, 5
     log_probs = rng.normal(size=(n, k)).astype(np.float32) * 30  # large sums: log space matters
@@ -43,12 +44,6 @@ def test_e_step_posterior_and_momentum_match_numpy():
     ref /= ref.sum(1, keepdims=True)
     np.testing.assert_allclose(loglik, sums, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(np.exp(log_post), ref, atol=1e-5)
-    # Eq. (5) as make_em_epoch applies it
-    q_prev = rng.dirichlet(np.ones(k), e)
-    mu = 0.9
-    q = mu * q_prev + (1 - mu) * np.exp(np.asarray(log_post))
-    np.testing.assert_allclose(q, mu * q_prev + (1 - mu) * ref, atol=1e-5)
-    np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-5)
 
 
 def test_padding_rows_are_dropped_from_the_posterior():
@@ -132,13 +127,84 @@ def test_same_seed_same_output_and_vmapped_seeds_are_separate_runs(tiny_path, tm
     assert not np.allclose(a["policy/params/MLP_0/Dense_0/kernel"][0], a["policy/params/MLP_0/Dense_0/kernel"][1])
 
 
-def test_k1_and_k3_run(tiny_path, tmp_path):
-    s1 = ec.main(_tiny_args(tiny_path, tmp_path / "k1.npz", k=1))
-    ec.main(_tiny_args(tiny_path, tmp_path / "k3.npz", k=3))
-    f1, f3 = np.load(tmp_path / "k1.npz"), np.load(tmp_path / "k3.npz")
-    assert np.all(f1["assignments"] == 0) and f1["posterior"].shape[-1] == 1
-    assert f3["posterior"].shape[-1] == 3 and set(np.unique(f3["assignments"])) <= {0, 1, 2}
-    assert s1["rand_index"][0] < 0.6  # one cluster cannot tell two behaviours apart
+def test_k1_gives_the_rand_index_of_a_single_cluster(tiny_path, tmp_path):
+    summary = ec.main(_tiny_args(tiny_path, tmp_path / "k1.npz", k=1))
+    f = np.load(tmp_path / "k1.npz")
+    assert np.all(f["assignments"] == 0) and f["posterior"].shape[-1] == 1
+    np.testing.assert_array_equal(f["posterior"], 1.0)
+    # One cluster: a pair of transitions is counted as agreeing exactly when both come from the same behaviour.
+    counts = np.bincount(nav_env.load_dataset(str(tiny_path))[0]["behaviour"]).astype(np.float64)
+    n = counts.sum()
+    assert summary["rand_index"][0] == pytest.approx(np.sum(counts * (counts - 1)) / (n * (n - 1)), abs=1e-12)
+    assert summary["adjusted_rand_index"][0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_main_runs_the_heuristics_momentum_and_final_assignment_of_algorithm_1(tiny_path, tmp_path, monkeypatch):
+    """What main feeds the training functions, phase by phase (K = 3, mu = 0.6): the one-hot random split
+    Q^(-1) in the N_b epochs (Eq. 8), Q^(0) = 1/K in the N_p epochs and as the start of the momentum (Eq. 7), each
+    EM epoch's Q^(k) into the next (Eq. 5); then the stored posterior is Eq. (3) at the final parameters
+    (NumPy) and the assignments its argmax (Eq. 9)."""
+    seen = []
+    real_m_epoch, real_em_epoch = ec.make_m_epoch, ec.make_em_epoch
+    record = lambda tag: lambda q: seen.append((tag, np.asarray(q)))
+
+    def m_epoch_spy(args, policy, classifier, tx, num_rows, train_classifier):
+        epoch = real_m_epoch(args, policy, classifier, tx, num_rows, train_classifier)
+        if train_classifier:  # the EM epochs' M-step, seen through em_epoch below
+            return epoch
+
+        def spied(state, q, key, data):
+            jax.debug.callback(record("m"), q)
+            return epoch(state, q, key, data)
+
+        return spied
+
+    def em_epoch_spy(args, e_step, m_epoch):
+        epoch = real_em_epoch(args, e_step, m_epoch)
+
+        def spied(state, q_prev, key, data):
+            jax.debug.callback(record("em_in"), q_prev)
+            out = epoch(state, q_prev, key, data)
+            jax.debug.callback(record("em_out"), out[1])
+            return out
+
+        return spied
+
+    monkeypatch.setattr(ec, "make_m_epoch", m_epoch_spy)
+    monkeypatch.setattr(ec, "make_em_epoch", em_epoch_spy)
+    ec.main(_tiny_args(tiny_path, tmp_path / "k3.npz", k=3, bias_epochs=2, pretrain_epochs=2, em_epochs=3,
+                       momentum=0.6))
+    assert [tag for tag, _ in seen] == ["m"] * 4 + ["em_in", "em_out"] * 3
+    (_, split), (_, split_again), (_, uniform), (_, uniform_again) = seen[:4]
+    np.testing.assert_array_equal(split, split_again)  # one random split for all N_b epochs
+    assert set(np.unique(split)) == {0.0, 1.0} and np.all(split.sum(1) == 1)  # Eq. (8): one-hot per trajectory
+    assert set(split.argmax(1)) == {0, 1, 2}
+    np.testing.assert_array_equal(uniform, np.float32(1.0 / 3))  # Eq. (7)
+    np.testing.assert_array_equal(uniform_again, np.float32(1.0 / 3))
+    em = [q for tag, q in seen[4:]]
+    np.testing.assert_array_equal(em[0], np.float32(1.0 / 3))  # the momentum starts from Q^(0) = 1/K, not the split
+    for k in (1, 2):
+        np.testing.assert_array_equal(em[2 * k], em[2 * k - 1])  # Q^(k) carried into the next epoch
+
+    f = np.load(tmp_path / "k3.npz")
+    data = nav_env.load_dataset(str(tiny_path))[0]
+    obs = (data["observations"] - f["arch/obs_mean"]) / f["arch/obs_std"]
+    params = ec.unflatten_params("policy/params", f)
+    log_probs = np.stack([ref.log_normal(*ref.gaussian_policy(ref.pick(params, (0, z)), obs, f["arch/action_scale"]),
+                                         data["actions"]) for z in range(3)], axis=1)  # [N, K]
+    sums = np.stack([log_probs[data["episode_ids"] == e].sum(0) for e in range(f["posterior"].shape[1])])
+    np.testing.assert_allclose(f["posterior"][0], np.exp(ref.log_softmax(sums)), atol=1e-4)  # Eq. (3)
+    np.testing.assert_array_equal(f["assignments"][0], f["posterior"][0].argmax(1)[data["episode_ids"]])  # Eq. (9)
+    assert len(np.unique(f["assignments"])) >= 2
+
+
+@pytest.mark.parametrize("every, units", [(0, [1, 3, 6]), (2, [1, 2, 3, 4, 6])])
+def test_checkpoints_after_every_phase_and_every_n_epochs(tiny_path, tmp_path, monkeypatch, every, units):
+    """--checkpoint-every 0 writes checkpoints at the phase ends only (N_b = 1, N_p = 2, N_E = 3: epochs 1, 3, 6)."""
+    saved = []
+    monkeypatch.setattr(ec, "save_checkpoint", lambda path, state, unit, schema, identity: saved.append(unit))
+    ec.main(_tiny_args(tiny_path, tmp_path / "cluster.npz", checkpoint_every=every))
+    assert saved == units
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_path, tmp_path, monkeypatch):

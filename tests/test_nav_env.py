@@ -549,6 +549,20 @@ def test_minari_ids_are_concatenated_and_labelled_by_index(small_dataset, subset
     np.testing.assert_array_equal(data["episode_ids"], renumbered)
 
 
+@MINARI_WARNINGS
+def test_minari_step_both_terminated_and_truncated_is_a_terminal(small_dataset, subset, minari_store):
+    """Gymnasium's TimeLimit can report terminated and truncated on the same step; the loader keeps the terminal."""
+    tiny = subset(small_dataset, [0, 30])
+    end0 = np.flatnonzero(tiny["episode_ids"] == 0)[-1]
+    assert tiny["terminals"][end0]
+    both = dict(tiny, timeouts=tiny["timeouts"].copy())
+    both["timeouts"][end0] = True
+    nav_env.write_minari("empotest/nav/both-v0", both)
+    data, _ = nav_env.load_dataset("empotest/nav/both-v0")
+    np.testing.assert_array_equal(data["terminals"], tiny["terminals"])
+    np.testing.assert_array_equal(data["timeouts"], tiny["timeouts"])
+
+
 def test_minari_id_not_stored_locally(minari_store):
     with pytest.raises(nav_env.InputError) as err:
         nav_env.load_dataset("empotest/nav/absent-v0")
@@ -619,6 +633,13 @@ def test_bad_files(small_dataset, subset, tmp_path):
         return x
 
     _bad(_save_raw(tmp_path / "early.npz", _changed(d, "timeouts", early_end)), "inside a trajectory")
+
+    def both_ends(x):
+        x[end0] = True  # episode 0 ends in a terminal: now in a timeout as well
+        return x
+
+    assert d["terminals"][end0] and not d["timeouts"][end0]
+    _bad(_save_raw(tmp_path / "both.npz", _changed(d, "timeouts", both_ends)), "both a terminal and a timeout")
     _bad(_save_raw(tmp_path / "ids.npz", _changed(d, "episode_ids", lambda x: x + 1)), "'episode_ids'")
     objects = dict(d, rewards=np.array([object()] * len(d["rewards"])))
     _bad(_save_raw(tmp_path / "pickle.npz", objects), "not a readable .npz")  # never unpickled

@@ -126,34 +126,65 @@ def test_chunked_full_batch_gradient_equals_the_one_shot_gradient():
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(one_shot_grad)) > 0
 
 
-def _bandit(path, n=3000, best=0.15):
-    """One-step episodes: reward -10 |a_0 - best|, a ~ U(A); the better action is a_0 = best."""
+def _two_cluster_problem(root, episodes=400, length=3, better=(0.1, -0.1)):
+    """Trajectories of 3 steps in [0, 1]^2, each run by cluster z (chosen at random per trajectory) with uniform
+    actions in [-0.2, 0.2]^2. A step of cluster z costs 10 |a_0 - better[z]|: the clusters' better actions differ
+    (a_1 is free). Half the trajectories end in a terminal, half by a timeout, so most rows bootstrap.
+
+    Written with the cluster.npz that stage 1 would give if it found the clusters: the assignments, and for both
+    clusters the behaviour's policy beta = N(0, 0.115^2) (the std of the uniform actions) in every state.
+    Returns the states.
+    """
     rng = np.random.default_rng(7)
-    obs = rng.uniform(0, 1, size=(n, 2)).astype(np.float32)
-    actions = rng.uniform(-0.2, 0.2, size=(n, 2)).astype(np.float32)
-    data = dict(observations=obs, actions=actions, rewards=(-10 * np.abs(actions[:, 0] - best)).astype(np.float32),
-                next_observations=obs, terminals=np.ones(n, bool), timeouts=np.zeros(n, bool),
-                episode_ids=np.arange(n, dtype=np.int32), behaviour=np.zeros(n, np.int32))
-    nav_env.save_npz(str(path), data, nav_env.DATASET_SCHEMA, {})
-    return obs
+    n = episodes * length
+    obs = rng.uniform(0, 1, (n, 2)).astype(np.float32)
+    actions = rng.uniform(-0.2, 0.2, (n, 2)).astype(np.float32)
+    z = np.repeat(rng.integers(0, 2, episodes), length).astype(np.int32)
+    last = np.arange(n) % length == length - 1
+    terminal_episode = np.repeat(np.arange(episodes) % 2 == 0, length)
+    data = dict(observations=obs, actions=actions,
+                rewards=(-10 * np.abs(actions[:, 0] - np.asarray(better)[z])).astype(np.float32),
+                next_observations=rng.uniform(0, 1, (n, 2)).astype(np.float32), terminals=last & terminal_episode,
+                timeouts=last & ~terminal_episode, episode_ids=np.repeat(np.arange(episodes), length).astype(np.int32),
+                behaviour=z)
+    nav_env.save_npz(str(root / "data.npz"), data, nav_env.DATASET_SCHEMA, {})
+    action_scale = np.abs(actions).max(0)
+    policy = ep.GaussianPolicy(2, tuple(action_scale.tolist()), 32, 2)
+    params = policy.init(jax.random.key(0), jnp.zeros((1, 2)))["params"]
+    log_std_pre = np.arctanh((np.log(0.115) - ep.LOG_STD_MIN) / (0.5 * (ep.LOG_STD_MAX - ep.LOG_STD_MIN)) - 1.0)
+    params["MLP_0"]["Dense_2"] = {"kernel": jnp.zeros((32, 4)),
+                                  "bias": jnp.asarray([0.0, 0.0, log_std_pre, log_std_pre])}
+    stacked = jax.tree.map(lambda x: jnp.stack([x, x])[None], params)  # [S = 1, K = 2, ...]
+    cluster = {**ep.flatten_params("policy/params", stacked),
+               "posterior": np.eye(2, dtype=np.float32)[z[::length]][None], "assignments": z[None],
+               "arch/k": np.int64(2), "arch/obs_dim": np.int64(2), "arch/act_dim": np.int64(2),
+               "arch/hidden_dim": np.int64(32), "arch/hidden_layers": np.int64(2),
+               "arch/obs_mean": obs.mean(0), "arch/obs_std": obs.std(0) + np.float32(1e-3),
+               "arch/action_scale": action_scale, "arch/log_std_range": np.asarray([ep.LOG_STD_MIN, ep.LOG_STD_MAX],
+                                                                                   np.float32)}
+    ep.save_npz(str(root / "cluster.npz"), cluster, "empo/cluster/v1", {},
+                {"dataset": ep.load_dataset(str(root / "data.npz"))[1]})
+    return obs, z
 
 
-def test_improved_policy_moves_toward_the_better_action(tmp_path):
-    obs = _bandit(tmp_path / "bandit.npz")
-    ec.main(ec.Args(dataset=str(tmp_path / "bandit.npz"), out=str(tmp_path / "cluster.npz"), k=1, bias_epochs=0,
-                    pretrain_epochs=0, em_epochs=20, hidden_dim=32, log_every=1000))
-    ep.main(ep.Args(dataset=str(tmp_path / "bandit.npz"), cluster=str(tmp_path / "cluster.npz"),
-                    out=str(tmp_path / "ppo.npz"), q_steps=3000, v_epochs=5, pi_epochs=30, learning_rate=1e-3,
-                    eval_episodes=0))
+def test_each_clusters_policy_moves_toward_its_own_better_action(tmp_path):
+    """K = 2 with bootstrapping rows: pi_L(.|s, 0) moves toward a_0 = +0.1, pi_L(.|s, 1) toward a_0 = -0.1, from the
+    same behaviour policy. An advantage from the wrong head, or a wrong sign, moves a policy the wrong way."""
+    obs, z = _two_cluster_problem(tmp_path)
+    ep.main(ep.Args(dataset=str(tmp_path / "data.npz"), cluster=str(tmp_path / "cluster.npz"),
+                    out=str(tmp_path / "ppo.npz"), q_steps=2000, steps_per_call=2000, v_epochs=3, pi_epochs=20,
+                    learning_rate=1e-3, eval_episodes=0))
     c, p = np.load(tmp_path / "cluster.npz"), np.load(tmp_path / "ppo.npz")
-    policy = ep.GaussianPolicy(2, (0.2, 0.2), 32, 3)
-    norm = (obs[:200] - p["arch/obs_mean"]) / p["arch/obs_std"]
-    mean = lambda f, prefix: np.asarray(policy.apply(
-        {"params": jax.tree.map(lambda x: x[0, 0], ep.unflatten_params(prefix, f))}, norm)[0])
-    before, after = mean(c, "policy/params"), mean(p, "pi/params")
-    assert np.abs(before[:, 0].mean()) < 0.05  # beta is the uniform behaviour: mean near 0
-    assert after[:, 0].mean() > before[:, 0].mean() + 0.03  # toward a_0 = 0.15
-    assert np.abs(after[:, 1].mean() - before[:, 1].mean()) < after[:, 0].mean() - before[:, 0].mean()
+    policy = ep.GaussianPolicy(2, tuple(p["arch/action_scale"].tolist()), 32, 2)
+    norm = (obs - p["arch/obs_mean"]) / p["arch/obs_std"]
+    mean = lambda f, prefix, k: np.asarray(policy.apply(
+        {"params": jax.tree.map(lambda x: x[0, k], ep.unflatten_params(prefix, f))}, norm)[0])
+    for k, sign in ((0, 1.0), (1, -1.0)):
+        before, after = mean(c, "policy/params", k), mean(p, "pi/params", k)
+        np.testing.assert_allclose(before, 0.0, atol=1e-6)  # beta: mean action 0 in every state
+        shift = after.mean(0) - before.mean(0)
+        assert sign * shift[0] > 0.015, (k, shift)  # toward better[k]
+        assert abs(shift[1]) < 0.5 * abs(shift[0]), (k, shift)  # the free dimension moves less
 
 
 def test_same_seed_same_output_and_vmapped_seeds_are_separate_runs(tiny, tmp_path):

@@ -23,25 +23,6 @@ import td3_bc as td  # noqa: E402
 EVAL_KEYS = ("return", "goal", "penalty_steps", "length", "optimal_route")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_once(tmp_path_factory):
-    """main() runs several times below with the same sizes, and builds new jitted functions each time: a temporary
-    persistent compilation cache lets XLA compile each program once. The settings are restored afterwards."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    saved = {name: getattr(jax.config, name) for name in (
-        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes")}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A small navigation data set (about 9k rows) as an .npz file."""
