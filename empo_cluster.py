@@ -2,7 +2,8 @@
 
 Paper: §3.1 (Algorithm 1, heuristics I-III, Eq. 3-9), §3.3 (classifier), Tables 3-5.
 
-Input   a data set: ``--dataset data/nav.npz`` (schema empo/dataset/v1) or Minari ids, comma-separated.
+Input   a data set: ``--dataset data/nav.npz`` (schema empo/dataset/v1), or D4RL .hdf5 files or Minari ids,
+        comma-separated.
 Output  ``cluster.npz`` (schema empo/cluster/v1) and TensorBoard logs in ``<out folder>/cluster``:
         policy/params/... [S, K, ...] the K Gaussian policies beta(a|s; theta_z) of every seed,
         classifier/params/... [S, ...] q(z|s; phi), posterior [S, E, K] (Q_Theta*, Eq. 3),
@@ -81,9 +82,10 @@ class Args:
     # --- experiment ---
     preset: Literal["nav", "d4rl"] = "nav"
     """the defaults of every other flag: 'nav' = Table 4's didactic column (the navigation task), 'd4rl' = its D4RL
-    column (N_E 100, hidden 256; halfcheetah medium-expert from Minari); flags given on the command line override it"""
+    column (N_E 100, hidden 256; halfcheetah medium + expert, D4RL v2 files in data/d4rl); flags given on the
+    command line override it"""
     dataset: str = "data/nav.npz"
-    """data set: an .npz (schema empo/dataset/v1) or comma-separated Minari ids (index = label)"""
+    """data set: an .npz (schema empo/dataset/v1), or comma-separated D4RL .hdf5 files or Minari ids (index = label)"""
     out: str = "runs/nav/cluster.npz"
     """output file (schema empo/cluster/v1); TensorBoard logs go to the folder 'cluster' beside it"""
     seed: int = 1
@@ -123,7 +125,7 @@ class Args:
 
 PRESETS = {  # Table 4: the didactic column and the D4RL column (Appendix B: hidden 64 / 256)
     "nav": Args(),
-    "d4rl": Args(preset="d4rl", dataset="mujoco/halfcheetah/medium-v0,mujoco/halfcheetah/expert-v0",
+    "d4rl": Args(preset="d4rl", dataset="data/d4rl/halfcheetah_medium-v2.hdf5,data/d4rl/halfcheetah_expert-v2.hdf5",
                  out="runs/halfcheetah-medium-expert/cluster.npz", em_epochs=100, hidden_dim=256),
 }
 

@@ -84,10 +84,10 @@ class Args:
     # --- experiment ---
     preset: Literal["nav", "d4rl"] = "nav"
     """the defaults of every other flag: 'nav' = Table 4's didactic column (the navigation task), 'd4rl' = its D4RL
-    column (gamma 0.99, N_Q 1.5M, N_V 40, N_pi 100; halfcheetah medium-expert from Minari); flags given on the
-    command line override it"""
+    column (gamma 0.99, N_Q 1.5M, N_V 40, N_pi 100; halfcheetah medium + expert, D4RL v2 files in data/d4rl);
+    flags given on the command line override it"""
     dataset: str = "data/nav.npz"
-    """data set: an .npz (schema empo/dataset/v1) or comma-separated Minari ids, the one stage 1 used"""
+    """data set: an .npz, D4RL .hdf5 files or Minari ids (as stage 1), the one stage 1 used"""
     cluster: str = "runs/nav/cluster.npz"
     """stage-1 output (schema empo/cluster/v1): the policies Theta_hat* and the assignments A(s, a)"""
     out: str = "runs/nav/ppo.npz"
@@ -104,9 +104,15 @@ class Args:
     """episodes of each beta_z and pi_L(.|s, z): JAX rollouts from s_0 (navigation task) or episodes in the
     Minari data set's Gymnasium environment (MuJoCo); 0 skips the evaluation"""
     ref_min_score: Optional[float] = None
-    """reference return of score 0 for the normalised score (default: the Minari data set's ref_min_score)"""
+    """reference return of score 0 for the normalised score (default: D4RL's random return for a D4RL task's
+    environment, else the Minari data set's ref_min_score)"""
     ref_max_score: Optional[float] = None
-    """reference return of score 100 for the normalised score (default: the Minari data set's ref_max_score)"""
+    """reference return of score 100 for the normalised score (default: D4RL's expert return for a D4RL task's
+    environment, else the Minari data set's ref_max_score)"""
+    eval_env: str = ""
+    """Gymnasium environment to evaluate in (default: for D4RL files the task's -v4 environment from the file
+    names, e.g. halfcheetah_*.hdf5 -> HalfCheetah-v4; for Minari ids the recorded one; an .npz of a MuJoCo task
+    needs it)"""
     # --- algorithm (Table 4, didactic column) ---
     gamma: float = 0.999
     """gamma: discount factor"""
@@ -138,7 +144,7 @@ class Args:
 
 PRESETS = {  # Table 4: the didactic column and the D4RL column
     "nav": Args(),
-    "d4rl": Args(preset="d4rl", dataset="mujoco/halfcheetah/medium-v0,mujoco/halfcheetah/expert-v0",
+    "d4rl": Args(preset="d4rl", dataset="data/d4rl/halfcheetah_medium-v2.hdf5,data/d4rl/halfcheetah_expert-v2.hdf5",
                  cluster="runs/halfcheetah-medium-expert/cluster.npz", out="runs/halfcheetah-medium-expert/ppo.npz",
                  eval_episodes=10, gamma=0.99, q_steps=1_500_000, v_epochs=40, pi_epochs=100),
 }
@@ -882,7 +888,8 @@ def main(args: Args) -> dict:
     if args.eval_episodes > 0:
         import nav_env
 
-        env = nav_env.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score)
+        env = nav_env.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score,
+                                     args.eval_env)
     k, cluster_seeds = sizes["K"], sizes["S"]
     if cluster_seeds != 1 and args.first_run + args.num_seeds > cluster_seeds:
         raise InputError(f"--first-run {args.first_run} plus --num-seeds {args.num_seeds} is more than the "

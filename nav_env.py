@@ -13,10 +13,11 @@ What is here
       It is a shared block, repeated verbatim in every stage so that a stage copies alone.
     * ``plot_map``: the map (penalty area, start, goal, subgoals) with trajectories coloured by label.
     * ``report_rollouts`` / ``plot_runs``: the evaluation table and maps of the stages (Appendix C).
-    * ``evaluation_env`` / ``gym_evaluate``: where a stage evaluates; for a Minari MuJoCo set, many
-      episodes at once in its recorded Gymnasium environment (``gym_rollout``, a vector env and a
-      jitted policy) and D4RL's normalised score (``normalized_score``); ``describe_episodes`` is the
-      line the stages print for them.
+    * ``evaluation_env`` / ``gym_evaluate``: where a stage evaluates; for MuJoCo data (D4RL files, a
+      Minari set), many episodes at once in a Gymnasium environment (``gym_rollout``, a vector env and
+      a jitted policy: the D4RL task's -v4 environment, ``D4RL_TASKS``, or the Minari set's recorded one)
+      and D4RL's normalised score (``normalized_score``); ``describe_episodes`` is the line the stages
+      print for them.
 
 Paper map
     Appendix A, S, A, S_p, g, s' = clip(s + a; 0, 30), r(s, a, s')   -> NavParams, step
@@ -827,7 +828,7 @@ def gym_rollout(env_spec: str, act: Callable[[np.ndarray], np.ndarray], num_envs
         raise InputError(f"environment {spec.id} has no time limit; give max_steps")
     if max_steps is not None and max_steps < 1:
         raise InputError(f"max_steps must be at least 1, got {max_steps}")
-    envs = gym.vector.SyncVectorEnv([lambda: gym.make(spec) for _ in range(num_envs)],
+    envs = gym.vector.SyncVectorEnv([lambda: make_env(spec) for _ in range(num_envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     try:
         space = envs.single_action_space
@@ -853,30 +854,92 @@ def gym_rollout(env_spec: str, act: Callable[[np.ndarray], np.ndarray], num_envs
     return {"return": returns, "length": lengths, "terminated": terminated}
 
 
+# D4RL's Gym-MuJoCo tasks: the Gymnasium environment that evaluates each, and D4RL's reference returns for the
+# normalised score (d4rl/infos.py, REF_MIN_SCORE / REF_MAX_SCORE of every *-v2 set: the random and the expert
+# policy's mean return). The -v4 environments are Gymnasium's port of Gym's v3 MuJoCo environments to the
+# `mujoco` bindings: the observation, action, reward, termination and reset of the environments D4RL v2 was
+# recorded in (README, "D4RL v2 files", for what still differs).
+D4RL_TASKS = {  # task: (Gymnasium env id, ref_min_score, ref_max_score)
+    "halfcheetah": ("HalfCheetah-v4", -280.178953, 12135.0),
+    "hopper": ("Hopper-v4", -20.272305, 3234.3),
+    "walker2d": ("Walker2d-v4", 1.629008, 4592.3),
+}
+
+
+def d4rl_task(name: str) -> Optional[str]:
+    """The D4RL task a file or environment name starts with ('halfcheetah_medium-v2.hdf5', 'Hopper-v4'), or None."""
+    base = os.path.basename(name).lower().replace("-", "_")
+    return next((task for task in D4RL_TASKS if base.startswith(task + "_")), None)
+
+
+def make_env(spec) -> gym.Env:
+    """``gym.make(spec)`` without Gymnasium's notice that -v4 has a successor (v4 is chosen on purpose)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is out of date.*")
+        return gym.make(spec)
+
+
+def gym_env_info(env_id: str) -> dict:
+    """The spec of a registered Gymnasium environment and, for a D4RL task's environment, D4RL's reference scores."""
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error as e:
+        raise InputError(f"'{env_id}' is not a registered Gymnasium environment ({e})") from None
+    task = d4rl_task(spec.id)
+    ref = D4RL_TASKS[task][1:] if task else (None, None)
+    return {"env_spec": spec.to_json(), "env_id": spec.id, "ref_min_score": ref[0], "ref_max_score": ref[1]}
+
+
 def evaluation_env(dataset: str, obs_dim: int, ref_min: Optional[float] = None,
-                   ref_max: Optional[float] = None) -> Optional[dict]:
+                   ref_max: Optional[float] = None, eval_env: str = "") -> Optional[dict]:
     """Where a stage evaluates its policies, decided (and checked) before it trains.
 
-    {"kind": "nav"} for the navigation task (JAX rollouts from s_0: an .npz with 2-dim states, or a Minari
-    set recorded in EMPONav-v0); {"kind": "gym", **minari_env_info(dataset), ...} for any other Minari set
-    (episodes in its recorded Gymnasium environment), the reference scores taken from the flags when both
-    are given, else from the data set's metadata (None when it has none: returns only); None for an .npz of
-    another task, which records no environment.
+    {"kind": "nav"} for the navigation task (JAX rollouts from s_0: an .npz with 2-dim states, or a Minari set
+    recorded in EMPONav-v0). Otherwise {"kind": "gym", "env_spec", "env_id", "ref_min_score", "ref_max_score"}:
+    episodes in a Gymnasium environment, which is ``eval_env`` when given, else for D4RL HDF5 files the task's
+    environment named by the file names (``D4RL_TASKS``, e.g. halfcheetah_medium-v2.hdf5 -> HalfCheetah-v4) and
+    for Minari ids the environment the data set records. The reference scores are the flags' when both are
+    given, else D4RL's for a D4RL task's environment (D4RL files, an .npz with ``eval_env``), else the Minari
+    data set's metadata, else None (returns only). None for an .npz of another task without ``eval_env``.
+    The environment is made once here, so a missing dependency or a wrong observation size fails now.
     """
     if (ref_min is None) != (ref_max is None):
         raise InputError("give both --ref-min-score and --ref-max-score, or neither")
-    if dataset.endswith(".npz") or os.path.isfile(dataset):
-        if obs_dim == 2:
+    parts = [s.strip() for s in dataset.split(",") if s.strip()]
+    if parts and all(p.endswith((".hdf5", ".h5")) for p in parts):
+        tasks = {d4rl_task(p) for p in parts}
+        if not eval_env and (None in tasks or len(tasks) > 1):
+            raise InputError(f"the D4RL task of {dataset} cannot be told from the file names (one of "
+                             f"{', '.join(t + '_*' for t in D4RL_TASKS)} for every file); give --eval-env, e.g. "
+                             f"{D4RL_TASKS['halfcheetah'][0]}")
+        info = gym_env_info(eval_env or D4RL_TASKS[tasks.pop()][0])
+    elif dataset.endswith(".npz") or os.path.isfile(dataset):
+        if eval_env:
+            info = gym_env_info(eval_env)
+        elif obs_dim == 2:
             return {"kind": "nav"}
-        print(f"note: {dataset} records no environment, so the policies are not evaluated (use Minari ids)")
-        return None
-    info = minari_env_info(dataset)
-    if info["env_id"].split("/")[-1].startswith("EMPONav"):
-        return {"kind": "nav"}
+        else:
+            print(f"note: {dataset} records no environment, so the policies are not evaluated (give --eval-env)")
+            return None
+    else:
+        info = minari_env_info(dataset)
+        if info["env_id"].split("/")[-1].startswith("EMPONav") and not eval_env:
+            return {"kind": "nav"}
+        if eval_env:  # another environment, the data set's reference scores
+            info.update({k: v for k, v in gym_env_info(eval_env).items() if k in ("env_spec", "env_id")})
     if ref_min is not None:
         info.update(ref_min_score=float(ref_min), ref_max_score=float(ref_max))
     if info["ref_min_score"] is not None:
         normalized_score(np.zeros(1), info["ref_min_score"], info["ref_max_score"])  # checks the pair
+    try:
+        env = make_env(gym.envs.registration.EnvSpec.from_json(info["env_spec"]))
+    except Exception as e:  # a missing simulator, a broken spec
+        raise InputError(f"environment {info['env_id']} cannot be made ({type(e).__name__}: {e})") from None
+    env_obs = int(np.prod(env.observation_space.shape))
+    env.close()
+    if env_obs != obs_dim:
+        raise InputError(f"{info['env_id']} observes {env_obs} numbers per step, the data set {dataset} "
+                         f"{obs_dim}: evaluate it in its own task's environment (--eval-env)")
     return {"kind": "gym", **info}
 
 

@@ -3,7 +3,8 @@
 Paper: §1 and Figure 1b (behaviour cloning fails where the two behaviours conflict), §4.1 and Table 1
 ("naive behaviour cloning"), Appendix B (the didactic network), Appendix C (10 seeds x 10 rollouts).
 
-Input   a data set (``--dataset``, as the EMPO stages): an .npz (schema empo/dataset/v1) or Minari ids.
+Input   a data set (``--dataset``, as the EMPO stages): an .npz (schema empo/dataset/v1), D4RL
+        .hdf5 files or Minari ids.
 Output  ``bc.npz`` (schema empo/bc/v1), figures beside it and TensorBoard logs in ``<out folder>/bc``:
         policy/params/... [S, ...] the Gaussian policy pi(a|s; theta) of every run, seeds [S], arch/* (what
         rebuilds it: hidden_dim, hidden_layers, obs_mean, obs_std, action_scale, obs_dim, act_dim),
@@ -87,7 +88,8 @@ class Args:
     preset: Literal["nav"] = "nav"
     """the defaults of every other flag: 'nav' = the navigation task; flags given on the command line override it"""
     dataset: str = "data/nav.npz"
-    """data set: an .npz (schema empo/dataset/v1) or comma-separated Minari ids, as the EMPO stages take"""
+    """data set: an .npz (schema empo/dataset/v1), or comma-separated D4RL .hdf5 files or Minari ids, as the EMPO
+    stages take"""
     out: str = "runs/nav/bc.npz"
     """output file (schema empo/bc/v1); figures go beside it, TensorBoard logs to the folder 'bc' beside it"""
     seed: int = 1

@@ -5,7 +5,8 @@ Paper: §4.1 and Table 1 (TD3+BC [11], a baseline), Appendix B (the didactic net
 Learning" (NeurIPS 2021) and the author's code (github.com/sfujim/TD3_BC), which fixes what the paper leaves
 open; TD3: Fujimoto, van Hoof & Meger (2018).
 
-Input   a data set (``--dataset``, as the EMPO stages): an .npz (schema empo/dataset/v1) or Minari ids.
+Input   a data set (``--dataset``, as the EMPO stages): an .npz (schema empo/dataset/v1), D4RL
+        .hdf5 files or Minari ids.
 Output  ``td3_bc.npz`` (schema empo/td3_bc/v1), figures beside it and TensorBoard logs in ``<out folder>/td3_bc``:
         actor/params/... [S, ...] the deterministic policy pi(s; phi), critic1/params/... and
         critic2/params/... [S, ...] the twin critics Q1(s, a; theta_1), Q2(s, a; theta_2), seeds [S], arch/*
@@ -109,7 +110,8 @@ class Args:
     preset: Literal["nav"] = "nav"
     """the defaults of every other flag: 'nav' = the navigation task; flags given on the command line override it"""
     dataset: str = "data/nav.npz"
-    """data set: an .npz (schema empo/dataset/v1) or comma-separated Minari ids, as the EMPO stages take"""
+    """data set: an .npz (schema empo/dataset/v1), or comma-separated D4RL .hdf5 files or Minari ids, as the EMPO
+    stages take"""
     out: str = "runs/nav/td3_bc.npz"
     """output file (schema empo/td3_bc/v1); figures go beside it, TensorBoard logs to the folder 'td3_bc' beside it"""
     seed: int = 1
