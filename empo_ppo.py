@@ -888,8 +888,11 @@ def main(args: Args) -> dict:
     if args.eval_episodes > 0:
         import nav_env
 
-        env = nav_env.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score,
-                                     args.eval_env)
+        try:
+            env = nav_env.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score,
+                                         args.eval_env)
+        except nav_env.InputError as e:  # nav_env's own class: this script reports only its own in one sentence
+            raise InputError(str(e)) from None
     k, cluster_seeds = sizes["K"], sizes["S"]
     if cluster_seeds != 1 and args.first_run + args.num_seeds > cluster_seeds:
         raise InputError(f"--first-run {args.first_run} plus --num-seeds {args.num_seeds} is more than the "

@@ -6,6 +6,7 @@ Files are written here with h5py in D4RL v2's layout (observations, actions, rew
 terminals, timeouts, plus infos/* and metadata/* that the loader ignores); nothing is downloaded.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -19,6 +20,7 @@ from conftest import ROOT
 
 import empo_cluster as ec
 import empo_highlevel as eh
+import empo_ppo as ep
 import nav_env
 
 D4RL_REFS = {  # env, obs_dim, act_dim, d4rl/infos.py's REF_MIN_SCORE and REF_MAX_SCORE
@@ -250,6 +252,17 @@ def test_reproduce_table2_runs_the_three_stages_on_d4rl_files_down_to_the_table(
     assert (run / "table2.md").read_text() == table
 
 
+def test_stages_2_and_3_take_eval_env_and_check_it_before_training(table2_run, files, tmp_path):
+    _, run, _ = table2_run
+    dataset = f"{files}/hopper_medium-v2.hdf5,{files}/hopper_expert-v2.hdf5"
+    for module, extra in ((ep, {}), (eh, dict(ppo=str(run / "hopper" / "ppo.npz")))):
+        args = dataclasses.replace(module.PRESETS["d4rl"], dataset=dataset, cluster=str(run / "hopper" / "cluster.npz"),
+                                   out=str(tmp_path / "out.npz"), eval_env="HalfCheetah-v4", **extra)
+        with pytest.raises(module.InputError, match="HalfCheetah-v4 observes 17 numbers per step, the data set"):
+            module.main(args)
+        assert not (tmp_path / "out.npz").exists()
+
+
 def test_reproduce_table2_without_the_files_says_what_to_download_and_runs_nothing(tmp_path):
     env = dict(os.environ, RUN=str(tmp_path / "run"), D4RL_DIR=str(tmp_path / "none"), TASKS="hopper walker2d")
     out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table2.sh")], env=env, capture_output=True,
@@ -258,3 +271,24 @@ def test_reproduce_table2_without_the_files_says_what_to_download_and_runs_nothi
     assert (f"error: {tmp_path}/none holds neither hopper_medium-v2.hdf5 and hopper_expert-v2.hdf5 nor "
             f"hopper_medium_expert-v2.hdf5; download them: wget -P {tmp_path}/none "
             "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/hopper_medium-v2.hdf5") in out.stderr
+
+
+def test_table2_joins_run_folders_along_seeds_and_leaves_out_an_unknown_rand_index(tmp_path):
+    """Two run folders (seeds 1-2 and 3) of a medium_expert file read alone: no labels, so no rand index."""
+    source = "/d/walker2d_medium_expert-v2.hdf5"
+    scores = {1: [10.0, 20.0], 2: [30.0, 50.0], 3: [60.0, 70.0]}
+    for run, seeds in (("a", [1, 2]), ("b", [3])):
+        folder = tmp_path / run / "walker2d"
+        folder.mkdir(parents=True)
+        np.savez(folder / "cluster.npz", seeds=np.array(seeds))  # no rand_index: unlabelled data
+        score = np.array([scores[s] for s in seeds])
+        np.savez(folder / "highlevel.npz", seeds=np.array(seeds), args=np.array(json.dumps({"dataset": source})),
+                 **{"eval/normalized_score": score, "eval/return": score * 2})
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "table2.py"), "--runs", f"{tmp_path}/a,{tmp_path}/b",
+                          "--tasks", "walker2d", "--out", str(tmp_path / "t2")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    per_seed = np.array([15.0, 40.0, 65.0])
+    row = next(line for line in (tmp_path / "t2.md").read_text().splitlines() if line.startswith("| walker2d |"))
+    assert row == (f"| walker2d | walker2d_medium_expert-v2 | 3 × 2 | {per_seed.mean():.1f} ± {per_seed.std():.1f} | "
+                   f"{2 * per_seed.mean():.1f} ± {2 * per_seed.std():.1f} | 108.4 | – | 99.93 ± 0.08 |")
