@@ -77,6 +77,7 @@ import hashlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import zipfile  # noqa: E402
@@ -99,9 +100,10 @@ class Args:
     # --- experiment ---
     preset: Literal["nav", "d4rl"] = "nav"
     """the defaults of every other flag: 'nav' = Table 4's didactic column (the navigation task), 'd4rl' = its D4RL
-    column (gamma 0.99, tau 0.7; halfcheetah medium-expert from Minari); flags given on the command line override it"""
+    column (gamma 0.99, tau 0.7; halfcheetah medium + expert, D4RL v2 files in data/d4rl); flags given on the
+    command line override it"""
     dataset: str = "data/nav.npz"
-    """data set: an .npz (schema empo/dataset/v1) or comma-separated Minari ids, the one stages 1 and 2 used"""
+    """data set: an .npz, D4RL .hdf5 files or Minari ids (as stage 1), the one stages 1 and 2 used"""
     cluster: str = "runs/nav/cluster.npz"
     """stage-1 output (schema empo/cluster/v1): the classifier q(z|s; phi) and the assignments A(s, a)"""
     ppo: str = "runs/nav/ppo.npz"
@@ -120,9 +122,15 @@ class Args:
     """episodes of the final policy pi per run: JAX rollouts from s_0 (navigation task) or episodes in the
     Minari data set's Gymnasium environment (MuJoCo); 0 skips the evaluation"""
     ref_min_score: Optional[float] = None
-    """reference return of score 0 for the normalised score (default: the Minari data set's ref_min_score)"""
+    """reference return of score 0 for the normalised score (default: D4RL's random return for a D4RL task's
+    environment, else the Minari data set's ref_min_score)"""
     ref_max_score: Optional[float] = None
-    """reference return of score 100 for the normalised score (default: the Minari data set's ref_max_score)"""
+    """reference return of score 100 for the normalised score (default: D4RL's expert return for a D4RL task's
+    environment, else the Minari data set's ref_max_score)"""
+    eval_env: str = ""
+    """Gymnasium environment to evaluate in (default: for D4RL files the task's -v4 environment from the file
+    names, e.g. halfcheetah_*.hdf5 -> HalfCheetah-v4; for Minari ids the recorded one; an .npz of a MuJoCo task
+    needs it)"""
     sample: bool = False
     """evaluate pi with actions drawn from pi_L(.|s, pi_H(s)) instead of its mean action"""
     # --- algorithm (Table 4, didactic column) ---
@@ -149,7 +157,7 @@ class Args:
 
 PRESETS = {  # Table 4: the didactic column and the D4RL column
     "nav": Args(),
-    "d4rl": Args(preset="d4rl", dataset="mujoco/halfcheetah/medium-v0,mujoco/halfcheetah/expert-v0",
+    "d4rl": Args(preset="d4rl", dataset="data/d4rl/halfcheetah_medium-v2.hdf5,data/d4rl/halfcheetah_expert-v2.hdf5",
                  cluster="runs/halfcheetah-medium-expert/cluster.npz", ppo="runs/halfcheetah-medium-expert/ppo.npz",
                  out="runs/halfcheetah-medium-expert/highlevel.npz", gamma=0.99, expectile=0.7),
 }
@@ -350,18 +358,26 @@ DATASET_SPEC = {
 
 
 def load_dataset(source: str) -> tuple[dict, str]:
-    """Load a data set from an ``.npz`` path or comma-separated Minari ids; validate it.
+    """Load a data set from an ``.npz`` path, D4RL HDF5 files or Minari ids (both comma-separated); validate it.
 
-    Minari ids are read from the local store (``MINARI_DATASETS_PATH`` or ~/.minari), never
-    downloaded. Several ids are concatenated and labelled by their index, the way D4RL
-    medium-expert is medium + expert; a single id takes ``behaviour`` from each episode's metadata
-    where present (-1 otherwise). Returns (arrays, sha256 of the arrays' bytes).
+    D4RL files (``*.hdf5``, read with h5py) and Minari ids (read from the local store, ``MINARI_DATASETS_PATH``
+    or ~/.minari) are never downloaded. Several files or ids are concatenated and labelled by their index, the
+    way D4RL medium-expert is medium + expert; a single Minari id takes ``behaviour`` from each episode's
+    metadata where present, a single D4RL file has none (-1). Returns (arrays, sha256 of the arrays' bytes).
     """
-    if source.endswith(".npz") or os.path.isfile(source):
+    parts = [s.strip() for s in source.split(",") if s.strip()]
+    hdf5 = [p.endswith((".hdf5", ".h5")) for p in parts]
+    if any(hdf5) and not all(hdf5):
+        raise InputError(f"--dataset {source} mixes D4RL .hdf5 files with other sources; give one kind")
+    if parts and all(hdf5):
+        data = _load_d4rl_hdf5(parts)
+    elif source.endswith(".npz") or os.path.exists(source):
         arrays = load_npz(source, DATASET_SCHEMA)
         data = {k: arrays[k] for k in DATASET_SPEC if k in arrays}
-    else:
-        data = _load_minari([s.strip() for s in source.split(",") if s.strip()])
+    elif parts and all(re.fullmatch(r"([\w-]+/)*[\w-]+-v\d+", p) for p in parts):
+        data = _load_minari(parts)
+    else:  # neither a file nor something shaped like Minari's namespace/name-vN
+        raise InputError(f"--dataset {source}: no such file (a Minari id looks like 'namespace/name-v0')")
     validate_dataset(source, data)
     digest = hashlib.sha256()
     for key in DATASET_SPEC:
@@ -429,6 +445,87 @@ def _open_minari(dataset_id: str):
                          f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)") from None
     except Exception as e:  # a damaged local copy: say which
         raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
+
+
+D4RL_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+
+
+def _load_d4rl_hdf5(paths: list) -> dict:
+    """D4RL HDF5 files concatenated, each file's index its ``behaviour`` label (-1 when there is one file).
+
+    Each file is cut into trajectories after every row flagged ``terminals`` or ``timeouts``; rows after the
+    last flag (D4RL cuts files at a row count) are one more trajectory, ended as a timeout. Other keys
+    (``infos/*``, ``metadata/*``) are ignored. Both flags on one row is an error, as are a missing key,
+    sizes that disagree, NaN and flags other than 0 / 1: one sentence naming the file, the key and the row.
+    """
+    parts, first_episode = [], 0
+    for index, path in enumerate(paths):
+        arrays = _read_d4rl_file(path)
+        if parts and arrays["observations"].shape[1:] != parts[0]["observations"].shape[1:]:
+            raise InputError(f"{path} has {arrays['observations'].shape[1]}-dim observations, {paths[0]} has "
+                             f"{parts[0]['observations'].shape[1]}: files of different tasks")
+        if parts and arrays["actions"].shape[1:] != parts[0]["actions"].shape[1:]:
+            raise InputError(f"{path} has {arrays['actions'].shape[1]}-dim actions, {paths[0]} has "
+                             f"{parts[0]['actions'].shape[1]}: files of different tasks")
+        n, term = len(arrays["rewards"]), arrays["terminals"]
+        both = np.flatnonzero(term & arrays["timeouts"])
+        if both.size:
+            raise InputError(f"{path}: row {both[0]} has both 'terminals' and 'timeouts' set; a trajectory ends "
+                             f"with one of them")
+        arrays["timeouts"][-1] |= ~term[-1]  # the last trajectory stops with the file: a timeout
+        ends = term | arrays["timeouts"]
+        arrays["episode_ids"] = (first_episode + np.r_[0, np.cumsum(ends[:-1])]).astype(np.int32)
+        arrays["behaviour"] = np.full(n, index if len(paths) > 1 else -1, np.int32)
+        first_episode = int(arrays["episode_ids"][-1]) + 1
+        parts.append(arrays)
+    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
+
+
+def _read_d4rl_file(path: str) -> dict:
+    """The six D4RL keys of one HDF5 file as float32 [N, ...] / bool [N] arrays, checked."""
+    import h5py
+
+    if not os.path.isfile(path):
+        name = os.path.basename(path)
+        url = ("; D4RL's copy: http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/" + name
+               if name.endswith("-v2.hdf5") and name.split("_")[0] in ("halfcheetah", "hopper", "walker2d", "ant")
+               else "")
+        raise InputError(f"{path} does not exist{url}")
+    arrays = {}
+    try:
+        with h5py.File(path, "r") as f:
+            for key in D4RL_KEYS:
+                if not isinstance(f.get(key), h5py.Dataset):
+                    raise InputError(f"{path} has no key '{key}' (a D4RL v2 file has {', '.join(D4RL_KEYS)})")
+                arrays[key] = np.asarray(f[key][()])
+    except OSError as e:
+        raise InputError(f"{path} is not a readable HDF5 file ({e})") from None
+    n = len(arrays["observations"]) if arrays["observations"].ndim else 0
+    if n == 0:
+        raise InputError(f"{path} holds no transitions")
+    for key, a in arrays.items():
+        if a.dtype.kind not in "biuf":
+            raise InputError(f"{path}: '{key}' has dtype {a.dtype}, expected numbers")
+        if key in ("rewards", "terminals", "timeouts") and a.ndim == 2 and a.shape[1] == 1:
+            a = arrays[key] = a[:, 0]  # [N, 1] -> [N]
+        want = 1 if key in ("rewards", "terminals", "timeouts") else 2
+        if a.ndim != want or len(a) != n:
+            raise InputError(f"{path}: '{key}' has shape {a.shape}, expected {[n] if want == 1 else [n, 'dim']} "
+                             f"('observations' has {n} rows)")
+        if key in ("terminals", "timeouts"):
+            bad = np.flatnonzero((a != 0) & (a != 1))
+            if bad.size:
+                raise InputError(f"{path}: '{key}' is {a[bad[0]]} at row {bad[0]}, expected 0 or 1")
+            arrays[key] = a.astype(bool)
+        else:
+            arrays[key] = a = a.astype(np.float32)
+            bad = np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(axis=1))
+            if bad.size:
+                raise InputError(f"{path}: '{key}' contains NaN or infinite values (row {bad[0]})")
+    if arrays["next_observations"].shape != arrays["observations"].shape:
+        raise InputError(f"{path}: 'next_observations' has shape {arrays['next_observations'].shape}, "
+                         f"'observations' {arrays['observations'].shape}")
+    return arrays
 # --- end shared block: dataset ---
 
 
@@ -863,7 +960,7 @@ def cluster_segments(positions, chosen, lengths) -> tuple[list, list]:
 # --- shared block: checkpoint (keep identical across stages) ---
 # Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood for
 # by their sha256, so that moved files still resume).
-NEUTRAL_FLAGS = ("out", "resume", "log_every", "checkpoint_every", "preset", "eval_episodes", "sample",
+NEUTRAL_FLAGS = ("out", "resume", "log_every", "checkpoint_every", "preset", "eval_episodes", "eval_env", "sample",
                  "ref_min_score", "ref_max_score", "dataset", "cluster", "ppo")
 
 
@@ -964,7 +1061,11 @@ def main(args: Args) -> dict:
     if args.eval_episodes > 0:
         import nav_env
 
-        env = nav_env.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score)
+        try:
+            env = nav_env.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score,
+                                         args.eval_env)
+        except nav_env.InputError as e:  # nav_env's own class: this script reports only its own in one sentence
+            raise InputError(str(e)) from None
     k, ppo_seeds = ppo_sizes["K"], ppo_sizes["S"]
     if ppo_seeds != 1 and args.first_run + args.num_seeds > ppo_seeds:
         raise InputError(f"--first-run {args.first_run} plus --num-seeds {args.num_seeds} is more than the "

@@ -7,15 +7,17 @@ What is here
       enforces the 1000-step limit itself, exactly as ``step`` does.
     * ``subgoal_action`` (Eq. 15) and ``generate_dataset`` (Algorithm 3), vectorised in JAX: vmap over
       episodes, scan over steps with masks, trimmed to whole trajectories.
-    * ``load_dataset``: reads a data set file (schema ``empo/dataset/v1``) or one or more Minari ids
-      (their concatenation, the index of each id being the ``behaviour`` label) and validates it.
+    * ``load_dataset``: reads a data set file (schema ``empo/dataset/v1``), one or more D4RL HDF5 files
+      or one or more Minari ids (their concatenation, the index of each file or id being the
+      ``behaviour`` label) and validates it.
       It is a shared block, repeated verbatim in every stage so that a stage copies alone.
     * ``plot_map``: the map (penalty area, start, goal, subgoals) with trajectories coloured by label.
     * ``report_rollouts`` / ``plot_runs``: the evaluation table and maps of the stages (Appendix C).
-    * ``evaluation_env`` / ``gym_evaluate``: where a stage evaluates; for a Minari MuJoCo set, many
-      episodes at once in its recorded Gymnasium environment (``gym_rollout``, a vector env and a
-      jitted policy) and D4RL's normalised score (``normalized_score``); ``describe_episodes`` is the
-      line the stages print for them.
+    * ``evaluation_env`` / ``gym_evaluate``: where a stage evaluates; for MuJoCo data (D4RL files, a
+      Minari set), many episodes at once in a Gymnasium environment (``gym_rollout``, a vector env and
+      a jitted policy: the D4RL task's -v4 environment, ``D4RL_TASKS``, or the Minari set's recorded one)
+      and D4RL's normalised score (``normalized_score``); ``describe_episodes`` is the line the stages
+      print for them.
 
 Paper map
     Appendix A, S, A, S_p, g, s' = clip(s + a; 0, 30), r(s, a, s')   -> NavParams, step
@@ -56,6 +58,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -528,18 +531,26 @@ DATASET_SPEC = {
 
 
 def load_dataset(source: str) -> tuple[dict, str]:
-    """Load a data set from an ``.npz`` path or comma-separated Minari ids; validate it.
+    """Load a data set from an ``.npz`` path, D4RL HDF5 files or Minari ids (both comma-separated); validate it.
 
-    Minari ids are read from the local store (``MINARI_DATASETS_PATH`` or ~/.minari), never
-    downloaded. Several ids are concatenated and labelled by their index, the way D4RL
-    medium-expert is medium + expert; a single id takes ``behaviour`` from each episode's metadata
-    where present (-1 otherwise). Returns (arrays, sha256 of the arrays' bytes).
+    D4RL files (``*.hdf5``, read with h5py) and Minari ids (read from the local store, ``MINARI_DATASETS_PATH``
+    or ~/.minari) are never downloaded. Several files or ids are concatenated and labelled by their index, the
+    way D4RL medium-expert is medium + expert; a single Minari id takes ``behaviour`` from each episode's
+    metadata where present, a single D4RL file has none (-1). Returns (arrays, sha256 of the arrays' bytes).
     """
-    if source.endswith(".npz") or os.path.isfile(source):
+    parts = [s.strip() for s in source.split(",") if s.strip()]
+    hdf5 = [p.endswith((".hdf5", ".h5")) for p in parts]
+    if any(hdf5) and not all(hdf5):
+        raise InputError(f"--dataset {source} mixes D4RL .hdf5 files with other sources; give one kind")
+    if parts and all(hdf5):
+        data = _load_d4rl_hdf5(parts)
+    elif source.endswith(".npz") or os.path.exists(source):
         arrays = load_npz(source, DATASET_SCHEMA)
         data = {k: arrays[k] for k in DATASET_SPEC if k in arrays}
-    else:
-        data = _load_minari([s.strip() for s in source.split(",") if s.strip()])
+    elif parts and all(re.fullmatch(r"([\w-]+/)*[\w-]+-v\d+", p) for p in parts):
+        data = _load_minari(parts)
+    else:  # neither a file nor something shaped like Minari's namespace/name-vN
+        raise InputError(f"--dataset {source}: no such file (a Minari id looks like 'namespace/name-v0')")
     validate_dataset(source, data)
     digest = hashlib.sha256()
     for key in DATASET_SPEC:
@@ -607,6 +618,87 @@ def _open_minari(dataset_id: str):
                          f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)") from None
     except Exception as e:  # a damaged local copy: say which
         raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
+
+
+D4RL_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+
+
+def _load_d4rl_hdf5(paths: list) -> dict:
+    """D4RL HDF5 files concatenated, each file's index its ``behaviour`` label (-1 when there is one file).
+
+    Each file is cut into trajectories after every row flagged ``terminals`` or ``timeouts``; rows after the
+    last flag (D4RL cuts files at a row count) are one more trajectory, ended as a timeout. Other keys
+    (``infos/*``, ``metadata/*``) are ignored. Both flags on one row is an error, as are a missing key,
+    sizes that disagree, NaN and flags other than 0 / 1: one sentence naming the file, the key and the row.
+    """
+    parts, first_episode = [], 0
+    for index, path in enumerate(paths):
+        arrays = _read_d4rl_file(path)
+        if parts and arrays["observations"].shape[1:] != parts[0]["observations"].shape[1:]:
+            raise InputError(f"{path} has {arrays['observations'].shape[1]}-dim observations, {paths[0]} has "
+                             f"{parts[0]['observations'].shape[1]}: files of different tasks")
+        if parts and arrays["actions"].shape[1:] != parts[0]["actions"].shape[1:]:
+            raise InputError(f"{path} has {arrays['actions'].shape[1]}-dim actions, {paths[0]} has "
+                             f"{parts[0]['actions'].shape[1]}: files of different tasks")
+        n, term = len(arrays["rewards"]), arrays["terminals"]
+        both = np.flatnonzero(term & arrays["timeouts"])
+        if both.size:
+            raise InputError(f"{path}: row {both[0]} has both 'terminals' and 'timeouts' set; a trajectory ends "
+                             f"with one of them")
+        arrays["timeouts"][-1] |= ~term[-1]  # the last trajectory stops with the file: a timeout
+        ends = term | arrays["timeouts"]
+        arrays["episode_ids"] = (first_episode + np.r_[0, np.cumsum(ends[:-1])]).astype(np.int32)
+        arrays["behaviour"] = np.full(n, index if len(paths) > 1 else -1, np.int32)
+        first_episode = int(arrays["episode_ids"][-1]) + 1
+        parts.append(arrays)
+    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
+
+
+def _read_d4rl_file(path: str) -> dict:
+    """The six D4RL keys of one HDF5 file as float32 [N, ...] / bool [N] arrays, checked."""
+    import h5py
+
+    if not os.path.isfile(path):
+        name = os.path.basename(path)
+        url = ("; D4RL's copy: http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/" + name
+               if name.endswith("-v2.hdf5") and name.split("_")[0] in ("halfcheetah", "hopper", "walker2d", "ant")
+               else "")
+        raise InputError(f"{path} does not exist{url}")
+    arrays = {}
+    try:
+        with h5py.File(path, "r") as f:
+            for key in D4RL_KEYS:
+                if not isinstance(f.get(key), h5py.Dataset):
+                    raise InputError(f"{path} has no key '{key}' (a D4RL v2 file has {', '.join(D4RL_KEYS)})")
+                arrays[key] = np.asarray(f[key][()])
+    except OSError as e:
+        raise InputError(f"{path} is not a readable HDF5 file ({e})") from None
+    n = len(arrays["observations"]) if arrays["observations"].ndim else 0
+    if n == 0:
+        raise InputError(f"{path} holds no transitions")
+    for key, a in arrays.items():
+        if a.dtype.kind not in "biuf":
+            raise InputError(f"{path}: '{key}' has dtype {a.dtype}, expected numbers")
+        if key in ("rewards", "terminals", "timeouts") and a.ndim == 2 and a.shape[1] == 1:
+            a = arrays[key] = a[:, 0]  # [N, 1] -> [N]
+        want = 1 if key in ("rewards", "terminals", "timeouts") else 2
+        if a.ndim != want or len(a) != n:
+            raise InputError(f"{path}: '{key}' has shape {a.shape}, expected {[n] if want == 1 else [n, 'dim']} "
+                             f"('observations' has {n} rows)")
+        if key in ("terminals", "timeouts"):
+            bad = np.flatnonzero((a != 0) & (a != 1))
+            if bad.size:
+                raise InputError(f"{path}: '{key}' is {a[bad[0]]} at row {bad[0]}, expected 0 or 1")
+            arrays[key] = a.astype(bool)
+        else:
+            arrays[key] = a = a.astype(np.float32)
+            bad = np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(axis=1))
+            if bad.size:
+                raise InputError(f"{path}: '{key}' contains NaN or infinite values (row {bad[0]})")
+    if arrays["next_observations"].shape != arrays["observations"].shape:
+        raise InputError(f"{path}: 'next_observations' has shape {arrays['next_observations'].shape}, "
+                         f"'observations' {arrays['observations'].shape}")
+    return arrays
 # --- end shared block: dataset ---
 
 
@@ -805,7 +897,7 @@ def gym_rollout(env_spec: str, act: Callable[[np.ndarray], np.ndarray], num_envs
         raise InputError(f"environment {spec.id} has no time limit; give max_steps")
     if max_steps is not None and max_steps < 1:
         raise InputError(f"max_steps must be at least 1, got {max_steps}")
-    envs = gym.vector.SyncVectorEnv([lambda: gym.make(spec) for _ in range(num_envs)],
+    envs = gym.vector.SyncVectorEnv([lambda: make_env(spec) for _ in range(num_envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     try:
         space = envs.single_action_space
@@ -831,30 +923,92 @@ def gym_rollout(env_spec: str, act: Callable[[np.ndarray], np.ndarray], num_envs
     return {"return": returns, "length": lengths, "terminated": terminated}
 
 
+# D4RL's Gym-MuJoCo tasks: the Gymnasium environment that evaluates each, and D4RL's reference returns for the
+# normalised score (d4rl/infos.py, REF_MIN_SCORE / REF_MAX_SCORE of every *-v2 set: the random and the expert
+# policy's mean return). The -v4 environments are Gymnasium's port of Gym's v3 MuJoCo environments to the
+# `mujoco` bindings: the observation, action, reward, termination and reset of the environments D4RL v2 was
+# recorded in (README, "D4RL v2 files", for what still differs).
+D4RL_TASKS = {  # task: (Gymnasium env id, ref_min_score, ref_max_score)
+    "halfcheetah": ("HalfCheetah-v4", -280.178953, 12135.0),
+    "hopper": ("Hopper-v4", -20.272305, 3234.3),
+    "walker2d": ("Walker2d-v4", 1.629008, 4592.3),
+}
+
+
+def d4rl_task(name: str) -> Optional[str]:
+    """The D4RL task a file or environment name starts with ('halfcheetah_medium-v2.hdf5', 'Hopper-v4'), or None."""
+    base = os.path.basename(name).lower().replace("-", "_")
+    return next((task for task in D4RL_TASKS if base.startswith(task + "_")), None)
+
+
+def make_env(spec) -> gym.Env:
+    """``gym.make(spec)`` without Gymnasium's notice that -v4 has a successor (v4 is chosen on purpose)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is out of date.*")
+        return gym.make(spec)
+
+
+def gym_env_info(env_id: str) -> dict:
+    """The spec of a registered Gymnasium environment and, for a D4RL task's environment, D4RL's reference scores."""
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error as e:
+        raise InputError(f"'{env_id}' is not a registered Gymnasium environment ({e})") from None
+    task = d4rl_task(spec.id)
+    ref = D4RL_TASKS[task][1:] if task else (None, None)
+    return {"env_spec": spec.to_json(), "env_id": spec.id, "ref_min_score": ref[0], "ref_max_score": ref[1]}
+
+
 def evaluation_env(dataset: str, obs_dim: int, ref_min: Optional[float] = None,
-                   ref_max: Optional[float] = None) -> Optional[dict]:
+                   ref_max: Optional[float] = None, eval_env: str = "") -> Optional[dict]:
     """Where a stage evaluates its policies, decided (and checked) before it trains.
 
-    {"kind": "nav"} for the navigation task (JAX rollouts from s_0: an .npz with 2-dim states, or a Minari
-    set recorded in EMPONav-v0); {"kind": "gym", **minari_env_info(dataset), ...} for any other Minari set
-    (episodes in its recorded Gymnasium environment), the reference scores taken from the flags when both
-    are given, else from the data set's metadata (None when it has none: returns only); None for an .npz of
-    another task, which records no environment.
+    {"kind": "nav"} for the navigation task (JAX rollouts from s_0: an .npz with 2-dim states, or a Minari set
+    recorded in EMPONav-v0). Otherwise {"kind": "gym", "env_spec", "env_id", "ref_min_score", "ref_max_score"}:
+    episodes in a Gymnasium environment, which is ``eval_env`` when given, else for D4RL HDF5 files the task's
+    environment named by the file names (``D4RL_TASKS``, e.g. halfcheetah_medium-v2.hdf5 -> HalfCheetah-v4) and
+    for Minari ids the environment the data set records. The reference scores are the flags' when both are
+    given, else D4RL's for a D4RL task's environment (D4RL files, an .npz with ``eval_env``), else the Minari
+    data set's metadata, else None (returns only). None for an .npz of another task without ``eval_env``.
+    The environment is made once here, so a missing dependency or a wrong observation size fails now.
     """
     if (ref_min is None) != (ref_max is None):
         raise InputError("give both --ref-min-score and --ref-max-score, or neither")
-    if dataset.endswith(".npz") or os.path.isfile(dataset):
-        if obs_dim == 2:
+    parts = [s.strip() for s in dataset.split(",") if s.strip()]
+    if parts and all(p.endswith((".hdf5", ".h5")) for p in parts):
+        tasks = {d4rl_task(p) for p in parts}
+        if not eval_env and (None in tasks or len(tasks) > 1):
+            raise InputError(f"the D4RL task of {dataset} cannot be told from the file names (one of "
+                             f"{', '.join(t + '_*' for t in D4RL_TASKS)} for every file); give --eval-env, e.g. "
+                             f"{D4RL_TASKS['halfcheetah'][0]}")
+        info = gym_env_info(eval_env or D4RL_TASKS[tasks.pop()][0])
+    elif dataset.endswith(".npz") or os.path.isfile(dataset):
+        if eval_env:
+            info = gym_env_info(eval_env)
+        elif obs_dim == 2:
             return {"kind": "nav"}
-        print(f"note: {dataset} records no environment, so the policies are not evaluated (use Minari ids)")
-        return None
-    info = minari_env_info(dataset)
-    if info["env_id"].split("/")[-1].startswith("EMPONav"):
-        return {"kind": "nav"}
+        else:
+            print(f"note: {dataset} records no environment, so the policies are not evaluated (give --eval-env)")
+            return None
+    else:
+        info = minari_env_info(dataset)
+        if info["env_id"].split("/")[-1].startswith("EMPONav") and not eval_env:
+            return {"kind": "nav"}
+        if eval_env:  # another environment, the data set's reference scores
+            info.update({k: v for k, v in gym_env_info(eval_env).items() if k in ("env_spec", "env_id")})
     if ref_min is not None:
         info.update(ref_min_score=float(ref_min), ref_max_score=float(ref_max))
     if info["ref_min_score"] is not None:
         normalized_score(np.zeros(1), info["ref_min_score"], info["ref_max_score"])  # checks the pair
+    try:
+        env = make_env(gym.envs.registration.EnvSpec.from_json(info["env_spec"]))
+    except Exception as e:  # a missing simulator, a broken spec
+        raise InputError(f"environment {info['env_id']} cannot be made ({type(e).__name__}: {e})") from None
+    env_obs = int(np.prod(env.observation_space.shape))
+    env.close()
+    if env_obs != obs_dim:
+        raise InputError(f"{info['env_id']} observes {env_obs} numbers per step, the data set {dataset} "
+                         f"{obs_dim}: evaluate it in its own task's environment (--eval-env)")
     return {"kind": "gym", **info}
 
 

@@ -379,3 +379,16 @@ def test_nav_env_refuses_impossible_requests_before_writing(tmp_path, kw, messag
     with pytest.raises(nav_env.InputError, match=message):
         nav_env.main(nav_env.Args(out=str(out), **{"figure": None, **kw}))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("source, message", [("folder", "is a folder, not an .npz file"),
+                                             ("d.np", "d.np: no such file \\(a Minari id looks like"),
+                                             ("data set.npz", "does not exist"),
+                                             ("mujoco/hopper/absent-v0", "minari download mujoco/hopper/absent-v0")])
+def test_a_data_set_source_that_is_no_data_set_is_named_as_such(tmp_path, monkeypatch, source, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ec.InputError, match=message) as err:
+        ec.load_dataset(source)
+    assert "\n" not in str(err.value)

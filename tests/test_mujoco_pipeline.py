@@ -116,5 +116,6 @@ def test_a_missing_data_set_fails_before_training_and_names_the_download(run, tm
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(run / "minari"))
     out = tmp_path / "ppo.npz"
     with pytest.raises(ep.InputError, match="minari download mujoco/halfcheetah/medium-v0"):
-        ep.main(dataclasses.replace(ep.PRESETS["d4rl"], cluster=str(run / "cluster.npz"), out=str(out)))
+        ep.main(dataclasses.replace(ep.PRESETS["d4rl"], cluster=str(run / "cluster.npz"), out=str(out),
+                                    dataset="mujoco/halfcheetah/medium-v0,mujoco/halfcheetah/expert-v0"))
     assert not out.exists()

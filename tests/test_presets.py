@@ -32,7 +32,7 @@ def test_presets_set_the_papers_columns_and_flags_override_them(module, monkeypa
     assert {k: getattr(parse(module, [], monkeypatch), k) for k in NAV[module]} == NAV[module]
     d4rl = parse(module, ["--preset", "d4rl"], monkeypatch)
     assert d4rl.preset == "d4rl" and {k: getattr(d4rl, k) for k in D4RL[module]} == D4RL[module]
-    assert d4rl.dataset == "mujoco/halfcheetah/medium-v0,mujoco/halfcheetah/expert-v0"
+    assert d4rl.dataset == "data/d4rl/halfcheetah_medium-v2.hdf5,data/d4rl/halfcheetah_expert-v2.hdf5"
     name, value = next(iter(D4RL[module].items()))
     flag = "--" + name.replace("_", "-")
     for argv in (["--preset", "d4rl", flag, "7"], [flag, "7", "--preset=d4rl"]):  # order does not matter

@@ -1,0 +1,294 @@
+"""D4RL v2 files: the HDF5 loader (labels, trajectory cuts, flags, dtypes, bad files), the evaluation environment
+and reference scores chosen for them, the files scripts/make_d4rl_files.py writes, and scripts/reproduce_table2.sh
+end to end on such files down to the table.
+
+Files are written here with h5py in D4RL v2's layout (observations, actions, rewards, next_observations,
+terminals, timeouts, plus infos/* and metadata/* that the loader ignores); nothing is downloaded.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from conftest import ROOT
+
+import empo_cluster as ec
+import empo_highlevel as eh
+import empo_ppo as ep
+import nav_env
+
+D4RL_REFS = {  # env, obs_dim, act_dim, d4rl/infos.py's REF_MIN_SCORE and REF_MAX_SCORE
+    "halfcheetah": ("HalfCheetah-v4", 17, 6, -280.178953, 12135.0),
+    "hopper": ("Hopper-v4", 11, 3, -20.272305, 3234.3),
+    "walker2d": ("Walker2d-v4", 17, 6, 1.629008, 4592.3),
+}
+
+
+def write_d4rl(path, n, terminal_rows=(), timeout_rows=(), obs_dim=3, act_dim=2, seed=0, **override):
+    """A D4RL-format file of n rows with the given rows flagged; ``override`` replaces (or, None, drops) keys."""
+    rng = np.random.default_rng(seed)
+    arrays = dict(observations=rng.normal(size=(n, obs_dim)).astype(np.float32),
+                  actions=rng.uniform(-1, 1, size=(n, act_dim)).astype(np.float32),
+                  rewards=rng.normal(size=n).astype(np.float32),
+                  next_observations=rng.normal(size=(n, obs_dim)).astype(np.float32),
+                  terminals=np.isin(np.arange(n), terminal_rows), timeouts=np.isin(np.arange(n), timeout_rows))
+    arrays.update(override)
+    with h5py.File(path, "w") as f:
+        for key, value in arrays.items():
+            if value is not None:
+                f.create_dataset(key, data=value)
+        f.create_dataset("infos/qpos", data=np.zeros((n, 4), np.float32))
+        f.create_dataset("metadata/algorithm", data="SAC")
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader (the shared dataset block)
+# ----------------------------------------------------------------------------------------------
+
+def test_comma_joined_files_are_labelled_by_file_and_cut_at_every_flag(tmp_path):
+    medium = write_d4rl(tmp_path / "hopper_medium-v2.hdf5", 10, [2], [6], seed=1)  # rows 7-9 cut
+    expert = write_d4rl(tmp_path / "hopper_expert-v2.hdf5", 6, [5], seed=2)
+    source = f"{tmp_path}/hopper_medium-v2.hdf5, {tmp_path}/hopper_expert-v2.hdf5"
+    data, digest = nav_env.load_dataset(source)
+    np.testing.assert_array_equal(data["episode_ids"], [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3])
+    np.testing.assert_array_equal(data["behaviour"], [0] * 10 + [1] * 6)
+    np.testing.assert_array_equal(np.flatnonzero(data["terminals"]), [2, 15])
+    np.testing.assert_array_equal(np.flatnonzero(data["timeouts"]), [6, 9])  # the cut trajectory: a timeout
+    for key in ("observations", "actions", "rewards", "next_observations"):  # the file's own s', not a shift
+        np.testing.assert_array_equal(data[key], np.concatenate([medium[key], expert[key]]))
+    alone, _ = nav_env.load_dataset(f"{tmp_path}/hopper_medium-v2.hdf5")  # one file: no label
+    np.testing.assert_array_equal(alone["behaviour"], np.full(10, -1))
+    np.testing.assert_array_equal(alone["episode_ids"], [0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    for module in (ec, eh):  # every stage's copy of the loader reads the same arrays
+        again, again_digest = module.load_dataset(source)
+        assert again_digest == digest and all(np.array_equal(again[k], data[k]) for k in data)
+
+
+def test_dtypes_and_shapes_of_older_writers_are_read(tmp_path):
+    n = 5
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(n, 3))  # float64
+    path = tmp_path / "walker2d_medium-v2.hdf5"
+    write_d4rl(path, n, observations=obs, next_observations=obs + 1, actions=np.ones((n, 2), np.float64),
+               rewards=np.arange(n, dtype=np.float64)[:, None],  # [N, 1]
+               terminals=np.array([0, 1, 0, 0, 0], np.float32), timeouts=np.array([0, 0, 0, 0, 1], np.uint8))
+    data, _ = nav_env.load_dataset(str(path))
+    assert data["observations"].dtype == np.float32 and data["terminals"].dtype == bool
+    np.testing.assert_allclose(data["observations"], obs.astype(np.float32))
+    np.testing.assert_array_equal(data["rewards"], np.arange(n, dtype=np.float32))
+    np.testing.assert_array_equal(data["episode_ids"], [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(data["terminals"], [0, 1, 0, 0, 0])
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(terminal_rows=[3], timeout_rows=[3]), r"x_medium-v2.hdf5: row 3 has both 'terminals' and 'timeouts' set"),
+    (dict(timeouts=None), r"x_medium-v2.hdf5 has no key 'timeouts'"),
+    (dict(next_observations=None), r"has no key 'next_observations'"),
+    (dict(observations=np.where(np.arange(8)[:, None] == 5, np.nan, np.zeros((8, 3), np.float32))),
+     r"'observations' contains NaN or infinite values \(row 5\)"),
+    (dict(rewards=np.zeros(7, np.float32)), r"'rewards' has shape \(7,\), expected \[8\]"),
+    (dict(actions=np.zeros((9, 2), np.float32)), r"'actions' has shape \(9, 2\), expected \[8, 'dim'\]"),
+    (dict(next_observations=np.zeros((8, 4), np.float32)), r"'next_observations' has shape \(8, 4\), 'observations'"),
+    (dict(terminals=np.full(8, 2, np.int64)), r"'terminals' is 2 at row 0, expected 0 or 1"),
+    (dict(observations=np.zeros((0, 3), np.float32)), r"holds no transitions"),
+])
+def test_bad_files_get_one_sentence_naming_file_key_and_row(tmp_path, override, message):
+    path = tmp_path / "x_medium-v2.hdf5"
+    write_d4rl(path, 8, **override)
+    with pytest.raises(nav_env.InputError, match=message):
+        nav_env.load_dataset(str(path))
+
+
+def test_missing_unreadable_mixed_and_mismatched_sources(tmp_path):
+    with pytest.raises(nav_env.InputError, match=r"halfcheetah_expert-v2.hdf5 does not exist; D4RL's copy: "
+                       r"http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/halfcheetah_expert-v2.hdf5"):
+        nav_env.load_dataset(f"{tmp_path}/halfcheetah_expert-v2.hdf5")
+    (tmp_path / "broken.hdf5").write_text("not an HDF5 file")
+    with pytest.raises(nav_env.InputError, match="broken.hdf5 is not a readable HDF5 file"):
+        nav_env.load_dataset(str(tmp_path / "broken.hdf5"))
+    write_d4rl(tmp_path / "a.hdf5", 4, timeout_rows=[3])
+    with pytest.raises(nav_env.InputError, match="mixes D4RL .hdf5 files with other sources"):
+        nav_env.load_dataset(f"{tmp_path}/a.hdf5,mujoco/hopper/expert-v0")
+    write_d4rl(tmp_path / "b.hdf5", 4, obs_dim=5)
+    with pytest.raises(nav_env.InputError, match="b.hdf5 has 5-dim observations, .*a.hdf5 has 3"):
+        nav_env.load_dataset(f"{tmp_path}/a.hdf5,{tmp_path}/b.hdf5")
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation environment and the reference scores
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", list(D4RL_REFS))
+def test_the_task_in_the_file_names_picks_the_v4_environment_and_d4rls_reference_scores(task):
+    env_id, obs_dim, act_dim, lo, hi = D4RL_REFS[task]
+    for source in (f"/d/{task}_medium-v2.hdf5,/d/{task}_expert-v2.hdf5", f"/d/{task}_medium_expert-v2.hdf5",
+                   f"/d/{task}-medium-expert-v2.hdf5"):
+        env = nav_env.evaluation_env(source, obs_dim)
+        assert (env["kind"], env["env_id"], env["ref_min_score"], env["ref_max_score"]) == ("gym", env_id, lo, hi)
+    assert json.loads(env["env_spec"])["max_episode_steps"] == 1000  # D4RL's time limit
+    out = nav_env.gym_evaluate(env, lambda obs: np.zeros((len(obs), act_dim)), (1, 2), seed=0)
+    np.testing.assert_allclose(out["normalized_score"], 100 * (out["return"] - lo) / (hi - lo))
+
+
+def test_flags_override_the_environment_and_the_reference_scores(tmp_path):
+    env = nav_env.evaluation_env("/d/hopper_medium-v2.hdf5", 11, -1.0, 1.0)
+    assert (env["env_id"], env["ref_min_score"], env["ref_max_score"]) == ("Hopper-v4", -1.0, 1.0)
+    env = nav_env.evaluation_env("/d/my_data.hdf5", 17, eval_env="Walker2d-v4")  # D4RL's walker2d references
+    assert (env["env_id"], env["ref_min_score"], env["ref_max_score"]) == ("Walker2d-v4", 1.629008, 4592.3)
+    env = nav_env.evaluation_env("/d/hopper_medium-v2.hdf5", 4, eval_env="InvertedPendulum-v5")
+    assert (env["env_id"], env["ref_min_score"]) == ("InvertedPendulum-v5", None)  # not a D4RL task: returns only
+    npz = tmp_path / "halfcheetah.npz"
+    npz.write_bytes(b"")  # an .npz path: no environment recorded
+    assert nav_env.evaluation_env(str(npz), 17) is None
+    assert nav_env.evaluation_env(str(npz), 17, eval_env="HalfCheetah-v4")["ref_max_score"] == 12135.0
+
+
+@pytest.mark.parametrize("source, kwargs, message", [
+    ("/d/mydata.hdf5", {}, r"cannot be told from the file names .*give --eval-env"),
+    ("/d/hopper_medium-v2.hdf5,/d/walker2d_expert-v2.hdf5", {}, r"cannot be told from the file names"),
+    ("/d/hopper_medium-v2.hdf5", dict(obs_dim=17), r"Hopper-v4 observes 11 numbers per step, the data set .* 17"),
+    ("/d/x.hdf5", dict(eval_env="Cheetah-v9"), r"'Cheetah-v9' is not a registered Gymnasium environment"),
+    ("/d/hopper_medium-v2.hdf5", dict(ref_min=0.0), r"give both --ref-min-score and --ref-max-score"),
+])
+def test_environment_errors_come_before_training(source, kwargs, message):
+    kwargs = {"obs_dim": 11, **kwargs}
+    with pytest.raises(nav_env.InputError, match=message):
+        nav_env.evaluation_env(source, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# scripts/make_d4rl_files.py and scripts/reproduce_table2.sh
+# ----------------------------------------------------------------------------------------------
+
+def make_d4rl_files():
+    spec = importlib.util.spec_from_file_location("make_d4rl_files", ROOT / "scripts" / "make_d4rl_files.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Hopper files from the project's generator: 600 rows per behaviour, episodes of at most 15 steps (both
+    behaviours' files hold terminations and timeouts, and end mid-episode)."""
+    folder = tmp_path_factory.mktemp("d4rl")
+    mdf = make_d4rl_files()
+    mdf.main(mdf.Args(out=str(folder), tasks=("hopper",), rows=600, episode_steps=15))
+    return folder
+
+
+def test_generated_files_have_d4rls_layout_and_its_medium_expert_stitching(files):
+    with h5py.File(files / "hopper_medium-v2.hdf5") as f:
+        assert {k: f[k].dtype for k in ("observations", "terminals", "timeouts", "rewards")} == dict(
+            observations=np.float32, terminals=bool, timeouts=bool, rewards=np.float32)
+        assert f["observations"].shape == (600, 11) and f["infos/qpos"].shape[0] == 600
+        assert not np.any(f["terminals"][()] & f["timeouts"][()])
+        last_end = np.flatnonzero(f["terminals"][()] | f["timeouts"][()])[-1]  # as written, before the loader
+    pair, _ = nav_env.load_dataset(f"{files}/hopper_medium-v2.hdf5,{files}/hopper_expert-v2.hdf5")
+    stitched, _ = nav_env.load_dataset(f"{files}/hopper_medium_expert-v2.hdf5")
+    medium = pair["behaviour"] == 0
+    assert last_end < 599 and pair["timeouts"][599]  # cut mid-episode at 600 rows: the loader's timeout
+    keep = (np.arange(len(medium)) <= last_end) | ~medium  # D4RL: medium up to its last trajectory end + expert
+    np.testing.assert_array_equal(stitched["observations"], pair["observations"][keep])
+    assert np.all(stitched["behaviour"] == -1)
+    lengths = np.bincount(pair["episode_ids"])
+    assert lengths.max() == 15 and pair["terminals"].any()  # Hopper falls: terminations as well as timeouts
+
+
+@pytest.fixture(scope="module")
+def table2_run(files, tmp_path_factory):
+    """scripts/reproduce_table2.sh on the hopper files, 2 seeds, tiny schedules: (environment, run, process)."""
+    run = tmp_path_factory.mktemp("table2") / "run"
+    env = dict(os.environ, RUN=str(run), D4RL_DIR=str(files), SEEDS="2", TASKS="hopper", JAX_PLATFORMS="cpu",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+               XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               CLUSTER_ARGS="--bias-epochs 1 --pretrain-epochs 1 --em-epochs 2 --hidden-dim 16 --log-every 100",
+               PPO_ARGS="--q-steps 20 --steps-per-call 20 --v-epochs 1 --pi-epochs 1 --eval-episodes 1 --chunk 512",
+               HIGHLEVEL_ARGS="--steps 20 --steps-per-call 20 --eval-episodes 2")
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table2.sh")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return env, run, out
+
+
+def test_reproduce_table2_runs_the_three_stages_on_d4rl_files_down_to_the_table(table2_run, files):
+    env, run, out = table2_run
+    for stage in (1, 2, 3):
+        assert f"=== hopper stage {stage} took" in out.stdout
+    assert "in Hopper-v4" in out.stdout  # the environment from the file names
+    cluster, high = (np.load(run / "hopper" / name, allow_pickle=False) for name in ("cluster.npz", "highlevel.npz"))
+    args = json.loads(str(high["args"]))
+    assert args["dataset"] == f"{files}/hopper_medium-v2.hdf5,{files}/hopper_expert-v2.hdf5"
+    assert (args["preset"], args["gamma"], args["expectile"]) == ("d4rl", 0.99, 0.7)
+    assert high["seeds"].tolist() == cluster["seeds"].tolist() == [1, 2]
+    lo, hi = D4RL_REFS["hopper"][3:]
+    np.testing.assert_allclose(high["eval/normalized_score"], 100 * (high["eval/return"] - lo) / (hi - lo))
+    table = (run / "table2.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| hopper | hopper_medium-v2"))
+    per_seed = high["eval/normalized_score"].mean(axis=1)
+    ri = 100 * cluster["rand_index"]
+    assert row.split(" | ")[1:] == [
+        "hopper_medium-v2 + hopper_expert-v2", "2 × 2", f"{per_seed.mean():.1f} ± {per_seed.std():.1f}",
+        f"{high['eval/return'].mean(axis=1).mean():.1f} ± {high['eval/return'].mean(axis=1).std():.1f}", "110.2",
+        f"{ri.mean():.2f} ± {ri.std():.2f}", "100.00 ± 0.00 |"]
+    assert "| hopper | 52.5 | 107.6 | 55.8 | 103.3 | 98.0 | 105.4 | 91.5 | 110.2 |" in table
+    assert (run / "table2.png").stat().st_size > 10_000
+    joined = subprocess.run([sys.executable, str(ROOT / "scripts" / "table2.py"), "--runs", f"{run},{run}", "--tasks",
+                             "hopper", "--out", str(run / "joined")], capture_output=True, text=True, timeout=60)
+    assert joined.returncode != 0 and "the runs of hopper repeat seeds [1, 1, 2, 2]" in joined.stderr
+    # The same command again finds every output, recomputes nothing, and writes the table again.
+    again = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table2.sh")], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("exists, skipped") == 3 and " took " not in again.stdout
+    assert (run / "table2.md").read_text() == table
+
+
+def test_stages_2_and_3_take_eval_env_and_check_it_before_training(table2_run, files, tmp_path):
+    _, run, _ = table2_run
+    dataset = f"{files}/hopper_medium-v2.hdf5,{files}/hopper_expert-v2.hdf5"
+    for module, extra in ((ep, {}), (eh, dict(ppo=str(run / "hopper" / "ppo.npz")))):
+        args = dataclasses.replace(module.PRESETS["d4rl"], dataset=dataset, cluster=str(run / "hopper" / "cluster.npz"),
+                                   out=str(tmp_path / "out.npz"), eval_env="HalfCheetah-v4", **extra)
+        with pytest.raises(module.InputError, match="HalfCheetah-v4 observes 17 numbers per step, the data set"):
+            module.main(args)
+        assert not (tmp_path / "out.npz").exists()
+
+
+def test_reproduce_table2_without_the_files_says_what_to_download_and_runs_nothing(tmp_path):
+    env = dict(os.environ, RUN=str(tmp_path / "run"), D4RL_DIR=str(tmp_path / "none"), TASKS="hopper walker2d")
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table2.sh")], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0 and "===" not in out.stdout
+    assert (f"error: {tmp_path}/none holds neither hopper_medium-v2.hdf5 and hopper_expert-v2.hdf5 nor "
+            f"hopper_medium_expert-v2.hdf5; download them: wget -P {tmp_path}/none "
+            "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/hopper_medium-v2.hdf5") in out.stderr
+
+
+def test_table2_joins_run_folders_along_seeds_and_leaves_out_an_unknown_rand_index(tmp_path):
+    """Two run folders (seeds 1-2 and 3) of a medium_expert file read alone: no labels, so no rand index."""
+    source = "/d/walker2d_medium_expert-v2.hdf5"
+    scores = {1: [10.0, 20.0], 2: [30.0, 50.0], 3: [60.0, 70.0]}
+    for run, seeds in (("a", [1, 2]), ("b", [3])):
+        folder = tmp_path / run / "walker2d"
+        folder.mkdir(parents=True)
+        np.savez(folder / "cluster.npz", seeds=np.array(seeds))  # no rand_index: unlabelled data
+        score = np.array([scores[s] for s in seeds])
+        np.savez(folder / "highlevel.npz", seeds=np.array(seeds), args=np.array(json.dumps({"dataset": source})),
+                 **{"eval/normalized_score": score, "eval/return": score * 2})
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "table2.py"), "--runs", f"{tmp_path}/a,{tmp_path}/b",
+                          "--tasks", "walker2d", "--out", str(tmp_path / "t2")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    per_seed = np.array([15.0, 40.0, 65.0])
+    row = next(line for line in (tmp_path / "t2.md").read_text().splitlines() if line.startswith("| walker2d |"))
+    assert row == (f"| walker2d | walker2d_medium_expert-v2 | 3 × 2 | {per_seed.mean():.1f} ± {per_seed.std():.1f} | "
+                   f"{2 * per_seed.mean():.1f} ± {2 * per_seed.std():.1f} | 108.4 | – | 99.93 ± 0.08 |")
