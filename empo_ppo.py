@@ -939,9 +939,8 @@ def load_cluster(path: str, data_sha: str, data_sizes: dict) -> tuple[dict, dict
             "arch/k": ("int64", ()), "arch/hidden_dim": ("int64", ()), "arch/hidden_layers": ("int64", ()),
             "arch/obs_mean": ("float32", ("obs_dim",)), "arch/obs_std": ("float32", ("obs_dim",)),
             "arch/action_scale": ("float32", ("act_dim",))}
-    for prefix in ("policy/params/", "classifier/params/"):
-        if not any(key.startswith(prefix) for key in arrays):
-            raise InputError(f"{path} has no key '{prefix}...'")
+    if not any(key.startswith("policy/params/") for key in arrays):
+        raise InputError(f"{path} has no key 'policy/params/...'")
     sizes = check_arrays(path, arrays, spec, data_sizes)
     check_arch(path, arrays)
     if int(arrays["arch/k"]) != sizes["K"]:
@@ -949,7 +948,9 @@ def load_cluster(path: str, data_sha: str, data_sizes: dict) -> tuple[dict, dict
     hidden = int(arrays["arch/hidden_dim"]), int(arrays["arch/hidden_layers"])
     policy = GaussianPolicy(sizes["act_dim"], (1.0,) * sizes["act_dim"], *hidden)
     check_param_shapes(path, arrays, "policy/params", param_shapes(policy, sizes["obs_dim"]), 2)
-    check_param_shapes(path, arrays, "classifier/params", param_shapes(MLP(*hidden, sizes["K"]), sizes["obs_dim"]), 1)
+    if any(key.startswith("classifier/params/") for key in arrays):  # not used here; stage 3 reads it
+        check_param_shapes(path, arrays, "classifier/params", param_shapes(MLP(*hidden, sizes["K"]), sizes["obs_dim"]),
+                           1)
     check_arrays(path, arrays, {key: ("float32", ("S", "K") + a.shape[2:] if key.startswith("policy/") else ("S",)
                                       + a.shape[1:]) for key, a in arrays.items() if "/params/" in key}, sizes)
     if arrays["assignments"].min() < 0 or arrays["assignments"].max() >= sizes["K"]:
