@@ -599,10 +599,14 @@ def cli(args_class, presets: dict):
 
 
 def check_flags(args) -> None:
-    """Every float flag is a finite number (NaN passes every comparison, so range checks alone let it through)."""
+    """Every float flag is a finite number (NaN passes every comparison, so range checks alone let it through), and
+    the seeds fit JAX's 32-bit seeds."""
     for name, value in asdict(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed <= 2**31 - max(args.num_seeds, 1):  # JAX seeds are 32-bit integers
+        raise InputError(f"--seed must be in 0..{2**31 - max(args.num_seeds, 1)} for {args.num_seeds} seeds, "
+                         f"got {args.seed}")
 
 
 def run(main, args) -> None:

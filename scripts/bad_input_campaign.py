@@ -197,7 +197,7 @@ def run_case(work: pathlib.Path, script: str, extra: list, timeout: float, in_pr
         elif name == "folder":
             (case_dir / name).mkdir()
     shutil.copy2(work / INPUT_FLAGS.get("ppo"), case_dir / "out.npz")  # an earlier output, to be kept or replaced
-    before = {p.name: sha(p) for p in case_dir.iterdir() if p.is_file()}
+    before = {p.name: sha(p) for p in case_dir.iterdir() if p.is_file() and p.suffix in (".npz", ".npy")}
     env = dict(os.environ, MINARI_DATASETS_PATH=str(case_dir / "minari"))
     (case_dir / "minari" / "empo").mkdir(parents=True)
     (case_dir / "minari" / "empo" / "campaign-v0").mkdir()  # an id that is taken
@@ -223,7 +223,7 @@ def run_case(work: pathlib.Path, script: str, extra: list, timeout: float, in_pr
         outcome = "ran"
     else:
         outcome = "sentence"
-    after = {p.name: sha(p) for p in case_dir.iterdir() if p.is_file()}
+    after = {p.name: sha(p) for p in case_dir.iterdir() if p.is_file() and p.suffix in (".npz", ".npy")}
     final = lambda flag: next((command[i + 1] for i in range(len(command) - 2, -1, -1) if command[i] == flag), None)
     out_name = final("--out")
     inputs = {final("--" + flag) for flag in INPUT_FLAGS}

@@ -392,3 +392,12 @@ def test_a_data_set_source_that_is_no_data_set_is_named_as_such(tmp_path, monkey
     with pytest.raises(ec.InputError, match=message) as err:
         ec.load_dataset(source)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("seed, num_seeds", [(-1, 1), (2 ** 31 - 1, 2), (10 ** 12, 1)])
+def test_seeds_outside_jax_32_bit_range_are_refused(stage, seed, num_seeds):
+    module = STAGES[stage]
+    with pytest.raises(module.InputError, match="--seed must be in 0.."):
+        module.validate_args(dataclasses.replace(module.Args(), seed=seed, num_seeds=num_seeds))
+    module.validate_args(dataclasses.replace(module.Args(), seed=2 ** 31 - 2, num_seeds=2))
