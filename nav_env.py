@@ -773,10 +773,13 @@ EVAL_FIELDS = ("return", "goal", "penalty_steps", "length", "optimal_route")
 ROUTES = ("fast", "detour", "through S_p", "no goal")
 ROUTE_FAST, ROUTE_DETOUR, ROUTE_PENALTY, ROUTE_NO_GOAL = range(4)
 # The fast route passes S_p's column (x in [15, 30]) through the gap between S_p's top (y = 10) and the
-# middle of the field: up x ~ 10 to y ~ 15, across to x ~ 20, up to g (about 365 steps with the data's
-# noise). A penalty-free route that rises above this height while still left of S_p's column (x < 15),
-# e.g. up x = 0 to the top wall first (the paper's Figure 5d), is a detour.
+# middle of the field: up x ~ 10 to y ~ 15, across to x ~ 20, up to g (300 steps without noise, about 365
+# with the data's). A penalty-free route that rises above this height while still left of S_p's column
+# (x < 15), e.g. up x = 0 to the top wall first (the paper's Figure 5d), is a detour in space; one that
+# follows the fast corridor but takes more than FAST_MAX_STEPS (e.g. creeping where the behaviours
+# disagree) is a detour in time. Both are "detour" (penalty-free, not the shortest route).
 FAST_MAX_HEIGHT = 22.5  # half-way between the fast corridor (y = 15) and the top wall (y = 30)
+FAST_MAX_STEPS = 450  # the fast route's ~365 steps plus a quarter; the detour up x = 0 takes ~550
 
 
 def route_classes(positions, lengths, goal=None, params: NavParams = NavParams()) -> np.ndarray:
@@ -787,8 +790,9 @@ def route_classes(positions, lengths, goal=None, params: NavParams = NavParams()
     the goal radius. Classes, first match wins:
         no goal      g not reached (stalled or timed out);
         through S_p  some state s_1 .. s_T lies in S_p (the closed box [15, 30] x [0, 10]);
-        detour       some state with x < 15 (left of S_p's column) has y > FAST_MAX_HEIGHT;
-        fast         otherwise: reached g without S_p and passed S_p's column low, the shortest such route.
+        detour       some state with x < 15 (left of S_p's column) has y > FAST_MAX_HEIGHT, or the rollout
+                     took more than FAST_MAX_STEPS steps;
+        fast         otherwise: reached g without S_p, passed S_p's column low and in at most FAST_MAX_STEPS.
     """
     pos = np.asarray(positions, np.float64)
     lengths = np.asarray(lengths)
@@ -803,7 +807,8 @@ def route_classes(positions, lengths, goal=None, params: NavParams = NavParams()
         last = np.take_along_axis(pos, lengths[..., None, None].astype(np.int64), axis=-2)[..., 0, :]
         goal = np.linalg.norm(last - np.asarray(params.goal), axis=-1) < params.goal_radius
     goal = np.asarray(goal, bool)
-    return np.where(~goal, ROUTE_NO_GOAL, np.where(entered, ROUTE_PENALTY, np.where(high_left, ROUTE_DETOUR,
+    detour = high_left | (lengths > FAST_MAX_STEPS)
+    return np.where(~goal, ROUTE_NO_GOAL, np.where(entered, ROUTE_PENALTY, np.where(detour, ROUTE_DETOUR,
                                                                                       ROUTE_FAST))).astype(np.int32)
 
 

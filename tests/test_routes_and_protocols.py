@@ -45,6 +45,13 @@ def test_up_the_left_wall_first_is_a_detour():  # the paper's Figure 5d
     assert nav_env.ROUTES[classify((0, 0), (0, 28), (10, 15), (20, 15), (20, 30), (30, 30))[0]] == "detour"
 
 
+def test_the_fast_corridor_taken_slowly_is_a_detour_in_time():
+    pos = path((0, 0), (10, 0), (10, 15), (20, 15), (20, 30), (30, 30))
+    slow = np.concatenate([pos[:100], np.repeat(pos[100:101], 200, 0), pos[101:]])  # stalls 200 steps on x = 10
+    padded = np.concatenate([slow, np.repeat(slow[-1:], 1001 - len(slow), 0)])
+    assert nav_env.route_classes(padded[None], np.array([len(slow) - 1]), np.array([True]))[0] == nav_env.ROUTE_DETOUR
+
+
 def test_a_route_through_the_penalty_area_and_one_touching_its_edge():
     assert nav_env.ROUTES[classify((0, 0), (30, 0), (30, 30))[0]] == "through S_p"  # behaviour 1's end
     assert nav_env.ROUTES[classify((0, 0), (15, 10), (15, 20), (30, 30))[0]] == "through S_p"  # S_p is closed
@@ -68,6 +75,7 @@ def test_states_after_the_end_of_a_rollout_are_ignored():
 def test_route_classes_agree_with_rollout_flags():
     out = nav_env.rollout(jax.random.key(0), lambda key, pos: jax.random.uniform(key, pos.shape, minval=-.2,
                                                                                   maxval=.2) + 0.15, 8)
+    assert np.asarray(out["goal"]).any()
     routes = nav_env.route_classes(np.asarray(out["positions"]), np.asarray(out["length"]), np.asarray(out["goal"]))
     assert np.array_equal(routes == nav_env.ROUTE_NO_GOAL, ~np.asarray(out["goal"]))
     assert np.array_equal(routes == nav_env.ROUTE_PENALTY, np.asarray(out["goal"] & (out["penalty_steps"] > 0)))
