@@ -1203,6 +1203,7 @@ def evaluate_final_policy(args: Args, nets, obs_mean, obs_std, value_scale, run:
     cluster_steps = arrays[f"eval/{'sampled_' if args.sample else ''}cluster_steps"]
     for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
         writer.add_scalar(f"eval/{name}", summary[name], args.steps)
+        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
 
     # Figures: the rollouts of run 0 cut by the cluster pi_H ran, every run's rollouts, and maps over S.
     names = [f"z = {z}" for z in range(k)]

@@ -1223,6 +1223,8 @@ def main(args: Args) -> dict:
                                                      for key, x in out.items()})
                 os.replace(sweep_file + ".tmp.npz", sweep_file)
                 fields["sweep_return"] = float(sweep[log_step]["sampled_return"].mean())
+                for key in ("return", "sampled_return"):
+                    writer.add_scalar(f"eval/sweep_{key}", float(sweep[log_step][key].mean()), log_step)
         progress(unit + 1, **fields)
     if 0 in sweep_at:
         sweep[0] = evaluate_sweep(beta, key_eval)  # pi_L starts from the stage-1 policies (Algorithm 2, line 2)

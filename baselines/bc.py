@@ -922,6 +922,7 @@ def evaluate_policy(args: Args, policy, obs_mean, obs_std, policy_params, key_ev
     out, actions = outs[args.sample], "sampled" if args.sample else "mean"
     for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
         writer.add_scalar(f"eval/{name}", summary[name], args.steps)
+        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
 
     # Figures: every run's rollouts, and Figure 1b (run 0's mean action over the length of the mean action).
     title = f"BC: {args.eval_episodes} rollouts per run ({actions} actions)"

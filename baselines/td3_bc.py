@@ -1112,6 +1112,7 @@ def evaluate_actor(args: Args, nets, obs_mean, obs_std, action_scale, state: Tra
     out = outs[False]
     for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
         writer.add_scalar(f"eval/{name}", summary[name], args.steps)
+        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
 
     # Figures: every run's rollouts, and run 0's action field over V-like Q1(s, pi(s)).
     images = {"rollouts": nav_env.plot_runs(out, seeds, "TD3+BC: deterministic actor, every run",

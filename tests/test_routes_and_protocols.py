@@ -133,3 +133,14 @@ def test_td3_bc_action_units_scale_the_bc_term_by_one_over_a_max_squared():
     raw = td3_bc.bc_units(jnp.asarray(pi), jnp.asarray(actions), (0.2, 0.2), "raw")
     norm = td3_bc.bc_units(jnp.asarray(pi), jnp.asarray(actions), (0.2, 0.2), "normalised")
     np.testing.assert_allclose(np.mean((norm[0] - norm[1]) ** 2), 25 * np.mean((raw[0] - raw[1]) ** 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("eval_at, pi_epochs, episodes, message", [
+    ("1,x", 10, 10, "comma-separated whole numbers"), ("1,11", 10, 10, "must lie in 0..10"),
+    ("-1", 10, 10, "must lie in 0..10"), (",", 10, 10, "must lie in 0..10"), ("1,2", 10, 0, "needs --eval-episodes")])
+def test_eval_at_out_of_range_is_one_sentence(eval_at, pi_epochs, episodes, message):
+    args = empo_ppo.Args(eval_at=eval_at, pi_epochs=pi_epochs, eval_episodes=episodes)
+    with pytest.raises(empo_ppo.InputError, match=message):
+        empo_ppo.validate_args(args)
+    assert empo_ppo.sweep_epochs(empo_ppo.Args(eval_at="100, 1,5,1", pi_epochs=100)) == [1, 5, 100]
+    assert "eval_at" in empo_ppo.NEUTRAL_FLAGS  # evaluation only: a checkpoint resumes whatever --eval-at is
