@@ -829,7 +829,7 @@ def entropy(log_p):
 # Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood for
 # by their sha256, so that moved files still resume).
 NEUTRAL_FLAGS = ("out", "resume", "log_every", "checkpoint_every", "preset", "eval_episodes", "eval_env", "sample",
-                 "ref_min_score", "ref_max_score", "dataset", "cluster", "ppo")
+                 "eval_at", "ref_min_score", "ref_max_score", "dataset", "cluster", "ppo")
 
 
 def checkpoint_path(out: str) -> str:

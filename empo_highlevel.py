@@ -132,7 +132,9 @@ class Args:
     names, e.g. halfcheetah_*.hdf5 -> HalfCheetah-v4; for Minari ids the recorded one; an .npz of a MuJoCo task
     needs it)"""
     sample: bool = False
-    """evaluate pi with actions drawn from pi_L(.|s, pi_H(s)) instead of its mean action"""
+    """actions drawn from pi_L(.|s, pi_H(s)) instead of its mean action: in Gymnasium environments the evaluation
+    itself; on the navigation task, where both protocols are always evaluated and stored, the rollouts the figures
+    show"""
     # --- algorithm (Table 4, didactic column) ---
     gamma: float = 0.999
     """gamma: discount factor"""
@@ -965,7 +967,7 @@ def cluster_segments(positions, chosen, lengths) -> tuple[list, list]:
 # Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood for
 # by their sha256, so that moved files still resume).
 NEUTRAL_FLAGS = ("out", "resume", "log_every", "checkpoint_every", "preset", "eval_episodes", "eval_env", "sample",
-                 "ref_min_score", "ref_max_score", "dataset", "cluster", "ppo")
+                 "eval_at", "ref_min_score", "ref_max_score", "dataset", "cluster", "ppo")
 
 
 def checkpoint_path(out: str) -> str:
@@ -1175,23 +1177,37 @@ def evaluate_final_policy(args: Args, nets, obs_mean, obs_std, value_scale, run:
     """Rollouts of pi per run, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
     import nav_env
 
-    evaluate = make_evaluate(nets, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.b, args.eval_episodes,
-                             args.sample)
-    out = {name: np.asarray(x) for name, x in jax.device_get(evaluate(run, key_eval)).items()}  # [S, E, ...]
     k = nets["qh"].out_dim
-    cluster_steps = np.stack([(out["chosen"] == z).sum(-1) for z in range(k)], -1)  # [S, E, K]
+    # Both protocols of Appendix C, from the same start states: eval/* with the mean action of pi_L, eval/sampled_*
+    # with actions drawn from pi_L(.|s, pi_H(s)) (the paper's "sampled 10 trajectories"); --sample only picks the
+    # rollouts the figures show.
+    outs, arrays, summaries = {}, {}, {}
+    for sample in (False, True):
+        evaluate = make_evaluate(nets, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.b, args.eval_episodes,
+                                 sample)
+        out = {name: np.asarray(x) for name, x in jax.device_get(evaluate(run, key_eval)).items()}  # [S, E, ...]
+        cluster_steps = np.stack([(out["chosen"] == z).sum(-1) for z in range(k)], -1)  # [S, E, K]
 
-    def share(runs) -> tuple[dict, str]:  # the share of steps on which pi_H chose each cluster
-        steps_per_z = cluster_steps[runs].reshape(-1, k).sum(0)  # [K]
-        fractions = (steps_per_z / max(steps_per_z.sum(), 1)).tolist()
-        return {"cluster_share": fractions}, "z: " + " ".join(f"{x:.2f}" for x in fractions)
+        def share(runs, cluster_steps=cluster_steps) -> tuple[dict, str]:  # the share of steps per cluster
+            steps_per_z = cluster_steps[runs].reshape(-1, k).sum(0)  # [K]
+            fractions = (steps_per_z / max(steps_per_z.sum(), 1)).tolist()
+            return {"cluster_share": fractions}, "z: " + " ".join(f"{x:.2f}" for x in fractions)
 
-    arrays, summary = nav_env.report_rollouts(
-        out, seeds, f"[highlevel] final policy pi ({'sampled' if args.sample else 'mean'} actions), "
-                    f"{args.eval_episodes} rollouts per run (last column: share of steps per cluster):", share)
-    arrays["eval/cluster_steps"] = cluster_steps
+        prefix = "sampled_" if sample else ""
+        part, part_summary = nav_env.report_rollouts(
+            out, seeds, f"[highlevel] final policy pi ({'sampled' if sample else 'mean'} actions), "
+                        f"{args.eval_episodes} rollouts per run (last column: share of steps per cluster):", share,
+            prefix=prefix)
+        part[f"eval/{prefix}cluster_steps"] = cluster_steps
+        arrays.update(part)
+        outs[sample] = out
+        summaries[sample] = part_summary
+    summary = {**summaries[False], "sampled": summaries[True]}
+    out = outs[args.sample]
+    cluster_steps = arrays[f"eval/{'sampled_' if args.sample else ''}cluster_steps"]
     for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
         writer.add_scalar(f"eval/{name}", summary[name], args.steps)
+        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
 
     # Figures: the rollouts of run 0 cut by the cluster pi_H ran, every run's rollouts, and maps over S.
     names = [f"z = {z}" for z in range(k)]

@@ -44,7 +44,9 @@ Interpretations and deviations
        share run 0 when cluster.npz holds one). Runs are vmapped and sharded over the visible devices.
        --seed 3 --first-run 2 --num-seeds 8 adds seeds 3..10 to an earlier run of seeds 1 and 2.
     7. Evaluation (navigation task only, never used for selection): beta_z and pi_L(.|s, z) run
-       alone from s_0 with their mean action, --eval-episodes rollouts each.
+       alone from s_0 with their mean action (eval/{beta,pi}_*) and with actions drawn from them
+       (eval/{beta,pi}_sampled_*, the paper's protocol), --eval-episodes rollouts each; --eval-at adds pi_L
+       at chosen PPO epochs (eval/sweep_*, Figure 4).
     8. Eq. (10) as printed, R(s_i) = sum_{t=0}^{T-i} gamma^t r_t, indexes the rewards from the start of
        the trajectory whatever i is; read as the return from s_i, R(s_i) = sum_{t=0}^{T-i} gamma^t r_{i+t}
        (the sample return of §3.2 that V(s) regresses on, Eq. 12), i.e. R_i = r_i + gamma R_{i+1}.
@@ -114,6 +116,9 @@ class Args:
     ref_max_score: Optional[float] = None
     """reference return of score 100 for the normalised score (default: D4RL's expert return for a D4RL task's
     environment, else the Minari data set's ref_max_score)"""
+    eval_at: str = ""
+    """PPO epochs at which to evaluate pi_L as well (comma-separated, e.g. 1,2,5,10,20,50,100; 0 = the stage-1
+    policies): both protocols, stored in eval/sweep_* (Figure 4 from one run; navigation task only)"""
     eval_env: str = ""
     """Gymnasium environment to evaluate in (default: for D4RL files the task's -v4 environment from the file
     names, e.g. halfcheetah_*.hdf5 -> HalfCheetah-v4; for Minari ids the recorded one; an .npz of a MuJoCo task
@@ -969,12 +974,18 @@ def load_cluster(path: str, data_sha: str, data_sizes: dict) -> tuple[dict, dict
     return arrays, sizes, digest
 
 
-def make_evaluate(policy, obs_mean, obs_std, episodes: int):
-    """Rollouts of one Gaussian policy with its mean action from s_0 (nav_env.rollout); vmap over seeds and K."""
+def make_evaluate(policy, obs_mean, obs_std, episodes: int, sample: bool = False):
+    """Rollouts of one Gaussian policy from s_0 (nav_env.rollout) with its mean action, or with actions drawn from
+    it (``sample``); vmap over seeds and K."""
     import nav_env
 
     def evaluate(params, key):
-        act = lambda _, pos: policy.apply(params, (pos - obs_mean) / obs_std)[0]
+        def act(key_t, pos):
+            mean, log_std = policy.apply(params, (pos - obs_mean) / obs_std)
+            if sample:
+                return mean + jnp.exp(log_std) * jax.random.normal(key_t, mean.shape)
+            return mean
+
         out = nav_env.rollout(key, act, episodes)
         return {name: out[name] for name in ("return", "goal", "penalty_steps", "optimal_route", "positions",
                                              "length")}
@@ -986,7 +997,7 @@ def make_evaluate(policy, obs_mean, obs_std, episodes: int):
 # Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood for
 # by their sha256, so that moved files still resume).
 NEUTRAL_FLAGS = ("out", "resume", "log_every", "checkpoint_every", "preset", "eval_episodes", "eval_env", "sample",
-                 "ref_min_score", "ref_max_score", "dataset", "cluster", "ppo")
+                 "eval_at", "ref_min_score", "ref_max_score", "dataset", "cluster", "ppo")
 
 
 def checkpoint_path(out: str) -> str:
@@ -1068,6 +1079,23 @@ def validate_args(args: Args) -> None:
         raise InputError("need 0 <= --gamma <= 1, 0 < --q-target-rate <= 1 and 0 < --clip < 1")
     if not args.learning_rate > 0:
         raise InputError(f"--learning-rate must be positive, got {args.learning_rate}")
+    sweep_epochs(args)
+
+
+def sweep_epochs(args: Args) -> list:
+    """The sorted PPO epochs of --eval-at (each in 0..N_pi, and only with an evaluation)."""
+    if not args.eval_at.strip():
+        return []
+    try:
+        epochs = sorted({int(x) for x in args.eval_at.split(",") if x.strip()})
+    except ValueError:
+        raise InputError(f"--eval-at must be comma-separated whole numbers of PPO epochs, got '{args.eval_at}'"
+                         ) from None
+    if not epochs or epochs[0] < 0 or epochs[-1] > args.pi_epochs:
+        raise InputError(f"--eval-at epochs must lie in 0..{args.pi_epochs} (--pi-epochs), got '{args.eval_at}'")
+    if args.eval_episodes < 1:
+        raise InputError("--eval-at needs --eval-episodes of at least 1")
+    return epochs
 
 
 def main(args: Args) -> dict:
@@ -1153,6 +1181,17 @@ def main(args: Args) -> dict:
     print(f"[ppo] N={n} K={k} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
           f"value scale c={value_scale:.1f}; {len(schedule)} units", flush=True)
 
+    # Figure 4's sweep: pi_L evaluated at the --eval-at epochs, kept beside the checkpoint so that a resumed run
+    # keeps the epochs it passed (a fresh run starts the file anew).
+    sweep, sweep_file = {}, os.path.splitext(os.path.abspath(args.out))[0] + ".sweep.npz"
+    sweep_at = set(sweep_epochs(args)) if env is not None and env["kind"] == "nav" else set()
+    if sweep_at and first > 0 and os.path.exists(sweep_file):
+        with np.load(sweep_file) as f:
+            sweep = {int(name.split("_")[1]): {key.split("/", 1)[1]: f[key] for key in f.files
+                                               if key.startswith(name + "/")}
+                     for name in {key.split("/")[0] for key in f.files}}
+    evaluate_sweep = (make_sweep_evaluate(policy, obs_mean, obs_std, args.eval_episodes) if sweep_at else None)
+
     progress = Progress(len(schedule), "ppo", kinds=[part for part, _ in schedule], first=first)
     timings = {"q": 0.0, "v": 0.0, "pi": 0.0}
     q_done = sum(s for part, s in schedule[:first] if part == "q")
@@ -1183,7 +1222,17 @@ def main(args: Args) -> dict:
             fields["v_loss"] = float(np.mean(metrics["losses/v"]))
         else:
             fields.update(log_ppo(writer, metrics, n, value_scale, log_step))
+            if log_step in sweep_at:
+                sweep[log_step] = evaluate_sweep(state.pi, key_eval)
+                np.savez(sweep_file + ".tmp.npz", **{f"epoch_{e}/{key}": x for e, out in sweep.items()
+                                                     for key, x in out.items()})
+                os.replace(sweep_file + ".tmp.npz", sweep_file)
+                fields["sweep_return"] = float(sweep[log_step]["sampled_return"].mean())
+                for key in ("return", "sampled_return"):
+                    writer.add_scalar(f"eval/sweep_{key}", float(sweep[log_step][key].mean()), log_step)
         progress(unit + 1, **fields)
+    if 0 in sweep_at:
+        sweep[0] = evaluate_sweep(beta, key_eval)  # pi_L starts from the stage-1 policies (Algorithm 2, line 2)
 
     # Evaluation for insight: beta_z and pi_L(.|s, z) alone, from s_0 (navigation) or in the Gymnasium env.
     arrays_eval, summary_eval = {}, {}
@@ -1193,6 +1242,20 @@ def main(args: Args) -> dict:
     elif env is not None:
         arrays_eval, summary_eval = evaluate_policies_gym(args, policy, obs_mean, obs_std, beta, state.pi, env,
                                                           writer, seeds, k)
+
+    if sweep_at:
+        missing = sorted(sweep_at - set(sweep))
+        if missing:
+            print(f"[ppo] --eval-at: epochs {missing} were passed before this run resumed; their entries are NaN")
+        epochs = sorted(sweep_at)
+        template = next(iter(sweep.values()), None)
+        arrays_eval["eval/sweep_epochs"] = np.asarray(epochs, np.int64)
+        for key in (template or {}):
+            arrays_eval[f"eval/sweep_{key}"] = np.stack(
+                [sweep[e][key].astype(np.float32) if e in sweep else np.full_like(template[key], np.nan, np.float32)
+                 for e in epochs], axis=2)  # [S, K, P, E]
+        summary_eval["sweep"] = {int(e): {key: float(np.nanmean(sweep[e][key])) for key in ("return", "sampled_return")}
+                                 for e in epochs if e in sweep}
 
     state = jax.device_get(state)
     arrays = {
@@ -1206,8 +1269,9 @@ def main(args: Args) -> dict:
     }
     save_npz(args.out, arrays, "empo/ppo/v1", asdict(args),
              {"dataset": data_sha, "cluster": cluster_sha})
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
+    for path in (ckpt_path, sweep_file):
+        if os.path.exists(path):
+            os.remove(path)
     writer.close()
     print(f"[ppo] wrote {args.out}: SARSA {timings['q']:.1f}s, V {timings['v']:.1f}s, PPO {timings['pi']:.1f}s")
     return {"timings": timings, "value_scale": value_scale, **summary_eval}
@@ -1232,16 +1296,40 @@ def log_ppo(writer, metrics, n: int, value_scale: float, step: int) -> dict:
             "clip_frac": float(m["clipped"].mean() / n), "kl": float(m["kl_z"].sum() / count.sum())}
 
 
-def evaluate_policies(args: Args, policy, obs_mean, obs_std, beta, pi, key_eval, writer, run_dir, seeds, k):
-    """Rollouts of every beta_z and pi_L(.|s, z) (mean actions); TensorBoard scalars, a figure, arrays."""
+def make_sweep_evaluate(policy, obs_mean, obs_std, episodes: int):
+    """evaluate(params, key) -> {return, goal, route, sampled_return, sampled_goal, sampled_route} [S, K, E] (NumPy):
+    pi_L(.|s, z) alone, mean action and sampled, as at the end of the run (Figure 4's measured quantity)."""
     import nav_env
 
-    evaluate = make_evaluate(policy, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.eval_episodes)
+    fns = {sample: make_evaluate(policy, jnp.asarray(obs_mean), jnp.asarray(obs_std), episodes, sample)
+           for sample in (False, True)}
+
+    def evaluate(params, key) -> dict:
+        result = {}
+        for sample, fn in fns.items():
+            out = jax.device_get(fn(params, key))
+            prefix = "sampled_" if sample else ""
+            result[prefix + "return"] = np.asarray(out["return"])
+            result[prefix + "goal"] = np.asarray(out["goal"])
+            result[prefix + "route"] = nav_env.route_classes(out["positions"], out["length"], out["goal"])
+        return result
+
+    return evaluate
+
+
+def evaluate_policies(args: Args, policy, obs_mean, obs_std, beta, pi, key_eval, writer, run_dir, seeds, k):
+    """Rollouts of every beta_z and pi_L(.|s, z), with the mean action (eval/{beta,pi}_*) and sampled
+    (eval/{beta,pi}_sampled_*, the paper's protocol); TensorBoard scalars, a figure, arrays."""
+    import nav_env
+
     arrays, summary = {}, {}
-    for name, params in (("beta", beta), ("pi", pi)):
+    for (name, params), sample in ((x, sample) for x in (("beta", beta), ("pi", pi)) for sample in (False, True)):
+        evaluate = make_evaluate(policy, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.eval_episodes, sample)
         out = jax.device_get(evaluate(params, key_eval))  # [S, K, E, ...]
+        name = f"{name}_sampled" if sample else name
         for field in ("return", "goal", "penalty_steps", "optimal_route", "length"):
             arrays[f"eval/{name}_{field}"] = np.asarray(out[field])
+        arrays[f"eval/{name}_route"] = nav_env.route_classes(out["positions"], out["length"], out["goal"])
         # The paths of the first 10 rollouts per policy, for maps drawn later: [S, K, min(E, 10), T+1, 2].
         arrays[f"eval/{name}_positions"] = np.asarray(out["positions"][:, :, :10], np.float16)
         for z in range(k):
@@ -1257,8 +1345,9 @@ def evaluate_policies(args: Args, policy, obs_mean, obs_std, beta, pi, key_eval,
             for e in range(min(10, args.eval_episodes)):
                 trajs.append(out["positions"][0, z, e, : out["length"][0, z, e] + 1])
                 labels.append(z)
-        title = {"beta": "Stage-1 policies beta_z", "pi": "Improved policies pi_L(.|s, z)"}[name]
-        image = nav_env.plot_map(trajs, labels, title=f"{title} (seed {seeds[0]}, mean action)",
+        title = {"beta": "Stage-1 policies beta_z", "pi": "Improved policies pi_L(.|s, z)"}[name.split("_")[0]]
+        image = nav_env.plot_map(trajs, labels, title=f"{title} (seed {seeds[0]}, "
+                                                       f"{'sampled' if sample else 'mean'} action)",
                                  label_names=[f"z = {z}" for z in range(k)],
                                  path=os.path.join(run_dir, f"ppo_{name}.png"))
         writer.add_image(f"eval/{name}_rollouts", image, args.pi_epochs, dataformats="HWC")

@@ -163,7 +163,7 @@ def rollout(key: jax.Array, policy: Callable, num_episodes: int, params: NavPara
     ``positions [E, T+1, 2]`` (s_0 .. s_T, frozen after the end), ``alive [E, T]`` (step t was
     taken), ``rewards [E, T]`` (0 after the end) and per-episode ``return``, ``length``,
     ``goal`` (reached g), ``penalty_steps`` (steps that ended in S_p) and ``optimal_route``
-    (reached g without ever entering S_p).
+    (reached g without ever entering S_p: the fast route or a detour, see ``route_classes``).
     """
     key_reset, key_steps = jax.random.split(key)
     obs, state = jax.vmap(reset, in_axes=(0, None))(jax.random.split(key_reset, num_episodes), params)
@@ -769,35 +769,90 @@ def plot_map(trajectories=(), labels=None, subgoals=None, title: Optional[str] =
 
 EVAL_FIELDS = ("return", "goal", "penalty_steps", "length", "optimal_route")
 
+# Route classes of a rollout (Table 1 of the paper counts the first one as its "optimal" route).
+ROUTES = ("fast", "detour", "through S_p", "no goal")
+ROUTE_FAST, ROUTE_DETOUR, ROUTE_PENALTY, ROUTE_NO_GOAL = range(4)
+# The fast route passes S_p's column (x in [15, 30]) through the gap between S_p's top (y = 10) and the
+# middle of the field: up x ~ 10 to y ~ 15, across to x ~ 20, up to g (300 steps without noise, about 365
+# with the data's). A penalty-free route that rises above this height while still left of S_p's column
+# (x < 15), e.g. up x = 0 to the top wall first (the paper's Figure 5d), is a detour in space; one that
+# follows the fast corridor but takes more than FAST_MAX_STEPS (e.g. creeping where the behaviours
+# disagree) is a detour in time. Both are "detour" (penalty-free, not the shortest route).
+FAST_MAX_HEIGHT = 22.5  # half-way between the fast corridor (y = 15) and the top wall (y = 30)
+FAST_MAX_STEPS = 450  # the fast route's ~365 steps plus a quarter; the detour up x = 0 takes ~550
 
-def report_rollouts(out: dict, seeds, header: str, extra: Optional[Callable] = None) -> tuple[dict, dict]:
+
+def route_classes(positions, lengths, goal=None, params: NavParams = NavParams()) -> np.ndarray:
+    """The route class (index into ROUTES) of every rollout, from its stored path (NumPy).
+
+    positions [..., T+1, 2] (s_0 .. s_T, any float dtype), lengths [...] (steps taken). ``goal`` [...]:
+    whether g was reached (the rollout's own flag); without it, whether the path's last state lies within
+    the goal radius. Classes, first match wins:
+        no goal      g not reached (stalled or timed out);
+        through S_p  some state s_1 .. s_T lies in S_p (the closed box [15, 30] x [0, 10]);
+        detour       some state with x < 15 (left of S_p's column) has y > FAST_MAX_HEIGHT, or the rollout
+                     took more than FAST_MAX_STEPS steps;
+        fast         otherwise: reached g without S_p, passed S_p's column low and in at most FAST_MAX_STEPS.
+    """
+    pos = np.asarray(positions, np.float64)
+    lengths = np.asarray(lengths)
+    steps = np.arange(pos.shape[-2])
+    taken = (steps >= 1) & (steps <= lengths[..., None])  # s_1 .. s_T: the states the steps ended in
+    low, high = np.asarray(params.penalty_low), np.asarray(params.penalty_high)
+    in_box = np.all((pos >= low) & (pos <= high), axis=-1)
+    entered = np.any(in_box & taken, axis=-1)
+    visited = taken | (steps == 0)
+    high_left = np.any(visited & (pos[..., 0] < params.penalty_low[0]) & (pos[..., 1] > FAST_MAX_HEIGHT), axis=-1)
+    if goal is None:
+        last = np.take_along_axis(pos, lengths[..., None, None].astype(np.int64), axis=-2)[..., 0, :]
+        goal = np.linalg.norm(last - np.asarray(params.goal), axis=-1) < params.goal_radius
+    goal = np.asarray(goal, bool)
+    detour = high_left | (lengths > FAST_MAX_STEPS)
+    return np.where(~goal, ROUTE_NO_GOAL, np.where(entered, ROUTE_PENALTY, np.where(detour, ROUTE_DETOUR,
+                                                                                      ROUTE_FAST))).astype(np.int32)
+
+
+def route_counts(routes) -> dict:
+    """{class name: count} of an array of route classes."""
+    routes = np.asarray(routes)
+    return {name: int((routes == i).sum()) for i, name in enumerate(ROUTES)}
+
+
+def report_rollouts(out: dict, seeds, header: str, extra: Optional[Callable] = None,
+                    prefix: str = "") -> tuple[dict, dict]:
     """The eval/* arrays and a printed table of ``rollout`` outputs vmapped over runs (``out[...]`` is [S, E, ...]).
 
-    Arrays: ``eval/<field>`` [S, E] for EVAL_FIELDS and ``eval/positions`` [S, E, T+1, 2] float16.
+    Arrays: ``eval/<prefix><field>`` [S, E] for EVAL_FIELDS, ``eval/<prefix>route`` [S, E] (route_classes)
+    and ``eval/<prefix>positions`` [S, E, T+1, 2] float16.
     The table has one row per run and one over all runs: return mean +- std, goal rate, steps,
     penalty steps and the optimal-route fraction. ``extra(runs) -> (fields, text)`` adds summary
     fields and a last column (runs: a run's index, or ``slice(None)`` for all). Returns (arrays,
     summary), the summary being the all-runs statistics plus ``per_run``.
     """
     out = {name: np.asarray(out[name]) for name in EVAL_FIELDS + ("positions",)}
-    arrays = {f"eval/{name}": out[name] for name in EVAL_FIELDS}
-    arrays["eval/positions"] = out["positions"].astype(np.float16)  # frozen after the end
+    arrays = {f"eval/{prefix}{name}": out[name] for name in EVAL_FIELDS}
+    arrays[f"eval/{prefix}positions"] = out["positions"].astype(np.float16)  # frozen after the end
+    routes = route_classes(out["positions"], out["length"], out["goal"])
+    arrays[f"eval/{prefix}route"] = routes
 
     def stats(runs) -> tuple[dict, str]:
         fields, text = extra(runs) if extra else ({}, "")
         return {"return_mean": float(out["return"][runs].mean()), "return_std": float(out["return"][runs].std()),
                 "goal_rate": float(out["goal"][runs].mean()), "length": float(out["length"][runs].mean()),
                 "penalty_steps": float(out["penalty_steps"][runs].mean()),
-                "optimal_route": float(out["optimal_route"][runs].mean()), **fields}, text
+                "optimal_route": float(out["optimal_route"][runs].mean()),
+                "routes": route_counts(routes[runs]), **fields}, text
 
     per_run = [stats(i) for i in range(len(seeds))]
     overall = stats(slice(None))
     print(header)
-    print(f"{'seed':>6} {'return':>17} {'goal':>6} {'length':>8} {'penalty':>8} {'optimal':>8}")
+    print(f"{'seed':>6} {'return':>17} {'goal':>6} {'length':>8} {'penalty':>8} {'fast':>5} {'detour':>6} "
+          f"{'S_p':>4} {'none':>4}")
     rows = [(str(s), r) for s, r in zip(seeds, per_run)] + ([("all", overall)] if len(seeds) > 1 else [])
     for name, (r, text) in rows:
         print(f"{name:>6} {r['return_mean']:9.1f} +- {r['return_std']:5.1f} {r['goal_rate']:6.2f} "
-              f"{r['length']:8.1f} {r['penalty_steps']:8.1f} {r['optimal_route']:8.2f}  {text}".rstrip())
+              f"{r['length']:8.1f} {r['penalty_steps']:8.1f} {r['routes']['fast']:5d} {r['routes']['detour']:6d} "
+              f"{r['routes']['through S_p']:4d} {r['routes']['no goal']:4d}  {text}".rstrip())
     return arrays, {**overall[0], "per_run": [r for r, _ in per_run]}
 
 

@@ -104,7 +104,8 @@ class Args:
     eval_episodes: int = 10
     """rollouts of each run's policy from s_0 (navigation task only; 0 skips the evaluation)"""
     sample: bool = False
-    """evaluate with actions drawn from pi(.|s) instead of its mean action"""
+    """actions drawn from pi(.|s) instead of its mean action: in Gymnasium environments the evaluation itself; on the
+    navigation task, where both protocols are always evaluated and stored, the rollouts the figures show"""
     # --- algorithm ---
     steps: int = 1_000_000
     """gradient steps of maximum likelihood (CORL's BC default; the paper gives none)"""
@@ -737,7 +738,7 @@ def make_evaluate(policy, obs_mean, obs_std, episodes: int, sample: bool):
 # Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood for
 # by their sha256, so that moved files still resume).
 NEUTRAL_FLAGS = ("out", "resume", "log_every", "checkpoint_every", "preset", "eval_episodes", "eval_env", "sample",
-                 "ref_min_score", "ref_max_score", "dataset", "cluster", "ppo")
+                 "eval_at", "ref_min_score", "ref_max_score", "dataset", "cluster", "ppo")
 
 
 def checkpoint_path(out: str) -> str:
@@ -910,13 +911,22 @@ def evaluate_policy(args: Args, policy, obs_mean, obs_std, policy_params, key_ev
     """Rollouts of every run, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
     import nav_env
 
-    evaluate = make_evaluate(policy, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.eval_episodes, args.sample)
-    out = jax.device_get(evaluate(policy_params, key_eval))  # [S, E, ...]
-    actions = "sampled" if args.sample else "mean"
-    arrays, summary = nav_env.report_rollouts(
-        out, seeds, f"[bc] policy pi ({actions} actions), {args.eval_episodes} rollouts per run:")
+    # Both protocols of Appendix C, from the same start states: eval/* with the mean action, eval/sampled_* with
+    # actions drawn from pi (the paper's "sampled 10 trajectories"); --sample only picks the one the figures show.
+    outs, arrays, summaries = {}, {}, {}
+    for sample in (False, True):
+        evaluate = make_evaluate(policy, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.eval_episodes, sample)
+        outs[sample] = jax.device_get(evaluate(policy_params, key_eval))  # [S, E, ...]
+        part, part_summary = nav_env.report_rollouts(
+            outs[sample], seeds, f"[bc] policy pi ({'sampled' if sample else 'mean'} actions), "
+                                 f"{args.eval_episodes} rollouts per run:", prefix="sampled_" if sample else "")
+        arrays.update(part)
+        summaries[sample] = part_summary
+    summary = {**summaries[False], "sampled": summaries[True]}
+    out, actions = outs[args.sample], "sampled" if args.sample else "mean"
     for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
         writer.add_scalar(f"eval/{name}", summary[name], args.steps)
+        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
 
     # Figures: every run's rollouts, and Figure 1b (run 0's mean action over the length of the mean action).
     title = f"BC: {args.eval_episodes} rollouts per run ({actions} actions)"

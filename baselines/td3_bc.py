@@ -43,7 +43,11 @@ Interpretations and deviations
        and noise_clip * max_action); the smoothed target action is clipped to +-a_max.
     4. The BC term is the mean over the batch and the action dimensions of (pi(s) - a)^2 in action units
        (the original's F.mse_loss). With a_max = 0.2 it is 25 times smaller than in units of a_max, so
-       alpha = 2.5 leans further towards Q here than on MuJoCo (a_max = 1); we keep the original's units.
+       alpha = 2.5 leans further towards Q here than on MuJoCo (a_max = 1); the default keeps the original's
+       units. --action-units normalised measures it in units of a_max, (pi(s)/a_max - a/a_max)^2, as JAX
+       offline-RL code whose actor outputs a / a_max does (bc_units): the BC weight is then the one alpha = 2.5
+       was tuned with on MuJoCo. Nothing else changes between the two conventions here (the critic already
+       takes a / a_max and the target noise is in units of a_max).
     5. lambda's denominator is the batch mean of |Q1(s, pi(s))| (the original's code; the paper writes
        Q(s_i, a_i)), held constant (stop_gradient), so lambda only rescales the Q term.
     6. Bootstrap mask: 1 - d with d = terminals (the goal reached); a trajectory cut by a timeout
@@ -136,6 +140,10 @@ class Args:
     """d: the actor and the target networks are updated every d critic steps (delayed updates)"""
     tau: float = 0.005
     """tau: Polyak rate of the target networks, theta' <- tau theta + (1 - tau) theta'"""
+    action_units: Literal["raw", "normalised"] = "raw"
+    """units of the BC term (pi(s) - a)^2: 'raw' = the environment's action units (the original code's, a_max = 0.2
+    here), 'normalised' = units of a_max, (pi(s) / a_max - a / a_max)^2, 1 / a_max^2 = 25 times larger here (the
+    usual choice of JAX offline-RL code whose actor outputs a / a_max); see interpretation 4"""
     policy_noise: float = 0.2
     """sigma / a_max: std of the target policy smoothing noise, in units of a_max"""
     noise_clip: float = 0.5
@@ -776,6 +784,18 @@ def actor_loss(q_pi, pi, actions, alpha: float):
     return -lam * jnp.mean(q_pi) + bc, (lam, bc)  # TD3+BC actor loss
 
 
+def bc_units(pi, actions, action_scale: tuple, units: str):
+    """(pi, a) in the units of the BC term: the environment's ('raw') or divided by a_max ('normalised').
+
+    The actor, the critic's input (a / a_max) and the target noise (in units of a_max) are the same in both
+    conventions, so this is the only difference: the normalised BC term is the raw one divided by a_max^2.
+    """
+    if units == "raw":
+        return pi, actions
+    scale = jnp.asarray(action_scale, jnp.float32)
+    return pi / scale, actions / scale
+
+
 def polyak(target, online, tau: float):
     """theta' <- tau theta + (1 - tau) theta' for every leaf."""
     return jax.tree.map(lambda t, p: tau * p + (1.0 - tau) * t, target, online)  # TD3 target update
@@ -832,7 +852,8 @@ def make_train_chunk(args: Args, nets: dict, tx, num_rows: int, action_scale: tu
             def actor_objective(actor):
                 pi = actor_net.apply(actor, obs)  # [B, act_dim]
                 q_pi = q1_value(nets, state.critic, obs, pi, action_scale)  # [B] Q1(s, pi(s))
-                loss, (lam, bc) = actor_loss(q_pi, pi, actions, args.alpha)
+                loss, (lam, bc) = actor_loss(q_pi, *bc_units(pi, actions, action_scale, args.action_units),
+                                             args.alpha)
                 return loss, (lam, bc, jnp.mean(q_pi))
 
             (loss, (lam, bc, q_pi_mean)), grads = jax.value_and_grad(actor_objective, has_aux=True)(state.actor)
@@ -865,12 +886,28 @@ def make_train_chunk(args: Args, nets: dict, tx, num_rows: int, action_scale: tu
 # Evaluation and checkpoints
 # ----------------------------------------------------------------------------------------------
 
-def make_evaluate(actor_net, obs_mean, obs_std, episodes: int):
-    """Rollouts of the deterministic actor from s_0 (nav_env.rollout), vmapped over runs."""
+EXPL_NOISE = 0.1  # the original's expl_noise: std of its exploration noise, in units of a_max
+
+
+def make_evaluate(actor_net, obs_mean, obs_std, episodes: int, sample: bool = False, action_scale=(1.0,)):
+    """Rollouts of the deterministic actor from s_0 (nav_env.rollout), vmapped over runs.
+
+    ``sample``: the actor has no distribution to sample from; its sampled protocol adds the original TD3's
+    exploration noise, a = clip(pi(s) + N(0, (EXPL_NOISE a_max)^2), -a_max, a_max), the only stochastic version
+    of this policy its authors define (TD3+BC itself evaluates the deterministic actor).
+    """
     import nav_env
 
+    scale = jnp.asarray(action_scale, jnp.float32)
+
     def evaluate(params, key):
-        act = lambda _, pos: actor_net.apply(params, (pos - obs_mean) / obs_std)
+        def act(key_t, pos):
+            action = actor_net.apply(params, (pos - obs_mean) / obs_std)
+            if sample:
+                noise = EXPL_NOISE * scale * jax.random.normal(key_t, action.shape)
+                return jnp.clip(action + noise, -scale, scale)
+            return action
+
         return nav_env.rollout(key, act, episodes)  # nav_env.report_rollouts picks the fields it stores
 
     return jax.jit(jax.vmap(evaluate))
@@ -880,7 +917,7 @@ def make_evaluate(actor_net, obs_mean, obs_std, episodes: int):
 # Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood for
 # by their sha256, so that moved files still resume).
 NEUTRAL_FLAGS = ("out", "resume", "log_every", "checkpoint_every", "preset", "eval_episodes", "eval_env", "sample",
-                 "ref_min_score", "ref_max_score", "dataset", "cluster", "ppo")
+                 "eval_at", "ref_min_score", "ref_max_score", "dataset", "cluster", "ppo")
 
 
 def checkpoint_path(out: str) -> str:
@@ -1062,12 +1099,24 @@ def evaluate_actor(args: Args, nets, obs_mean, obs_std, action_scale, state: Tra
     """Rollouts of every run's actor, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
     import nav_env
 
-    evaluate = make_evaluate(nets["actor"], jnp.asarray(obs_mean), jnp.asarray(obs_std), args.eval_episodes)
-    out = jax.device_get(evaluate(state.actor, key_eval))  # [S, E, ...]
-    arrays, summary = nav_env.report_rollouts(
-        out, seeds, f"[td3_bc] deterministic actor pi(s), {args.eval_episodes} rollouts per run:")
+    # Both protocols of Appendix C, from the same start states: eval/* with the deterministic actor (TD3+BC's own
+    # evaluation), eval/sampled_* with the original TD3's exploration noise added (make_evaluate).
+    outs, arrays, summaries = {}, {}, {}
+    for sample in (False, True):
+        evaluate = make_evaluate(nets["actor"], jnp.asarray(obs_mean), jnp.asarray(obs_std), args.eval_episodes,
+                                 sample, action_scale)
+        outs[sample] = jax.device_get(evaluate(state.actor, key_eval))  # [S, E, ...]
+        what = f"actor pi(s) + N(0, ({EXPL_NOISE} a_max)^2)" if sample else "deterministic actor pi(s)"
+        part, part_summary = nav_env.report_rollouts(
+            outs[sample], seeds, f"[td3_bc] {what}, {args.eval_episodes} rollouts per run:",
+            prefix="sampled_" if sample else "")
+        arrays.update(part)
+        summaries[sample] = part_summary
+    summary = {**summaries[False], "sampled": summaries[True]}
+    out = outs[False]
     for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
         writer.add_scalar(f"eval/{name}", summary[name], args.steps)
+        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
 
     # Figures: every run's rollouts, and run 0's action field over V-like Q1(s, pi(s)).
     images = {"rollouts": nav_env.plot_runs(out, seeds, "TD3+BC: deterministic actor, every run",

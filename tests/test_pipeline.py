@@ -56,15 +56,45 @@ def test_table1_reproduction_runs_every_row_end_to_end(pipeline, tmp_path):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("exists, skipped") == 4  # data and the three stages of K = 2
-    for step in ("EMPO K=1 stage 1", "EMPO K=1 stage 2", "BC", "TD3+BC"):
+    for step in ("EMPO K=1 stage 1", "EMPO K=1 stage 2", "BC", "TD3+BC raw units", "TD3+BC a/a_max units",
+                 "TD3+BC a/a_max units gamma 0.99"):
         assert f"=== {step} took" in out.stdout
     assert int(np.load(table_run / "k1" / "cluster.npz")["arch/k"]) == 1
     assert np.load(table_run / "k1" / "ppo.npz")["eval/pi_positions"].shape == (2, 1, 3, 1001, 2)
     table = (table_run / "table1.md").read_text().splitlines()
-    rows = {line.split("|")[1].strip(): line for line in table[2:]}
-    assert list(rows)[:4] == ["BC", "TD3+BC", "EMPO K=1", "EMPO K=2"]
-    assert all("| 2 × 3 |" in rows[name] for name in list(rows)[:4])
-    assert "data set, behaviour 0" in rows and "data set, behaviour 1" in rows
-    returns = np.load(run / "highlevel.npz")["eval/return"]
-    assert f"{returns.mean():.1f} ± {returns.std():.1f}" in rows["EMPO K=2"]
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in table[2:] if line.startswith("|")}
+    names = ["BC", "TD3+BC (raw units, γ 0.999)", "TD3+BC (a/a_max units, γ 0.999)", "TD3+BC (a/a_max units, γ 0.99)",
+             "EMPO K=1", "EMPO K=2"]
+    assert list(rows)[:12] == [(name, protocol) for protocol in ("sampled", "mean") for name in names]
+    assert all("| 2 × 3 |" in rows[key] for key in list(rows)[:12])
+    assert ("data set, behaviour 0", "–") in rows and ("data set, behaviour 1", "–") in rows
+    for protocol, infix in (("sampled", "sampled_"), ("mean", "")):
+        returns = np.load(run / "highlevel.npz")[f"eval/{infix}return"]
+        assert f"{returns.mean():.1f} ± {returns.std():.1f}" in rows[("EMPO K=2", protocol)]
+        routes = np.load(run / "highlevel.npz")[f"eval/{infix}route"]
+        counts = " | ".join(str(int((routes == i).sum())) for i in range(4))
+        assert f"| {counts} |" in rows[("EMPO K=2", protocol)]
     assert (table_run / "table1.png").stat().st_size > 10_000
+
+
+def test_figure4_reproduction_sweeps_both_arms_from_one_run_each(pipeline, tmp_path):
+    env, run, _ = pipeline
+    env = dict(env, RUN=str(tmp_path / "figure4"), CLUSTER=str(run / "cluster.npz"), SEEDS="2", EVAL_AT="0,1,3",
+               OUT=str(tmp_path / "figure4" / "figure4"),
+               PPO_ARGS="--q-steps 400 --steps-per-call 200 --v-epochs 1 --batch-size 64")
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_figure4.sh")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    full, mini = (np.load(tmp_path / "figure4" / arm / "ppo.npz") for arm in ("full", "mb256"))
+    for arm in (full, mini):
+        assert arm["eval/sweep_epochs"].tolist() == [0, 1, 3]
+        assert arm["eval/sweep_return"].shape == arm["eval/sweep_sampled_route"].shape == (2, 2, 3, 10)
+        # the last epoch of the sweep is the run's own final evaluation of pi_L
+        np.testing.assert_array_equal(arm["eval/sweep_return"][:, :, -1], arm["eval/pi_return"])
+        np.testing.assert_array_equal(arm["eval/sweep_sampled_return"][:, :, 0], arm["eval/beta_sampled_return"])
+    for key in (k for k in full.files if k.startswith(("q/", "v/"))):
+        np.testing.assert_array_equal(full[key], mini[key])  # the same Q and V in both arms
+    assert any(not np.array_equal(full[k], mini[k]) for k in full.files if k.startswith("pi/params/"))
+    table = (tmp_path / "figure4" / "figure4.md").read_text()
+    assert "Q and V identical in both arms: yes" in table and "| minibatch 256 | sampled |" in table
+    assert (tmp_path / "figure4" / "figure4.png").stat().st_size > 10_000

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Figure 4 of the paper (§4.3.2) on the navigation task: full-batch against minibatch (B = 256) PPO for
+# N_pi in {1, 2, 5, 10, 20, 50, 100}, K = 2, SEEDS seeds. Both arms improve the same stage-1 runs
+# (CLUSTER, by default Table 1's K = 2 run) with the same seeds, so their Q and V are the same networks;
+# one run of N_pi = 100 per arm, evaluated at every N_pi of the sweep (empo_ppo.py --eval-at).
+#   RUN=runs/figure4 SEEDS=3 bash scripts/reproduce_figure4.sh
+# Run again after an interruption: finished arms are skipped, the interrupted one resumes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${RUN:-runs/figure4}
+SEEDS=${SEEDS:-3}
+DATA=${DATA:-data/nav.npz}
+CLUSTER=${CLUSTER:-runs/table1/k2/cluster.npz}
+EVAL_AT=${EVAL_AT:-1,2,5,10,20,50,100}
+read -r -a ppo_args <<< "${PPO_ARGS:-}"
+mkdir -p "$RUN"/{full,mb256}
+for arm in full mb256; do
+  out="$RUN/$arm/ppo.npz"
+  if [ -f "$out" ]; then echo "=== $arm: $out exists, skipped"; continue; fi
+  extra=(); [ "$arm" = mb256 ] && extra=(--ppo-minibatch 256)
+  t0=$SECONDS
+  echo "=== $arm"
+  python empo_ppo.py --dataset "$DATA" --cluster "$CLUSTER" --out "$out" --seed 1 --num-seeds "$SEEDS" \
+    --pi-epochs "${EVAL_AT##*,}" --eval-at "$EVAL_AT" --eval-episodes 10 --resume "${extra[@]}" "${ppo_args[@]}"
+  echo "=== $arm took $((SECONDS - t0)) s"
+done
+python scripts/figure4.py --full "$RUN/full/ppo.npz" --minibatch "$RUN/mb256/ppo.npz" --out "${OUT:-docs/figure4}"
