@@ -86,7 +86,8 @@ class Args:
     """Algorithm 3's "1 000 000 elements": whole episodes are added until a behaviour has this many rows"""
     subgoals: str = "paper"
     """the behaviours' subgoal lists (one behaviour each): a name from ROUTES ('paper': the paper's two, 'one':
-    its behaviour 0 alone, 'three' and 'four': the paper's two and one or two more routes), or a JSON list of
+    its behaviour 0 alone, 'three' and 'four': the paper's behaviour 0 and two or three routes of the same length
+    or longer that meet it and each other going opposite ways), or a JSON list of
     lists of [x, y] subgoals, e.g. '[[[0, 30]], [[30, 0]]]'"""
     minari_id: Optional[str] = None
     """also write the data set as a local Minari data set with this id (HDF5; the behaviour label
@@ -250,11 +251,18 @@ SUBGOALS = (
     ((10.0, 0.0), (10.0, 15.0), (20.0, 15.0), (20.0, 0.0), (30.0, 0.0)),  # behaviour 1
 )
 NOISE_SCALE = 0.1  # the 0.1 in front of epsilon in Eq. (15)
+# Extra routes for --subgoals. A state-conditioned policy can only tell two behaviours apart where they visit the
+# same states and act differently there, so each route runs the lines x = 10 and x = 20 in a direction of its
+# own (up or down, the whole way): every two routes meet on at least one of them going opposite ways.
+ROUTE_UD = ((10.0, 0.0), (10.0, 30.0), (20.0, 30.0), (20.0, 0.0), (30.0, 0.0))  # x = 10 up, x = 20 down
+ROUTE_UU = ((10.0, 0.0), (10.0, 30.0), (15.0, 30.0), (15.0, 0.0), (20.0, 0.0), (20.0, 30.0))  # both up
+ROUTE_DD = ((0.0, 30.0), (10.0, 30.0), (10.0, 0.0), (15.0, 0.0), (15.0, 30.0), (20.0, 30.0), (20.0, 0.0),
+            (30.0, 0.0))  # both down
 ROUTES = {  # named subgoal lists for --subgoals: data sets with a known number of behaviours
     "paper": SUBGOALS,
     "one": SUBGOALS[:1],
-    "three": SUBGOALS + (((0.0, 20.0), (30.0, 20.0)),),  # behaviour 2: up to y = 20, then right
-    "four": SUBGOALS + (((0.0, 20.0), (30.0, 20.0)), ((15.0, 15.0),)),  # behaviour 3: the diagonal
+    "three": (SUBGOALS[0], ROUTE_UD, ROUTE_UU),  # SUBGOALS[0] runs x = 10 down and x = 20 up
+    "four": (SUBGOALS[0], ROUTE_UD, ROUTE_UU, ROUTE_DD),
 }
 
 
