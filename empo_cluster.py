@@ -43,9 +43,17 @@ Interpretations and deviations
        that seed. Seeds are vmapped and sharded over the visible devices.
     8. Switching a heuristic off is a flag: --momentum 0 (I), --pretrain-epochs 0 (II),
        --bias-epochs 0 (III); "no heuristics" is all three.
+    9. K is not always known (the paper's §5-6 leave choosing it open). ``--k auto`` (select_k) runs this stage
+       for K = 1..--k-max on a seeded 80/20 split of the trajectories and scores each K by the held-out
+       log-likelihood of the trajectory mixture, log sum_z p(z) prod_t beta(a_t|s_t, z) per held-out transition,
+       p(z) the mean training posterior. It keeps the smallest K within --k-tolerance (0.02 nats per
+       transition) of the best K, not counting a K that left a cluster without trajectories (choose_k says why).
+       Each seed chooses; the K most seeds chose is written, its run's posterior and assignments computed on all
+       trajectories (Eq. 3 and 9 with the parameters trained on the 80%; no refit).
 
 Example
     python empo_cluster.py --dataset data/nav.npz --out runs/nav/cluster.npz --num-seeds 2
+    python empo_cluster.py --dataset data/nav.npz --out runs/auto/cluster.npz --k auto --k-max 5
 """
 
 from __future__ import annotations
