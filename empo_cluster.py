@@ -932,7 +932,11 @@ def select_k(args: Args) -> dict:
                          "out": os.path.join(folder, f"k{k}", "cluster.npz")})
         t0 = time.perf_counter()
         if not (args.resume and finished_run(k_args)):
-            main(k_args)
+            try:
+                main(k_args)
+            except KeyboardInterrupt:  # run() would look for a checkpoint beside --out, where there is none
+                raise InputError(f"interrupted at K = {k}: the finished K's and the checkpoint of K = {k} are in "
+                                 f"{folder}; run the same command with --resume to continue") from None
         seconds.append(time.perf_counter() - t0)
         run = dict(np.load(k_args.out, allow_pickle=False))
         scores.append(heldout_score(trajectory_log_likelihoods(run, heldout_data), run["posterior"],
