@@ -46,10 +46,12 @@ Interpretations and deviations
     9. K is not always known (the paper's §5-6 leave choosing it open). ``--k auto`` (select_k) runs this stage
        for K = 1..--k-max on a seeded 80/20 split of the trajectories and scores each K by the held-out
        log-likelihood of the trajectory mixture, log sum_z p(z) prod_t beta(a_t|s_t, z) per held-out transition,
-       p(z) the mean training posterior. It keeps the smallest K within --k-tolerance (0.02 nats per
-       transition) of the best K, not counting a K that left a cluster without trajectories (choose_k says why).
-       Each seed chooses; the K most seeds chose is written, its run's posterior and assignments computed on all
-       trajectories (Eq. 3 and 9 with the parameters trained on the 80%; no refit).
+       p(z) the mean training posterior. A run that left clusters without training trajectories counts for the
+       clusters it uses; each seed keeps the smallest number of clusters whose best score is within
+       --k-tolerance (0.02 nats per transition) of the best (choose_k says why). The K most seeds chose is
+       written: per seed its best run with that many clusters, empty ones dropped (chosen_runs), the posterior
+       and assignments computed on all trajectories (Eq. 3 and 9 with the parameters trained on the 80%; no
+       refit).
 
 Example
     python empo_cluster.py --dataset data/nav.npz --out runs/nav/cluster.npz --num-seeds 2
@@ -886,20 +888,52 @@ def heldout_score(loglik: np.ndarray, train_posterior: np.ndarray, num_rows: int
 
 
 def choose_k(scores: np.ndarray, empty: np.ndarray, tolerance: float) -> np.ndarray:
-    """The chosen K per seed from held-out scores [K_max, S] (row i is K = i + 1) and empty clusters [K_max, S]:
-    the smallest K with no empty cluster whose score is within ``tolerance`` of the best such K's.
+    """The chosen K per seed from held-out scores [K_max, S] (row i is the run with K = i + 1 clusters) and the
+    number of its clusters left without any training trajectory [K_max, S].
 
-    Why: a K larger than the number of behaviours cannot explain held-out trajectories better than the true K
-    (a trajectory is drawn by one policy, so a split of one behaviour's trajectories adds parameters, not
-    likelihood), but it can match it within noise, or by a little through the extra capacity of its networks;
-    the smallest K within a tolerance of the best is the one that does not pay for clusters the data do not
-    need. A K that leaves a cluster without any training trajectory has collapsed to a smaller K and is not
-    counted (K = 1 never is)."""
-    valid = empty == 0
-    valid[0] = True
-    best = np.where(valid, scores, -np.inf).max(0)  # [S]
-    ok = valid & (scores >= best - tolerance)
-    return ok.argmax(0) + 1  # the first (smallest) K that passes
+    A run with K clusters of which some are empty is a fit with K - empty clusters, and is counted there: each
+    seed's score of k clusters is the best score of its runs that use k. The chosen K is the smallest k whose
+    score is within ``tolerance`` of the best k's.
+
+    Why: a trajectory is drawn by one policy, so more clusters than behaviours cannot explain held-out
+    trajectories better than the true number except by the capacity of the extra networks (a split of one
+    behaviour's trajectories adds parameters, not likelihood), while fewer clusters pay on every trajectory of
+    the behaviours they merge; the smallest k within a tolerance of the best does not pay for clusters the
+    data do not need. Counting a collapsed run at the clusters it uses makes EM's restarts across K's count:
+    a K = 3 run that found only two behaviours and a K = 4 run that found three with one cluster empty are
+    evidence for 2 and for 3 clusters."""
+    used = np.arange(1, len(scores) + 1)[:, None] - empty  # [K_max, S] clusters each run uses
+    best = np.stack([np.where(used == k, scores, -np.inf).max(0) for k in range(1, len(scores) + 1)])  # [K_max, S]
+    return (best >= best.max(0) - tolerance).argmax(0) + 1  # the first (smallest) k that passes
+
+
+def chosen_runs(folder: str, chosen: int, scores: np.ndarray, empty: np.ndarray) -> dict:
+    """The written run with ``chosen`` clusters, seed by seed: the best-scoring run of that seed that uses exactly
+    ``chosen`` clusters, its empty clusters dropped (policy heads, classifier logits); a seed with no such run
+    keeps its run with K = ``chosen`` as it is. Returns the arrays of cluster.npz less posterior and assignments,
+    and select_k/source_k [S]: the K each seed's clusters come from."""
+    used = np.arange(1, len(scores) + 1)[:, None] - empty
+    runs, parts = {}, []
+    for seed in range(scores.shape[1]):
+        fits = np.flatnonzero(used[:, seed] == chosen)
+        k = int(fits[np.argmax(scores[fits, seed])]) + 1 if len(fits) else chosen
+        run = runs.setdefault(k, dict(np.load(os.path.join(folder, f"k{k}", "cluster.npz"), allow_pickle=False)))
+        keep = np.unique(run["posterior"][seed].argmax(-1)) if len(fits) else np.arange(k)
+        last = f"classifier/params/Dense_{int(run['arch/hidden_layers'])}/"
+        part = {"select_k/source_k": np.int64(k)}
+        for key, value in run.items():
+            if key.startswith("policy/params/") or key == last + "bias":
+                part[key] = value[seed][keep]
+            elif key == last + "kernel":
+                part[key] = value[seed][:, keep]
+            elif key.startswith("classifier/params/") or key == "seeds":
+                part[key] = value[seed]
+        parts.append(part)
+    arrays = {key: np.stack([part[key] for part in parts]) for key in parts[0]}
+    first = runs[int(arrays["select_k/source_k"][0])]
+    arrays.update({key: value for key, value in first.items() if key.startswith("arch/")})
+    arrays["arch/k"] = np.int64(chosen)
+    return arrays
 
 
 def select_k(args: Args) -> dict:
@@ -958,15 +992,12 @@ def select_k(args: Args) -> dict:
     chosen = int(np.bincount(per_seed).argmax())  # the K most seeds chose (the smaller on a tie)
     print(f"[select_k] chosen K per seed {per_seed.tolist()}: K = {chosen}", flush=True)
 
-    # The chosen K's run: its parameters, with Eq. (3) and Eq. (9) on every trajectory of the data set.
-    run = dict(np.load(os.path.join(folder, f"k{chosen}", "cluster.npz"), allow_pickle=False))
-    loglik = trajectory_log_likelihoods(run, data_np)  # [S, E, K]
+    # The chosen K's clusters: their parameters, with Eq. (3) and Eq. (9) on every trajectory of the data set.
+    arrays = chosen_runs(folder, chosen, scores, empty)
+    loglik = trajectory_log_likelihoods(arrays, data_np)  # [S, E, K]
     peak = loglik.max(-1, keepdims=True)
     log_post = loglik - peak - np.log(np.exp(loglik - peak).sum(-1, keepdims=True))  # Eq. (3), uniform prior
     posterior = np.exp(log_post).astype(np.float32)  # [S, E, K]
-    arrays = {key: value for key, value in run.items()
-              if key not in ("schema", "args", "producer", "inputs", "rand_index", "adjusted_rand_index",
-                             "rand_index_history")}
     per_trajectory = np.argmax(posterior, -1).astype(np.int32)  # [S, E], Eq. (9)
     arrays.update({"posterior": posterior, "assignments": per_trajectory[:, data_np["episode_ids"]],
                    "select_k/k": np.arange(1, args.k_max + 1, dtype=np.int64), "select_k/chosen": np.int64(chosen),
@@ -976,7 +1007,7 @@ def select_k(args: Args) -> dict:
                    "select_k/seconds": np.asarray(seconds), "select_k/heldout_trajectories": heldout.astype(np.int64),
                    "select_k/tolerance": np.float64(args.k_tolerance)})
     summary = {"k": chosen, "chosen_per_seed": per_seed.tolist(), "heldout_log_likelihood": scores.tolist(),
-               "seconds": seconds, "seeds": run["seeds"].tolist()}
+               "seconds": seconds, "seeds": arrays["seeds"].tolist()}
     labels = data_np["behaviour"]
     if np.all(labels >= 0):
         from sklearn.metrics import adjusted_rand_score, rand_score

@@ -61,17 +61,18 @@ def test_criterion_finds_the_number_of_behaviours_of_a_synthetic_mixture():
     assert ec.choose_k(scores, empty, tolerance=0.02).tolist() == [3]
 
 
-def test_choose_k_takes_the_smallest_k_within_the_tolerance_and_skips_collapsed_ones():
-    scores = np.array([[-3.0, -3.0], [-2.0, -2.0], [-1.995, -1.5], [-1.99, -1.49]])  # [K_max, S]
+def test_choose_k_takes_the_smallest_k_within_the_tolerance_counting_collapsed_runs_at_the_clusters_they_use():
+    scores = np.array([[-3.0, -3.0], [-2.0, -2.0], [-1.99, -1.5], [-1.98, -1.49]])  # [K_max, S]
     none_empty = np.zeros((4, 2), int)
-    assert ec.choose_k(scores, none_empty, 0.02).tolist() == [2, 3]
+    assert ec.choose_k(scores, none_empty, 0.05).tolist() == [2, 3]
     assert ec.choose_k(scores, none_empty, 0.0).tolist() == [4, 4]
     empty = none_empty.copy()
-    empty[1] = 1  # K = 2 left a cluster without trajectories: it does not count
-    empty[3, 1] = 1
-    assert ec.choose_k(scores, empty, 0.02).tolist() == [3, 3]
-    empty[:] = 1  # K = 1 cannot collapse
-    assert ec.choose_k(scores, empty, 0.02).tolist() == [1, 1]
+    empty[1] = 1  # the K = 2 runs use one cluster: their scores count for one, and no seed has one for two
+    empty[3, 1] = 1  # seed 1's K = 4 run uses three: its score counts for three
+    assert ec.choose_k(scores, empty, 0.05).tolist() == [1, 3]
+    assert ec.choose_k(scores, empty, 0.0).tolist() == [4, 3]
+    all_in_one = np.array([[0, 0], [1, 1], [2, 2], [3, 3]])  # every run put all trajectories in one cluster
+    assert ec.choose_k(scores, all_in_one, 0.02).tolist() == [1, 1]
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +93,16 @@ def _auto_args(dataset, out, **kw):
     return ec.Args(**base)
 
 
-def test_k_auto_chooses_three_on_three_behaviours_and_writes_a_cluster_file(three_routes_path, tmp_path):
+def test_k_auto_chooses_three_on_three_behaviours_and_writes_a_cluster_file(three_routes_path, tmp_path,
+                                                                           monkeypatch):
     out = tmp_path / "run" / "cluster.npz"
     summary = ec.main(_auto_args(three_routes_path, out))
     f = np.load(out, allow_pickle=False)
     data = nav_env.load_dataset(str(three_routes_path))[0]
     assert summary["k"] == 3 and int(f["arch/k"]) == 3 and f["arch/k"].dtype == np.int64
     assert f["select_k/chosen_per_seed"].tolist() == [3]
+    assert all(p.shape[:2] == (1, 3) for key, p in f.items() if key.startswith("policy/params/"))
+    assert f[f"classifier/params/Dense_{f['arch/hidden_layers']}/bias"].shape == (1, 3)
     np.testing.assert_array_equal(f["select_k/k"], [1, 2, 3, 4])
     assert f["select_k/heldout_log_likelihood"].shape == (4, 1)
     assert f["rand_index"][0] == 1.0  # the chosen run separates the three routes on every trajectory
@@ -111,6 +115,18 @@ def test_k_auto_chooses_three_on_three_behaviours_and_writes_a_cluster_file(thre
         run = np.load(out.parent / "select_k" / f"k{k}" / "cluster.npz")
         assert int(run["arch/k"]) == k and run["posterior"].shape[1] == f["posterior"].shape[1] - len(heldout)
     assert list((out.parent / "select_k").glob("events.out.tfevents.*"))
+
+    # --resume reuses the finished K's (no training at all) and writes the same file.
+    def no_training(*a, **kw):
+        raise AssertionError("a finished K was trained again")
+
+    monkeypatch.setattr(ec, "make_m_epoch", no_training)
+    again = tmp_path / "run" / "again.npz"
+    ec.main(_auto_args(three_routes_path, again, resume=True))
+    g = np.load(again, allow_pickle=False)
+    for key in f.files:
+        if key not in ("args", "select_k/seconds"):
+            np.testing.assert_array_equal(f[key], g[key], err_msg=key)
 
 
 @pytest.mark.parametrize("kw, message", [
