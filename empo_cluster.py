@@ -43,9 +43,19 @@ Interpretations and deviations
        that seed. Seeds are vmapped and sharded over the visible devices.
     8. Switching a heuristic off is a flag: --momentum 0 (I), --pretrain-epochs 0 (II),
        --bias-epochs 0 (III); "no heuristics" is all three.
+    9. K is not always known (the paper's §5-6 leave choosing it open). ``--k auto`` (select_k) runs this stage
+       for K = 1..--k-max on a seeded 80/20 split of the trajectories and scores each K by the held-out
+       log-likelihood of the trajectory mixture, log sum_z p(z) prod_t beta(a_t|s_t, z) per held-out transition,
+       p(z) the mean training posterior. A run that left clusters without training trajectories counts for the
+       clusters it uses; each seed keeps the smallest number of clusters whose best score is within
+       --k-tolerance (0.02 nats per transition) of the best (choose_k says why). The K most seeds chose is
+       written: per seed its best run with that many clusters, empty ones dropped (chosen_runs), the posterior
+       and assignments computed on all trajectories (Eq. 3 and 9 with the parameters trained on the 80%; no
+       refit).
 
 Example
     python empo_cluster.py --dataset data/nav.npz --out runs/nav/cluster.npz --num-seeds 2
+    python empo_cluster.py --dataset data/nav.npz --out runs/auto/cluster.npz --k auto --k-max 5
 """
 
 from __future__ import annotations
@@ -66,7 +76,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import zipfile  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
-from typing import Any, Literal, Optional  # noqa: E402
+from typing import Any, Literal, Optional, Union  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -102,8 +112,17 @@ class Args:
     checkpoint_every: int = 10
     """write a checkpoint every this many epochs (0: only at phase ends)"""
     # --- algorithm (Table 4, didactic column) ---
-    k: int = 2
-    """K: the number of clusters (behaviour policies)"""
+    k: Union[int, Literal["auto"]] = 2
+    """K: the number of clusters (behaviour policies), or 'auto': fit K = 1..--k-max on a training split of the
+    trajectories and keep the smallest K whose held-out log-likelihood is within --k-tolerance of the best"""
+    k_max: int = 5
+    """with --k auto: the largest K tried"""
+    k_holdout: float = 0.2
+    """with --k auto: the fraction of trajectories held out to score each K (a split by trajectory, drawn with
+    --seed)"""
+    k_tolerance: float = 0.02
+    """with --k auto: nats per held-out transition by which a smaller K may fall short of the best K and still be
+    chosen"""
     bias_epochs: int = 3
     """N_b: epochs biased to a random split of trajectories (heuristic III, Eq. 8); 0 switches it off"""
     pretrain_epochs: int = 20
@@ -825,6 +844,204 @@ def entropy(log_p):
     return float(-np.mean(np.sum(np.exp(log_p) * log_p, axis=-1)))
 
 
+# ----------------------------------------------------------------------------------------------
+# Choosing K (--k auto)
+# ----------------------------------------------------------------------------------------------
+
+def split_trajectories(num_episodes: int, holdout: float, seed: int) -> np.ndarray:
+    """The held-out trajectory ids, sorted: round(holdout * E) of them (at least 1, at most E - 1), drawn with
+    ``seed``. The split is by trajectory, never by row: the held-out score asks whether a mixture of K
+    trajectory-level policies explains whole trajectories it has not seen."""
+    count = int(np.clip(round(holdout * num_episodes), 1, num_episodes - 1))
+    return np.sort(np.random.default_rng(seed).choice(num_episodes, count, replace=False))
+
+
+def subset_trajectories(data: dict, episodes: np.ndarray) -> dict:
+    """The rows of the given trajectories, their episode ids renumbered 0, 1, ... in order."""
+    keep = np.isin(data["episode_ids"], episodes)
+    out = {key: value[keep] for key, value in data.items()}
+    out["episode_ids"] = np.searchsorted(episodes, out["episode_ids"]).astype(np.int32)
+    return out
+
+
+def trajectory_log_likelihoods(run: dict, data: dict, chunk: int = 65_536) -> np.ndarray:
+    """sum_t log beta(a_t | s_t; theta_z) per seed, trajectory and cluster [S, E, K], with the policies of a
+    cluster.npz (its arch/* rebuild them; states standardised with its own statistics)."""
+    policy = GaussianPolicy(int(run["arch/act_dim"]), tuple(float(x) for x in run["arch/action_scale"]),
+                            int(run["arch/hidden_dim"]), int(run["arch/hidden_layers"]))
+    params = {"params": unflatten_params("policy/params", run)}  # [S, K, ...]
+    log_probs = jax.jit(jax.vmap(lambda p, o, a: policy_log_probs(policy, p, o, a), in_axes=(0, None, None)))
+    obs = (data["observations"] - run["arch/obs_mean"]) / run["arch/obs_std"]
+    num_episodes = int(data["episode_ids"][-1]) + 1
+    total = np.zeros((len(run["seeds"]), num_episodes, int(run["arch/k"])))
+    for start in range(0, len(obs), chunk):
+        rows = slice(start, start + chunk)
+        lp = np.asarray(log_probs(params, jnp.asarray(obs[rows]), jnp.asarray(data["actions"][rows])), np.float64)
+        np.add.at(total, (slice(None), data["episode_ids"][rows]), lp)  # [S, chunk, K] summed per trajectory
+    return total
+
+
+def heldout_score(loglik: np.ndarray, train_posterior: np.ndarray, num_rows: int) -> np.ndarray:
+    """Held-out log-likelihood of the trajectory mixture per transition, per seed [S]:
+    sum_tau log sum_z p(z) prod_t beta(a_t|s_t, z) / (rows held out), with p(z) the mean posterior over the
+    training trajectories (the cluster weights the training run found). loglik [S, E_heldout, K]."""
+    log_weights = np.log(np.maximum(train_posterior.mean(1), 1e-12))  # [S, K]
+    mixture = log_weights[:, None, :] + loglik  # [S, E, K]
+    peak = mixture.max(-1, keepdims=True)
+    return (peak[..., 0] + np.log(np.exp(mixture - peak).sum(-1))).sum(1) / num_rows
+
+
+def choose_k(scores: np.ndarray, empty: np.ndarray, tolerance: float) -> np.ndarray:
+    """The chosen K per seed from held-out scores [K_max, S] (row i is the run with K = i + 1 clusters) and the
+    number of its clusters left without any training trajectory [K_max, S].
+
+    A run with K clusters of which some are empty is a fit with K - empty clusters, and is counted there: each
+    seed's score of k clusters is the best score of its runs that use k. The chosen K is the smallest k whose
+    score is within ``tolerance`` of the best k's.
+
+    Why: a trajectory is drawn by one policy, so more clusters than behaviours cannot explain held-out
+    trajectories better than the true number except by the capacity of the extra networks (a split of one
+    behaviour's trajectories adds parameters, not likelihood), while fewer clusters pay on every trajectory of
+    the behaviours they merge; the smallest k within a tolerance of the best does not pay for clusters the
+    data do not need. Counting a collapsed run at the clusters it uses makes EM's restarts across K's count:
+    a K = 3 run that found only two behaviours and a K = 4 run that found three with one cluster empty are
+    evidence for 2 and for 3 clusters."""
+    used = np.arange(1, len(scores) + 1)[:, None] - empty  # [K_max, S] clusters each run uses
+    best = np.stack([np.where(used == k, scores, -np.inf).max(0) for k in range(1, len(scores) + 1)])  # [K_max, S]
+    return (best >= best.max(0) - tolerance).argmax(0) + 1  # the first (smallest) k that passes
+
+
+def chosen_runs(folder: str, chosen: int, scores: np.ndarray, empty: np.ndarray) -> dict:
+    """The written run with ``chosen`` clusters, seed by seed: the best-scoring run of that seed that uses exactly
+    ``chosen`` clusters, its empty clusters dropped (policy heads, classifier logits); a seed with no such run
+    keeps its run with K = ``chosen`` as it is. Returns the arrays of cluster.npz less posterior and assignments,
+    and select_k/source_k [S]: the K each seed's clusters come from."""
+    used = np.arange(1, len(scores) + 1)[:, None] - empty
+    runs, parts = {}, []
+    for seed in range(scores.shape[1]):
+        fits = np.flatnonzero(used[:, seed] == chosen)
+        k = int(fits[np.argmax(scores[fits, seed])]) + 1 if len(fits) else chosen
+        run = runs.setdefault(k, dict(np.load(os.path.join(folder, f"k{k}", "cluster.npz"), allow_pickle=False)))
+        keep = np.unique(run["posterior"][seed].argmax(-1)) if len(fits) else np.arange(k)
+        last = f"classifier/params/Dense_{int(run['arch/hidden_layers'])}/"
+        part = {"select_k/source_k": np.int64(k)}
+        for key, value in run.items():
+            if key.startswith("policy/params/") or key == last + "bias":
+                part[key] = value[seed][keep]
+            elif key == last + "kernel":
+                part[key] = value[seed][:, keep]
+            elif key.startswith("classifier/params/") or key == "seeds":
+                part[key] = value[seed]
+        parts.append(part)
+    arrays = {key: np.stack([part[key] for part in parts]) for key in parts[0]}
+    first = runs[int(arrays["select_k/source_k"][0])]
+    arrays.update({key: value for key, value in first.items() if key.startswith("arch/")})
+    arrays["arch/k"] = np.int64(chosen)
+    return arrays
+
+
+def select_k(args: Args) -> dict:
+    """--k auto: stage 1 for K = 1..--k-max on a training split of the trajectories (Algorithm 1 unchanged,
+    seeds vmapped, the K's in turn), each scored on the held-out trajectories; the chosen K's run is kept and its
+    posterior (Eq. 3) and assignments (Eq. 9) computed on the whole data set, written as cluster.npz with the
+    score of every K (select_k/*). Each K's run has its own folder and checkpoint (select_k/k<K>/), so --resume
+    continues the K that was cut and reuses the finished ones; no refit on all trajectories (it would cost one
+    more run)."""
+    check_writable(args.out, [args.dataset])
+    data_np, data_sha = load_dataset(args.dataset)
+    num_episodes = int(data_np["episode_ids"][-1]) + 1
+    if args.k_max >= num_episodes:  # at least one trajectory is held out, and every K needs K training ones
+        raise InputError(f"--k-max {args.k_max} is larger than the {num_episodes} trajectories of {args.dataset} "
+                         f"less the held-out ones")
+    heldout = split_trajectories(num_episodes, args.k_holdout, args.seed)
+    train = np.setdiff1d(np.arange(num_episodes), heldout)
+    if args.k_max > len(train):
+        raise InputError(f"--k-max {args.k_max} is larger than the {len(train)} training trajectories of "
+                         f"{args.dataset} ({num_episodes} trajectories, {len(heldout)} held out by --k-holdout)")
+    run_dir = os.path.dirname(os.path.abspath(args.out))
+    folder = os.path.join(run_dir, "select_k")
+    train_path = os.path.join(folder, "train.npz")
+    train_data, heldout_data = subset_trajectories(data_np, train), subset_trajectories(data_np, heldout)
+    save_npz(train_path, train_data, DATASET_SCHEMA, {"split_of": data_sha, "heldout": heldout.tolist()})
+    writer = make_writer(folder, args)
+    scores, train_scores, empty, seconds = [], [], [], []
+    for k in range(1, args.k_max + 1):
+        k_args = Args(**{**asdict(args), "k": k, "dataset": train_path,
+                         "out": os.path.join(folder, f"k{k}", "cluster.npz")})
+        t0 = time.perf_counter()
+        if not (args.resume and finished_run(k_args)):
+            try:
+                main(k_args)
+            except KeyboardInterrupt:  # run() would look for a checkpoint beside --out, where there is none
+                raise InputError(f"interrupted at K = {k}: the finished K's and the checkpoint of K = {k} are in "
+                                 f"{folder}; run the same command with --resume to continue") from None
+        seconds.append(time.perf_counter() - t0)
+        run = dict(np.load(k_args.out, allow_pickle=False))
+        scores.append(heldout_score(trajectory_log_likelihoods(run, heldout_data), run["posterior"],
+                                    len(heldout_data["rewards"])))
+        train_scores.append(heldout_score(trajectory_log_likelihoods(run, train_data), run["posterior"],
+                                          len(train_data["rewards"])))
+        empty.append(np.array([k - len(np.unique(a)) for a in run["posterior"].argmax(-1)]))
+        writer.add_scalar("select_k/heldout_log_likelihood", float(scores[-1].mean()), k)
+        writer.add_scalar("select_k/train_log_likelihood", float(train_scores[-1].mean()), k)
+        writer.add_scalar("select_k/empty_clusters", float(empty[-1].mean()), k)
+        writer.add_scalar("select_k/seconds", seconds[-1], k)
+        for seed, score in zip(run["seeds"], scores[-1]):
+            writer.add_scalar(f"select_k/heldout_log_likelihood_seed/{seed}", float(score), k)
+        print(f"[select_k] K={k}: held-out log-likelihood per transition "
+              + " ".join(f"{x:.4f}" for x in scores[-1]) + f", empty clusters {empty[-1].tolist()}, {seconds[-1]:.0f}s",
+              flush=True)
+    scores, train_scores, empty = np.array(scores), np.array(train_scores), np.array(empty)  # [K_max, S]
+    per_seed = choose_k(scores, empty, args.k_tolerance)
+    chosen = int(np.bincount(per_seed).argmax())  # the K most seeds chose (the smaller on a tie)
+    print(f"[select_k] chosen K per seed {per_seed.tolist()}: K = {chosen}", flush=True)
+
+    # The chosen K's clusters: their parameters, with Eq. (3) and Eq. (9) on every trajectory of the data set.
+    arrays = chosen_runs(folder, chosen, scores, empty)
+    loglik = trajectory_log_likelihoods(arrays, data_np)  # [S, E, K]
+    peak = loglik.max(-1, keepdims=True)
+    log_post = loglik - peak - np.log(np.exp(loglik - peak).sum(-1, keepdims=True))  # Eq. (3), uniform prior
+    posterior = np.exp(log_post).astype(np.float32)  # [S, E, K]
+    per_trajectory = np.argmax(posterior, -1).astype(np.int32)  # [S, E], Eq. (9)
+    arrays.update({"posterior": posterior, "assignments": per_trajectory[:, data_np["episode_ids"]],
+                   "select_k/k": np.arange(1, args.k_max + 1, dtype=np.int64), "select_k/chosen": np.int64(chosen),
+                   "select_k/chosen_per_seed": per_seed.astype(np.int64),
+                   "select_k/heldout_log_likelihood": scores, "select_k/train_log_likelihood": train_scores,
+                   "select_k/empty_clusters": empty.astype(np.int64),
+                   "select_k/seconds": np.asarray(seconds), "select_k/heldout_trajectories": heldout.astype(np.int64),
+                   "select_k/tolerance": np.float64(args.k_tolerance)})
+    summary = {"k": chosen, "chosen_per_seed": per_seed.tolist(), "heldout_log_likelihood": scores.tolist(),
+               "seconds": seconds, "seeds": arrays["seeds"].tolist()}
+    labels = data_np["behaviour"]
+    if np.all(labels >= 0):
+        from sklearn.metrics import adjusted_rand_score, rand_score
+
+        arrays["rand_index"] = np.array([rand_score(labels, a) for a in arrays["assignments"]])
+        arrays["adjusted_rand_index"] = np.array([adjusted_rand_score(labels, a) for a in arrays["assignments"]])
+        summary.update(rand_index=arrays["rand_index"].tolist(),
+                       adjusted_rand_index=arrays["adjusted_rand_index"].tolist())
+        print("[select_k] rand index of the chosen run per seed: "
+              + " ".join(f"{x:.4f}" for x in arrays["rand_index"]), flush=True)
+    save_npz(args.out, arrays, "empo/cluster/v1", asdict(args), {"dataset": data_sha})
+    writer.add_scalar("select_k/chosen", chosen, args.k_max)
+    writer.close()
+    print(f"[select_k] wrote {args.out} (K = {chosen}) in {sum(seconds):.0f}s for {args.k_max} K's", flush=True)
+    return summary
+
+
+def finished_run(args: Args) -> bool:
+    """A cluster.npz of this run (the flags that change the result and the training data) is already at args.out."""
+    if not os.path.exists(args.out):
+        return False
+    try:
+        done = np.load(args.out, allow_pickle=False)
+        flags = lambda d: {k: v for k, v in d.items() if k not in NEUTRAL_FLAGS}
+        same = flags(json.loads(str(done["args"]))) == flags(json.loads(json.dumps(asdict(args), default=str)))
+        return same and json.loads(str(done["inputs"])).get("dataset") == load_dataset(args.dataset)[1]
+    except (OSError, ValueError, KeyError, InputError):
+        return False
+
+
 # --- shared block: checkpoint (keep identical across stages) ---
 # Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood for
 # by their sha256, so that moved files still resume).
@@ -902,8 +1119,10 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def validate_args(args: Args) -> None:
     """The flags alone, before anything is read: one sentence for the first one out of range."""
     check_flags(args)
-    at_least = dict(k=1, num_seeds=1, batch_size=1, estep_chunk=1, hidden_dim=1, hidden_layers=1, log_every=1,
-                    bias_epochs=0, pretrain_epochs=0, em_epochs=0, checkpoint_every=0)
+    at_least = dict(k=1, k_max=1, num_seeds=1, batch_size=1, estep_chunk=1, hidden_dim=1, hidden_layers=1,
+                    log_every=1, bias_epochs=0, pretrain_epochs=0, em_epochs=0, checkpoint_every=0)
+    if args.k == "auto":
+        del at_least["k"]
     for name, low in at_least.items():
         if getattr(args, name) < low:
             raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
@@ -911,10 +1130,16 @@ def validate_args(args: Args) -> None:
         raise InputError(f"--momentum must be in [0, 1), got {args.momentum}")
     if not args.learning_rate > 0:
         raise InputError(f"--learning-rate must be positive, got {args.learning_rate}")
+    if not 0.0 < args.k_holdout < 1.0:
+        raise InputError(f"--k-holdout must be in (0, 1), got {args.k_holdout}")
+    if not args.k_tolerance >= 0.0:
+        raise InputError(f"--k-tolerance must be at least 0, got {args.k_tolerance}")
 
 
 def main(args: Args) -> dict:
     validate_args(args)
+    if args.k == "auto":
+        return select_k(args)
     check_writable(args.out, [args.dataset])
     check_writable(checkpoint_path(args.out), [args.dataset])
     data_np, data_sha = load_dataset(args.dataset)

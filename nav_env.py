@@ -84,6 +84,11 @@ class Args:
     """random seed of the generator (start states and the Eq. 15 noise)"""
     transitions_per_behaviour: int = 1_000_000
     """Algorithm 3's "1 000 000 elements": whole episodes are added until a behaviour has this many rows"""
+    subgoals: str = "paper"
+    """the behaviours' subgoal lists (one behaviour each): a name from ROUTES ('paper': the paper's two, 'one':
+    its behaviour 0 alone, 'three' and 'four': the paper's behaviour 0 and two or three routes of the same length
+    or longer that meet it and each other going opposite ways), or a JSON list of
+    lists of [x, y] subgoals, e.g. '[[[0, 30]], [[30, 0]]]'"""
     minari_id: Optional[str] = None
     """also write the data set as a local Minari data set with this id (HDF5; the behaviour label
     is stored in each episode's metadata), e.g. 'empo/nav/mixed-v0'"""
@@ -246,6 +251,39 @@ SUBGOALS = (
     ((10.0, 0.0), (10.0, 15.0), (20.0, 15.0), (20.0, 0.0), (30.0, 0.0)),  # behaviour 1
 )
 NOISE_SCALE = 0.1  # the 0.1 in front of epsilon in Eq. (15)
+# Extra routes for --subgoals. A state-conditioned policy can only tell two behaviours apart where they visit the
+# same states and act differently there, so each route runs the lines x = 10 and x = 20 in a direction of its
+# own (up or down, the whole way): every two routes meet on at least one of them going opposite ways.
+ROUTE_UD = ((10.0, 0.0), (10.0, 30.0), (20.0, 30.0), (20.0, 0.0), (30.0, 0.0))  # x = 10 up, x = 20 down
+ROUTE_UU = ((10.0, 0.0), (10.0, 30.0), (15.0, 30.0), (15.0, 0.0), (20.0, 0.0), (20.0, 30.0))  # both up
+ROUTE_DD = ((0.0, 30.0), (10.0, 30.0), (10.0, 0.0), (15.0, 0.0), (15.0, 30.0), (20.0, 30.0), (20.0, 0.0),
+            (30.0, 0.0))  # both down
+ROUTES = {  # named subgoal lists for --subgoals: data sets with a known number of behaviours
+    "paper": SUBGOALS,
+    "one": SUBGOALS[:1],
+    "three": (SUBGOALS[0], ROUTE_UD, ROUTE_UU),  # SUBGOALS[0] runs x = 10 down and x = 20 up
+    "four": (SUBGOALS[0], ROUTE_UD, ROUTE_UU, ROUTE_DD),
+}
+
+
+def parse_subgoals(spec: str) -> tuple:
+    """--subgoals: a name from ROUTES or a JSON list of subgoal lists; one sentence when it is neither."""
+    if spec in ROUTES:
+        return ROUTES[spec]
+    try:
+        lists = json.loads(spec)
+        routes = tuple(tuple((float(x), float(y)) for x, y in goals) for goals in lists)
+    except (ValueError, TypeError):
+        routes = ()
+    if not routes:
+        raise InputError(f"--subgoals '{spec}' is neither one of {sorted(ROUTES)} nor a JSON list of lists of "
+                         f"[x, y] subgoals")
+    for goals in routes:
+        waypoints = np.asarray(list(goals) + [GOAL], np.float32)
+        if np.any(np.linalg.norm(np.diff(waypoints, axis=0), axis=1) <= 0.4):
+            raise InputError(f"--subgoals: consecutive subgoals (and the last one and the goal) must be more than "
+                             f"0.4 apart, got {list(goals)}")
+    return routes
 
 
 def subgoal_action(key: jax.Array, s: jax.Array, g: jax.Array, max_action: float = 0.2) -> jax.Array:
@@ -1109,8 +1147,9 @@ def main(args: Args) -> None:
         raise InputError(f"--transitions-per-behaviour must be at least 1, got {args.transitions_per_behaviour}")
     if args.minari_id is not None:
         check_minari_id(args.minari_id)
+    routes = parse_subgoals(args.subgoals)
     row_bytes = 38  # obs, action, next obs: 2 float32 each; reward, episode id, label: 4 bytes; two flags
-    need = 2 * args.transitions_per_behaviour * row_bytes
+    need = len(routes) * args.transitions_per_behaviour * row_bytes
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > have:
         raise InputError(f"--transitions-per-behaviour {args.transitions_per_behaviour} needs about {need / 2**30:.0f} "
@@ -1121,14 +1160,15 @@ def main(args: Args) -> None:
         if os.path.splitext(args.figure)[1].lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
             raise InputError(f"--figure {args.figure} must end in .png, .pdf, .svg or .jpg (the image format)")
     start = time.perf_counter()
-    data = generate_dataset(args.seed, args.transitions_per_behaviour)
+    data = generate_dataset(args.seed, args.transitions_per_behaviour, routes)
     validate_dataset(args.out, data)
     save_npz(args.out, data, DATASET_SCHEMA, asdict(args))
     print(f"wrote {args.out}: {len(data['rewards'])} transitions, {data['episode_ids'][-1] + 1} episodes "
           f"in {time.perf_counter() - start:.1f} s")
     if args.figure:
         trajs, labels = episodes_of(data, max_per_label=5)
-        plot_map(trajs, labels, subgoals=SUBGOALS, path=args.figure, label_names=["behaviour 0", "behaviour 1"],
+        plot_map(trajs, labels, subgoals=list(routes), path=args.figure,
+                 label_names=[f"behaviour {i}" for i in range(len(routes))],
                  title="Offline data set: 5 trajectories of each behaviour")
         print(f"wrote {args.figure}")
     if args.minari_id:
