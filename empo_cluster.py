@@ -581,9 +581,16 @@ def check_flags(args) -> None:
     for name, value in asdict(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    if not 0 <= args.seed <= 2**31 - max(args.num_seeds, 1):  # JAX seeds are 32-bit integers
-        raise InputError(f"--seed must be in 0..{2**31 - max(args.num_seeds, 1)} for {args.num_seeds} seeds, "
-                         f"got {args.seed}")
+    if args.seed < 0 or args.seed + args.num_seeds > 2**31:  # JAX seeds are 32-bit integers
+        raise InputError(f"--seed {args.seed} and --num-seeds {args.num_seeds} must keep every seed in 0..2^31-1")
+
+
+def check_fits(what: str, nbytes: float) -> None:
+    """Refuse, before any work, a request whose arrays alone would exceed this machine's memory."""
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > have:
+        raise InputError(f"{what} needs about {nbytes / 2**30:.3g} GiB, more than this machine's "
+                         f"{have / 2**30:.0f} GiB")
 
 
 def run(main, args) -> None:
@@ -599,7 +606,8 @@ def run(main, args) -> None:
         sys.exit("interrupted before the first checkpoint; nothing was saved")
     except Exception as e:  # XLA's allocation failures and NumPy's MemoryError
         if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
-            sys.exit(f"error: out of memory ({type(e).__name__}); lower --num-seeds, --batch-size or the chunk sizes")
+            sys.exit(f"error: out of memory ({type(e).__name__}); lower the flags that size the run (--num-seeds, "
+                     f"--batch-size, the chunk sizes, the schedule's lengths)")
         raise
 # --- end shared block: run_utils ---
 
@@ -1130,6 +1138,9 @@ def validate_args(args: Args) -> None:
         raise InputError(f"--momentum must be in [0, 1), got {args.momentum}")
     if not args.learning_rate > 0:
         raise InputError(f"--learning-rate must be positive, got {args.learning_rate}")
+    heads = (args.k_max if args.k == "auto" else args.k) + 1  # K policies and the classifier
+    check_fits(f"--hidden-dim {args.hidden_dim} with --hidden-layers {args.hidden_layers}",  # params, grads, Adam
+               16.0 * args.num_seeds * heads * args.hidden_layers * args.hidden_dim ** 2)
     if not 0.0 < args.k_holdout < 1.0:
         raise InputError(f"--k-holdout must be in (0, 1), got {args.k_holdout}")
     if not args.k_tolerance >= 0.0:

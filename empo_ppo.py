@@ -609,9 +609,16 @@ def check_flags(args) -> None:
     for name, value in asdict(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    if not 0 <= args.seed <= 2**31 - max(args.num_seeds, 1):  # JAX seeds are 32-bit integers
-        raise InputError(f"--seed must be in 0..{2**31 - max(args.num_seeds, 1)} for {args.num_seeds} seeds, "
-                         f"got {args.seed}")
+    if args.seed < 0 or args.seed + args.num_seeds > 2**31:  # JAX seeds are 32-bit integers
+        raise InputError(f"--seed {args.seed} and --num-seeds {args.num_seeds} must keep every seed in 0..2^31-1")
+
+
+def check_fits(what: str, nbytes: float) -> None:
+    """Refuse, before any work, a request whose arrays alone would exceed this machine's memory."""
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > have:
+        raise InputError(f"{what} needs about {nbytes / 2**30:.3g} GiB, more than this machine's "
+                         f"{have / 2**30:.0f} GiB")
 
 
 def run(main, args) -> None:
@@ -627,7 +634,8 @@ def run(main, args) -> None:
         sys.exit("interrupted before the first checkpoint; nothing was saved")
     except Exception as e:  # XLA's allocation failures and NumPy's MemoryError
         if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
-            sys.exit(f"error: out of memory ({type(e).__name__}); lower --num-seeds, --batch-size or the chunk sizes")
+            sys.exit(f"error: out of memory ({type(e).__name__}); lower the flags that size the run (--num-seeds, "
+                     f"--batch-size, the chunk sizes, the schedule's lengths)")
         raise
 # --- end shared block: run_utils ---
 
@@ -1118,6 +1126,8 @@ def main(args: Args) -> dict:
         except nav_env.InputError as e:  # nav_env's own class: this script reports only its own in one sentence
             raise InputError(str(e)) from None
     k, cluster_seeds = sizes["K"], sizes["S"]
+    check_fits(f"--eval-episodes {args.eval_episodes}",  # the rollouts' paths
+               2 * args.num_seeds * k * args.eval_episodes * 1001 * 2 * 4)
     if cluster_seeds != 1 and args.first_run + args.num_seeds > cluster_seeds:
         raise InputError(f"--first-run {args.first_run} plus --num-seeds {args.num_seeds} is more than the "
                          f"{cluster_seeds} clustering runs in {args.cluster}")

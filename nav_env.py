@@ -85,7 +85,7 @@ class Args:
     transitions_per_behaviour: int = 1_000_000
     """Algorithm 3's "1 000 000 elements": whole episodes are added until a behaviour has this many rows"""
     subgoals: str = "paper"
-    """the behaviours' subgoal lists (one behaviour each): a name from ROUTES ('paper': the paper's two, 'one':
+    """the behaviours' subgoal lists (one behaviour each): a name from SUBGOAL_SETS ('paper': the paper's two, 'one':
     its behaviour 0 alone, 'three' and 'four': the paper's behaviour 0 and two or three routes of the same length
     or longer that meet it and each other going opposite ways), or a JSON list of
     lists of [x, y] subgoals, e.g. '[[[0, 30]], [[30, 0]]]'"""
@@ -258,7 +258,7 @@ ROUTE_UD = ((10.0, 0.0), (10.0, 30.0), (20.0, 30.0), (20.0, 0.0), (30.0, 0.0))  
 ROUTE_UU = ((10.0, 0.0), (10.0, 30.0), (15.0, 30.0), (15.0, 0.0), (20.0, 0.0), (20.0, 30.0))  # both up
 ROUTE_DD = ((0.0, 30.0), (10.0, 30.0), (10.0, 0.0), (15.0, 0.0), (15.0, 30.0), (20.0, 30.0), (20.0, 0.0),
             (30.0, 0.0))  # both down
-ROUTES = {  # named subgoal lists for --subgoals: data sets with a known number of behaviours
+SUBGOAL_SETS = {  # named subgoal lists for --subgoals: data sets with a known number of behaviours
     "paper": SUBGOALS,
     "one": SUBGOALS[:1],
     "three": (SUBGOALS[0], ROUTE_UD, ROUTE_UU),  # SUBGOALS[0] runs x = 10 down and x = 20 up
@@ -267,16 +267,16 @@ ROUTES = {  # named subgoal lists for --subgoals: data sets with a known number 
 
 
 def parse_subgoals(spec: str) -> tuple:
-    """--subgoals: a name from ROUTES or a JSON list of subgoal lists; one sentence when it is neither."""
-    if spec in ROUTES:
-        return ROUTES[spec]
+    """--subgoals: a name from SUBGOAL_SETS or a JSON list of subgoal lists; one sentence when it is neither."""
+    if spec in SUBGOAL_SETS:
+        return SUBGOAL_SETS[spec]
     try:
         lists = json.loads(spec)
         routes = tuple(tuple((float(x), float(y)) for x, y in goals) for goals in lists)
     except (ValueError, TypeError):
         routes = ()
     if not routes:
-        raise InputError(f"--subgoals '{spec}' is neither one of {sorted(ROUTES)} nor a JSON list of lists of "
+        raise InputError(f"--subgoals '{spec}' is neither one of {sorted(SUBGOAL_SETS)} nor a JSON list of lists of "
                          f"[x, y] subgoals")
     for goals in routes:
         waypoints = np.asarray(list(goals) + [GOAL], np.float32)

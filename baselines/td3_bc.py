@@ -598,9 +598,16 @@ def check_flags(args) -> None:
     for name, value in asdict(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    if not 0 <= args.seed <= 2**31 - max(args.num_seeds, 1):  # JAX seeds are 32-bit integers
-        raise InputError(f"--seed must be in 0..{2**31 - max(args.num_seeds, 1)} for {args.num_seeds} seeds, "
-                         f"got {args.seed}")
+    if args.seed < 0 or args.seed + args.num_seeds > 2**31:  # JAX seeds are 32-bit integers
+        raise InputError(f"--seed {args.seed} and --num-seeds {args.num_seeds} must keep every seed in 0..2^31-1")
+
+
+def check_fits(what: str, nbytes: float) -> None:
+    """Refuse, before any work, a request whose arrays alone would exceed this machine's memory."""
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > have:
+        raise InputError(f"{what} needs about {nbytes / 2**30:.3g} GiB, more than this machine's "
+                         f"{have / 2**30:.0f} GiB")
 
 
 def run(main, args) -> None:
@@ -616,7 +623,8 @@ def run(main, args) -> None:
         sys.exit("interrupted before the first checkpoint; nothing was saved")
     except Exception as e:  # XLA's allocation failures and NumPy's MemoryError
         if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
-            sys.exit(f"error: out of memory ({type(e).__name__}); lower --num-seeds, --batch-size or the chunk sizes")
+            sys.exit(f"error: out of memory ({type(e).__name__}); lower the flags that size the run (--num-seeds, "
+                     f"--batch-size, the chunk sizes, the schedule's lengths)")
         raise
 # --- end shared block: run_utils ---
 
@@ -1002,6 +1010,9 @@ def validate_args(args: Args) -> None:
     if not args.policy_noise >= 0 or not args.noise_clip >= 0:
         raise InputError(f"--policy-noise and --noise-clip cannot be negative, got {args.policy_noise} and "
                          f"{args.noise_clip}")
+    check_fits(f"--hidden-dim {args.hidden_dim} with --hidden-layers {args.hidden_layers}",  # 6 nets: params, Adam
+               16.0 * 6 * args.num_seeds * args.hidden_layers * args.hidden_dim ** 2)
+    check_fits(f"--eval-episodes {args.eval_episodes}", 2 * args.num_seeds * args.eval_episodes * 1001 * 2 * 4)
 
 
 def main(args: Args) -> dict:

@@ -395,9 +395,29 @@ def test_a_data_set_source_that_is_no_data_set_is_named_as_such(tmp_path, monkey
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-@pytest.mark.parametrize("seed, num_seeds", [(-1, 1), (2 ** 31 - 1, 2), (10 ** 12, 1)])
+@pytest.mark.parametrize("seed, num_seeds", [(-1, 1), (2 ** 31 - 1, 2), (10 ** 12, 1), (1, 10 ** 12)])
 def test_seeds_outside_jax_32_bit_range_are_refused(stage, seed, num_seeds):
     module = STAGES[stage]
-    with pytest.raises(module.InputError, match="--seed must be in 0.."):
+    with pytest.raises(module.InputError, match="must keep every seed in 0..2\\^31-1"):
         module.validate_args(dataclasses.replace(module.Args(), seed=seed, num_seeds=num_seeds))
     module.validate_args(dataclasses.replace(module.Args(), seed=2 ** 31 - 2, num_seeds=2))
+
+
+@pytest.mark.parametrize("stage", ["cluster", "bc", "td3_bc"])
+@pytest.mark.parametrize("flag", ["hidden_dim", "hidden_layers"])
+def test_networks_larger_than_the_memory_are_refused_before_any_work(stage, flag):
+    module = STAGES[stage]
+    with pytest.raises(module.InputError, match="needs about .* GiB, more than this machine's"):
+        module.validate_args(dataclasses.replace(module.Args(), **{flag: 10 ** 12}))
+
+
+@pytest.mark.parametrize("stage", ["bc", "td3_bc"])
+def test_evaluations_larger_than_the_memory_are_refused_before_any_work(stage):
+    module = STAGES[stage]
+    with pytest.raises(module.InputError, match="--eval-episodes 1000000000000 needs about"):
+        module.validate_args(dataclasses.replace(module.Args(), eval_episodes=10 ** 12))
+
+
+def test_stage_2_refuses_an_evaluation_larger_than_the_memory_before_training(tiny, tmp_path):
+    _refused(ep, _ppo_args(tiny, tmp_path / "ppo.npz", eval_episodes=10 ** 12), "--eval-episodes .* needs about")
+    assert os.listdir(tmp_path) == []

@@ -78,7 +78,7 @@ def test_choose_k_takes_the_smallest_k_within_the_tolerance_counting_collapsed_r
 @pytest.fixture(scope="module")
 def three_routes_path(tmp_path_factory):
     """nav_env's three routes (--subgoals three): 24,799 transitions, 33 trajectories."""
-    data = nav_env.generate_dataset(seed=0, transitions_per_behaviour=8000, subgoal_lists=nav_env.ROUTES["three"],
+    data = nav_env.generate_dataset(seed=0, transitions_per_behaviour=8000, subgoal_lists=nav_env.SUBGOAL_SETS["three"],
                                     log=lambda s: None)
     path = tmp_path_factory.mktemp("select_k") / "three.npz"
     nav_env.save_npz(str(path), data, nav_env.DATASET_SCHEMA, {})
