@@ -245,7 +245,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds per case")
-    parser.add_argument("--only", help="run only the cases whose script or label contains this text")
+    parser.add_argument("--only", action="append", help="run only the cases whose script or label contains this "
+                                                         "text (repeatable: any of them)")
     parser.add_argument("--in-process", action="store_true",
                         help="run each case's command line in this process (several times faster; the interpreter's "
                              "start-up is the only part left out)")
@@ -255,7 +256,7 @@ def main() -> None:
         prepare(work)
         results = []
         todo = [(script, label, extra) for script in TINY for label, extra in cases(script)
-                if not opts.only or opts.only in script or opts.only in label]
+                if not opts.only or any(text in script or text in label for text in opts.only)]
         for i, (script, label, extra) in enumerate(todo):
             result = run_case(work, script, extra, opts.timeout, opts.in_process)
             results.append(result)
