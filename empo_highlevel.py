@@ -602,11 +602,13 @@ def cli(args_class, presets: dict):
 
 
 def check_flags(args) -> None:
-    """Every float flag is a finite number (NaN passes every comparison, so range checks alone let it through), and
-    the seeds fit JAX's 32-bit seeds."""
+    """Every float flag is a finite number (NaN passes every comparison, so range checks alone let it through), every
+    integer flag fits the int32 of the jitted code, and the seeds fit JAX's 32-bit seeds."""
     for name, value in asdict(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**31:  # int32 inside jit
+            raise InputError(f"--{name.replace('_', '-')} must be below 2^31, got {value}")
     if args.seed < 0 or args.seed + args.num_seeds > 2**31:  # JAX seeds are 32-bit integers
         raise InputError(f"--seed {args.seed} and --num-seeds {args.num_seeds} must keep every seed in 0..2^31-1")
 
