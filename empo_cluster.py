@@ -575,9 +575,10 @@ def cli(args_class, presets: dict):
     return tyro.cli(args_class, default=presets[parser.parse_known_args()[0].preset])
 
 
-def check_flags(args) -> None:
+def check_flags(args, at_least: Optional[dict] = None) -> None:
     """Every float flag is a finite number (NaN passes every comparison, so range checks alone let it through), every
-    integer flag fits the int32 of the jitted code, and the seeds fit JAX's 32-bit seeds."""
+    integer flag fits the int32 of the jitted code, the seeds fit JAX's 32-bit seeds, and each flag named in
+    ``at_least`` is at least its value."""
     for name, value in asdict(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -585,6 +586,9 @@ def check_flags(args) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be below 2^31, got {value}")
     if args.seed < 0 or args.seed + args.num_seeds > 2**31:  # JAX seeds are 32-bit integers
         raise InputError(f"--seed {args.seed} and --num-seeds {args.num_seeds} must keep every seed in 0..2^31-1")
+    for name, low in (at_least or {}).items():
+        if getattr(args, name) < low:
+            raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
 
 
 def check_fits(what: str, nbytes: float) -> None:
@@ -1128,14 +1132,11 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def validate_args(args: Args) -> None:
     """The flags alone, before anything is read: one sentence for the first one out of range."""
-    check_flags(args)
     at_least = dict(k=1, k_max=1, num_seeds=1, batch_size=1, estep_chunk=1, hidden_dim=1, hidden_layers=1,
                     log_every=1, bias_epochs=0, pretrain_epochs=0, em_epochs=0, checkpoint_every=0)
     if args.k == "auto":
         del at_least["k"]
-    for name, low in at_least.items():
-        if getattr(args, name) < low:
-            raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    check_flags(args, at_least)
     if not 0.0 <= args.momentum < 1.0:
         raise InputError(f"--momentum must be in [0, 1), got {args.momentum}")
     if not args.learning_rate > 0:

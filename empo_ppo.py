@@ -603,9 +603,10 @@ def cli(args_class, presets: dict):
     return tyro.cli(args_class, default=presets[parser.parse_known_args()[0].preset])
 
 
-def check_flags(args) -> None:
+def check_flags(args, at_least: Optional[dict] = None) -> None:
     """Every float flag is a finite number (NaN passes every comparison, so range checks alone let it through), every
-    integer flag fits the int32 of the jitted code, and the seeds fit JAX's 32-bit seeds."""
+    integer flag fits the int32 of the jitted code, the seeds fit JAX's 32-bit seeds, and each flag named in
+    ``at_least`` is at least its value."""
     for name, value in asdict(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -613,6 +614,9 @@ def check_flags(args) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be below 2^31, got {value}")
     if args.seed < 0 or args.seed + args.num_seeds > 2**31:  # JAX seeds are 32-bit integers
         raise InputError(f"--seed {args.seed} and --num-seeds {args.num_seeds} must keep every seed in 0..2^31-1")
+    for name, low in (at_least or {}).items():
+        if getattr(args, name) < low:
+            raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
 
 
 def check_fits(what: str, nbytes: float) -> None:
@@ -1079,12 +1083,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def validate_args(args: Args) -> None:
     """The flags alone, before anything is read: one sentence for the first one out of range."""
-    check_flags(args)
     at_least = dict(num_seeds=1, batch_size=1, chunk=1, steps_per_call=1, q_target_every=1, q_steps=0, v_epochs=0,
                     pi_epochs=0, eval_episodes=0, ppo_minibatch=0, first_run=0)
-    for name, low in at_least.items():
-        if getattr(args, name) < low:
-            raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    check_flags(args, at_least)
     if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.q_target_rate <= 1.0 or not 0.0 < args.clip < 1.0:
         raise InputError("need 0 <= --gamma <= 1, 0 < --q-target-rate <= 1 and 0 < --clip < 1")
     if not args.learning_rate > 0:
