@@ -172,450 +172,25 @@ class Data:
     episode_ids: jax.Array  # [N_pad] int32; padding rows carry the id E (a dropped segment)
 
 
-# --- shared block: npz_io (keep identical across stages) ---
-class InputError(ValueError):
-    """Bad input or output: the message is one sentence that names the file and the problem."""
+@dataclass
+class Inputs:
+    """The data set as main uses it (prepare_inputs): host arrays, the device copy and what is derived from them."""
 
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def same_file(a: str, b: str) -> bool:
-    """True when two paths name one file: equal after resolving links, or hard links to the same inode."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def check_writable(path: str, inputs=()) -> None:
-    """Fail before any work if ``path`` cannot be written or is one of ``inputs`` (paths or comma-joined paths):
-    an output never replaces an input."""
-    if not os.path.basename(path or ""):
-        raise InputError(f"the output path '{path}' names no file")
-    if os.path.isdir(path):
-        raise InputError(f"cannot write {path}: it is a folder")
-    for source in inputs:
-        for part in {source, *source.split(",")}:
-            if part and same_file(path, part):
-                raise InputError(f"refusing to write {path}: it is the input {part}, which would be lost")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot write {path}: its folder {folder} cannot be created ({e.strerror or e})") from None
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
-            pass
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] = None) -> None:
-    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically.
-
-    The file is written beside ``path`` under a temporary name (with the writer's pid, so that one left by a
-    killed writer is removed by the next) and renamed over ``path`` only when complete, with the permissions the
-    umask gives. Arrays with NaN or infinite values are refused; on any failure an earlier file stays as it was.
-    """
-    for key, a in arrays.items():
-        if np.asarray(a).dtype.kind == "f" and not np.all(np.isfinite(a)):
-            raise InputError(f"{path} was not written: '{key}' contains NaN or infinite values (did the run "
-                             f"diverge?); an earlier file there is left as it was")
-    check_writable(path)
-    meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
-                producer=np.array(os.path.basename(sys.argv[0]) or "python"),
-                inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
-    folder, name = os.path.split(os.path.abspath(path))
-    for old in os.listdir(folder):  # temporaries of this file left by writers that no longer run
-        pid = old[len(name) + 2:].split(".")[0]
-        if old.startswith(f".{name}.") and old.endswith(".tmp") and pid.isdigit() and not _pid_alive(int(pid)):
-            os.remove(os.path.join(folder, old))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays, **meta)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise InputError(f"cannot write {path}: {e.strerror or e}; an earlier file there is left as "
-                             f"it was") from None
-        raise
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def load_npz(path: str, schema: str, digest: bool = False):
-    """Read a handoff file (no pickles) and check its schema: a dict of NumPy arrays, or with ``digest`` the pair
-    (arrays, sha256 of the bytes that were read), so that provenance names the file as it was used."""
-    if os.path.isdir(path):
-        raise InputError(f"{path} is a folder, not an .npz file")
-    if not os.path.isfile(path):
-        raise InputError(f"{path} does not exist")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
-    except ValueError:  # numpy takes what is neither .npz nor .npy for pickled data
-        raise InputError(f"{path} is not an .npz file") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise InputError(f"{path} is not a readable .npz file ({e})") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise InputError(f"{path} holds a single array (.npy), not an .npz file")
-    try:
-        with loaded:
-            arrays = {k: loaded[k] for k in loaded.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise InputError(f"{path} is not a readable .npz file ({e})") from None
-    found = str(arrays.get("schema", "none"))
-    if found != schema:
-        raise InputError(f"{path} has schema '{found}', expected '{schema}'")
-    return (arrays, hashlib.sha256(raw).hexdigest()) if digest else arrays
-
-
-def check_arrays(name: str, arrays: dict, spec: dict, sizes: Optional[dict] = None) -> dict:
-    """Check keys, dtypes and symbolic shapes, e.g. {"actions": ("float32", ("N", "act_dim"))}.
-
-    Symbols are bound on first sight (or taken from ``sizes``) and must agree everywhere; floating
-    arrays must be finite. Returns the bound sizes. Raises InputError naming the file and the key.
-    """
-    sizes = dict(sizes or {})
-    for key, (dtype, shape) in spec.items():
-        if key not in arrays:
-            raise InputError(f"{name} has no key '{key}'")
-        a = arrays[key]
-        if a.dtype != np.dtype(dtype):
-            raise InputError(f"{name}: '{key}' has dtype {a.dtype}, expected {dtype}")
-        if a.ndim != len(shape):
-            raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {len(shape)} dimensions {shape}")
-        for dim, want in zip(a.shape, shape):
-            want = sizes.setdefault(want, dim) if isinstance(want, str) else want
-            if dim != want:
-                raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {shape} with {sizes}")
-        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-            raise InputError(f"{name}: '{key}' contains NaN or infinite values")
-    return sizes
-# --- end shared block: npz_io ---
-
-
-# --- shared block: dataset (keep identical across stages) ---
-DATASET_SCHEMA = "empo/dataset/v1"
-DATASET_SPEC = {
-    "observations": ("float32", ("N", "obs_dim")),
-    "actions": ("float32", ("N", "act_dim")),
-    "rewards": ("float32", ("N",)),
-    "next_observations": ("float32", ("N", "obs_dim")),
-    "terminals": ("bool", ("N",)),
-    "timeouts": ("bool", ("N",)),
-    "episode_ids": ("int32", ("N",)),
-    "behaviour": ("int32", ("N",)),
-}
-
-
-def load_dataset(source: str) -> tuple[dict, str]:
-    """Load a data set from an ``.npz`` path, D4RL HDF5 files or Minari ids (both comma-separated); validate it.
-
-    D4RL files (``*.hdf5``, read with h5py) and Minari ids (read from the local store, ``MINARI_DATASETS_PATH``
-    or ~/.minari) are never downloaded. Several files or ids are concatenated and labelled by their index, the
-    way D4RL medium-expert is medium + expert; a single Minari id takes ``behaviour`` from each episode's
-    metadata where present, a single D4RL file has none (-1). Returns (arrays, sha256 of the arrays' bytes).
-    """
-    parts = [s.strip() for s in source.split(",") if s.strip()]
-    hdf5 = [p.endswith((".hdf5", ".h5")) for p in parts]
-    if any(hdf5) and not all(hdf5):
-        raise InputError(f"--dataset {source} mixes D4RL .hdf5 files with other sources; give one kind")
-    if parts and all(hdf5):
-        data = _load_d4rl_hdf5(parts)
-    elif source.endswith(".npz") or os.path.exists(source):
-        arrays = load_npz(source, DATASET_SCHEMA)
-        data = {k: arrays[k] for k in DATASET_SPEC if k in arrays}
-    elif parts and all(re.fullmatch(r"([\w-]+/)*[\w-]+-v\d+", p) for p in parts):
-        data = _load_minari(parts)
-    else:  # neither a file nor something shaped like Minari's namespace/name-vN
-        raise InputError(f"--dataset {source}: no such file (a Minari id looks like 'namespace/name-v0')")
-    validate_dataset(source, data)
-    digest = hashlib.sha256()
-    for key in DATASET_SPEC:
-        digest.update(np.ascontiguousarray(data[key]).tobytes())
-    return data, digest.hexdigest()
-
-
-def validate_dataset(name: str, data: dict) -> dict:
-    """Schema, shapes, finiteness and trajectory structure; returns the sizes (N, obs_dim, act_dim)."""
-    sizes = check_arrays(name, data, DATASET_SPEC)
-    ids = data["episode_ids"]
-    if sizes["N"] == 0:
-        raise InputError(f"{name} holds no transitions")
-    for key, dim in (("observations", "obs_dim"), ("actions", "act_dim")):
-        if sizes[dim] == 0:
-            raise InputError(f"{name}: '{key}' has no features (shape {data[key].shape})")
-    steps = np.diff(ids)
-    if ids[0] != 0 or np.any((steps != 0) & (steps != 1)):
-        raise InputError(f"{name}: 'episode_ids' must start at 0 and count up by one, trajectories contiguous")
-    last = np.r_[steps != 0, True]  # last row of each trajectory
-    ends = data["terminals"] | data["timeouts"]
-    if np.any(ends & ~last):
-        raise InputError(f"{name}: a terminal or timeout flag stands inside a trajectory, not at its end")
-    if np.any(last & ~ends):
-        raise InputError(f"{name}: a trajectory ends with neither a terminal nor a timeout flag")
-    if np.any(data["terminals"] & data["timeouts"]):
-        raise InputError(f"{name}: a trajectory ends with both a terminal and a timeout flag (exactly one is allowed)")
-    return sizes
-
-
-def _load_minari(ids: list) -> dict:
-    if not ids:
-        raise InputError("no Minari data set id was given")
-    parts, first_episode = [], 0
-    for index, dataset_id in enumerate(ids):
-        dataset = _open_minari(dataset_id)
-        meta = list(dataset.storage.get_episode_metadata(dataset.episode_indices)) if len(ids) == 1 else None
-        for j, ep in enumerate(dataset.iterate_episodes()):
-            if isinstance(ep.observations, dict) or isinstance(ep.actions, dict):
-                raise InputError(f"Minari data set '{dataset_id}' has dictionary observations or actions")
-            n = len(ep.rewards)
-            obs = np.asarray(ep.observations, np.float32).reshape(n + 1, -1)
-            term = np.asarray(ep.terminations, bool)
-            label = index if meta is None else int(meta[j].get("behaviour", -1))
-            parts.append(dict(
-                observations=obs[:-1], actions=np.asarray(ep.actions, np.float32).reshape(n, -1),
-                rewards=np.asarray(ep.rewards, np.float32), next_observations=obs[1:], terminals=term,
-                # a trajectory that stops without a terminal is a timeout, whatever the flags say; a terminal never is
-                timeouts=(np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1)) & ~term,
-                episode_ids=np.full(n, first_episode, np.int32), behaviour=np.full(n, label, np.int32)))
-            first_episode += 1
-    if not parts:
-        raise InputError(f"Minari data sets {ids} hold no episodes")
-    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
-
-
-def _open_minari(dataset_id: str):
-    """``minari.load_dataset(dataset_id, download=False)`` with one-sentence errors."""
-    import minari
-
-    try:
-        return minari.load_dataset(dataset_id, download=False)
-    except FileNotFoundError:
-        raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
-                         f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)") from None
-    except Exception as e:  # a damaged local copy: say which
-        raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
-
-
-D4RL_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
-
-
-def _load_d4rl_hdf5(paths: list) -> dict:
-    """D4RL HDF5 files concatenated, each file's index its ``behaviour`` label (-1 when there is one file).
-
-    Each file is cut into trajectories after every row flagged ``terminals`` or ``timeouts``; rows after the
-    last flag (D4RL cuts files at a row count) are one more trajectory, ended as a timeout. Other keys
-    (``infos/*``, ``metadata/*``) are ignored. Both flags on one row is an error, as are a missing key,
-    sizes that disagree, NaN and flags other than 0 / 1: one sentence naming the file, the key and the row.
-    """
-    parts, first_episode = [], 0
-    for index, path in enumerate(paths):
-        arrays = _read_d4rl_file(path)
-        if parts and arrays["observations"].shape[1:] != parts[0]["observations"].shape[1:]:
-            raise InputError(f"{path} has {arrays['observations'].shape[1]}-dim observations, {paths[0]} has "
-                             f"{parts[0]['observations'].shape[1]}: files of different tasks")
-        if parts and arrays["actions"].shape[1:] != parts[0]["actions"].shape[1:]:
-            raise InputError(f"{path} has {arrays['actions'].shape[1]}-dim actions, {paths[0]} has "
-                             f"{parts[0]['actions'].shape[1]}: files of different tasks")
-        n, term = len(arrays["rewards"]), arrays["terminals"]
-        both = np.flatnonzero(term & arrays["timeouts"])
-        if both.size:
-            raise InputError(f"{path}: row {both[0]} has both 'terminals' and 'timeouts' set; a trajectory ends "
-                             f"with one of them")
-        arrays["timeouts"][-1] |= ~term[-1]  # the last trajectory stops with the file: a timeout
-        ends = term | arrays["timeouts"]
-        arrays["episode_ids"] = (first_episode + np.r_[0, np.cumsum(ends[:-1])]).astype(np.int32)
-        arrays["behaviour"] = np.full(n, index if len(paths) > 1 else -1, np.int32)
-        first_episode = int(arrays["episode_ids"][-1]) + 1
-        parts.append(arrays)
-    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
-
-
-def _read_d4rl_file(path: str) -> dict:
-    """The six D4RL keys of one HDF5 file as float32 [N, ...] / bool [N] arrays, checked."""
-    import h5py
-
-    if not os.path.isfile(path):
-        name = os.path.basename(path)
-        url = ("; D4RL's copy: http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/" + name
-               if name.endswith("-v2.hdf5") and name.split("_")[0] in ("halfcheetah", "hopper", "walker2d", "ant")
-               else "")
-        raise InputError(f"{path} does not exist{url}")
-    arrays = {}
-    try:
-        with h5py.File(path, "r") as f:
-            for key in D4RL_KEYS:
-                if not isinstance(f.get(key), h5py.Dataset):
-                    raise InputError(f"{path} has no key '{key}' (a D4RL v2 file has {', '.join(D4RL_KEYS)})")
-                arrays[key] = np.asarray(f[key][()])
-    except OSError as e:
-        raise InputError(f"{path} is not a readable HDF5 file ({e})") from None
-    n = len(arrays["observations"]) if arrays["observations"].ndim else 0
-    if n == 0:
-        raise InputError(f"{path} holds no transitions")
-    for key, a in arrays.items():
-        if a.dtype.kind not in "biuf":
-            raise InputError(f"{path}: '{key}' has dtype {a.dtype}, expected numbers")
-        if key in ("rewards", "terminals", "timeouts") and a.ndim == 2 and a.shape[1] == 1:
-            a = arrays[key] = a[:, 0]  # [N, 1] -> [N]
-        want = 1 if key in ("rewards", "terminals", "timeouts") else 2
-        if a.ndim != want or len(a) != n:
-            raise InputError(f"{path}: '{key}' has shape {a.shape}, expected {[n] if want == 1 else [n, 'dim']} "
-                             f"('observations' has {n} rows)")
-        if key in ("terminals", "timeouts"):
-            bad = np.flatnonzero((a != 0) & (a != 1))
-            if bad.size:
-                raise InputError(f"{path}: '{key}' is {a[bad[0]]} at row {bad[0]}, expected 0 or 1")
-            arrays[key] = a.astype(bool)
-        else:
-            arrays[key] = a = a.astype(np.float32)
-            bad = np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(axis=1))
-            if bad.size:
-                raise InputError(f"{path}: '{key}' contains NaN or infinite values (row {bad[0]})")
-    if arrays["next_observations"].shape != arrays["observations"].shape:
-        raise InputError(f"{path}: 'next_observations' has shape {arrays['next_observations'].shape}, "
-                         f"'observations' {arrays['observations'].shape}")
-    return arrays
-# --- end shared block: dataset ---
-
-
-# --- shared block: run_utils (keep identical across stages) ---
-def make_writer(log_dir: str, args):
-    """A tensorboardX writer with the hyperparameters logged as a text table."""
-    from tensorboardX import SummaryWriter
-
-    writer = SummaryWriter(log_dir)
-    rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(asdict(args).items()))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
-    return writer
-
-
-def seed_shardings(num_seeds: int):
-    """(per-seed sharding, replicated sharding) over as many devices as evenly divide num_seeds."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    devices = jax.devices()
-    count = max(d for d in range(1, len(devices) + 1) if num_seeds % d == 0)
-    mesh = Mesh(np.array(devices[:count]), ("seeds",))
-    return NamedSharding(mesh, PartitionSpec("seeds")), NamedSharding(mesh, PartitionSpec())
-
-
-class Progress:
-    """One status line per call: done/total, elapsed, estimated time left, and extra fields.
-
-    kinds (one label per unit, optional) estimate each kind of unit by the mean time of the finished units
-    of that kind (by all finished units until one is seen); first is the number of units finished before
-    this process started (a resumed run), which the estimate leaves out.
-    """
-
-    def __init__(self, total: int, name: str, kinds=None, first: int = 0):
-        self.total, self.name, self.kinds = total, name, list(kinds) if kinds else [""] * total
-        self.start = self.last = time.perf_counter()
-        self.done, self.times = first, {}
-
-    def __call__(self, done: int, **fields) -> None:
-        now = time.perf_counter()
-        for kind in self.kinds[self.done: done]:  # the time since the last call, shared by its units
-            self.times.setdefault(kind, []).append((now - self.last) / max(done - self.done, 1))
-        self.done, self.last = done, now
-        every = [t for times in self.times.values() for t in times] or [0.0]
-        left = sum(np.mean(self.times.get(kind, every)) for kind in self.kinds[done:])
-        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-        print(f"[{self.name}] {done}/{self.total} ({100 * done / self.total:.0f}%) "
-              f"elapsed {now - self.start:.0f}s, left ~{left:.0f}s {extra}", flush=True)
-
-
-def flatten_params(prefix: str, params) -> dict:
-    """{'prefix/Dense_0/kernel': array, ...} (flax.traverse_util, '/' separated)."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    return {f"{prefix}/{k}": np.asarray(v) for k, v in flat.items()}
-
-
-def unflatten_params(prefix: str, arrays: dict):
-    flat = {k[len(prefix) + 1:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix + "/")}
-    return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def cli(args_class, presets: dict):
-    """tyro's command line with the defaults of the ``--preset`` named on it (a column of the paper's Table 4).
-
-    The preset is read first, then every flag is parsed against that preset's defaults, so ``--help`` shows
-    them and a flag given on the command line always wins over its preset.
-    """
-    import argparse
-
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)))
-    return tyro.cli(args_class, default=presets[parser.parse_known_args()[0].preset])
-
-
-def check_flags(args, at_least: Optional[dict] = None) -> None:
-    """Every float flag is a finite number (NaN passes every comparison, so range checks alone let it through), every
-    integer flag fits the int32 of the jitted code, the seeds fit JAX's 32-bit seeds, and each flag named in
-    ``at_least`` is at least its value."""
-    for name, value in asdict(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**31:  # int32 inside jit
-            raise InputError(f"--{name.replace('_', '-')} must be below 2^31, got {value}")
-    if args.seed < 0 or args.seed + args.num_seeds > 2**31:  # JAX seeds are 32-bit integers
-        raise InputError(f"--seed {args.seed} and --num-seeds {args.num_seeds} must keep every seed in 0..2^31-1")
-    for name, low in (at_least or {}).items():
-        if getattr(args, name) < low:
-            raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-
-
-def check_fits(what: str, nbytes: float) -> None:
-    """Refuse, before any work, a request whose arrays alone would exceed this machine's memory."""
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if nbytes > have:
-        raise InputError(f"{what} needs about {nbytes / 2**30:.3g} GiB, more than this machine's "
-                         f"{have / 2**30:.0f} GiB")
-
-
-def run(main, args) -> None:
-    """``main(args)`` as a command: bad input, a full memory and Ctrl-C end in one sentence, not a traceback."""
-    try:
-        main(args)
-    except InputError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        path = checkpoint_path(args.out)
-        if os.path.exists(path):
-            sys.exit(f"interrupted: progress is saved in {path}; run the same command with --resume to continue")
-        sys.exit("interrupted before the first checkpoint; nothing was saved")
-    except Exception as e:  # XLA's allocation failures and NumPy's MemoryError
-        if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
-            sys.exit(f"error: out of memory ({type(e).__name__}); lower the flags that size the run (--num-seeds, "
-                     f"--batch-size, the chunk sizes, the schedule's lengths)")
-        raise
-# --- end shared block: run_utils ---
+    data_np: dict  # the validated arrays (load_dataset)
+    sha: str  # the data set's digest
+    data: Data  # on the device, standardised and padded
+    n: int  # transitions
+    num_episodes: int  # trajectories (E)
+    obs_dim: int
+    act_dim: int
+    obs_mean: np.ndarray  # [obs_dim] float32
+    obs_std: np.ndarray
+    action_scale: tuple  # the largest |action| per dimension (interpretation 2)
+    lengths: np.ndarray  # [E] transitions per trajectory
+    labels: np.ndarray  # [N] behaviour of origin (-1: unknown)
+    labels_per_episode: np.ndarray  # [E]
+    has_labels: bool
+    estep_chunk: int  # rows per E-step chunk, at most N
 
 
 # --- shared block: networks (keep identical across stages) ---
@@ -660,13 +235,6 @@ def gaussian_log_prob(mean, log_std, action):
     return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
 
 
-def stacked_apply(policy, params, obs, z):
-    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
-    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
-    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
-    return pick(mean), pick(log_std)
-
-
 def observation_stats(name: str, observations):
     """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
     x = np.asarray(observations, np.float64)
@@ -677,32 +245,6 @@ def observation_stats(name: str, observations):
     return mean, std
 
 
-def check_arch(name: str, arrays: dict) -> None:
-    """The arch/* entries of a handoff file rebuild a network: sizes at least 1, scales positive."""
-    for key in ("arch/k", "arch/hidden_dim", "arch/hidden_layers"):
-        if key in arrays and int(arrays[key]) < 1:
-            raise InputError(f"{name}: '{key}' must be at least 1, got {int(arrays[key])}")
-    for key in ("arch/obs_std", "arch/action_scale", "arch/value_scale"):
-        if key in arrays and not np.all(arrays[key] > 0):
-            raise InputError(f"{name}: '{key}' must be positive, got {arrays[key]}")
-
-
-def param_shapes(net, in_dim: int):
-    """The parameters of ``net`` on inputs of ``in_dim`` features, as shapes only (nothing is computed)."""
-    return jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, in_dim), jnp.float32))["params"]
-
-
-def check_param_shapes(name: str, arrays: dict, prefix: str, template, lead: int) -> None:
-    """The parameters under ``prefix`` have, after ``lead`` leading axes (seeds, clusters), the shapes of
-    ``template`` (one network built from the file's arch/* entries)."""
-    want = {f"{prefix}/{k}": tuple(v.shape) for k, v in traverse_util.flatten_dict(template, sep="/").items()}
-    have = {k: a.shape[lead:] for k, a in arrays.items() if k.startswith(prefix + "/")}
-    for key in sorted(set(want) | set(have)):
-        if key not in have:
-            raise InputError(f"{name} has no key '{key}', which its arch/* entries call for")
-        if key not in want or have[key] != want[key]:
-            raise InputError(f"{name}: '{key}' has shape {have[key]} per run, but its arch/* entries give "
-                             f"{want.get(key, 'no such parameter')}")
 # --- end shared block: networks ---
 
 
@@ -1056,6 +598,677 @@ def finished_run(args: Args) -> bool:
         return False
 
 
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def validate_args(args: Args) -> None:
+    """The flags alone, before anything is read: one sentence for the first one out of range."""
+    at_least = dict(k=1, k_max=1, num_seeds=1, batch_size=1, estep_chunk=1, hidden_dim=1, hidden_layers=1,
+                    log_every=1, bias_epochs=0, pretrain_epochs=0, em_epochs=0, checkpoint_every=0)
+    if args.k == "auto":
+        del at_least["k"]
+    check_flags(args, at_least)
+    if not 0.0 <= args.momentum < 1.0:
+        raise InputError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not args.learning_rate > 0:
+        raise InputError(f"--learning-rate must be positive, got {args.learning_rate}")
+    heads = (args.k_max if args.k == "auto" else args.k) + 1  # K policies and the classifier
+    check_fits(f"--hidden-dim {args.hidden_dim} with --hidden-layers {args.hidden_layers}",  # params, grads, Adam
+               16.0 * args.num_seeds * heads * args.hidden_layers * args.hidden_dim ** 2)
+    if not 0.0 < args.k_holdout < 1.0:
+        raise InputError(f"--k-holdout must be in (0, 1), got {args.k_holdout}")
+    if not args.k_tolerance >= 0.0:
+        raise InputError(f"--k-tolerance must be at least 0, got {args.k_tolerance}")
+
+
+def prepare_inputs(args: Args) -> Inputs:
+    """Read and check the data set; standardise the states; put the data on the device, padded to whole E-step
+    chunks (padding rows belong to no trajectory)."""
+    data_np, data_sha = load_dataset(args.dataset)
+    n = len(data_np["rewards"])
+    num_episodes = int(data_np["episode_ids"][-1]) + 1
+    if args.k > num_episodes:
+        raise InputError(f"--k {args.k} is larger than the {num_episodes} trajectories of {args.dataset}")
+    obs_mean, obs_std = observation_stats(args.dataset, data_np["observations"])
+    starts = np.flatnonzero(np.r_[True, np.diff(data_np["episode_ids"]) != 0])
+    chunk = min(args.estep_chunk, n)
+    pad = (-n) % chunk
+    obs = (data_np["observations"] - obs_mean) / obs_std
+    data = Data(
+        obs=jnp.asarray(np.pad(obs, ((0, pad), (0, 0)))),
+        actions=jnp.asarray(np.pad(data_np["actions"], ((0, pad), (0, 0)))),
+        episode_ids=jnp.asarray(np.pad(data_np["episode_ids"], (0, pad), constant_values=num_episodes)),
+    )
+    return Inputs(data_np=data_np, sha=data_sha, data=data, n=n, num_episodes=num_episodes,
+                  obs_dim=data_np["observations"].shape[1], act_dim=data_np["actions"].shape[1],
+                  obs_mean=obs_mean, obs_std=obs_std,
+                  action_scale=tuple(float(x) for x in np.maximum(np.abs(data_np["actions"]).max(0), 1e-3)),
+                  lengths=np.diff(np.r_[starts, n]), labels=data_np["behaviour"],
+                  labels_per_episode=data_np["behaviour"][starts], has_labels=bool(np.all(data_np["behaviour"] >= 0)),
+                  estep_chunk=chunk)
+
+
+def main(args: Args) -> dict:
+    validate_args(args)
+    if args.k == "auto":
+        return select_k(args)
+    check_writable(args.out, [args.dataset])
+    check_writable(checkpoint_path(args.out), [args.dataset])
+    inp = prepare_inputs(args)
+    n, num_episodes = inp.n, inp.num_episodes
+    run_args = Args(**{**asdict(args), "estep_chunk": inp.estep_chunk})
+
+    policy, classifier = make_networks(run_args, inp.act_dim, inp.action_scale)
+    init, tx = make_init(run_args, policy, classifier, inp.obs_dim)
+    seed_sharding, replicated = seed_shardings(args.num_seeds)
+    data = jax.device_put(inp.data, replicated)
+    seeds = np.arange(args.seed, args.seed + args.num_seeds)
+    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    key_init, key_split, key_train = (jax.device_put(k, seed_sharding)
+                                      for k in jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(seed_keys))
+
+    vinit = jax.jit(jax.vmap(init), out_shardings=seed_sharding)
+    m_epoch_plain = jax.jit(jax.vmap(make_m_epoch(run_args, policy, classifier, tx, n, False),
+                                     in_axes=(0, 0, 0, None)))
+    e_step = make_e_step(run_args, policy, num_episodes)
+    m_epoch_with_classifier = make_m_epoch(run_args, policy, classifier, tx, n, True)
+    em_epoch = jax.jit(jax.vmap(make_em_epoch(run_args, e_step, m_epoch_with_classifier), in_axes=(0, 0, 0, None)))
+    final_e_step = jax.jit(jax.vmap(e_step, in_axes=(0, None)))
+
+    state = vinit(key_init)
+    q_uniform = jax.device_put(jnp.full((args.num_seeds, num_episodes, args.k), 1.0 / args.k), seed_sharding)
+    z_tau = jax.vmap(lambda k: jax.random.randint(k, (num_episodes,), 0, args.k))(key_split)
+    q_bias = jax.device_put(jax.nn.one_hot(z_tau, args.k), seed_sharding)  # Eq. (8): Q^(-1), a random split
+
+    run_dir = os.path.dirname(os.path.abspath(args.out))
+    schedule = ["bias"] * args.bias_epochs + ["pretrain"] * args.pretrain_epochs + ["em"] * args.em_epochs
+    total, em_start = len(schedule), args.bias_epochs + args.pretrain_epochs
+    # The rand index (and adjusted) after each EM epoch, [S, N_E, 2]: checkpointed with the state.
+    history = np.zeros((args.num_seeds, args.em_epochs, 2))
+    identity = run_identity(args, {"dataset": inp.sha})
+    ckpt_path, (state, q, history), first = resume_checkpoint(
+        args, (state, q_uniform, history), "empo/cluster-checkpoint/v2", identity, total)
+    state, q = jax.device_put(state, seed_sharding), jax.device_put(jnp.asarray(q), seed_sharding)
+    writer = make_writer(os.path.join(run_dir, "cluster"), args)
+
+    # Compile ahead of time, so that the compile time is measured and reported on its own.
+    t0 = time.perf_counter()
+    def epoch_keys(epoch: int):  # one key per seed and epoch, so a resumed run draws the same batches
+        return jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, epoch), seed_sharding)
+
+    key0 = epoch_keys(0)
+    compiled = {}
+    if args.bias_epochs + args.pretrain_epochs:
+        compiled["m"] = m_epoch_plain.lower(state, q_uniform, key0, data).compile()
+    if args.em_epochs:
+        compiled["em"] = em_epoch.lower(state, q_uniform, key0, data).compile()
+    compiled["e"] = final_e_step.lower(state.policy, data).compile()
+    compile_s = time.perf_counter() - t0
+    print(f"[cluster] N={n} E={num_episodes} K={args.k} seeds={args.num_seeds} on "
+          f"{seed_sharding.mesh.devices.size} device(s); compiled in {compile_s:.1f}s", flush=True)
+
+    progress = Progress(total, "cluster", kinds=schedule, first=first)
+    steps_per_epoch = -(-n // args.batch_size)  # minibatch steps of the M-step (and the classifier) per epoch
+    t_train = time.perf_counter()
+    for epoch in range(first, total):
+        t_epoch = time.perf_counter()
+        phase = schedule[epoch]
+        key = epoch_keys(epoch)
+        if phase != "em":
+            q = q_bias if phase == "bias" else q_uniform  # Eq. (8) / Eq. (7)
+            state, metrics = compiled["m"](state, q, key, data)
+        else:
+            if epoch == em_start:
+                q = q_uniform  # Q^(0) = 1/K (Eq. 7) is where the momentum of Eq. (5) starts
+            state, q, log_post, loglik, metrics = compiled["em"](state, q, key, data)
+        metrics = jax.device_get(metrics)
+        step = epoch + 1
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, float(np.mean(value)), step)
+        fields = {"phase": phase, "m_loss": float(np.mean(metrics["losses/m_step"]))}
+        if phase == "em":
+            fields.update(log_em_epoch(writer, inp, log_post, loglik, history, epoch - em_start, seeds, args.k, step))
+        writer.add_scalar("charts/SPS", steps_per_epoch / (time.perf_counter() - t_epoch), step)
+        if (args.checkpoint_every > 0 and (epoch + 1) % args.checkpoint_every == 0) or epoch + 1 == total or (
+                epoch + 1 < total and schedule[epoch + 1] != phase):
+            save_checkpoint(ckpt_path, (state, q, history), epoch + 1, "empo/cluster-checkpoint/v2", identity)
+        if step % args.log_every == 0 or step == total:
+            progress(step, **fields)
+    train_s = time.perf_counter() - t_train
+
+    # Algorithm 1, lines 20-22: Q_Theta* (Eq. 3) and the assignments A(s, a) (Eq. 9).
+    log_post, _ = jax.device_get(compiled["e"](state.policy, data))
+    state = jax.device_get(state)
+    summary, assignments = write_outputs(args, inp, state, log_post, history, seeds,
+                                         {"compile_s": compile_s, "train_s": train_s, "seeds": seeds.tolist()})
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    if inp.obs_dim == 2:  # the navigation task: draw the clusters and the classifier
+        draw_figures(inp, state, classifier, assignments, seeds, args.k, writer, total, run_dir)
+    writer.close()
+
+    print(f"[cluster] wrote {args.out}: compile {compile_s:.1f}s, training {train_s:.1f}s")
+    if inp.has_labels:
+        print("[cluster] rand index per seed: " + " ".join(f"{x:.4f}" for x in summary["rand_index"]))
+        print(f"[cluster] rand index {np.mean(summary['rand_index']):.4f} +- {np.std(summary['rand_index']):.4f}, "
+              f"adjusted {np.mean(summary['adjusted_rand_index']):.4f} +- {np.std(summary['adjusted_rand_index']):.4f}")
+    return summary
+
+
+def log_em_epoch(writer, inp: Inputs, log_post, loglik, history, em_epoch: int, seeds, k: int, step: int) -> dict:
+    """TensorBoard after an EM epoch: the posterior's entropy, the mean log-likelihood, the cluster sizes and, with
+    labels, the rand index (recorded in ``history[:, em_epoch]``). Returns the progress line's extra fields."""
+    log_post, loglik = np.asarray(jax.device_get(log_post)), np.asarray(jax.device_get(loglik))
+    assign = log_post.argmax(-1)  # [S, E], Eq. (9) under the current parameters
+    writer.add_scalar("charts/posterior_entropy", entropy(log_post), step)
+    mean_ll = np.take_along_axis(loglik, assign[..., None], -1)[..., 0].sum(-1) / inp.n  # [S]
+    writer.add_scalar("charts/mean_log_likelihood", float(mean_ll.mean()), step)
+    for z in range(k):
+        writer.add_scalar(f"charts/cluster_fraction/{z}",
+                          float(((assign == z) * inp.lengths).sum() / inp.n / len(seeds)), step)
+    if not inp.has_labels:
+        return {}
+    scores = np.array([rand_indices(inp.labels_per_episode, inp.lengths, a) for a in assign])  # [S, 2]
+    history[:, em_epoch] = scores
+    writer.add_scalar("eval/rand_index", float(scores[:, 0].mean()), step)
+    writer.add_scalar("eval/adjusted_rand_index", float(scores[:, 1].mean()), step)
+    for i, s in enumerate(scores[:, 0]):
+        writer.add_scalar(f"eval/rand_index_seed/{seeds[i]}", float(s), step)
+    return {"rand_index": float(scores[:, 0].mean())}
+
+
+def write_outputs(args: Args, inp: Inputs, state: TrainState, log_post, history, seeds, summary: dict):
+    """cluster.npz: the parameters, Q_Theta* (Eq. 3), the assignments (Eq. 9), arch/* and the rand indices. Returns
+    the summary with the rand indices added, and the assignments [S, N]."""
+    posterior = np.exp(np.asarray(log_post)).astype(np.float32)  # [S, E, K]
+    assignments = posterior.argmax(-1).astype(np.int32)[:, inp.data_np["episode_ids"]]  # [S, N], Eq. (9)
+    arrays = {
+        **flatten_params("policy/params", state.policy["params"]),
+        **flatten_params("classifier/params", state.classifier["params"]),
+        "posterior": posterior, "assignments": assignments, "seeds": seeds.astype(np.int64),
+        "arch/k": np.int64(args.k), "arch/obs_dim": np.int64(inp.obs_dim), "arch/act_dim": np.int64(inp.act_dim),
+        "arch/hidden_dim": np.int64(args.hidden_dim), "arch/hidden_layers": np.int64(args.hidden_layers),
+        "arch/obs_mean": inp.obs_mean, "arch/obs_std": inp.obs_std,
+        "arch/action_scale": np.asarray(inp.action_scale, np.float32),
+        "arch/log_std_range": np.asarray([LOG_STD_MIN, LOG_STD_MAX], np.float32),
+    }
+    if inp.has_labels:
+        from sklearn.metrics import adjusted_rand_score, rand_score
+
+        ri = np.array([rand_score(inp.labels, a) for a in assignments])
+        ari = np.array([adjusted_rand_score(inp.labels, a) for a in assignments])
+        arrays.update(rand_index=ri, adjusted_rand_index=ari)
+        if args.em_epochs:
+            arrays["rand_index_history"] = history[..., 0]  # [S, N_E]
+        summary.update(rand_index=ri.tolist(), adjusted_rand_index=ari.tolist())
+    save_npz(args.out, arrays, "empo/cluster/v1", asdict(args), {"dataset": inp.sha})
+    return summary, assignments
+
+
+def draw_figures(inp: Inputs, state: TrainState, classifier, assignments, seeds, k: int, writer, step: int,
+                 run_dir: str) -> None:
+    """The navigation task's clusters (first seed, clusters.png) and classifier q(z = 0 | s) (classifier.png)."""
+    import nav_env
+
+    trajs, traj_labels = nav_env.episodes_of(inp.data_np, max_per_label=10, labels=assignments[0])
+    image = nav_env.plot_map(trajs, traj_labels, title=f"Clusters (seed {seeds[0]})",
+                             label_names=[f"cluster {z}" for z in range(k)],
+                             path=os.path.join(run_dir, "clusters.png"))
+    writer.add_image("eval/clusters", image, step, dataformats="HWC")
+    grid = nav_env.grid_states(61)
+    classifier_params = jax.tree.map(lambda x: x[0], state.classifier)
+    q_grid = jax.nn.softmax(classifier.apply(classifier_params, (grid - inp.obs_mean) / inp.obs_std), -1)
+    image = nav_env.plot_map(field=np.asarray(q_grid[:, 0]).reshape(61, 61), field_label="q(z=0 | s)",
+                             title="Classifier q(z=0 | s)", path=os.path.join(run_dir, "classifier.png"))
+    writer.add_image("eval/classifier", image, step, dataformats="HWC")
+
+
+# ==============================================================================================
+# Plumbing shared by every stage: identical copies, checked by tests/test_shared_blocks.py. Each file
+# carries the shared functions it uses (npz I/O, the data set loader, run utilities, checkpoints);
+# a reader auditing the algorithm can stop above this line.
+# ==============================================================================================
+
+# --- shared block: npz_io (keep identical across stages) ---
+class InputError(ValueError):
+    """Bad input or output: the message is one sentence that names the file and the problem."""
+
+
+def same_file(a: str, b: str) -> bool:
+    """True when two paths name one file: equal after resolving links, or hard links to the same inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_writable(path: str, inputs=()) -> None:
+    """Fail before any work if ``path`` cannot be written or is one of ``inputs`` (paths or comma-joined paths):
+    an output never replaces an input."""
+    if not os.path.basename(path or ""):
+        raise InputError(f"the output path '{path}' names no file")
+    if os.path.isdir(path):
+        raise InputError(f"cannot write {path}: it is a folder")
+    for source in inputs:
+        for part in {source, *source.split(",")}:
+            if part and same_file(path, part):
+                raise InputError(f"refusing to write {path}: it is the input {part}, which would be lost")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: its folder {folder} cannot be created ({e.strerror or e})") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] = None) -> None:
+    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically.
+
+    The file is written beside ``path`` under a temporary name (with the writer's pid, so that one left by a
+    killed writer is removed by the next) and renamed over ``path`` only when complete, with the permissions the
+    umask gives. Arrays with NaN or infinite values are refused; on any failure an earlier file stays as it was.
+    """
+    for key, a in arrays.items():
+        if np.asarray(a).dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{path} was not written: '{key}' contains NaN or infinite values (did the run "
+                             f"diverge?); an earlier file there is left as it was")
+    check_writable(path)
+    meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
+                producer=np.array(os.path.basename(sys.argv[0]) or "python"),
+                inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
+    folder, name = os.path.split(os.path.abspath(path))
+    for old in os.listdir(folder):  # temporaries of this file left by writers that no longer run
+        pid = old[len(name) + 2:].split(".")[0]
+        if old.startswith(f".{name}.") and old.endswith(".tmp") and pid.isdigit() and not _pid_alive(int(pid)):
+            os.remove(os.path.join(folder, old))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays, **meta)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise InputError(f"cannot write {path}: {e.strerror or e}; an earlier file there is left as "
+                             f"it was") from None
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def load_npz(path: str, schema: str, digest: bool = False):
+    """Read a handoff file (no pickles) and check its schema: a dict of NumPy arrays, or with ``digest`` the pair
+    (arrays, sha256 of the bytes that were read), so that provenance names the file as it was used."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder, not an .npz file")
+    if not os.path.isfile(path):
+        raise InputError(f"{path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
+    except ValueError:  # numpy takes what is neither .npz nor .npy for pickled data
+        raise InputError(f"{path} is not an .npz file") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise InputError(f"{path} is not a readable .npz file ({e})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise InputError(f"{path} holds a single array (.npy), not an .npz file")
+    try:
+        with loaded:
+            arrays = {k: loaded[k] for k in loaded.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise InputError(f"{path} is not a readable .npz file ({e})") from None
+    found = str(arrays.get("schema", "none"))
+    if found != schema:
+        raise InputError(f"{path} has schema '{found}', expected '{schema}'")
+    return (arrays, hashlib.sha256(raw).hexdigest()) if digest else arrays
+
+
+def check_arrays(name: str, arrays: dict, spec: dict, sizes: Optional[dict] = None) -> dict:
+    """Check keys, dtypes and symbolic shapes, e.g. {"actions": ("float32", ("N", "act_dim"))}.
+
+    Symbols are bound on first sight (or taken from ``sizes``) and must agree everywhere; floating
+    arrays must be finite. Returns the bound sizes. Raises InputError naming the file and the key.
+    """
+    sizes = dict(sizes or {})
+    for key, (dtype, shape) in spec.items():
+        if key not in arrays:
+            raise InputError(f"{name} has no key '{key}'")
+        a = arrays[key]
+        if a.dtype != np.dtype(dtype):
+            raise InputError(f"{name}: '{key}' has dtype {a.dtype}, expected {dtype}")
+        if a.ndim != len(shape):
+            raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {len(shape)} dimensions {shape}")
+        for dim, want in zip(a.shape, shape):
+            want = sizes.setdefault(want, dim) if isinstance(want, str) else want
+            if dim != want:
+                raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {shape} with {sizes}")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{name}: '{key}' contains NaN or infinite values")
+    return sizes
+# --- end shared block: npz_io ---
+
+
+# --- shared block: dataset (keep identical across stages) ---
+DATASET_SCHEMA = "empo/dataset/v1"
+DATASET_SPEC = {
+    "observations": ("float32", ("N", "obs_dim")),
+    "actions": ("float32", ("N", "act_dim")),
+    "rewards": ("float32", ("N",)),
+    "next_observations": ("float32", ("N", "obs_dim")),
+    "terminals": ("bool", ("N",)),
+    "timeouts": ("bool", ("N",)),
+    "episode_ids": ("int32", ("N",)),
+    "behaviour": ("int32", ("N",)),
+}
+
+
+def load_dataset(source: str) -> tuple[dict, str]:
+    """Load a data set from an ``.npz`` path, D4RL HDF5 files or Minari ids (both comma-separated); validate it.
+
+    D4RL files (``*.hdf5``, read with h5py) and Minari ids (read from the local store, ``MINARI_DATASETS_PATH``
+    or ~/.minari) are never downloaded. Several files or ids are concatenated and labelled by their index, the
+    way D4RL medium-expert is medium + expert; a single Minari id takes ``behaviour`` from each episode's
+    metadata where present, a single D4RL file has none (-1). Returns (arrays, sha256 of the arrays' bytes).
+    """
+    parts = [s.strip() for s in source.split(",") if s.strip()]
+    hdf5 = [p.endswith((".hdf5", ".h5")) for p in parts]
+    if any(hdf5) and not all(hdf5):
+        raise InputError(f"--dataset {source} mixes D4RL .hdf5 files with other sources; give one kind")
+    if parts and all(hdf5):
+        data = _load_d4rl_hdf5(parts)
+    elif source.endswith(".npz") or os.path.exists(source):
+        arrays = load_npz(source, DATASET_SCHEMA)
+        data = {k: arrays[k] for k in DATASET_SPEC if k in arrays}
+    elif parts and all(re.fullmatch(r"([\w-]+/)*[\w-]+-v\d+", p) for p in parts):
+        data = _load_minari(parts)
+    else:  # neither a file nor something shaped like Minari's namespace/name-vN
+        raise InputError(f"--dataset {source}: no such file (a Minari id looks like 'namespace/name-v0')")
+    validate_dataset(source, data)
+    digest = hashlib.sha256()
+    for key in DATASET_SPEC:
+        digest.update(np.ascontiguousarray(data[key]).tobytes())
+    return data, digest.hexdigest()
+
+
+def validate_dataset(name: str, data: dict) -> dict:
+    """Schema, shapes, finiteness and trajectory structure; returns the sizes (N, obs_dim, act_dim)."""
+    sizes = check_arrays(name, data, DATASET_SPEC)
+    ids = data["episode_ids"]
+    if sizes["N"] == 0:
+        raise InputError(f"{name} holds no transitions")
+    for key, dim in (("observations", "obs_dim"), ("actions", "act_dim")):
+        if sizes[dim] == 0:
+            raise InputError(f"{name}: '{key}' has no features (shape {data[key].shape})")
+    steps = np.diff(ids)
+    if ids[0] != 0 or np.any((steps != 0) & (steps != 1)):
+        raise InputError(f"{name}: 'episode_ids' must start at 0 and count up by one, trajectories contiguous")
+    last = np.r_[steps != 0, True]  # last row of each trajectory
+    ends = data["terminals"] | data["timeouts"]
+    if np.any(ends & ~last):
+        raise InputError(f"{name}: a terminal or timeout flag stands inside a trajectory, not at its end")
+    if np.any(last & ~ends):
+        raise InputError(f"{name}: a trajectory ends with neither a terminal nor a timeout flag")
+    if np.any(data["terminals"] & data["timeouts"]):
+        raise InputError(f"{name}: a trajectory ends with both a terminal and a timeout flag (exactly one is allowed)")
+    return sizes
+
+
+def _load_minari(ids: list) -> dict:
+    if not ids:
+        raise InputError("no Minari data set id was given")
+    parts, first_episode = [], 0
+    for index, dataset_id in enumerate(ids):
+        dataset = _open_minari(dataset_id)
+        meta = list(dataset.storage.get_episode_metadata(dataset.episode_indices)) if len(ids) == 1 else None
+        for j, ep in enumerate(dataset.iterate_episodes()):
+            if isinstance(ep.observations, dict) or isinstance(ep.actions, dict):
+                raise InputError(f"Minari data set '{dataset_id}' has dictionary observations or actions")
+            n = len(ep.rewards)
+            obs = np.asarray(ep.observations, np.float32).reshape(n + 1, -1)
+            term = np.asarray(ep.terminations, bool)
+            label = index if meta is None else int(meta[j].get("behaviour", -1))
+            parts.append(dict(
+                observations=obs[:-1], actions=np.asarray(ep.actions, np.float32).reshape(n, -1),
+                rewards=np.asarray(ep.rewards, np.float32), next_observations=obs[1:], terminals=term,
+                # a trajectory that stops without a terminal is a timeout, whatever the flags say; a terminal never is
+                timeouts=(np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1)) & ~term,
+                episode_ids=np.full(n, first_episode, np.int32), behaviour=np.full(n, label, np.int32)))
+            first_episode += 1
+    if not parts:
+        raise InputError(f"Minari data sets {ids} hold no episodes")
+    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
+
+
+def _open_minari(dataset_id: str):
+    """``minari.load_dataset(dataset_id, download=False)`` with one-sentence errors."""
+    import minari
+
+    try:
+        return minari.load_dataset(dataset_id, download=False)
+    except FileNotFoundError:
+        raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
+                         f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)") from None
+    except Exception as e:  # a damaged local copy: say which
+        raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
+
+
+D4RL_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+
+
+def _load_d4rl_hdf5(paths: list) -> dict:
+    """D4RL HDF5 files concatenated, each file's index its ``behaviour`` label (-1 when there is one file).
+
+    Each file is cut into trajectories after every row flagged ``terminals`` or ``timeouts``; rows after the
+    last flag (D4RL cuts files at a row count) are one more trajectory, ended as a timeout. Other keys
+    (``infos/*``, ``metadata/*``) are ignored. Both flags on one row is an error, as are a missing key,
+    sizes that disagree, NaN and flags other than 0 / 1: one sentence naming the file, the key and the row.
+    """
+    parts, first_episode = [], 0
+    for index, path in enumerate(paths):
+        arrays = _read_d4rl_file(path)
+        if parts and arrays["observations"].shape[1:] != parts[0]["observations"].shape[1:]:
+            raise InputError(f"{path} has {arrays['observations'].shape[1]}-dim observations, {paths[0]} has "
+                             f"{parts[0]['observations'].shape[1]}: files of different tasks")
+        if parts and arrays["actions"].shape[1:] != parts[0]["actions"].shape[1:]:
+            raise InputError(f"{path} has {arrays['actions'].shape[1]}-dim actions, {paths[0]} has "
+                             f"{parts[0]['actions'].shape[1]}: files of different tasks")
+        n, term = len(arrays["rewards"]), arrays["terminals"]
+        both = np.flatnonzero(term & arrays["timeouts"])
+        if both.size:
+            raise InputError(f"{path}: row {both[0]} has both 'terminals' and 'timeouts' set; a trajectory ends "
+                             f"with one of them")
+        arrays["timeouts"][-1] |= ~term[-1]  # the last trajectory stops with the file: a timeout
+        ends = term | arrays["timeouts"]
+        arrays["episode_ids"] = (first_episode + np.r_[0, np.cumsum(ends[:-1])]).astype(np.int32)
+        arrays["behaviour"] = np.full(n, index if len(paths) > 1 else -1, np.int32)
+        first_episode = int(arrays["episode_ids"][-1]) + 1
+        parts.append(arrays)
+    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
+
+
+def _read_d4rl_file(path: str) -> dict:
+    """The six D4RL keys of one HDF5 file as float32 [N, ...] / bool [N] arrays, checked."""
+    import h5py
+
+    if not os.path.isfile(path):
+        name = os.path.basename(path)
+        url = ("; D4RL's copy: http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/" + name
+               if name.endswith("-v2.hdf5") and name.split("_")[0] in ("halfcheetah", "hopper", "walker2d", "ant")
+               else "")
+        raise InputError(f"{path} does not exist{url}")
+    arrays = {}
+    try:
+        with h5py.File(path, "r") as f:
+            for key in D4RL_KEYS:
+                if not isinstance(f.get(key), h5py.Dataset):
+                    raise InputError(f"{path} has no key '{key}' (a D4RL v2 file has {', '.join(D4RL_KEYS)})")
+                arrays[key] = np.asarray(f[key][()])
+    except OSError as e:
+        raise InputError(f"{path} is not a readable HDF5 file ({e})") from None
+    n = len(arrays["observations"]) if arrays["observations"].ndim else 0
+    if n == 0:
+        raise InputError(f"{path} holds no transitions")
+    for key, a in arrays.items():
+        if a.dtype.kind not in "biuf":
+            raise InputError(f"{path}: '{key}' has dtype {a.dtype}, expected numbers")
+        if key in ("rewards", "terminals", "timeouts") and a.ndim == 2 and a.shape[1] == 1:
+            a = arrays[key] = a[:, 0]  # [N, 1] -> [N]
+        want = 1 if key in ("rewards", "terminals", "timeouts") else 2
+        if a.ndim != want or len(a) != n:
+            raise InputError(f"{path}: '{key}' has shape {a.shape}, expected {[n] if want == 1 else [n, 'dim']} "
+                             f"('observations' has {n} rows)")
+        if key in ("terminals", "timeouts"):
+            bad = np.flatnonzero((a != 0) & (a != 1))
+            if bad.size:
+                raise InputError(f"{path}: '{key}' is {a[bad[0]]} at row {bad[0]}, expected 0 or 1")
+            arrays[key] = a.astype(bool)
+        else:
+            arrays[key] = a = a.astype(np.float32)
+            bad = np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(axis=1))
+            if bad.size:
+                raise InputError(f"{path}: '{key}' contains NaN or infinite values (row {bad[0]})")
+    if arrays["next_observations"].shape != arrays["observations"].shape:
+        raise InputError(f"{path}: 'next_observations' has shape {arrays['next_observations'].shape}, "
+                         f"'observations' {arrays['observations'].shape}")
+    return arrays
+# --- end shared block: dataset ---
+
+
+# --- shared block: run_utils (keep identical across stages) ---
+def make_writer(log_dir: str, args):
+    """A tensorboardX writer with the hyperparameters logged as a text table."""
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(log_dir)
+    rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(asdict(args).items()))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
+    return writer
+
+
+def seed_shardings(num_seeds: int):
+    """(per-seed sharding, replicated sharding) over as many devices as evenly divide num_seeds."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    count = max(d for d in range(1, len(devices) + 1) if num_seeds % d == 0)
+    mesh = Mesh(np.array(devices[:count]), ("seeds",))
+    return NamedSharding(mesh, PartitionSpec("seeds")), NamedSharding(mesh, PartitionSpec())
+
+
+class Progress:
+    """One status line per call: done/total, elapsed, estimated time left, and extra fields.
+
+    kinds (one label per unit, optional) estimate each kind of unit by the mean time of the finished units
+    of that kind (by all finished units until one is seen); first is the number of units finished before
+    this process started (a resumed run), which the estimate leaves out. Hand-written because tqdm and rich
+    estimate from one mean rate, which misses by hours when a SARSA call takes 1 s and a PPO epoch 80 s.
+    """
+
+    def __init__(self, total: int, name: str, kinds=None, first: int = 0):
+        self.total, self.name, self.kinds = total, name, list(kinds) if kinds else [""] * total
+        self.start = self.last = time.perf_counter()
+        self.done, self.times = first, {}
+
+    def __call__(self, done: int, **fields) -> None:
+        now = time.perf_counter()
+        for kind in self.kinds[self.done: done]:  # the time since the last call, shared by its units
+            self.times.setdefault(kind, []).append((now - self.last) / max(done - self.done, 1))
+        self.done, self.last = done, now
+        every = [t for times in self.times.values() for t in times] or [0.0]
+        left = sum(np.mean(self.times.get(kind, every)) for kind in self.kinds[done:])
+        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        print(f"[{self.name}] {done}/{self.total} ({100 * done / self.total:.0f}%) "
+              f"elapsed {now - self.start:.0f}s, left ~{left:.0f}s {extra}", flush=True)
+
+
+def flatten_params(prefix: str, params) -> dict:
+    """{'prefix/Dense_0/kernel': array, ...} (flax.traverse_util, '/' separated)."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {f"{prefix}/{k}": np.asarray(v) for k, v in flat.items()}
+
+
+def unflatten_params(prefix: str, arrays: dict):
+    flat = {k[len(prefix) + 1:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix + "/")}
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def cli(args_class, presets: dict):
+    """tyro's command line with the defaults of the ``--preset`` named on it (a column of the paper's Table 4).
+
+    The preset is read first, then every flag is parsed against that preset's defaults, so ``--help`` shows
+    them and a flag given on the command line always wins over its preset.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)))
+    return tyro.cli(args_class, default=presets[parser.parse_known_args()[0].preset])
+
+
+def check_flags(args, at_least: Optional[dict] = None) -> None:
+    """Every float flag is a finite number (NaN passes every comparison, so range checks alone let it through), every
+    integer flag fits the int32 of the jitted code, the seeds fit JAX's 32-bit seeds, and each flag named in
+    ``at_least`` is at least its value."""
+    for name, value in asdict(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**31:  # int32 inside jit
+            raise InputError(f"--{name.replace('_', '-')} must be below 2^31, got {value}")
+    if args.seed < 0 or args.seed + args.num_seeds > 2**31:  # JAX seeds are 32-bit integers
+        raise InputError(f"--seed {args.seed} and --num-seeds {args.num_seeds} must keep every seed in 0..2^31-1")
+    for name, low in (at_least or {}).items():
+        if getattr(args, name) < low:
+            raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+
+
+def check_fits(what: str, nbytes: float) -> None:
+    """Refuse, before any work, a request whose arrays alone would exceed this machine's memory."""
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > have:
+        raise InputError(f"{what} needs about {nbytes / 2**30:.3g} GiB, more than this machine's "
+                         f"{have / 2**30:.0f} GiB")
+
+
+def run(main, args) -> None:
+    """``main(args)`` as a command: bad input, a full memory and Ctrl-C end in one sentence, not a traceback."""
+    try:
+        main(args)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        path = checkpoint_path(args.out)
+        if os.path.exists(path):
+            sys.exit(f"interrupted: progress is saved in {path}; run the same command with --resume to continue")
+        sys.exit("interrupted before the first checkpoint; nothing was saved")
+    except Exception as e:  # XLA's allocation failures and NumPy's MemoryError
+        if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+            sys.exit(f"error: out of memory ({type(e).__name__}); lower the flags that size the run (--num-seeds, "
+                     f"--batch-size, the chunk sizes, the schedule's lengths)")
+        raise
+# --- end shared block: run_utils ---
+
+
 # --- shared block: checkpoint (keep identical across stages) ---
 # Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood for
 # by their sha256, so that moved files still resume).
@@ -1124,205 +1337,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
             out[prefix + key] = value
     return out
 # --- end shared block: checkpoint ---
-
-
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
-
-def validate_args(args: Args) -> None:
-    """The flags alone, before anything is read: one sentence for the first one out of range."""
-    at_least = dict(k=1, k_max=1, num_seeds=1, batch_size=1, estep_chunk=1, hidden_dim=1, hidden_layers=1,
-                    log_every=1, bias_epochs=0, pretrain_epochs=0, em_epochs=0, checkpoint_every=0)
-    if args.k == "auto":
-        del at_least["k"]
-    check_flags(args, at_least)
-    if not 0.0 <= args.momentum < 1.0:
-        raise InputError(f"--momentum must be in [0, 1), got {args.momentum}")
-    if not args.learning_rate > 0:
-        raise InputError(f"--learning-rate must be positive, got {args.learning_rate}")
-    heads = (args.k_max if args.k == "auto" else args.k) + 1  # K policies and the classifier
-    check_fits(f"--hidden-dim {args.hidden_dim} with --hidden-layers {args.hidden_layers}",  # params, grads, Adam
-               16.0 * args.num_seeds * heads * args.hidden_layers * args.hidden_dim ** 2)
-    if not 0.0 < args.k_holdout < 1.0:
-        raise InputError(f"--k-holdout must be in (0, 1), got {args.k_holdout}")
-    if not args.k_tolerance >= 0.0:
-        raise InputError(f"--k-tolerance must be at least 0, got {args.k_tolerance}")
-
-
-def main(args: Args) -> dict:
-    validate_args(args)
-    if args.k == "auto":
-        return select_k(args)
-    check_writable(args.out, [args.dataset])
-    check_writable(checkpoint_path(args.out), [args.dataset])
-    data_np, data_sha = load_dataset(args.dataset)
-    n = len(data_np["rewards"])
-    num_episodes = int(data_np["episode_ids"][-1]) + 1
-    if args.k > num_episodes:
-        raise InputError(f"--k {args.k} is larger than the {num_episodes} trajectories of {args.dataset}")
-    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
-    obs_mean, obs_std = observation_stats(args.dataset, data_np["observations"])
-    action_scale = tuple(float(x) for x in np.maximum(np.abs(data_np["actions"]).max(0), 1e-3))
-    labels = data_np["behaviour"]
-    has_labels = bool(np.all(labels >= 0))
-    starts = np.flatnonzero(np.r_[True, np.diff(data_np["episode_ids"]) != 0])
-    lengths = np.diff(np.r_[starts, n])
-    labels_per_episode = labels[starts]
-
-    # Data on the device, padded to whole E-step chunks (padding rows belong to no trajectory).
-    chunk = min(args.estep_chunk, n)
-    pad = (-n) % chunk
-    run_args = Args(**{**asdict(args), "estep_chunk": chunk})
-    obs = (data_np["observations"] - obs_mean) / obs_std
-    data = Data(
-        obs=jnp.asarray(np.pad(obs, ((0, pad), (0, 0)))),
-        actions=jnp.asarray(np.pad(data_np["actions"], ((0, pad), (0, 0)))),
-        episode_ids=jnp.asarray(np.pad(data_np["episode_ids"], (0, pad), constant_values=num_episodes)),
-    )
-
-    policy, classifier = make_networks(run_args, act_dim, action_scale)
-    init, tx = make_init(run_args, policy, classifier, obs_dim)
-    seed_sharding, replicated = seed_shardings(args.num_seeds)
-    data = jax.device_put(data, replicated)
-    seeds = np.arange(args.seed, args.seed + args.num_seeds)
-    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-    key_init, key_split, key_train = (jax.device_put(k, seed_sharding)
-                                      for k in jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(seed_keys))
-
-    vinit = jax.jit(jax.vmap(init), out_shardings=seed_sharding)
-    m_epoch_plain = jax.jit(jax.vmap(make_m_epoch(run_args, policy, classifier, tx, n, False),
-                                     in_axes=(0, 0, 0, None)))
-    e_step = make_e_step(run_args, policy, num_episodes)
-    m_epoch_with_classifier = make_m_epoch(run_args, policy, classifier, tx, n, True)
-    em_epoch = jax.jit(jax.vmap(make_em_epoch(run_args, e_step, m_epoch_with_classifier), in_axes=(0, 0, 0, None)))
-    final_e_step = jax.jit(jax.vmap(e_step, in_axes=(0, None)))
-
-    state = vinit(key_init)
-    q_uniform = jax.device_put(jnp.full((args.num_seeds, num_episodes, args.k), 1.0 / args.k), seed_sharding)
-    z_tau = jax.vmap(lambda k: jax.random.randint(k, (num_episodes,), 0, args.k))(key_split)
-    q_bias = jax.device_put(jax.nn.one_hot(z_tau, args.k), seed_sharding)  # Eq. (8): Q^(-1), a random split
-
-    run_dir = os.path.dirname(os.path.abspath(args.out))
-    log_dir = os.path.join(run_dir, "cluster")
-    schedule = ["bias"] * args.bias_epochs + ["pretrain"] * args.pretrain_epochs + ["em"] * args.em_epochs
-    total, em_start = len(schedule), args.bias_epochs + args.pretrain_epochs
-    # The rand index (and adjusted) after each EM epoch, [S, N_E, 2]: checkpointed with the state.
-    history = np.zeros((args.num_seeds, args.em_epochs, 2))
-    identity = run_identity(args, {"dataset": data_sha})
-    ckpt_path, (state, q, history), first = resume_checkpoint(
-        args, (state, q_uniform, history), "empo/cluster-checkpoint/v2", identity, total)
-    state, q = jax.device_put(state, seed_sharding), jax.device_put(jnp.asarray(q), seed_sharding)
-    writer = make_writer(log_dir, args)
-
-    # Compile ahead of time, so that the compile time is measured and reported on its own.
-    t0 = time.perf_counter()
-    def epoch_keys(epoch: int):  # one key per seed and epoch, so a resumed run draws the same batches
-        return jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, epoch), seed_sharding)
-
-    key0 = epoch_keys(0)
-    compiled = {}
-    if args.bias_epochs + args.pretrain_epochs:
-        compiled["m"] = m_epoch_plain.lower(state, q_uniform, key0, data).compile()
-    if args.em_epochs:
-        compiled["em"] = em_epoch.lower(state, q_uniform, key0, data).compile()
-    compiled["e"] = final_e_step.lower(state.policy, data).compile()
-    compile_s = time.perf_counter() - t0
-    print(f"[cluster] N={n} E={num_episodes} K={args.k} seeds={args.num_seeds} on "
-          f"{seed_sharding.mesh.devices.size} device(s); compiled in {compile_s:.1f}s", flush=True)
-
-    progress = Progress(total, "cluster", kinds=schedule, first=first)
-    t_train = time.perf_counter()
-    for epoch in range(first, total):
-        phase = schedule[epoch]
-        key = epoch_keys(epoch)
-        if phase != "em":
-            q = q_bias if phase == "bias" else q_uniform  # Eq. (8) / Eq. (7)
-            state, metrics = compiled["m"](state, q, key, data)
-        else:
-            if epoch == em_start:
-                q = q_uniform  # Q^(0) = 1/K (Eq. 7) is where the momentum of Eq. (5) starts
-            state, q, log_post, loglik, metrics = compiled["em"](state, q, key, data)
-        metrics = jax.device_get(metrics)
-        step = epoch + 1
-        for tag, value in metrics.items():
-            writer.add_scalar(tag, float(np.mean(value)), step)
-        fields = {"phase": phase, "m_loss": float(np.mean(metrics["losses/m_step"]))}
-        if phase == "em":
-            log_post, loglik = np.asarray(jax.device_get(log_post)), np.asarray(jax.device_get(loglik))
-            assign = log_post.argmax(-1)  # [S, E], Eq. (9) under the current parameters
-            writer.add_scalar("charts/posterior_entropy", entropy(log_post), step)
-            mean_ll = np.take_along_axis(loglik, assign[..., None], -1)[..., 0].sum(-1) / n  # [S]
-            writer.add_scalar("charts/mean_log_likelihood", float(mean_ll.mean()), step)
-            for z in range(args.k):
-                writer.add_scalar(f"charts/cluster_fraction/{z}", float(((assign == z) * lengths).sum() / n
-                                                                       / args.num_seeds), step)
-            if has_labels:
-                scores = np.array([rand_indices(labels_per_episode, lengths, a) for a in assign])  # [S, 2]
-                history[:, epoch - em_start] = scores
-                writer.add_scalar("eval/rand_index", float(scores[:, 0].mean()), step)
-                writer.add_scalar("eval/adjusted_rand_index", float(scores[:, 1].mean()), step)
-                for i, s in enumerate(scores[:, 0]):
-                    writer.add_scalar(f"eval/rand_index_seed/{seeds[i]}", float(s), step)
-                fields["rand_index"] = float(scores[:, 0].mean())
-        if (args.checkpoint_every > 0 and (epoch + 1) % args.checkpoint_every == 0) or epoch + 1 == total or (
-                epoch + 1 < total and schedule[epoch + 1] != phase):
-            save_checkpoint(ckpt_path, (state, q, history), epoch + 1, "empo/cluster-checkpoint/v2", identity)
-        if step % args.log_every == 0 or step == total:
-            progress(step, **fields)
-    train_s = time.perf_counter() - t_train
-
-    # Algorithm 1, lines 20-22: Q_Theta* (Eq. 3) and the assignments A(s, a) (Eq. 9).
-    log_post, loglik = jax.device_get(compiled["e"](state.policy, data))
-    posterior = np.exp(np.asarray(log_post)).astype(np.float32)  # [S, E, K]
-    assignments = posterior.argmax(-1).astype(np.int32)[:, data_np["episode_ids"]]  # [S, N], Eq. (9)
-    state = jax.device_get(state)
-    arrays = {
-        **flatten_params("policy/params", state.policy["params"]),
-        **flatten_params("classifier/params", state.classifier["params"]),
-        "posterior": posterior, "assignments": assignments, "seeds": seeds.astype(np.int64),
-        "arch/k": np.int64(args.k), "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
-        "arch/hidden_dim": np.int64(args.hidden_dim), "arch/hidden_layers": np.int64(args.hidden_layers),
-        "arch/obs_mean": obs_mean, "arch/obs_std": obs_std,
-        "arch/action_scale": np.asarray(action_scale, np.float32),
-        "arch/log_std_range": np.asarray([LOG_STD_MIN, LOG_STD_MAX], np.float32),
-    }
-    summary = {"compile_s": compile_s, "train_s": train_s, "seeds": seeds.tolist()}
-    if has_labels:
-        from sklearn.metrics import adjusted_rand_score, rand_score
-
-        ri = np.array([rand_score(labels, a) for a in assignments])
-        ari = np.array([adjusted_rand_score(labels, a) for a in assignments])
-        arrays.update(rand_index=ri, adjusted_rand_index=ari)
-        if args.em_epochs:
-            arrays["rand_index_history"] = history[..., 0]  # [S, N_E]
-        summary.update(rand_index=ri.tolist(), adjusted_rand_index=ari.tolist())
-    save_npz(args.out, arrays, "empo/cluster/v1", asdict(args), {"dataset": data_sha})
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
-
-    if obs_dim == 2:  # the navigation task: draw the clusters and the classifier
-        import nav_env
-
-        trajs, traj_labels = nav_env.episodes_of(data_np, max_per_label=10, labels=assignments[0])
-        image = nav_env.plot_map(trajs, traj_labels, title=f"Clusters (seed {seeds[0]})",
-                                 label_names=[f"cluster {z}" for z in range(args.k)],
-                                 path=os.path.join(run_dir, "clusters.png"))
-        writer.add_image("eval/clusters", image, total, dataformats="HWC")
-        grid = nav_env.grid_states(61)
-        classifier_params = jax.tree.map(lambda x: x[0], state.classifier)
-        q_grid = jax.nn.softmax(classifier.apply(classifier_params, (grid - obs_mean) / obs_std), -1)
-        image = nav_env.plot_map(field=np.asarray(q_grid[:, 0]).reshape(61, 61), field_label="q(z=0 | s)",
-                                 title="Classifier q(z=0 | s)", path=os.path.join(run_dir, "classifier.png"))
-        writer.add_image("eval/classifier", image, total, dataformats="HWC")
-    writer.close()
-
-    print(f"[cluster] wrote {args.out}: compile {compile_s:.1f}s, training {train_s:.1f}s")
-    if has_labels:
-        print("[cluster] rand index per seed: " + " ".join(f"{x:.4f}" for x in summary["rand_index"]))
-        print(f"[cluster] rand index {np.mean(summary['rand_index']):.4f} +- {np.std(summary['rand_index']):.4f}, "
-              f"adjusted {np.mean(summary['adjusted_rand_index']):.4f} +- {np.std(summary['adjusted_rand_index']):.4f}")
-    return summary
 
 
 if __name__ == "__main__":

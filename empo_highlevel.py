@@ -198,17 +198,581 @@ class RunParams:
     pi: Any  # pi_L(.|s, z; Theta'), stacked [K, ...]
 
 
+# --- shared block: networks (keep identical across stages) ---
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 0.0
+
+
+class MLP(nn.Module):
+    """hidden_layers x (Dense(hidden_dim) + ReLU), then a linear Dense(out_dim) (linear heads:
+    rewards can be negative)."""
+
+    hidden_dim: int
+    hidden_layers: int
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.hidden_layers):
+            x = nn.relu(nn.Dense(self.hidden_dim)(x))
+        return nn.Dense(self.out_dim)(x)
+
+
+class GaussianPolicy(nn.Module):
+    """beta(a|s; theta): mean = action_scale * tanh(.), log-std squashed into [LOG_STD_MIN, LOG_STD_MAX]."""
+
+    act_dim: int
+    action_scale: tuple
+    hidden_dim: int
+    hidden_layers: int
+
+    @nn.compact
+    def __call__(self, obs):
+        out = MLP(self.hidden_dim, self.hidden_layers, 2 * self.act_dim)(obs)
+        mean, log_std = jnp.split(out, 2, axis=-1)
+        mean = jnp.asarray(self.action_scale, jnp.float32) * jnp.tanh(mean)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(log_std) + 1.0)
+        return mean, log_std
+
+
+def stacked_apply(policy, params, obs, z):
+    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
+    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
+    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
+    return pick(mean), pick(log_std)
+
+
+def check_arch(name: str, arrays: dict) -> None:
+    """The arch/* entries of a handoff file rebuild a network: sizes at least 1, scales positive."""
+    for key in ("arch/k", "arch/hidden_dim", "arch/hidden_layers"):
+        if key in arrays and int(arrays[key]) < 1:
+            raise InputError(f"{name}: '{key}' must be at least 1, got {int(arrays[key])}")
+    for key in ("arch/obs_std", "arch/action_scale", "arch/value_scale"):
+        if key in arrays and not np.all(arrays[key] > 0):
+            raise InputError(f"{name}: '{key}' must be positive, got {arrays[key]}")
+
+
+def param_shapes(net, in_dim: int):
+    """The parameters of ``net`` on inputs of ``in_dim`` features, as shapes only (nothing is computed)."""
+    return jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, in_dim), jnp.float32))["params"]
+
+
+def check_param_shapes(name: str, arrays: dict, prefix: str, template, lead: int) -> None:
+    """The parameters under ``prefix`` have, after ``lead`` leading axes (seeds, clusters), the shapes of
+    ``template`` (one network built from the file's arch/* entries)."""
+    want = {f"{prefix}/{k}": tuple(v.shape) for k, v in traverse_util.flatten_dict(template, sep="/").items()}
+    have = {k: a.shape[lead:] for k, a in arrays.items() if k.startswith(prefix + "/")}
+    for key in sorted(set(want) | set(have)):
+        if key not in have:
+            raise InputError(f"{name} has no key '{key}', which its arch/* entries call for")
+        if key not in want or have[key] != want[key]:
+            raise InputError(f"{name}: '{key}' has shape {have[key]} per run, but its arch/* entries give "
+                             f"{want.get(key, 'no such parameter')}")
+# --- end shared block: networks ---
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and the high-level policy (§3.3)
+# ----------------------------------------------------------------------------------------------
+
+def n_step_returns(rewards, next_obs, terminals, episode_ids, gamma: float, n: int):
+    """§3.3 n-step return, per row t: (sum_{j<m} gamma^j r_{t+j}, gamma^m or 0, s_{t+m}).
+
+    m = min(n, rows left in the trajectory from t). The discount is 0 when the trajectory ends in a
+    terminal within the m rows; s_{t+m} is the next_observation of row t+m-1 (after a timeout, the
+    last row's). NumPy arrays: rewards [N], next_obs [N, obs_dim], terminals [N] bool, episode_ids [N].
+    Vectorised over rows; the loop runs over the n steps of the horizon.
+    """
+    num = len(rewards)
+    rows = np.arange(num)
+    new_traj = np.r_[True, np.diff(episode_ids) != 0]
+    end = np.flatnonzero(np.r_[new_traj[1:], True])[np.cumsum(new_traj) - 1]  # [N] last row of each row's trajectory
+    m = np.minimum(n, end - rows + 1)  # [N] rows summed
+    reward_sum = np.zeros(num, np.float64)
+    for j in range(n):
+        reward_sum += np.where(j < m, gamma ** j * rewards[np.minimum(rows + j, num - 1)], 0.0)
+    last = rows + m - 1  # [N] row t+m-1
+    discount = np.where(terminals[last], 0.0, float(gamma) ** m)  # no bootstrap past a terminal
+    return reward_sum.astype(np.float32), discount.astype(np.float32), next_obs[last]
+
+
+def select(values, z):
+    """values [B, K], z [B] -> values[b, z_b], i.e. values^T e_z (the cluster's head)."""
+    return jnp.take_along_axis(values, z[:, None], axis=1)[:, 0]
+
+
+def n_step_target(reward_sum, discount, v_next):
+    """§3.3 l_H^(Q) target, n-step: y = sum_{j<m} gamma^j r_{t+j} + gamma^m V_H(s_{t+m}; phi_H)."""
+    return reward_sum + discount * v_next  # §3.3, n-step return
+
+
+def qh_loss(q_sa, target):
+    """§3.3: l_H^(Q) = mean of [Q_H(s; psi_H)^T e_A(s,a) - y]^2 over the batch (y held fixed)."""
+    return jnp.mean((q_sa - jax.lax.stop_gradient(target)) ** 2)  # §3.3 l_H^(Q)
+
+
+def expectile_loss(u, tau: float):
+    """§3.3: L_2^tau(u) = |tau - 1(u < 0)| u^2, i.e. tau u^2 if u >= 0 and (1 - tau) u^2 otherwise."""
+    return jnp.abs(tau - (u < 0).astype(u.dtype)) * u * u  # §3.3 L_2^tau
+
+
+def vh_loss(q_bar_sa, v_s, tau: float):
+    """§3.3: l_H^(V) = mean of L_2^tau(Q_H(s; psi_bar_H)^T e_A(s,a) - V_H(s; phi_H)) over the batch."""
+    return jnp.mean(expectile_loss(jax.lax.stop_gradient(q_bar_sa) - v_s, tau))  # §3.3 l_H^(V)
+
+
+def in_distribution(q_probs, b: float):
+    """§3.3: ID(s) = {z : q(z|s; phi) >= max_z' q(z'|s; phi) / b}. q_probs [..., K] -> mask [..., K] bool."""
+    return q_probs >= jnp.max(q_probs, axis=-1, keepdims=True) / b  # §3.3 ID(s)
+
+
+def high_level_action(q_h, q_probs, b: float):
+    """§3.3: pi_H(s) = argmax_{z in ID(s)} Q_H(s, z; psi_H). q_h, q_probs [..., K] -> z [...] int32."""
+    masked = jnp.where(in_distribution(q_probs, b), q_h, -jnp.inf)  # [..., K]
+    return jnp.argmax(masked, axis=-1).astype(jnp.int32)  # §3.3 pi_H
+
+
+def choose_cluster(nets: dict, run: RunParams, obs, b: float):
+    """pi_H(s) at standardised obs [B, obs_dim] with the run's classifier and Q_H -> z [B]."""
+    q_probs = jax.nn.softmax(nets["classifier"].apply(run.classifier, obs), axis=-1)  # [B, K] q(z|s; phi)
+    return high_level_action(nets["qh"].apply(run.qh, obs), q_probs, b)  # [B]
+
+
+def final_action(nets: dict, run: RunParams, obs, key, b: float, sample: bool):
+    """§3.3: a ~ pi(.|s) = pi_L(.|s, pi_H(s; psi_H); Theta') at standardised obs [B, obs_dim].
+
+    Returns (actions [B, act_dim], the clusters pi_H chose [B]); the mean action of pi_L unless ``sample``.
+    """
+    z = choose_cluster(nets, run, obs, b)  # [B]
+    mean, log_std = stacked_apply(nets["policy"], run.pi, obs, z)  # [B, act_dim]
+    if sample:
+        return mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape), z
+    return mean, z  # §3.3 pi
+
+
+# ----------------------------------------------------------------------------------------------
+# Training functions
+# ----------------------------------------------------------------------------------------------
+
+def make_networks(hidden_dim: int, hidden_layers: int, k: int, act_dim: int, action_scale: tuple) -> dict:
+    return {
+        "classifier": MLP(hidden_dim, hidden_layers, k),  # q(z|s; phi), logits (stage 1)
+        "qh": MLP(hidden_dim, hidden_layers, k),  # Q_H(s; psi_H) -> R^K
+        "vh": MLP(hidden_dim, hidden_layers, 1),  # V_H(s; phi_H) -> R
+        "policy": GaussianPolicy(act_dim, action_scale, hidden_dim, hidden_layers),  # pi_L(.|s, z; Theta')
+    }
+
+
+def make_init(args: Args, nets: dict, obs_dim: int):
+    tx = optax.adam(args.learning_rate)
+
+    def init(key) -> TrainState:
+        key_q, key_v = jax.random.split(key)
+        qh = nets["qh"].init(key_q, jnp.zeros((1, obs_dim)))
+        vh = nets["vh"].init(key_v, jnp.zeros((1, obs_dim)))
+        return TrainState(qh=qh, qh_target=qh, qh_opt=tx.init(qh), vh=vh, vh_opt=tx.init(vh), step=jnp.int32(0))
+
+    return init, tx
+
+
+def make_train_chunk(args: Args, nets: dict, tx, num_rows: int):
+    """§3.3: ``steps`` simultaneous IQL updates of psi_H and phi_H, psi_bar_H <- psi_H every n_H steps.
+
+    Returns chunk(state, key, assign [N], data, steps) -> (state, metrics averaged over the steps).
+    """
+    qh_net, vh_net = nets["qh"], nets["vh"]
+
+    def update(state: TrainState, key, assign, data: Data):
+        idx = jax.random.randint(key, (args.batch_size,), 0, num_rows)  # [B], uniform with replacement
+        z = assign[idx]  # [B] A(s, a)
+        obs = data.obs[idx]  # [B, obs_dim]
+        v_next = vh_net.apply(state.vh, data.bootstrap_obs[idx])[:, 0]  # [B] the current V_H(s_{t+m})
+        target = n_step_target(data.reward_sum[idx], data.discount[idx], v_next)  # [B]
+        q_bar = select(qh_net.apply(state.qh_target, obs), z)  # [B] Q_H(s, A(s,a); psi_bar_H)
+
+        def q_objective(params):
+            q_sa = select(qh_net.apply(params, obs), z)  # [B]
+            return qh_loss(q_sa, target), q_sa
+
+        def v_objective(params):
+            v_s = vh_net.apply(params, obs)[:, 0]  # [B]
+            return vh_loss(q_bar, v_s, args.expectile), v_s
+
+        (loss_q, q_sa), grads_q = jax.value_and_grad(q_objective, has_aux=True)(state.qh)
+        (loss_v, v_s), grads_v = jax.value_and_grad(v_objective, has_aux=True)(state.vh)
+        updates, qh_opt = tx.update(grads_q, state.qh_opt, state.qh)
+        qh = optax.apply_updates(state.qh, updates)
+        updates, vh_opt = tx.update(grads_v, state.vh_opt, state.vh)
+        vh = optax.apply_updates(state.vh, updates)
+        step = state.step + 1
+        refresh = (step % args.target_every) == 0  # psi_bar_H <- psi_H every n_H steps
+        qh_target = jax.tree.map(lambda t, p: jnp.where(refresh, p, t), state.qh_target, qh)
+        state = TrainState(qh=qh, qh_target=qh_target, qh_opt=qh_opt, vh=vh, vh_opt=vh_opt, step=step)
+        return state, {"losses/q_h": loss_q, "losses/v_h": loss_v, "charts/q_h_mean": jnp.mean(q_sa),
+                       "charts/v_h_mean": jnp.mean(v_s)}
+
+    def chunk(state: TrainState, key, assign, data: Data, steps: int):
+        state, metrics = jax.lax.scan(lambda s, k: update(s, k, assign, data), state, jax.random.split(key, steps))
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return chunk
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs, evaluation and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def made_from(arrays: dict, name: str):
+    """The sha256 recorded under ``name`` in a file's inputs JSON (None when absent or unreadable)."""
+    try:
+        return json.loads(str(arrays["inputs"])).get(name)
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def load_cluster(path: str, data_sha: str, data_sizes: dict) -> tuple[dict, dict, str]:
+    """Read and validate cluster.npz against the data set (sizes N, obs_dim, act_dim); returns (arrays, sizes with S
+    and K, sha256 of the file as read)."""
+    arrays, digest = load_npz(path, "empo/cluster/v1", digest=True)
+    spec = {"assignments": ("int32", ("S", "N")), "arch/k": ("int64", ()), "arch/hidden_dim": ("int64", ()),
+            "arch/hidden_layers": ("int64", ()), "arch/obs_mean": ("float32", ("obs_dim",)),
+            "arch/obs_std": ("float32", ("obs_dim",))}
+    if not any(key.startswith("classifier/params/") for key in arrays):
+        raise InputError(f"{path} has no key 'classifier/params/...'")
+    sizes = check_arrays(path, arrays, spec, data_sizes)
+    check_arch(path, arrays)
+    sizes["K"] = int(arrays["arch/k"])
+    classifier = MLP(int(arrays["arch/hidden_dim"]), int(arrays["arch/hidden_layers"]), sizes["K"])
+    check_param_shapes(path, arrays, "classifier/params", param_shapes(classifier, sizes["obs_dim"]), 1)
+    check_arrays(path, arrays, {key: ("float32", ("S",) + a.shape[1:]) for key, a in arrays.items()
+                                if key.startswith("classifier/params/")}, sizes)
+    if arrays["assignments"].min() < 0 or arrays["assignments"].max() >= sizes["K"]:
+        raise InputError(f"{path}: 'assignments' holds cluster numbers outside 0..{sizes['K'] - 1} (arch/k)")
+    if made_from(arrays, "dataset") != data_sha:
+        raise InputError(f"{path} was made from another data set (sha256 {str(made_from(arrays, 'dataset'))[:12]}"
+                         f"..., this one is {data_sha[:12]}...)")
+    return arrays, sizes, digest
+
+
+def load_ppo(path: str, data_sha: str, cluster_path: str, cluster_sha: str, cluster_sizes: dict,
+             cluster: dict) -> tuple[dict, dict, str]:
+    """Read and validate ppo.npz against the data set and cluster.npz (as read: its sha256 and arrays); returns
+    (arrays, sizes with S and K, sha256 of the file as read)."""
+    arrays, digest = load_npz(path, "empo/ppo/v1", digest=True)
+    if not any(key.startswith("pi/params/") for key in arrays):
+        raise InputError(f"{path} has no key 'pi/params/...'")
+    spec = {"cluster_run": ("int64", ("S",)), "arch/k": ("int64", ()),
+            "arch/action_scale": ("float32", ("act_dim",)), "arch/value_scale": ("float32", ())}
+    spec.update({key: ("float32", ("S", "K") + a.shape[2:]) for key, a in arrays.items()
+                 if key.startswith("pi/params/")})
+    sizes = check_arrays(path, arrays, spec, {"act_dim": cluster_sizes["act_dim"]})
+    check_arch(path, arrays)
+    if int(arrays["arch/k"]) != sizes["K"]:
+        raise InputError(f"{path}: 'arch/k' is {int(arrays['arch/k'])} but its arrays hold K={sizes['K']} clusters")
+    if sizes["K"] != cluster_sizes["K"]:
+        raise InputError(f"{path} has K={sizes['K']} clusters but {cluster_path} has K={cluster_sizes['K']}")
+    hidden = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])
+    policy = GaussianPolicy(sizes["act_dim"], (1.0,) * sizes["act_dim"], *hidden)
+    check_param_shapes(path, arrays, "pi/params", param_shapes(policy, cluster_sizes["obs_dim"]), 2)
+    if made_from(arrays, "dataset") != data_sha:
+        raise InputError(f"{path} was made from another data set (sha256 {str(made_from(arrays, 'dataset'))[:12]}"
+                         f"..., this one is {data_sha[:12]}...)")
+    if made_from(arrays, "cluster") != cluster_sha:
+        raise InputError(f"{path} was made from another cluster file than {cluster_path} (its inputs.cluster "
+                         f"sha256 differs)")
+    if arrays["cluster_run"].min() < 0 or arrays["cluster_run"].max() >= cluster_sizes["S"]:
+        raise InputError(f"{path}: 'cluster_run' names runs outside the {cluster_sizes['S']} of {cluster_path}")
+    return arrays, sizes, digest
+
+
+def make_evaluate(nets: dict, obs_mean, obs_std, b: float, episodes: int, sample: bool):
+    """Rollouts of the final policy pi from s_0 (nav_env.rollout), vmapped over runs.
+
+    Also returns the cluster pi_H chose at every step (-1 after the episode's end).
+    """
+    import nav_env
+
+    def evaluate(run: RunParams, key):
+        act = lambda key_t, pos: final_action(nets, run, (pos - obs_mean) / obs_std, key_t, b, sample)[0]
+        out = nav_env.rollout(key, act, episodes)
+        z = jax.lax.map(lambda pos: choose_cluster(nets, run, (pos - obs_mean) / obs_std, b),
+                        out["positions"][:, :-1])  # [E, T], one episode at a time (bounds the memory)
+        chosen = jnp.where(out["alive"], z, -1)  # [E, T]
+        return {name: out[name] for name in ("return", "goal", "penalty_steps", "optimal_route", "positions",
+                                             "length")} | {"chosen": chosen}
+
+    return jax.jit(jax.vmap(evaluate))
+
+
+def cluster_segments(positions, chosen, lengths) -> tuple[list, list]:
+    """Cut every rollout into pieces of constant pi_H(s), for plot_map: ([T_i, 2] arrays, cluster labels)."""
+    trajs, labels = [], []
+    for pos, z, length in zip(positions, chosen, lengths):
+        z = z[:length]
+        cuts = np.flatnonzero(np.diff(z)) + 1
+        for start, stop in zip(np.r_[0, cuts], np.r_[cuts, length]):
+            trajs.append(pos[start: stop + 1])
+            labels.append(int(z[start]))
+    return trajs, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def validate_args(args: Args) -> None:
+    """The flags alone, before anything is read: one sentence for the first one out of range."""
+    at_least = dict(num_seeds=1, batch_size=1, steps_per_call=1, target_every=1, n_step=1, steps=0, eval_episodes=0,
+                    first_run=0)
+    check_flags(args, at_least)
+    if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.expectile < 1.0:
+        raise InputError("need 0 <= --gamma <= 1 and 0 < --expectile < 1")
+    if not args.b >= 1:  # below 1, ID(s) would not hold argmax_z q(z|s), and could be empty
+        raise InputError(f"--b must be at least 1 (ID(s) keeps z with q(z|s) >= max q / b), got {args.b}")
+    if not args.learning_rate > 0:
+        raise InputError(f"--learning-rate must be positive, got {args.learning_rate}")
+
+
+def main(args: Args) -> dict:
+    validate_args(args)
+    for path in (args.out, checkpoint_path(args.out)):
+        check_writable(path, [args.dataset, args.cluster, args.ppo])
+    data_np, data_sha = load_dataset(args.dataset)
+    n = len(data_np["rewards"])
+    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
+    cluster, cluster_sizes, cluster_sha = load_cluster(args.cluster, data_sha, dict(N=n, obs_dim=obs_dim,
+                                                                                    act_dim=act_dim))
+    ppo, ppo_sizes, ppo_sha = load_ppo(args.ppo, data_sha, args.cluster, cluster_sha, cluster_sizes, cluster)
+    env = None  # where the final policy is evaluated; checked before training, not after it
+    if args.eval_episodes > 0:
+        import nav_env
+
+        try:
+            env = nav_env.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score,
+                                         args.eval_env)
+        except nav_env.InputError as e:  # nav_env's own class: this script reports only its own in one sentence
+            raise InputError(str(e)) from None
+    k, ppo_seeds = ppo_sizes["K"], ppo_sizes["S"]
+    check_fits(f"--eval-episodes {args.eval_episodes}", 2 * args.num_seeds * args.eval_episodes * 1001 * 2 * 4)  # paths
+    if ppo_seeds != 1 and args.first_run + args.num_seeds > ppo_seeds:
+        raise InputError(f"--first-run {args.first_run} plus --num-seeds {args.num_seeds} is more than the "
+                         f"{ppo_seeds} runs in {args.ppo}")
+    ppo_run = args.first_run + np.arange(args.num_seeds) if ppo_seeds > 1 else np.zeros(args.num_seeds, int)
+    cluster_run = ppo["cluster_run"][ppo_run]
+    hidden_dim, hidden_layers = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])
+    obs_mean, obs_std = cluster["arch/obs_mean"], cluster["arch/obs_std"]
+    action_scale = tuple(float(x) for x in ppo["arch/action_scale"])
+    value_scale = float(ppo["arch/value_scale"])  # c (interpretation 2)
+
+    # The n-step target's pieces, once for all runs (interpretation 3).
+    reward_sum, discount, bootstrap_obs = n_step_returns(
+        data_np["rewards"], data_np["next_observations"], data_np["terminals"], data_np["episode_ids"], args.gamma,
+        args.n_step)
+    norm = lambda x: jnp.asarray((x - obs_mean) / obs_std)
+    data = Data(obs=norm(data_np["observations"]), reward_sum=jnp.asarray(reward_sum / value_scale),
+                discount=jnp.asarray(discount), bootstrap_obs=norm(bootstrap_obs))
+
+    nets = make_networks(hidden_dim, hidden_layers, k, act_dim, action_scale)
+    init, tx = make_init(args, nets, obs_dim)
+    seed_sharding, replicated = seed_shardings(args.num_seeds)
+    data = jax.device_put(data, replicated)
+    assign = jax.device_put(jnp.asarray(cluster["assignments"][cluster_run]), seed_sharding)  # [S, N]
+    seeds = np.arange(args.seed, args.seed + args.num_seeds)
+    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    key_init, key_train, key_eval = (
+        jax.device_put(x, seed_sharding) for x in jax.vmap(lambda s: jax.random.split(s, 3), out_axes=1)(seed_keys))
+    state = jax.jit(jax.vmap(init), out_shardings=seed_sharding)(key_init)
+
+    # The schedule: chunks of IQL steps, a checkpoint after each.
+    calls = [min(args.steps_per_call, args.steps - i) for i in range(0, args.steps, args.steps_per_call)]
+    run_dir = os.path.dirname(os.path.abspath(args.out))
+    identity = run_identity(args, {"dataset": data_sha, "cluster": cluster_sha, "ppo": ppo_sha})
+    ckpt_path, state, first = resume_checkpoint(args, state, "empo/highlevel-checkpoint/v2", identity, len(calls))
+    state = jax.device_put(state, seed_sharding)
+    writer = make_writer(os.path.join(run_dir, "highlevel"), args)
+
+    train_chunk = make_train_chunk(args, nets, tx, n)
+    calls_jit = {s: jax.jit(jax.vmap(lambda st, key, a, d, s=s: train_chunk(st, key, a, d, s), in_axes=(0, 0, 0, None)))
+                 for s in set(calls)}
+    chunk_key = lambda unit: jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, unit),
+                                            seed_sharding)
+    print(f"[highlevel] N={n} K={k} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
+          f"value scale c={value_scale:.1f}; {args.steps} steps in {len(calls)} chunks", flush=True)
+
+    progress = Progress(len(calls), "highlevel", first=first)
+    t_train = time.perf_counter()
+    done = sum(calls[:first])
+    for unit in range(first, len(calls)):
+        t0 = time.perf_counter()
+        state, metrics = calls_jit[calls[unit]](state, chunk_key(unit), assign, data)
+        metrics = {name: float(np.mean(x)) for name, x in jax.device_get(metrics).items()}
+        done += calls[unit]
+        writer.add_scalar("charts/SPS", calls[unit] / (time.perf_counter() - t0), done)
+        save_checkpoint(ckpt_path, state, unit + 1, "empo/highlevel-checkpoint/v2", identity)
+        writer.add_scalar("losses/q_h", metrics["losses/q_h"], done)
+        writer.add_scalar("losses/v_h", metrics["losses/v_h"], done)
+        writer.add_scalar("charts/q_h_mean", metrics["charts/q_h_mean"] * value_scale, done)
+        writer.add_scalar("charts/v_h_mean", metrics["charts/v_h_mean"] * value_scale, done)
+        progress(unit + 1, took=time.perf_counter() - t0, q_h_loss=metrics["losses/q_h"],
+                 v_h_loss=metrics["losses/v_h"], v_h=metrics["charts/v_h_mean"] * value_scale)
+    train_s = time.perf_counter() - t_train
+
+    state = jax.device_get(state)
+    pick = lambda prefix, arrays, runs: jax.tree.map(lambda x: jnp.asarray(x[runs]), unflatten_params(prefix, arrays))
+    run = RunParams(classifier={"params": pick("classifier/params", cluster, cluster_run)}, qh=state.qh,
+                    pi={"params": pick("pi/params", ppo, ppo_run)})
+    arrays = {
+        **flatten_params("qh/params", state.qh["params"]), **flatten_params("vh/params", state.vh["params"]),
+        **flatten_params("pi/params", run.pi["params"]),
+        **flatten_params("classifier/params", run.classifier["params"]),
+        "seeds": seeds.astype(np.int64), "ppo_run": ppo_run.astype(np.int64),
+        "cluster_run": cluster_run.astype(np.int64),
+        "arch/k": np.int64(k), "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
+        "arch/hidden_dim": np.int64(hidden_dim), "arch/hidden_layers": np.int64(hidden_layers),
+        "arch/obs_mean": obs_mean, "arch/obs_std": obs_std, "arch/action_scale": np.asarray(action_scale, np.float32),
+        "arch/value_scale": np.float32(value_scale), "arch/gamma": np.float32(args.gamma), "arch/b": np.float32(args.b),
+    }
+
+    # Evaluation: the final policy pi from s_0 with maps of pi_H and ID(s) (navigation), or in the Gymnasium env.
+    summary = {"train_s": train_s, "value_scale": value_scale, "seeds": seeds.tolist()}
+    if env is not None:
+        run = jax.device_put(run, seed_sharding)
+        if env["kind"] == "nav":
+            eval_arrays, eval_summary = evaluate_final_policy(args, nets, obs_mean, obs_std, value_scale, run,
+                                                              state.vh, key_eval, writer, run_dir, seeds)
+        else:
+            eval_arrays, eval_summary = evaluate_final_policy_gym(args, nets, obs_mean, obs_std, run, env, key_eval,
+                                                                  writer, seeds)
+        arrays.update(eval_arrays)
+        summary.update(eval_summary)
+    save_npz(args.out, arrays, "empo/highlevel/v1", asdict(args),
+             {"dataset": data_sha, "cluster": cluster_sha, "ppo": ppo_sha})
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    writer.close()
+    print(f"[highlevel] wrote {args.out}: IQL {train_s:.1f}s")
+    return summary
+
+
+def evaluate_final_policy(args: Args, nets, obs_mean, obs_std, value_scale, run: RunParams, vh, key_eval, writer,
+                          run_dir, seeds):
+    """Rollouts of pi per run, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
+    import nav_env
+
+    k = nets["qh"].out_dim
+    # Both protocols of Appendix C, from the same start states: eval/* with the mean action of pi_L, eval/sampled_*
+    # with actions drawn from pi_L(.|s, pi_H(s)) (the paper's "sampled 10 trajectories"); --sample only picks the
+    # rollouts the figures show.
+    outs, arrays, summaries = {}, {}, {}
+    for sample in (False, True):
+        evaluate = make_evaluate(nets, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.b, args.eval_episodes,
+                                 sample)
+        out = {name: np.asarray(x) for name, x in jax.device_get(evaluate(run, key_eval)).items()}  # [S, E, ...]
+        cluster_steps = np.stack([(out["chosen"] == z).sum(-1) for z in range(k)], -1)  # [S, E, K]
+
+        def share(runs, cluster_steps=cluster_steps) -> tuple[dict, str]:  # the share of steps per cluster
+            steps_per_z = cluster_steps[runs].reshape(-1, k).sum(0)  # [K]
+            fractions = (steps_per_z / max(steps_per_z.sum(), 1)).tolist()
+            return {"cluster_share": fractions}, "z: " + " ".join(f"{x:.2f}" for x in fractions)
+
+        prefix = "sampled_" if sample else ""
+        part, part_summary = nav_env.report_rollouts(
+            out, seeds, f"[highlevel] final policy pi ({'sampled' if sample else 'mean'} actions), "
+                        f"{args.eval_episodes} rollouts per run (last column: share of steps per cluster):", share,
+            prefix=prefix)
+        part[f"eval/{prefix}cluster_steps"] = cluster_steps
+        arrays.update(part)
+        outs[sample] = out
+        summaries[sample] = part_summary
+    summary = {**summaries[False], "sampled": summaries[True]}
+    out = outs[args.sample]
+    cluster_steps = arrays[f"eval/{'sampled_' if args.sample else ''}cluster_steps"]
+    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
+        writer.add_scalar(f"eval/{name}", summary[name], args.steps)
+        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
+
+    # Figures: the rollouts of run 0 cut by the cluster pi_H ran, every run's rollouts, and maps over S.
+    names = [f"z = {z}" for z in range(k)]
+    trajs, labels = cluster_segments(out["positions"][0], out["chosen"][0], out["length"][0])
+    images = {"rollouts": nav_env.plot_map(trajs, labels, label_names=names,
+                                           title=f"Final policy pi (seed {seeds[0]}), coloured by pi_H(s)",
+                                           path=os.path.join(run_dir, "highlevel_rollouts.png"))}
+    if len(seeds) > 1:
+        images["rollouts_runs"] = nav_env.plot_runs(out, seeds, "Final policy pi, every run",
+                                                    os.path.join(run_dir, "highlevel_rollouts_runs.png"))
+    grid = jnp.asarray((nav_env.grid_states(61) - obs_mean) / obs_std)
+    run0 = jax.tree.map(lambda x: x[0], jax.device_get(run))
+    q_probs = jax.nn.softmax(nets["classifier"].apply(run0.classifier, grid), -1)  # [G*G, K]
+    fields = {
+        "pi_h": (choose_cluster(nets, run0, grid, args.b), "pi_H(s): the chosen cluster"),
+        "id": (in_distribution(q_probs, args.b).sum(-1), f"|ID(s)|: clusters in distribution (b = {args.b:g})"),
+        "v_h": (nets["vh"].apply(jax.tree.map(lambda x: x[0], vh), grid)[:, 0] * value_scale, "V_H(s)"),
+    }
+    for name, (field, label) in fields.items():
+        images[name] = nav_env.plot_map(field=np.asarray(field, np.float32).reshape(61, 61), field_label=label,
+                                        title=f"{label} (seed {seeds[0]})",
+                                        path=os.path.join(run_dir, f"highlevel_{name}.png"))
+    for name, image in images.items():
+        writer.add_image(f"eval/{name}", image, args.steps, dataformats="HWC")
+    return arrays, summary
+
+
+def evaluate_final_policy_gym(args: Args, nets, obs_mean, obs_std, run: RunParams, env: dict, key_eval, writer,
+                              seeds):
+    """Episodes of pi per run in the data set's Gymnasium environment, all S x E at once in one vector env:
+    returns, normalised scores, the share of steps per cluster, TensorBoard scalars and a table."""
+    import nav_env
+
+    shape, k = (len(seeds), args.eval_episodes), nets["qh"].out_dim
+
+    @jax.jit
+    def act(obs, t):  # obs [S*E, obs_dim] at step t -> (actions [S*E, act_dim], pi_H's clusters [S*E])
+        obs = ((obs - obs_mean) / obs_std).reshape(shape + obs.shape[-1:])  # [S, E, obs_dim]
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_eval, t)  # [S]
+        actions, chosen = jax.vmap(lambda r, o, key: final_action(nets, r, o, key, args.b, args.sample))(
+            run, obs, keys)  # [S, E, act_dim], [S, E]
+        return actions.reshape(-1, actions.shape[-1]), chosen.reshape(-1)
+
+    chosen = []  # pi_H(s_t) of every episode at every step, masked by the episode lengths below
+
+    def policy(obs):
+        actions, z = act(obs, len(chosen))
+        chosen.append(np.asarray(z))
+        return actions
+
+    out = nav_env.gym_evaluate(env, policy, shape, args.seed)
+    chosen = np.stack(chosen)  # [T, S*E]
+    alive = np.arange(len(chosen))[:, None] < out["length"].reshape(-1)[None]  # [T, S*E]
+    steps = np.stack([((chosen == z) & alive).sum(0) for z in range(k)], -1)  # [S*E, K]
+    out["cluster_steps"] = steps.reshape(shape + (k,))
+    share = (steps.sum(0) / max(steps.sum(), 1)).tolist()
+    summary = {"return_mean": float(out["return"].mean()), "return_std": float(out["return"].std()),
+               "cluster_share": share}
+    lines = [f"[highlevel] final policy pi ({'sampled' if args.sample else 'mean'} actions) in {env['env_id']}, "
+             f"{args.eval_episodes} episodes per run:"]
+    for i, seed in enumerate(seeds):
+        lines.append(f"  seed {seed}: {nav_env.describe_episodes(out, i)}")
+    writer.add_scalar("eval/return_mean", summary["return_mean"], args.steps)
+    if "normalized_score" in out:
+        summary["normalized_score_mean"] = float(out["normalized_score"].mean())
+        summary["normalized_score_std"] = float(out["normalized_score"].std())
+        writer.add_scalar("eval/normalized_score", summary["normalized_score_mean"], args.steps)
+        lines.append(f"  all: normalised score {summary['normalized_score_mean']:.1f} +- "
+                     f"{summary['normalized_score_std']:.1f} (std of seed means "
+                     f"{out['normalized_score'].mean(1).std():.1f})")
+    lines.append("  share of steps per cluster: " + " ".join(f"z={z} {x:.2f}" for z, x in enumerate(share)))
+    print("\n".join(lines))
+    return {f"eval/{name}": x for name, x in out.items()}, summary
+
+
+# ==============================================================================================
+# Plumbing shared by every stage: identical copies, checked by tests/test_shared_blocks.py. Each file
+# carries the shared functions it uses (npz I/O, the data set loader, run utilities, checkpoints);
+# a reader auditing the algorithm can stop above this line.
+# ==============================================================================================
+
 # --- shared block: npz_io (keep identical across stages) ---
 class InputError(ValueError):
     """Bad input or output: the message is one sentence that names the file and the problem."""
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def same_file(a: str, b: str) -> bool:
@@ -557,7 +1121,8 @@ class Progress:
 
     kinds (one label per unit, optional) estimate each kind of unit by the mean time of the finished units
     of that kind (by all finished units until one is seen); first is the number of units finished before
-    this process started (a resumed run), which the estimate leaves out.
+    this process started (a resumed run), which the estimate leaves out. Hand-written because tqdm and rich
+    estimate from one mean rate, which misses by hours when a SARSA call takes 1 s and a PPO epoch 80 s.
     """
 
     def __init__(self, total: int, name: str, kinds=None, first: int = 0):
@@ -644,339 +1209,6 @@ def run(main, args) -> None:
 # --- end shared block: run_utils ---
 
 
-# --- shared block: networks (keep identical across stages) ---
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 0.0
-
-
-class MLP(nn.Module):
-    """hidden_layers x (Dense(hidden_dim) + ReLU), then a linear Dense(out_dim) (linear heads:
-    rewards can be negative)."""
-
-    hidden_dim: int
-    hidden_layers: int
-    out_dim: int
-
-    @nn.compact
-    def __call__(self, x):
-        for _ in range(self.hidden_layers):
-            x = nn.relu(nn.Dense(self.hidden_dim)(x))
-        return nn.Dense(self.out_dim)(x)
-
-
-class GaussianPolicy(nn.Module):
-    """beta(a|s; theta): mean = action_scale * tanh(.), log-std squashed into [LOG_STD_MIN, LOG_STD_MAX]."""
-
-    act_dim: int
-    action_scale: tuple
-    hidden_dim: int
-    hidden_layers: int
-
-    @nn.compact
-    def __call__(self, obs):
-        out = MLP(self.hidden_dim, self.hidden_layers, 2 * self.act_dim)(obs)
-        mean, log_std = jnp.split(out, 2, axis=-1)
-        mean = jnp.asarray(self.action_scale, jnp.float32) * jnp.tanh(mean)
-        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(log_std) + 1.0)
-        return mean, log_std
-
-
-def gaussian_log_prob(mean, log_std, action):
-    """log N(action; mean, exp(log_std)^2), summed over the last (action) axis."""
-    z = (action - mean) * jnp.exp(-log_std)
-    return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
-
-
-def stacked_apply(policy, params, obs, z):
-    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
-    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
-    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
-    return pick(mean), pick(log_std)
-
-
-def observation_stats(name: str, observations):
-    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
-    x = np.asarray(observations, np.float64)
-    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
-        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
-                         f"{np.abs(x).max():.3g})")
-    return mean, std
-
-
-def check_arch(name: str, arrays: dict) -> None:
-    """The arch/* entries of a handoff file rebuild a network: sizes at least 1, scales positive."""
-    for key in ("arch/k", "arch/hidden_dim", "arch/hidden_layers"):
-        if key in arrays and int(arrays[key]) < 1:
-            raise InputError(f"{name}: '{key}' must be at least 1, got {int(arrays[key])}")
-    for key in ("arch/obs_std", "arch/action_scale", "arch/value_scale"):
-        if key in arrays and not np.all(arrays[key] > 0):
-            raise InputError(f"{name}: '{key}' must be positive, got {arrays[key]}")
-
-
-def param_shapes(net, in_dim: int):
-    """The parameters of ``net`` on inputs of ``in_dim`` features, as shapes only (nothing is computed)."""
-    return jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, in_dim), jnp.float32))["params"]
-
-
-def check_param_shapes(name: str, arrays: dict, prefix: str, template, lead: int) -> None:
-    """The parameters under ``prefix`` have, after ``lead`` leading axes (seeds, clusters), the shapes of
-    ``template`` (one network built from the file's arch/* entries)."""
-    want = {f"{prefix}/{k}": tuple(v.shape) for k, v in traverse_util.flatten_dict(template, sep="/").items()}
-    have = {k: a.shape[lead:] for k, a in arrays.items() if k.startswith(prefix + "/")}
-    for key in sorted(set(want) | set(have)):
-        if key not in have:
-            raise InputError(f"{name} has no key '{key}', which its arch/* entries call for")
-        if key not in want or have[key] != want[key]:
-            raise InputError(f"{name}: '{key}' has shape {have[key]} per run, but its arch/* entries give "
-                             f"{want.get(key, 'no such parameter')}")
-# --- end shared block: networks ---
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses and the high-level policy (§3.3)
-# ----------------------------------------------------------------------------------------------
-
-def n_step_returns(rewards, next_obs, terminals, episode_ids, gamma: float, n: int):
-    """§3.3 n-step return, per row t: (sum_{j<m} gamma^j r_{t+j}, gamma^m or 0, s_{t+m}).
-
-    m = min(n, rows left in the trajectory from t). The discount is 0 when the trajectory ends in a
-    terminal within the m rows; s_{t+m} is the next_observation of row t+m-1 (after a timeout, the
-    last row's). NumPy arrays: rewards [N], next_obs [N, obs_dim], terminals [N] bool, episode_ids [N].
-    Vectorised over rows; the loop runs over the n steps of the horizon.
-    """
-    num = len(rewards)
-    rows = np.arange(num)
-    new_traj = np.r_[True, np.diff(episode_ids) != 0]
-    end = np.flatnonzero(np.r_[new_traj[1:], True])[np.cumsum(new_traj) - 1]  # [N] last row of each row's trajectory
-    m = np.minimum(n, end - rows + 1)  # [N] rows summed
-    reward_sum = np.zeros(num, np.float64)
-    for j in range(n):
-        reward_sum += np.where(j < m, gamma ** j * rewards[np.minimum(rows + j, num - 1)], 0.0)
-    last = rows + m - 1  # [N] row t+m-1
-    discount = np.where(terminals[last], 0.0, float(gamma) ** m)  # no bootstrap past a terminal
-    return reward_sum.astype(np.float32), discount.astype(np.float32), next_obs[last]
-
-
-def select(values, z):
-    """values [B, K], z [B] -> values[b, z_b], i.e. values^T e_z (the cluster's head)."""
-    return jnp.take_along_axis(values, z[:, None], axis=1)[:, 0]
-
-
-def n_step_target(reward_sum, discount, v_next):
-    """§3.3 l_H^(Q) target, n-step: y = sum_{j<m} gamma^j r_{t+j} + gamma^m V_H(s_{t+m}; phi_H)."""
-    return reward_sum + discount * v_next  # §3.3, n-step return
-
-
-def qh_loss(q_sa, target):
-    """§3.3: l_H^(Q) = mean of [Q_H(s; psi_H)^T e_A(s,a) - y]^2 over the batch (y held fixed)."""
-    return jnp.mean((q_sa - jax.lax.stop_gradient(target)) ** 2)  # §3.3 l_H^(Q)
-
-
-def expectile_loss(u, tau: float):
-    """§3.3: L_2^tau(u) = |tau - 1(u < 0)| u^2, i.e. tau u^2 if u >= 0 and (1 - tau) u^2 otherwise."""
-    return jnp.abs(tau - (u < 0).astype(u.dtype)) * u * u  # §3.3 L_2^tau
-
-
-def vh_loss(q_bar_sa, v_s, tau: float):
-    """§3.3: l_H^(V) = mean of L_2^tau(Q_H(s; psi_bar_H)^T e_A(s,a) - V_H(s; phi_H)) over the batch."""
-    return jnp.mean(expectile_loss(jax.lax.stop_gradient(q_bar_sa) - v_s, tau))  # §3.3 l_H^(V)
-
-
-def in_distribution(q_probs, b: float):
-    """§3.3: ID(s) = {z : q(z|s; phi) >= max_z' q(z'|s; phi) / b}. q_probs [..., K] -> mask [..., K] bool."""
-    return q_probs >= jnp.max(q_probs, axis=-1, keepdims=True) / b  # §3.3 ID(s)
-
-
-def high_level_action(q_h, q_probs, b: float):
-    """§3.3: pi_H(s) = argmax_{z in ID(s)} Q_H(s, z; psi_H). q_h, q_probs [..., K] -> z [...] int32."""
-    masked = jnp.where(in_distribution(q_probs, b), q_h, -jnp.inf)  # [..., K]
-    return jnp.argmax(masked, axis=-1).astype(jnp.int32)  # §3.3 pi_H
-
-
-def choose_cluster(nets: dict, run: RunParams, obs, b: float):
-    """pi_H(s) at standardised obs [B, obs_dim] with the run's classifier and Q_H -> z [B]."""
-    q_probs = jax.nn.softmax(nets["classifier"].apply(run.classifier, obs), axis=-1)  # [B, K] q(z|s; phi)
-    return high_level_action(nets["qh"].apply(run.qh, obs), q_probs, b)  # [B]
-
-
-def final_action(nets: dict, run: RunParams, obs, key, b: float, sample: bool):
-    """§3.3: a ~ pi(.|s) = pi_L(.|s, pi_H(s; psi_H); Theta') at standardised obs [B, obs_dim].
-
-    Returns (actions [B, act_dim], the clusters pi_H chose [B]); the mean action of pi_L unless ``sample``.
-    """
-    z = choose_cluster(nets, run, obs, b)  # [B]
-    mean, log_std = stacked_apply(nets["policy"], run.pi, obs, z)  # [B, act_dim]
-    if sample:
-        return mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape), z
-    return mean, z  # §3.3 pi
-
-
-# ----------------------------------------------------------------------------------------------
-# Training functions
-# ----------------------------------------------------------------------------------------------
-
-def make_networks(hidden_dim: int, hidden_layers: int, k: int, act_dim: int, action_scale: tuple) -> dict:
-    return {
-        "classifier": MLP(hidden_dim, hidden_layers, k),  # q(z|s; phi), logits (stage 1)
-        "qh": MLP(hidden_dim, hidden_layers, k),  # Q_H(s; psi_H) -> R^K
-        "vh": MLP(hidden_dim, hidden_layers, 1),  # V_H(s; phi_H) -> R
-        "policy": GaussianPolicy(act_dim, action_scale, hidden_dim, hidden_layers),  # pi_L(.|s, z; Theta')
-    }
-
-
-def make_init(args: Args, nets: dict, obs_dim: int):
-    tx = optax.adam(args.learning_rate)
-
-    def init(key) -> TrainState:
-        key_q, key_v = jax.random.split(key)
-        qh = nets["qh"].init(key_q, jnp.zeros((1, obs_dim)))
-        vh = nets["vh"].init(key_v, jnp.zeros((1, obs_dim)))
-        return TrainState(qh=qh, qh_target=qh, qh_opt=tx.init(qh), vh=vh, vh_opt=tx.init(vh), step=jnp.int32(0))
-
-    return init, tx
-
-
-def make_train_chunk(args: Args, nets: dict, tx, num_rows: int):
-    """§3.3: ``steps`` simultaneous IQL updates of psi_H and phi_H, psi_bar_H <- psi_H every n_H steps.
-
-    Returns chunk(state, key, assign [N], data, steps) -> (state, metrics averaged over the steps).
-    """
-    qh_net, vh_net = nets["qh"], nets["vh"]
-
-    def update(state: TrainState, key, assign, data: Data):
-        idx = jax.random.randint(key, (args.batch_size,), 0, num_rows)  # [B], uniform with replacement
-        z = assign[idx]  # [B] A(s, a)
-        obs = data.obs[idx]  # [B, obs_dim]
-        v_next = vh_net.apply(state.vh, data.bootstrap_obs[idx])[:, 0]  # [B] the current V_H(s_{t+m})
-        target = n_step_target(data.reward_sum[idx], data.discount[idx], v_next)  # [B]
-        q_bar = select(qh_net.apply(state.qh_target, obs), z)  # [B] Q_H(s, A(s,a); psi_bar_H)
-
-        def q_objective(params):
-            q_sa = select(qh_net.apply(params, obs), z)  # [B]
-            return qh_loss(q_sa, target), q_sa
-
-        def v_objective(params):
-            v_s = vh_net.apply(params, obs)[:, 0]  # [B]
-            return vh_loss(q_bar, v_s, args.expectile), v_s
-
-        (loss_q, q_sa), grads_q = jax.value_and_grad(q_objective, has_aux=True)(state.qh)
-        (loss_v, v_s), grads_v = jax.value_and_grad(v_objective, has_aux=True)(state.vh)
-        updates, qh_opt = tx.update(grads_q, state.qh_opt, state.qh)
-        qh = optax.apply_updates(state.qh, updates)
-        updates, vh_opt = tx.update(grads_v, state.vh_opt, state.vh)
-        vh = optax.apply_updates(state.vh, updates)
-        step = state.step + 1
-        refresh = (step % args.target_every) == 0  # psi_bar_H <- psi_H every n_H steps
-        qh_target = jax.tree.map(lambda t, p: jnp.where(refresh, p, t), state.qh_target, qh)
-        state = TrainState(qh=qh, qh_target=qh_target, qh_opt=qh_opt, vh=vh, vh_opt=vh_opt, step=step)
-        return state, {"losses/q_h": loss_q, "losses/v_h": loss_v, "charts/q_h_mean": jnp.mean(q_sa),
-                       "charts/v_h_mean": jnp.mean(v_s)}
-
-    def chunk(state: TrainState, key, assign, data: Data, steps: int):
-        state, metrics = jax.lax.scan(lambda s, k: update(s, k, assign, data), state, jax.random.split(key, steps))
-        return state, jax.tree.map(jnp.mean, metrics)
-
-    return chunk
-
-
-# ----------------------------------------------------------------------------------------------
-# Inputs, evaluation and checkpoints
-# ----------------------------------------------------------------------------------------------
-
-def made_from(arrays: dict, name: str):
-    """The sha256 recorded under ``name`` in a file's inputs JSON (None when absent or unreadable)."""
-    try:
-        return json.loads(str(arrays["inputs"])).get(name)
-    except (KeyError, ValueError, AttributeError):
-        return None
-
-
-def load_cluster(path: str, data_sha: str, data_sizes: dict) -> tuple[dict, dict, str]:
-    """Read and validate cluster.npz against the data set (sizes N, obs_dim, act_dim); returns (arrays, sizes with S
-    and K, sha256 of the file as read)."""
-    arrays, digest = load_npz(path, "empo/cluster/v1", digest=True)
-    spec = {"assignments": ("int32", ("S", "N")), "arch/k": ("int64", ()), "arch/hidden_dim": ("int64", ()),
-            "arch/hidden_layers": ("int64", ()), "arch/obs_mean": ("float32", ("obs_dim",)),
-            "arch/obs_std": ("float32", ("obs_dim",))}
-    if not any(key.startswith("classifier/params/") for key in arrays):
-        raise InputError(f"{path} has no key 'classifier/params/...'")
-    sizes = check_arrays(path, arrays, spec, data_sizes)
-    check_arch(path, arrays)
-    sizes["K"] = int(arrays["arch/k"])
-    classifier = MLP(int(arrays["arch/hidden_dim"]), int(arrays["arch/hidden_layers"]), sizes["K"])
-    check_param_shapes(path, arrays, "classifier/params", param_shapes(classifier, sizes["obs_dim"]), 1)
-    check_arrays(path, arrays, {key: ("float32", ("S",) + a.shape[1:]) for key, a in arrays.items()
-                                if key.startswith("classifier/params/")}, sizes)
-    if arrays["assignments"].min() < 0 or arrays["assignments"].max() >= sizes["K"]:
-        raise InputError(f"{path}: 'assignments' holds cluster numbers outside 0..{sizes['K'] - 1} (arch/k)")
-    if made_from(arrays, "dataset") != data_sha:
-        raise InputError(f"{path} was made from another data set (sha256 {str(made_from(arrays, 'dataset'))[:12]}"
-                         f"..., this one is {data_sha[:12]}...)")
-    return arrays, sizes, digest
-
-
-def load_ppo(path: str, data_sha: str, cluster_path: str, cluster_sha: str, cluster_sizes: dict,
-             cluster: dict) -> tuple[dict, dict, str]:
-    """Read and validate ppo.npz against the data set and cluster.npz (as read: its sha256 and arrays); returns
-    (arrays, sizes with S and K, sha256 of the file as read)."""
-    arrays, digest = load_npz(path, "empo/ppo/v1", digest=True)
-    if not any(key.startswith("pi/params/") for key in arrays):
-        raise InputError(f"{path} has no key 'pi/params/...'")
-    spec = {"cluster_run": ("int64", ("S",)), "arch/k": ("int64", ()),
-            "arch/action_scale": ("float32", ("act_dim",)), "arch/value_scale": ("float32", ())}
-    spec.update({key: ("float32", ("S", "K") + a.shape[2:]) for key, a in arrays.items()
-                 if key.startswith("pi/params/")})
-    sizes = check_arrays(path, arrays, spec, {"act_dim": cluster_sizes["act_dim"]})
-    check_arch(path, arrays)
-    if int(arrays["arch/k"]) != sizes["K"]:
-        raise InputError(f"{path}: 'arch/k' is {int(arrays['arch/k'])} but its arrays hold K={sizes['K']} clusters")
-    if sizes["K"] != cluster_sizes["K"]:
-        raise InputError(f"{path} has K={sizes['K']} clusters but {cluster_path} has K={cluster_sizes['K']}")
-    hidden = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])
-    policy = GaussianPolicy(sizes["act_dim"], (1.0,) * sizes["act_dim"], *hidden)
-    check_param_shapes(path, arrays, "pi/params", param_shapes(policy, cluster_sizes["obs_dim"]), 2)
-    if made_from(arrays, "dataset") != data_sha:
-        raise InputError(f"{path} was made from another data set (sha256 {str(made_from(arrays, 'dataset'))[:12]}"
-                         f"..., this one is {data_sha[:12]}...)")
-    if made_from(arrays, "cluster") != cluster_sha:
-        raise InputError(f"{path} was made from another cluster file than {cluster_path} (its inputs.cluster "
-                         f"sha256 differs)")
-    if arrays["cluster_run"].min() < 0 or arrays["cluster_run"].max() >= cluster_sizes["S"]:
-        raise InputError(f"{path}: 'cluster_run' names runs outside the {cluster_sizes['S']} of {cluster_path}")
-    return arrays, sizes, digest
-
-
-def make_evaluate(nets: dict, obs_mean, obs_std, b: float, episodes: int, sample: bool):
-    """Rollouts of the final policy pi from s_0 (nav_env.rollout), vmapped over runs.
-
-    Also returns the cluster pi_H chose at every step (-1 after the episode's end).
-    """
-    import nav_env
-
-    def evaluate(run: RunParams, key):
-        act = lambda key_t, pos: final_action(nets, run, (pos - obs_mean) / obs_std, key_t, b, sample)[0]
-        out = nav_env.rollout(key, act, episodes)
-        z = jax.lax.map(lambda pos: choose_cluster(nets, run, (pos - obs_mean) / obs_std, b),
-                        out["positions"][:, :-1])  # [E, T], one episode at a time (bounds the memory)
-        chosen = jnp.where(out["alive"], z, -1)  # [E, T]
-        return {name: out[name] for name in ("return", "goal", "penalty_steps", "optimal_route", "positions",
-                                             "length")} | {"chosen": chosen}
-
-    return jax.jit(jax.vmap(evaluate))
-
-
-def cluster_segments(positions, chosen, lengths) -> tuple[list, list]:
-    """Cut every rollout into pieces of constant pi_H(s), for plot_map: ([T_i, 2] arrays, cluster labels)."""
-    trajs, labels = [], []
-    for pos, z, length in zip(positions, chosen, lengths):
-        z = z[:length]
-        cuts = np.flatnonzero(np.diff(z)) + 1
-        for start, stop in zip(np.r_[0, cuts], np.r_[cuts, length]):
-            trajs.append(pos[start: stop + 1])
-            labels.append(int(z[start]))
-    return trajs, labels
-
-
 # --- shared block: checkpoint (keep identical across stages) ---
 # Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood for
 # by their sha256, so that moved files still resume).
@@ -1045,254 +1277,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
             out[prefix + key] = value
     return out
 # --- end shared block: checkpoint ---
-
-
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
-
-def validate_args(args: Args) -> None:
-    """The flags alone, before anything is read: one sentence for the first one out of range."""
-    at_least = dict(num_seeds=1, batch_size=1, steps_per_call=1, target_every=1, n_step=1, steps=0, eval_episodes=0,
-                    first_run=0)
-    check_flags(args, at_least)
-    if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.expectile < 1.0:
-        raise InputError("need 0 <= --gamma <= 1 and 0 < --expectile < 1")
-    if not args.b >= 1:  # below 1, ID(s) would not hold argmax_z q(z|s), and could be empty
-        raise InputError(f"--b must be at least 1 (ID(s) keeps z with q(z|s) >= max q / b), got {args.b}")
-    if not args.learning_rate > 0:
-        raise InputError(f"--learning-rate must be positive, got {args.learning_rate}")
-
-
-def main(args: Args) -> dict:
-    validate_args(args)
-    for path in (args.out, checkpoint_path(args.out)):
-        check_writable(path, [args.dataset, args.cluster, args.ppo])
-    data_np, data_sha = load_dataset(args.dataset)
-    n = len(data_np["rewards"])
-    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
-    cluster, cluster_sizes, cluster_sha = load_cluster(args.cluster, data_sha, dict(N=n, obs_dim=obs_dim,
-                                                                                    act_dim=act_dim))
-    ppo, ppo_sizes, ppo_sha = load_ppo(args.ppo, data_sha, args.cluster, cluster_sha, cluster_sizes, cluster)
-    env = None  # where the final policy is evaluated; checked before training, not after it
-    if args.eval_episodes > 0:
-        import nav_env
-
-        try:
-            env = nav_env.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score,
-                                         args.eval_env)
-        except nav_env.InputError as e:  # nav_env's own class: this script reports only its own in one sentence
-            raise InputError(str(e)) from None
-    k, ppo_seeds = ppo_sizes["K"], ppo_sizes["S"]
-    check_fits(f"--eval-episodes {args.eval_episodes}", 2 * args.num_seeds * args.eval_episodes * 1001 * 2 * 4)  # paths
-    if ppo_seeds != 1 and args.first_run + args.num_seeds > ppo_seeds:
-        raise InputError(f"--first-run {args.first_run} plus --num-seeds {args.num_seeds} is more than the "
-                         f"{ppo_seeds} runs in {args.ppo}")
-    ppo_run = args.first_run + np.arange(args.num_seeds) if ppo_seeds > 1 else np.zeros(args.num_seeds, int)
-    cluster_run = ppo["cluster_run"][ppo_run]
-    hidden_dim, hidden_layers = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])
-    obs_mean, obs_std = cluster["arch/obs_mean"], cluster["arch/obs_std"]
-    action_scale = tuple(float(x) for x in ppo["arch/action_scale"])
-    value_scale = float(ppo["arch/value_scale"])  # c (interpretation 2)
-
-    # The n-step target's pieces, once for all runs (interpretation 3).
-    reward_sum, discount, bootstrap_obs = n_step_returns(
-        data_np["rewards"], data_np["next_observations"], data_np["terminals"], data_np["episode_ids"], args.gamma,
-        args.n_step)
-    norm = lambda x: jnp.asarray((x - obs_mean) / obs_std)
-    data = Data(obs=norm(data_np["observations"]), reward_sum=jnp.asarray(reward_sum / value_scale),
-                discount=jnp.asarray(discount), bootstrap_obs=norm(bootstrap_obs))
-
-    nets = make_networks(hidden_dim, hidden_layers, k, act_dim, action_scale)
-    init, tx = make_init(args, nets, obs_dim)
-    seed_sharding, replicated = seed_shardings(args.num_seeds)
-    data = jax.device_put(data, replicated)
-    assign = jax.device_put(jnp.asarray(cluster["assignments"][cluster_run]), seed_sharding)  # [S, N]
-    seeds = np.arange(args.seed, args.seed + args.num_seeds)
-    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-    key_init, key_train, key_eval = (
-        jax.device_put(x, seed_sharding) for x in jax.vmap(lambda s: jax.random.split(s, 3), out_axes=1)(seed_keys))
-    state = jax.jit(jax.vmap(init), out_shardings=seed_sharding)(key_init)
-
-    # The schedule: chunks of IQL steps, a checkpoint after each.
-    calls = [min(args.steps_per_call, args.steps - i) for i in range(0, args.steps, args.steps_per_call)]
-    run_dir = os.path.dirname(os.path.abspath(args.out))
-    identity = run_identity(args, {"dataset": data_sha, "cluster": cluster_sha, "ppo": ppo_sha})
-    ckpt_path, state, first = resume_checkpoint(args, state, "empo/highlevel-checkpoint/v2", identity, len(calls))
-    state = jax.device_put(state, seed_sharding)
-    writer = make_writer(os.path.join(run_dir, "highlevel"), args)
-
-    train_chunk = make_train_chunk(args, nets, tx, n)
-    calls_jit = {s: jax.jit(jax.vmap(lambda st, key, a, d, s=s: train_chunk(st, key, a, d, s), in_axes=(0, 0, 0, None)))
-                 for s in set(calls)}
-    chunk_key = lambda unit: jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, unit),
-                                            seed_sharding)
-    print(f"[highlevel] N={n} K={k} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
-          f"value scale c={value_scale:.1f}; {args.steps} steps in {len(calls)} chunks", flush=True)
-
-    progress = Progress(len(calls), "highlevel", first=first)
-    t_train = time.perf_counter()
-    done = sum(calls[:first])
-    for unit in range(first, len(calls)):
-        t0 = time.perf_counter()
-        state, metrics = calls_jit[calls[unit]](state, chunk_key(unit), assign, data)
-        metrics = {name: float(np.mean(x)) for name, x in jax.device_get(metrics).items()}
-        done += calls[unit]
-        save_checkpoint(ckpt_path, state, unit + 1, "empo/highlevel-checkpoint/v2", identity)
-        writer.add_scalar("losses/q_h", metrics["losses/q_h"], done)
-        writer.add_scalar("losses/v_h", metrics["losses/v_h"], done)
-        writer.add_scalar("charts/q_h_mean", metrics["charts/q_h_mean"] * value_scale, done)
-        writer.add_scalar("charts/v_h_mean", metrics["charts/v_h_mean"] * value_scale, done)
-        progress(unit + 1, took=time.perf_counter() - t0, q_h_loss=metrics["losses/q_h"],
-                 v_h_loss=metrics["losses/v_h"], v_h=metrics["charts/v_h_mean"] * value_scale)
-    train_s = time.perf_counter() - t_train
-
-    state = jax.device_get(state)
-    pick = lambda prefix, arrays, runs: jax.tree.map(lambda x: jnp.asarray(x[runs]), unflatten_params(prefix, arrays))
-    run = RunParams(classifier={"params": pick("classifier/params", cluster, cluster_run)}, qh=state.qh,
-                    pi={"params": pick("pi/params", ppo, ppo_run)})
-    arrays = {
-        **flatten_params("qh/params", state.qh["params"]), **flatten_params("vh/params", state.vh["params"]),
-        **flatten_params("pi/params", run.pi["params"]),
-        **flatten_params("classifier/params", run.classifier["params"]),
-        "seeds": seeds.astype(np.int64), "ppo_run": ppo_run.astype(np.int64),
-        "cluster_run": cluster_run.astype(np.int64),
-        "arch/k": np.int64(k), "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
-        "arch/hidden_dim": np.int64(hidden_dim), "arch/hidden_layers": np.int64(hidden_layers),
-        "arch/obs_mean": obs_mean, "arch/obs_std": obs_std, "arch/action_scale": np.asarray(action_scale, np.float32),
-        "arch/value_scale": np.float32(value_scale), "arch/gamma": np.float32(args.gamma), "arch/b": np.float32(args.b),
-    }
-
-    # Evaluation: the final policy pi from s_0 with maps of pi_H and ID(s) (navigation), or in the Gymnasium env.
-    summary = {"train_s": train_s, "value_scale": value_scale, "seeds": seeds.tolist()}
-    if env is not None:
-        run = jax.device_put(run, seed_sharding)
-        if env["kind"] == "nav":
-            eval_arrays, eval_summary = evaluate_final_policy(args, nets, obs_mean, obs_std, value_scale, run,
-                                                              state.vh, key_eval, writer, run_dir, seeds)
-        else:
-            eval_arrays, eval_summary = evaluate_final_policy_gym(args, nets, obs_mean, obs_std, run, env, key_eval,
-                                                                  writer, seeds)
-        arrays.update(eval_arrays)
-        summary.update(eval_summary)
-    save_npz(args.out, arrays, "empo/highlevel/v1", asdict(args),
-             {"dataset": data_sha, "cluster": cluster_sha, "ppo": ppo_sha})
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
-    writer.close()
-    print(f"[highlevel] wrote {args.out}: IQL {train_s:.1f}s")
-    return summary
-
-
-def evaluate_final_policy(args: Args, nets, obs_mean, obs_std, value_scale, run: RunParams, vh, key_eval, writer,
-                          run_dir, seeds):
-    """Rollouts of pi per run, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
-    import nav_env
-
-    k = nets["qh"].out_dim
-    # Both protocols of Appendix C, from the same start states: eval/* with the mean action of pi_L, eval/sampled_*
-    # with actions drawn from pi_L(.|s, pi_H(s)) (the paper's "sampled 10 trajectories"); --sample only picks the
-    # rollouts the figures show.
-    outs, arrays, summaries = {}, {}, {}
-    for sample in (False, True):
-        evaluate = make_evaluate(nets, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.b, args.eval_episodes,
-                                 sample)
-        out = {name: np.asarray(x) for name, x in jax.device_get(evaluate(run, key_eval)).items()}  # [S, E, ...]
-        cluster_steps = np.stack([(out["chosen"] == z).sum(-1) for z in range(k)], -1)  # [S, E, K]
-
-        def share(runs, cluster_steps=cluster_steps) -> tuple[dict, str]:  # the share of steps per cluster
-            steps_per_z = cluster_steps[runs].reshape(-1, k).sum(0)  # [K]
-            fractions = (steps_per_z / max(steps_per_z.sum(), 1)).tolist()
-            return {"cluster_share": fractions}, "z: " + " ".join(f"{x:.2f}" for x in fractions)
-
-        prefix = "sampled_" if sample else ""
-        part, part_summary = nav_env.report_rollouts(
-            out, seeds, f"[highlevel] final policy pi ({'sampled' if sample else 'mean'} actions), "
-                        f"{args.eval_episodes} rollouts per run (last column: share of steps per cluster):", share,
-            prefix=prefix)
-        part[f"eval/{prefix}cluster_steps"] = cluster_steps
-        arrays.update(part)
-        outs[sample] = out
-        summaries[sample] = part_summary
-    summary = {**summaries[False], "sampled": summaries[True]}
-    out = outs[args.sample]
-    cluster_steps = arrays[f"eval/{'sampled_' if args.sample else ''}cluster_steps"]
-    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
-        writer.add_scalar(f"eval/{name}", summary[name], args.steps)
-        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
-
-    # Figures: the rollouts of run 0 cut by the cluster pi_H ran, every run's rollouts, and maps over S.
-    names = [f"z = {z}" for z in range(k)]
-    trajs, labels = cluster_segments(out["positions"][0], out["chosen"][0], out["length"][0])
-    images = {"rollouts": nav_env.plot_map(trajs, labels, label_names=names,
-                                           title=f"Final policy pi (seed {seeds[0]}), coloured by pi_H(s)",
-                                           path=os.path.join(run_dir, "highlevel_rollouts.png"))}
-    if len(seeds) > 1:
-        images["rollouts_runs"] = nav_env.plot_runs(out, seeds, "Final policy pi, every run",
-                                                    os.path.join(run_dir, "highlevel_rollouts_runs.png"))
-    grid = jnp.asarray((nav_env.grid_states(61) - obs_mean) / obs_std)
-    run0 = jax.tree.map(lambda x: x[0], jax.device_get(run))
-    q_probs = jax.nn.softmax(nets["classifier"].apply(run0.classifier, grid), -1)  # [G*G, K]
-    fields = {
-        "pi_h": (choose_cluster(nets, run0, grid, args.b), "pi_H(s): the chosen cluster"),
-        "id": (in_distribution(q_probs, args.b).sum(-1), f"|ID(s)|: clusters in distribution (b = {args.b:g})"),
-        "v_h": (nets["vh"].apply(jax.tree.map(lambda x: x[0], vh), grid)[:, 0] * value_scale, "V_H(s)"),
-    }
-    for name, (field, label) in fields.items():
-        images[name] = nav_env.plot_map(field=np.asarray(field, np.float32).reshape(61, 61), field_label=label,
-                                        title=f"{label} (seed {seeds[0]})",
-                                        path=os.path.join(run_dir, f"highlevel_{name}.png"))
-    for name, image in images.items():
-        writer.add_image(f"eval/{name}", image, args.steps, dataformats="HWC")
-    return arrays, summary
-
-
-def evaluate_final_policy_gym(args: Args, nets, obs_mean, obs_std, run: RunParams, env: dict, key_eval, writer,
-                              seeds):
-    """Episodes of pi per run in the data set's Gymnasium environment, all S x E at once in one vector env:
-    returns, normalised scores, the share of steps per cluster, TensorBoard scalars and a table."""
-    import nav_env
-
-    shape, k = (len(seeds), args.eval_episodes), nets["qh"].out_dim
-
-    @jax.jit
-    def act(obs, t):  # obs [S*E, obs_dim] at step t -> (actions [S*E, act_dim], pi_H's clusters [S*E])
-        obs = ((obs - obs_mean) / obs_std).reshape(shape + obs.shape[-1:])  # [S, E, obs_dim]
-        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_eval, t)  # [S]
-        actions, chosen = jax.vmap(lambda r, o, key: final_action(nets, r, o, key, args.b, args.sample))(
-            run, obs, keys)  # [S, E, act_dim], [S, E]
-        return actions.reshape(-1, actions.shape[-1]), chosen.reshape(-1)
-
-    chosen = []  # pi_H(s_t) of every episode at every step, masked by the episode lengths below
-
-    def policy(obs):
-        actions, z = act(obs, len(chosen))
-        chosen.append(np.asarray(z))
-        return actions
-
-    out = nav_env.gym_evaluate(env, policy, shape, args.seed)
-    chosen = np.stack(chosen)  # [T, S*E]
-    alive = np.arange(len(chosen))[:, None] < out["length"].reshape(-1)[None]  # [T, S*E]
-    steps = np.stack([((chosen == z) & alive).sum(0) for z in range(k)], -1)  # [S*E, K]
-    out["cluster_steps"] = steps.reshape(shape + (k,))
-    share = (steps.sum(0) / max(steps.sum(), 1)).tolist()
-    summary = {"return_mean": float(out["return"].mean()), "return_std": float(out["return"].std()),
-               "cluster_share": share}
-    lines = [f"[highlevel] final policy pi ({'sampled' if args.sample else 'mean'} actions) in {env['env_id']}, "
-             f"{args.eval_episodes} episodes per run:"]
-    for i, seed in enumerate(seeds):
-        lines.append(f"  seed {seed}: {nav_env.describe_episodes(out, i)}")
-    writer.add_scalar("eval/return_mean", summary["return_mean"], args.steps)
-    if "normalized_score" in out:
-        summary["normalized_score_mean"] = float(out["normalized_score"].mean())
-        summary["normalized_score_std"] = float(out["normalized_score"].std())
-        writer.add_scalar("eval/normalized_score", summary["normalized_score_mean"], args.steps)
-        lines.append(f"  all: normalised score {summary['normalized_score_mean']:.1f} +- "
-                     f"{summary['normalized_score_std']:.1f} (std of seed means "
-                     f"{out['normalized_score'].mean(1).std():.1f})")
-    lines.append("  share of steps per cluster: " + " ".join(f"z={z} {x:.2f}" for z, x in enumerate(share)))
-    print("\n".join(lines))
-    return {f"eval/{name}": x for name, x in out.items()}, summary
 
 
 if __name__ == "__main__":

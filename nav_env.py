@@ -407,339 +407,6 @@ def write_minari(dataset_id: str, data: dict, params: NavParams = NavParams()) -
     return str(dataset.spec.data_path)
 
 
-# --- shared block: npz_io (keep identical across stages) ---
-class InputError(ValueError):
-    """Bad input or output: the message is one sentence that names the file and the problem."""
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def same_file(a: str, b: str) -> bool:
-    """True when two paths name one file: equal after resolving links, or hard links to the same inode."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def check_writable(path: str, inputs=()) -> None:
-    """Fail before any work if ``path`` cannot be written or is one of ``inputs`` (paths or comma-joined paths):
-    an output never replaces an input."""
-    if not os.path.basename(path or ""):
-        raise InputError(f"the output path '{path}' names no file")
-    if os.path.isdir(path):
-        raise InputError(f"cannot write {path}: it is a folder")
-    for source in inputs:
-        for part in {source, *source.split(",")}:
-            if part and same_file(path, part):
-                raise InputError(f"refusing to write {path}: it is the input {part}, which would be lost")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot write {path}: its folder {folder} cannot be created ({e.strerror or e})") from None
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
-            pass
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] = None) -> None:
-    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically.
-
-    The file is written beside ``path`` under a temporary name (with the writer's pid, so that one left by a
-    killed writer is removed by the next) and renamed over ``path`` only when complete, with the permissions the
-    umask gives. Arrays with NaN or infinite values are refused; on any failure an earlier file stays as it was.
-    """
-    for key, a in arrays.items():
-        if np.asarray(a).dtype.kind == "f" and not np.all(np.isfinite(a)):
-            raise InputError(f"{path} was not written: '{key}' contains NaN or infinite values (did the run "
-                             f"diverge?); an earlier file there is left as it was")
-    check_writable(path)
-    meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
-                producer=np.array(os.path.basename(sys.argv[0]) or "python"),
-                inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
-    folder, name = os.path.split(os.path.abspath(path))
-    for old in os.listdir(folder):  # temporaries of this file left by writers that no longer run
-        pid = old[len(name) + 2:].split(".")[0]
-        if old.startswith(f".{name}.") and old.endswith(".tmp") and pid.isdigit() and not _pid_alive(int(pid)):
-            os.remove(os.path.join(folder, old))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays, **meta)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise InputError(f"cannot write {path}: {e.strerror or e}; an earlier file there is left as "
-                             f"it was") from None
-        raise
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def load_npz(path: str, schema: str, digest: bool = False):
-    """Read a handoff file (no pickles) and check its schema: a dict of NumPy arrays, or with ``digest`` the pair
-    (arrays, sha256 of the bytes that were read), so that provenance names the file as it was used."""
-    if os.path.isdir(path):
-        raise InputError(f"{path} is a folder, not an .npz file")
-    if not os.path.isfile(path):
-        raise InputError(f"{path} does not exist")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
-    except ValueError:  # numpy takes what is neither .npz nor .npy for pickled data
-        raise InputError(f"{path} is not an .npz file") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise InputError(f"{path} is not a readable .npz file ({e})") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise InputError(f"{path} holds a single array (.npy), not an .npz file")
-    try:
-        with loaded:
-            arrays = {k: loaded[k] for k in loaded.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise InputError(f"{path} is not a readable .npz file ({e})") from None
-    found = str(arrays.get("schema", "none"))
-    if found != schema:
-        raise InputError(f"{path} has schema '{found}', expected '{schema}'")
-    return (arrays, hashlib.sha256(raw).hexdigest()) if digest else arrays
-
-
-def check_arrays(name: str, arrays: dict, spec: dict, sizes: Optional[dict] = None) -> dict:
-    """Check keys, dtypes and symbolic shapes, e.g. {"actions": ("float32", ("N", "act_dim"))}.
-
-    Symbols are bound on first sight (or taken from ``sizes``) and must agree everywhere; floating
-    arrays must be finite. Returns the bound sizes. Raises InputError naming the file and the key.
-    """
-    sizes = dict(sizes or {})
-    for key, (dtype, shape) in spec.items():
-        if key not in arrays:
-            raise InputError(f"{name} has no key '{key}'")
-        a = arrays[key]
-        if a.dtype != np.dtype(dtype):
-            raise InputError(f"{name}: '{key}' has dtype {a.dtype}, expected {dtype}")
-        if a.ndim != len(shape):
-            raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {len(shape)} dimensions {shape}")
-        for dim, want in zip(a.shape, shape):
-            want = sizes.setdefault(want, dim) if isinstance(want, str) else want
-            if dim != want:
-                raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {shape} with {sizes}")
-        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-            raise InputError(f"{name}: '{key}' contains NaN or infinite values")
-    return sizes
-# --- end shared block: npz_io ---
-
-
-# --- shared block: dataset (keep identical across stages) ---
-DATASET_SCHEMA = "empo/dataset/v1"
-DATASET_SPEC = {
-    "observations": ("float32", ("N", "obs_dim")),
-    "actions": ("float32", ("N", "act_dim")),
-    "rewards": ("float32", ("N",)),
-    "next_observations": ("float32", ("N", "obs_dim")),
-    "terminals": ("bool", ("N",)),
-    "timeouts": ("bool", ("N",)),
-    "episode_ids": ("int32", ("N",)),
-    "behaviour": ("int32", ("N",)),
-}
-
-
-def load_dataset(source: str) -> tuple[dict, str]:
-    """Load a data set from an ``.npz`` path, D4RL HDF5 files or Minari ids (both comma-separated); validate it.
-
-    D4RL files (``*.hdf5``, read with h5py) and Minari ids (read from the local store, ``MINARI_DATASETS_PATH``
-    or ~/.minari) are never downloaded. Several files or ids are concatenated and labelled by their index, the
-    way D4RL medium-expert is medium + expert; a single Minari id takes ``behaviour`` from each episode's
-    metadata where present, a single D4RL file has none (-1). Returns (arrays, sha256 of the arrays' bytes).
-    """
-    parts = [s.strip() for s in source.split(",") if s.strip()]
-    hdf5 = [p.endswith((".hdf5", ".h5")) for p in parts]
-    if any(hdf5) and not all(hdf5):
-        raise InputError(f"--dataset {source} mixes D4RL .hdf5 files with other sources; give one kind")
-    if parts and all(hdf5):
-        data = _load_d4rl_hdf5(parts)
-    elif source.endswith(".npz") or os.path.exists(source):
-        arrays = load_npz(source, DATASET_SCHEMA)
-        data = {k: arrays[k] for k in DATASET_SPEC if k in arrays}
-    elif parts and all(re.fullmatch(r"([\w-]+/)*[\w-]+-v\d+", p) for p in parts):
-        data = _load_minari(parts)
-    else:  # neither a file nor something shaped like Minari's namespace/name-vN
-        raise InputError(f"--dataset {source}: no such file (a Minari id looks like 'namespace/name-v0')")
-    validate_dataset(source, data)
-    digest = hashlib.sha256()
-    for key in DATASET_SPEC:
-        digest.update(np.ascontiguousarray(data[key]).tobytes())
-    return data, digest.hexdigest()
-
-
-def validate_dataset(name: str, data: dict) -> dict:
-    """Schema, shapes, finiteness and trajectory structure; returns the sizes (N, obs_dim, act_dim)."""
-    sizes = check_arrays(name, data, DATASET_SPEC)
-    ids = data["episode_ids"]
-    if sizes["N"] == 0:
-        raise InputError(f"{name} holds no transitions")
-    for key, dim in (("observations", "obs_dim"), ("actions", "act_dim")):
-        if sizes[dim] == 0:
-            raise InputError(f"{name}: '{key}' has no features (shape {data[key].shape})")
-    steps = np.diff(ids)
-    if ids[0] != 0 or np.any((steps != 0) & (steps != 1)):
-        raise InputError(f"{name}: 'episode_ids' must start at 0 and count up by one, trajectories contiguous")
-    last = np.r_[steps != 0, True]  # last row of each trajectory
-    ends = data["terminals"] | data["timeouts"]
-    if np.any(ends & ~last):
-        raise InputError(f"{name}: a terminal or timeout flag stands inside a trajectory, not at its end")
-    if np.any(last & ~ends):
-        raise InputError(f"{name}: a trajectory ends with neither a terminal nor a timeout flag")
-    if np.any(data["terminals"] & data["timeouts"]):
-        raise InputError(f"{name}: a trajectory ends with both a terminal and a timeout flag (exactly one is allowed)")
-    return sizes
-
-
-def _load_minari(ids: list) -> dict:
-    if not ids:
-        raise InputError("no Minari data set id was given")
-    parts, first_episode = [], 0
-    for index, dataset_id in enumerate(ids):
-        dataset = _open_minari(dataset_id)
-        meta = list(dataset.storage.get_episode_metadata(dataset.episode_indices)) if len(ids) == 1 else None
-        for j, ep in enumerate(dataset.iterate_episodes()):
-            if isinstance(ep.observations, dict) or isinstance(ep.actions, dict):
-                raise InputError(f"Minari data set '{dataset_id}' has dictionary observations or actions")
-            n = len(ep.rewards)
-            obs = np.asarray(ep.observations, np.float32).reshape(n + 1, -1)
-            term = np.asarray(ep.terminations, bool)
-            label = index if meta is None else int(meta[j].get("behaviour", -1))
-            parts.append(dict(
-                observations=obs[:-1], actions=np.asarray(ep.actions, np.float32).reshape(n, -1),
-                rewards=np.asarray(ep.rewards, np.float32), next_observations=obs[1:], terminals=term,
-                # a trajectory that stops without a terminal is a timeout, whatever the flags say; a terminal never is
-                timeouts=(np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1)) & ~term,
-                episode_ids=np.full(n, first_episode, np.int32), behaviour=np.full(n, label, np.int32)))
-            first_episode += 1
-    if not parts:
-        raise InputError(f"Minari data sets {ids} hold no episodes")
-    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
-
-
-def _open_minari(dataset_id: str):
-    """``minari.load_dataset(dataset_id, download=False)`` with one-sentence errors."""
-    import minari
-
-    try:
-        return minari.load_dataset(dataset_id, download=False)
-    except FileNotFoundError:
-        raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
-                         f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)") from None
-    except Exception as e:  # a damaged local copy: say which
-        raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
-
-
-D4RL_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
-
-
-def _load_d4rl_hdf5(paths: list) -> dict:
-    """D4RL HDF5 files concatenated, each file's index its ``behaviour`` label (-1 when there is one file).
-
-    Each file is cut into trajectories after every row flagged ``terminals`` or ``timeouts``; rows after the
-    last flag (D4RL cuts files at a row count) are one more trajectory, ended as a timeout. Other keys
-    (``infos/*``, ``metadata/*``) are ignored. Both flags on one row is an error, as are a missing key,
-    sizes that disagree, NaN and flags other than 0 / 1: one sentence naming the file, the key and the row.
-    """
-    parts, first_episode = [], 0
-    for index, path in enumerate(paths):
-        arrays = _read_d4rl_file(path)
-        if parts and arrays["observations"].shape[1:] != parts[0]["observations"].shape[1:]:
-            raise InputError(f"{path} has {arrays['observations'].shape[1]}-dim observations, {paths[0]} has "
-                             f"{parts[0]['observations'].shape[1]}: files of different tasks")
-        if parts and arrays["actions"].shape[1:] != parts[0]["actions"].shape[1:]:
-            raise InputError(f"{path} has {arrays['actions'].shape[1]}-dim actions, {paths[0]} has "
-                             f"{parts[0]['actions'].shape[1]}: files of different tasks")
-        n, term = len(arrays["rewards"]), arrays["terminals"]
-        both = np.flatnonzero(term & arrays["timeouts"])
-        if both.size:
-            raise InputError(f"{path}: row {both[0]} has both 'terminals' and 'timeouts' set; a trajectory ends "
-                             f"with one of them")
-        arrays["timeouts"][-1] |= ~term[-1]  # the last trajectory stops with the file: a timeout
-        ends = term | arrays["timeouts"]
-        arrays["episode_ids"] = (first_episode + np.r_[0, np.cumsum(ends[:-1])]).astype(np.int32)
-        arrays["behaviour"] = np.full(n, index if len(paths) > 1 else -1, np.int32)
-        first_episode = int(arrays["episode_ids"][-1]) + 1
-        parts.append(arrays)
-    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
-
-
-def _read_d4rl_file(path: str) -> dict:
-    """The six D4RL keys of one HDF5 file as float32 [N, ...] / bool [N] arrays, checked."""
-    import h5py
-
-    if not os.path.isfile(path):
-        name = os.path.basename(path)
-        url = ("; D4RL's copy: http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/" + name
-               if name.endswith("-v2.hdf5") and name.split("_")[0] in ("halfcheetah", "hopper", "walker2d", "ant")
-               else "")
-        raise InputError(f"{path} does not exist{url}")
-    arrays = {}
-    try:
-        with h5py.File(path, "r") as f:
-            for key in D4RL_KEYS:
-                if not isinstance(f.get(key), h5py.Dataset):
-                    raise InputError(f"{path} has no key '{key}' (a D4RL v2 file has {', '.join(D4RL_KEYS)})")
-                arrays[key] = np.asarray(f[key][()])
-    except OSError as e:
-        raise InputError(f"{path} is not a readable HDF5 file ({e})") from None
-    n = len(arrays["observations"]) if arrays["observations"].ndim else 0
-    if n == 0:
-        raise InputError(f"{path} holds no transitions")
-    for key, a in arrays.items():
-        if a.dtype.kind not in "biuf":
-            raise InputError(f"{path}: '{key}' has dtype {a.dtype}, expected numbers")
-        if key in ("rewards", "terminals", "timeouts") and a.ndim == 2 and a.shape[1] == 1:
-            a = arrays[key] = a[:, 0]  # [N, 1] -> [N]
-        want = 1 if key in ("rewards", "terminals", "timeouts") else 2
-        if a.ndim != want or len(a) != n:
-            raise InputError(f"{path}: '{key}' has shape {a.shape}, expected {[n] if want == 1 else [n, 'dim']} "
-                             f"('observations' has {n} rows)")
-        if key in ("terminals", "timeouts"):
-            bad = np.flatnonzero((a != 0) & (a != 1))
-            if bad.size:
-                raise InputError(f"{path}: '{key}' is {a[bad[0]]} at row {bad[0]}, expected 0 or 1")
-            arrays[key] = a.astype(bool)
-        else:
-            arrays[key] = a = a.astype(np.float32)
-            bad = np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(axis=1))
-            if bad.size:
-                raise InputError(f"{path}: '{key}' contains NaN or infinite values (row {bad[0]})")
-    if arrays["next_observations"].shape != arrays["observations"].shape:
-        raise InputError(f"{path}: 'next_observations' has shape {arrays['next_observations'].shape}, "
-                         f"'observations' {arrays['observations'].shape}")
-    return arrays
-# --- end shared block: dataset ---
-
-
 # ----------------------------------------------------------------------------------------------
 # The map
 # ----------------------------------------------------------------------------------------------
@@ -1173,6 +840,337 @@ def main(args: Args) -> None:
         print(f"wrote {args.figure}")
     if args.minari_id:
         print(f"wrote Minari data set {args.minari_id} to {write_minari(args.minari_id, data)}")
+
+
+# ==============================================================================================
+# Plumbing shared by every stage: identical copies, checked by tests/test_shared_blocks.py. Each file
+# carries the shared functions it uses (npz I/O, the data set loader, run utilities, checkpoints);
+# a reader auditing the algorithm can stop above this line.
+# ==============================================================================================
+
+# --- shared block: npz_io (keep identical across stages) ---
+class InputError(ValueError):
+    """Bad input or output: the message is one sentence that names the file and the problem."""
+
+
+def same_file(a: str, b: str) -> bool:
+    """True when two paths name one file: equal after resolving links, or hard links to the same inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_writable(path: str, inputs=()) -> None:
+    """Fail before any work if ``path`` cannot be written or is one of ``inputs`` (paths or comma-joined paths):
+    an output never replaces an input."""
+    if not os.path.basename(path or ""):
+        raise InputError(f"the output path '{path}' names no file")
+    if os.path.isdir(path):
+        raise InputError(f"cannot write {path}: it is a folder")
+    for source in inputs:
+        for part in {source, *source.split(",")}:
+            if part and same_file(path, part):
+                raise InputError(f"refusing to write {path}: it is the input {part}, which would be lost")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: its folder {folder} cannot be created ({e.strerror or e})") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] = None) -> None:
+    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically.
+
+    The file is written beside ``path`` under a temporary name (with the writer's pid, so that one left by a
+    killed writer is removed by the next) and renamed over ``path`` only when complete, with the permissions the
+    umask gives. Arrays with NaN or infinite values are refused; on any failure an earlier file stays as it was.
+    """
+    for key, a in arrays.items():
+        if np.asarray(a).dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{path} was not written: '{key}' contains NaN or infinite values (did the run "
+                             f"diverge?); an earlier file there is left as it was")
+    check_writable(path)
+    meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
+                producer=np.array(os.path.basename(sys.argv[0]) or "python"),
+                inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
+    folder, name = os.path.split(os.path.abspath(path))
+    for old in os.listdir(folder):  # temporaries of this file left by writers that no longer run
+        pid = old[len(name) + 2:].split(".")[0]
+        if old.startswith(f".{name}.") and old.endswith(".tmp") and pid.isdigit() and not _pid_alive(int(pid)):
+            os.remove(os.path.join(folder, old))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays, **meta)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise InputError(f"cannot write {path}: {e.strerror or e}; an earlier file there is left as "
+                             f"it was") from None
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def load_npz(path: str, schema: str, digest: bool = False):
+    """Read a handoff file (no pickles) and check its schema: a dict of NumPy arrays, or with ``digest`` the pair
+    (arrays, sha256 of the bytes that were read), so that provenance names the file as it was used."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder, not an .npz file")
+    if not os.path.isfile(path):
+        raise InputError(f"{path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
+    except ValueError:  # numpy takes what is neither .npz nor .npy for pickled data
+        raise InputError(f"{path} is not an .npz file") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise InputError(f"{path} is not a readable .npz file ({e})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise InputError(f"{path} holds a single array (.npy), not an .npz file")
+    try:
+        with loaded:
+            arrays = {k: loaded[k] for k in loaded.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise InputError(f"{path} is not a readable .npz file ({e})") from None
+    found = str(arrays.get("schema", "none"))
+    if found != schema:
+        raise InputError(f"{path} has schema '{found}', expected '{schema}'")
+    return (arrays, hashlib.sha256(raw).hexdigest()) if digest else arrays
+
+
+def check_arrays(name: str, arrays: dict, spec: dict, sizes: Optional[dict] = None) -> dict:
+    """Check keys, dtypes and symbolic shapes, e.g. {"actions": ("float32", ("N", "act_dim"))}.
+
+    Symbols are bound on first sight (or taken from ``sizes``) and must agree everywhere; floating
+    arrays must be finite. Returns the bound sizes. Raises InputError naming the file and the key.
+    """
+    sizes = dict(sizes or {})
+    for key, (dtype, shape) in spec.items():
+        if key not in arrays:
+            raise InputError(f"{name} has no key '{key}'")
+        a = arrays[key]
+        if a.dtype != np.dtype(dtype):
+            raise InputError(f"{name}: '{key}' has dtype {a.dtype}, expected {dtype}")
+        if a.ndim != len(shape):
+            raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {len(shape)} dimensions {shape}")
+        for dim, want in zip(a.shape, shape):
+            want = sizes.setdefault(want, dim) if isinstance(want, str) else want
+            if dim != want:
+                raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {shape} with {sizes}")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{name}: '{key}' contains NaN or infinite values")
+    return sizes
+# --- end shared block: npz_io ---
+
+
+# --- shared block: dataset (keep identical across stages) ---
+DATASET_SCHEMA = "empo/dataset/v1"
+DATASET_SPEC = {
+    "observations": ("float32", ("N", "obs_dim")),
+    "actions": ("float32", ("N", "act_dim")),
+    "rewards": ("float32", ("N",)),
+    "next_observations": ("float32", ("N", "obs_dim")),
+    "terminals": ("bool", ("N",)),
+    "timeouts": ("bool", ("N",)),
+    "episode_ids": ("int32", ("N",)),
+    "behaviour": ("int32", ("N",)),
+}
+
+
+def load_dataset(source: str) -> tuple[dict, str]:
+    """Load a data set from an ``.npz`` path, D4RL HDF5 files or Minari ids (both comma-separated); validate it.
+
+    D4RL files (``*.hdf5``, read with h5py) and Minari ids (read from the local store, ``MINARI_DATASETS_PATH``
+    or ~/.minari) are never downloaded. Several files or ids are concatenated and labelled by their index, the
+    way D4RL medium-expert is medium + expert; a single Minari id takes ``behaviour`` from each episode's
+    metadata where present, a single D4RL file has none (-1). Returns (arrays, sha256 of the arrays' bytes).
+    """
+    parts = [s.strip() for s in source.split(",") if s.strip()]
+    hdf5 = [p.endswith((".hdf5", ".h5")) for p in parts]
+    if any(hdf5) and not all(hdf5):
+        raise InputError(f"--dataset {source} mixes D4RL .hdf5 files with other sources; give one kind")
+    if parts and all(hdf5):
+        data = _load_d4rl_hdf5(parts)
+    elif source.endswith(".npz") or os.path.exists(source):
+        arrays = load_npz(source, DATASET_SCHEMA)
+        data = {k: arrays[k] for k in DATASET_SPEC if k in arrays}
+    elif parts and all(re.fullmatch(r"([\w-]+/)*[\w-]+-v\d+", p) for p in parts):
+        data = _load_minari(parts)
+    else:  # neither a file nor something shaped like Minari's namespace/name-vN
+        raise InputError(f"--dataset {source}: no such file (a Minari id looks like 'namespace/name-v0')")
+    validate_dataset(source, data)
+    digest = hashlib.sha256()
+    for key in DATASET_SPEC:
+        digest.update(np.ascontiguousarray(data[key]).tobytes())
+    return data, digest.hexdigest()
+
+
+def validate_dataset(name: str, data: dict) -> dict:
+    """Schema, shapes, finiteness and trajectory structure; returns the sizes (N, obs_dim, act_dim)."""
+    sizes = check_arrays(name, data, DATASET_SPEC)
+    ids = data["episode_ids"]
+    if sizes["N"] == 0:
+        raise InputError(f"{name} holds no transitions")
+    for key, dim in (("observations", "obs_dim"), ("actions", "act_dim")):
+        if sizes[dim] == 0:
+            raise InputError(f"{name}: '{key}' has no features (shape {data[key].shape})")
+    steps = np.diff(ids)
+    if ids[0] != 0 or np.any((steps != 0) & (steps != 1)):
+        raise InputError(f"{name}: 'episode_ids' must start at 0 and count up by one, trajectories contiguous")
+    last = np.r_[steps != 0, True]  # last row of each trajectory
+    ends = data["terminals"] | data["timeouts"]
+    if np.any(ends & ~last):
+        raise InputError(f"{name}: a terminal or timeout flag stands inside a trajectory, not at its end")
+    if np.any(last & ~ends):
+        raise InputError(f"{name}: a trajectory ends with neither a terminal nor a timeout flag")
+    if np.any(data["terminals"] & data["timeouts"]):
+        raise InputError(f"{name}: a trajectory ends with both a terminal and a timeout flag (exactly one is allowed)")
+    return sizes
+
+
+def _load_minari(ids: list) -> dict:
+    if not ids:
+        raise InputError("no Minari data set id was given")
+    parts, first_episode = [], 0
+    for index, dataset_id in enumerate(ids):
+        dataset = _open_minari(dataset_id)
+        meta = list(dataset.storage.get_episode_metadata(dataset.episode_indices)) if len(ids) == 1 else None
+        for j, ep in enumerate(dataset.iterate_episodes()):
+            if isinstance(ep.observations, dict) or isinstance(ep.actions, dict):
+                raise InputError(f"Minari data set '{dataset_id}' has dictionary observations or actions")
+            n = len(ep.rewards)
+            obs = np.asarray(ep.observations, np.float32).reshape(n + 1, -1)
+            term = np.asarray(ep.terminations, bool)
+            label = index if meta is None else int(meta[j].get("behaviour", -1))
+            parts.append(dict(
+                observations=obs[:-1], actions=np.asarray(ep.actions, np.float32).reshape(n, -1),
+                rewards=np.asarray(ep.rewards, np.float32), next_observations=obs[1:], terminals=term,
+                # a trajectory that stops without a terminal is a timeout, whatever the flags say; a terminal never is
+                timeouts=(np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1)) & ~term,
+                episode_ids=np.full(n, first_episode, np.int32), behaviour=np.full(n, label, np.int32)))
+            first_episode += 1
+    if not parts:
+        raise InputError(f"Minari data sets {ids} hold no episodes")
+    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
+
+
+def _open_minari(dataset_id: str):
+    """``minari.load_dataset(dataset_id, download=False)`` with one-sentence errors."""
+    import minari
+
+    try:
+        return minari.load_dataset(dataset_id, download=False)
+    except FileNotFoundError:
+        raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
+                         f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)") from None
+    except Exception as e:  # a damaged local copy: say which
+        raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
+
+
+D4RL_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+
+
+def _load_d4rl_hdf5(paths: list) -> dict:
+    """D4RL HDF5 files concatenated, each file's index its ``behaviour`` label (-1 when there is one file).
+
+    Each file is cut into trajectories after every row flagged ``terminals`` or ``timeouts``; rows after the
+    last flag (D4RL cuts files at a row count) are one more trajectory, ended as a timeout. Other keys
+    (``infos/*``, ``metadata/*``) are ignored. Both flags on one row is an error, as are a missing key,
+    sizes that disagree, NaN and flags other than 0 / 1: one sentence naming the file, the key and the row.
+    """
+    parts, first_episode = [], 0
+    for index, path in enumerate(paths):
+        arrays = _read_d4rl_file(path)
+        if parts and arrays["observations"].shape[1:] != parts[0]["observations"].shape[1:]:
+            raise InputError(f"{path} has {arrays['observations'].shape[1]}-dim observations, {paths[0]} has "
+                             f"{parts[0]['observations'].shape[1]}: files of different tasks")
+        if parts and arrays["actions"].shape[1:] != parts[0]["actions"].shape[1:]:
+            raise InputError(f"{path} has {arrays['actions'].shape[1]}-dim actions, {paths[0]} has "
+                             f"{parts[0]['actions'].shape[1]}: files of different tasks")
+        n, term = len(arrays["rewards"]), arrays["terminals"]
+        both = np.flatnonzero(term & arrays["timeouts"])
+        if both.size:
+            raise InputError(f"{path}: row {both[0]} has both 'terminals' and 'timeouts' set; a trajectory ends "
+                             f"with one of them")
+        arrays["timeouts"][-1] |= ~term[-1]  # the last trajectory stops with the file: a timeout
+        ends = term | arrays["timeouts"]
+        arrays["episode_ids"] = (first_episode + np.r_[0, np.cumsum(ends[:-1])]).astype(np.int32)
+        arrays["behaviour"] = np.full(n, index if len(paths) > 1 else -1, np.int32)
+        first_episode = int(arrays["episode_ids"][-1]) + 1
+        parts.append(arrays)
+    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
+
+
+def _read_d4rl_file(path: str) -> dict:
+    """The six D4RL keys of one HDF5 file as float32 [N, ...] / bool [N] arrays, checked."""
+    import h5py
+
+    if not os.path.isfile(path):
+        name = os.path.basename(path)
+        url = ("; D4RL's copy: http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/" + name
+               if name.endswith("-v2.hdf5") and name.split("_")[0] in ("halfcheetah", "hopper", "walker2d", "ant")
+               else "")
+        raise InputError(f"{path} does not exist{url}")
+    arrays = {}
+    try:
+        with h5py.File(path, "r") as f:
+            for key in D4RL_KEYS:
+                if not isinstance(f.get(key), h5py.Dataset):
+                    raise InputError(f"{path} has no key '{key}' (a D4RL v2 file has {', '.join(D4RL_KEYS)})")
+                arrays[key] = np.asarray(f[key][()])
+    except OSError as e:
+        raise InputError(f"{path} is not a readable HDF5 file ({e})") from None
+    n = len(arrays["observations"]) if arrays["observations"].ndim else 0
+    if n == 0:
+        raise InputError(f"{path} holds no transitions")
+    for key, a in arrays.items():
+        if a.dtype.kind not in "biuf":
+            raise InputError(f"{path}: '{key}' has dtype {a.dtype}, expected numbers")
+        if key in ("rewards", "terminals", "timeouts") and a.ndim == 2 and a.shape[1] == 1:
+            a = arrays[key] = a[:, 0]  # [N, 1] -> [N]
+        want = 1 if key in ("rewards", "terminals", "timeouts") else 2
+        if a.ndim != want or len(a) != n:
+            raise InputError(f"{path}: '{key}' has shape {a.shape}, expected {[n] if want == 1 else [n, 'dim']} "
+                             f"('observations' has {n} rows)")
+        if key in ("terminals", "timeouts"):
+            bad = np.flatnonzero((a != 0) & (a != 1))
+            if bad.size:
+                raise InputError(f"{path}: '{key}' is {a[bad[0]]} at row {bad[0]}, expected 0 or 1")
+            arrays[key] = a.astype(bool)
+        else:
+            arrays[key] = a = a.astype(np.float32)
+            bad = np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(axis=1))
+            if bad.size:
+                raise InputError(f"{path}: '{key}' contains NaN or infinite values (row {bad[0]})")
+    if arrays["next_observations"].shape != arrays["observations"].shape:
+        raise InputError(f"{path}: 'next_observations' has shape {arrays['next_observations'].shape}, "
+                         f"'observations' {arrays['observations'].shape}")
+    return arrays
+# --- end shared block: dataset ---
 
 
 if __name__ == "__main__":

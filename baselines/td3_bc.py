@@ -189,17 +189,404 @@ class Data:
     not_done: jax.Array  # [N] float, 0 after a terminal, 1 otherwise (a timeout bootstraps)
 
 
+# --- shared block: networks (keep identical across stages) ---
+class MLP(nn.Module):
+    """hidden_layers x (Dense(hidden_dim) + ReLU), then a linear Dense(out_dim) (linear heads:
+    rewards can be negative)."""
+
+    hidden_dim: int
+    hidden_layers: int
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.hidden_layers):
+            x = nn.relu(nn.Dense(self.hidden_dim)(x))
+        return nn.Dense(self.out_dim)(x)
+
+
+def observation_stats(name: str, observations):
+    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
+    x = np.asarray(observations, np.float64)
+    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
+                         f"{np.abs(x).max():.3g})")
+    return mean, std
+
+
+# --- end shared block: networks ---
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+
+class Actor(nn.Module):
+    """pi(s; phi) = a_max * tanh(MLP(s)): the deterministic policy of TD3."""
+
+    act_dim: int
+    action_scale: tuple
+    hidden_dim: int
+    hidden_layers: int
+
+    @nn.compact
+    def __call__(self, obs):
+        out = MLP(self.hidden_dim, self.hidden_layers, self.act_dim)(obs)
+        return jnp.asarray(self.action_scale, jnp.float32) * jnp.tanh(out)
+
+
+def make_networks(hidden_dim: int, hidden_layers: int, act_dim: int, action_scale: tuple) -> dict:
+    return {"actor": Actor(act_dim, action_scale, hidden_dim, hidden_layers),  # pi(s; phi)
+            "critic": MLP(hidden_dim, hidden_layers, 1)}  # Q_i(s, a; theta_i) on [s, a / a_max]
+
+
+def critic_input(obs, actions, action_scale: tuple):
+    """[s, a / a_max] (interpretation 2): obs [B, obs_dim], actions [B, act_dim] -> [B, obs_dim + act_dim]."""
+    return jnp.concatenate([obs, actions / jnp.asarray(action_scale, jnp.float32)], axis=-1)
+
+
+def q_values(nets: dict, critic, obs, actions, action_scale: tuple):
+    """Q1 and Q2 at (obs, actions) with the stacked critic parameters -> [2, B]."""
+    x = critic_input(obs, actions, action_scale)  # [B, obs_dim + act_dim]
+    return jax.vmap(lambda params: nets["critic"].apply(params, x)[:, 0])(critic)  # [2, B]
+
+
+def q1_value(nets: dict, critic, obs, actions, action_scale: tuple):
+    """Q1 alone (the actor's critic) at (obs, actions) with the stacked critic parameters -> [B]."""
+    theta_1 = jax.tree.map(lambda x: x[0], critic)
+    return nets["critic"].apply(theta_1, critic_input(obs, actions, action_scale))[:, 0]  # [B]
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (TD3 and TD3+BC)
+# ----------------------------------------------------------------------------------------------
+
+def smoothed_target_action(next_pi, noise, action_scale, policy_noise: float, noise_clip: float):
+    """Target policy smoothing: a~ = clip(pi(s'; phi') + clip(sigma e, -c, c), -a_max, a_max), e ~ N(0, 1).
+
+    next_pi, noise [B, act_dim]; sigma = policy_noise * a_max and c = noise_clip * a_max per dimension.
+    """
+    scale = jnp.asarray(action_scale, jnp.float32)  # [act_dim] a_max
+    smoothing = jnp.clip(noise * policy_noise * scale, -noise_clip * scale, noise_clip * scale)  # [B, act_dim]
+    return jnp.clip(next_pi + smoothing, -scale, scale)  # TD3 target policy smoothing
+
+
+def critic_target(rewards, not_done, next_q1, next_q2, gamma: float):
+    """Clipped double Q-learning target: y = r + gamma (1 - d) min(Q1(s', a~; theta_1'), Q2(s', a~; theta_2')). [B]"""
+    return rewards + gamma * not_done * jnp.minimum(next_q1, next_q2)  # TD3 clipped double Q target
+
+
+def critic_loss(q, target):
+    """L(theta) = sum_{i=1,2} mean_B (Q_i(s, a; theta_i) - y)^2, y held fixed. q [2, B], target [B]."""
+    return jnp.sum(jnp.mean((q - jax.lax.stop_gradient(target)[None]) ** 2, axis=-1))  # TD3 critic loss
+
+
+def actor_loss(q_pi, pi, actions, alpha: float):
+    """TD3+BC: L(phi) = -lambda mean_B Q1(s, pi(s)) + mean_B (pi(s) - a)^2, lambda = alpha / mean_B |Q1(s, pi(s))|.
+
+    q_pi [B], pi and actions [B, act_dim]; lambda is held constant (no gradient through the denominator),
+    the BC term is the mean over the batch and the action dimensions. Returns (loss, (lambda, bc)).
+    """
+    lam = alpha / jax.lax.stop_gradient(jnp.mean(jnp.abs(q_pi)))  # TD3+BC lambda
+    bc = jnp.mean((pi - actions) ** 2)  # TD3+BC behaviour-cloning term
+    return -lam * jnp.mean(q_pi) + bc, (lam, bc)  # TD3+BC actor loss
+
+
+def bc_units(pi, actions, action_scale: tuple, units: str):
+    """(pi, a) in the units of the BC term: the environment's ('raw') or divided by a_max ('normalised').
+
+    The actor, the critic's input (a / a_max) and the target noise (in units of a_max) are the same in both
+    conventions, so this is the only difference: the normalised BC term is the raw one divided by a_max^2.
+    """
+    if units == "raw":
+        return pi, actions
+    scale = jnp.asarray(action_scale, jnp.float32)
+    return pi / scale, actions / scale
+
+
+def polyak(target, online, tau: float):
+    """theta' <- tau theta + (1 - tau) theta' for every leaf."""
+    return jax.tree.map(lambda t, p: tau * p + (1.0 - tau) * t, target, online)  # TD3 target update
+
+
+# ----------------------------------------------------------------------------------------------
+# Training functions
+# ----------------------------------------------------------------------------------------------
+
+def make_init(args: Args, nets: dict, obs_dim: int, act_dim: int):
+    tx = optax.adam(args.learning_rate)
+
+    def init(key) -> TrainState:
+        key_actor, key_critic = jax.random.split(key)
+        actor = nets["actor"].init(key_actor, jnp.zeros((1, obs_dim)))
+        critic = jax.vmap(lambda k: nets["critic"].init(k, jnp.zeros((1, obs_dim + act_dim))))(
+            jax.random.split(key_critic, 2))  # Q1, Q2 stacked
+        return TrainState(actor=actor, actor_target=actor, actor_opt=tx.init(actor), critic=critic,
+                          critic_target=critic, critic_opt=tx.init(critic))
+
+    return init, tx
+
+
+ACTOR_METRICS = ("losses/actor", "losses/bc", "charts/lambda", "charts/q_pi_mean")
+
+
+def make_train_chunk(args: Args, nets: dict, tx, num_rows: int, action_scale: tuple):
+    """TD3+BC: ``steps`` critic steps, the actor and the targets every d of them (interpretation 7).
+
+    Returns chunk(state, key, data, first_step, steps) -> (state, metrics averaged over the chunk), where
+    first_step is the number of critic steps taken before the chunk (the same for every run: not vmapped).
+    """
+    actor_net = nets["actor"]
+
+    def update(state: TrainState, key, step, data: Data):
+        key_batch, key_noise = jax.random.split(key)
+        idx = jax.random.randint(key_batch, (args.batch_size,), 0, num_rows)  # [B], uniform with replacement
+        obs, actions, next_obs = data.obs[idx], data.actions[idx], data.next_obs[idx]  # [B, ...]
+        noise = jax.random.normal(key_noise, actions.shape)  # [B, act_dim]
+        next_action = smoothed_target_action(actor_net.apply(state.actor_target, next_obs), noise, action_scale,
+                                             args.policy_noise, args.noise_clip)  # [B, act_dim]
+        next_q = q_values(nets, state.critic_target, next_obs, next_action, action_scale)  # [2, B]
+        target = critic_target(data.rewards[idx], data.not_done[idx], next_q[0], next_q[1], args.gamma)  # [B]
+
+        def critic_objective(critic):
+            q = q_values(nets, critic, obs, actions, action_scale)  # [2, B]
+            return critic_loss(q, target), q
+
+        (loss_critic, q), grads = jax.value_and_grad(critic_objective, has_aux=True)(state.critic)
+        updates, critic_opt = tx.update(grads, state.critic_opt, state.critic)
+        state = state.replace(critic=optax.apply_updates(state.critic, updates), critic_opt=critic_opt)
+
+        def actor_step(state: TrainState):
+            def actor_objective(actor):
+                pi = actor_net.apply(actor, obs)  # [B, act_dim]
+                q_pi = q1_value(nets, state.critic, obs, pi, action_scale)  # [B] Q1(s, pi(s))
+                loss, (lam, bc) = actor_loss(q_pi, *bc_units(pi, actions, action_scale, args.action_units),
+                                             args.alpha)
+                return loss, (lam, bc, jnp.mean(q_pi))
+
+            (loss, (lam, bc, q_pi_mean)), grads = jax.value_and_grad(actor_objective, has_aux=True)(state.actor)
+            updates, actor_opt = tx.update(grads, state.actor_opt, state.actor)
+            actor = optax.apply_updates(state.actor, updates)
+            state = state.replace(actor=actor, actor_opt=actor_opt,
+                                  actor_target=polyak(state.actor_target, actor, args.tau),
+                                  critic_target=polyak(state.critic_target, state.critic, args.tau))
+            return state, dict(zip(ACTOR_METRICS, (loss, bc, lam, q_pi_mean)))
+
+        skip = lambda state: (state, {name: jnp.float32(0.0) for name in ACTOR_METRICS})
+        delayed = (step + 1) % args.policy_freq == 0  # the original's total_it % policy_freq == 0
+        state, actor_metrics = jax.lax.cond(delayed, actor_step, skip, state)
+        return state, {"losses/critic": loss_critic, "charts/q_data_mean": jnp.mean(q[0]),
+                       "charts/target_mean": jnp.mean(target), "actor_updates": delayed.astype(jnp.float32),
+                       **actor_metrics}
+
+    def chunk(state: TrainState, key, data: Data, first_step, steps: int):
+        xs = (jax.random.split(key, steps), first_step + jnp.arange(steps, dtype=jnp.int32))
+        state, metrics = jax.lax.scan(lambda s, x: update(s, x[0], x[1], data), state, xs)
+        count = jnp.sum(metrics["actor_updates"])
+        means = {name: jnp.mean(x) for name, x in metrics.items() if name not in ACTOR_METRICS}
+        means.update({name: jnp.sum(metrics[name]) / jnp.maximum(count, 1.0) for name in ACTOR_METRICS})
+        return state, dict(means, actor_updates=count)
+
+    return chunk
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+EXPL_NOISE = 0.1  # the original's expl_noise: std of its exploration noise, in units of a_max
+
+
+def make_evaluate(actor_net, obs_mean, obs_std, episodes: int, sample: bool = False, action_scale=(1.0,)):
+    """Rollouts of the deterministic actor from s_0 (nav_env.rollout), vmapped over runs.
+
+    ``sample``: the actor has no distribution to sample from; its sampled protocol adds the original TD3's
+    exploration noise, a = clip(pi(s) + N(0, (EXPL_NOISE a_max)^2), -a_max, a_max), the only stochastic version
+    of this policy its authors define (TD3+BC itself evaluates the deterministic actor).
+    """
+    import nav_env
+
+    scale = jnp.asarray(action_scale, jnp.float32)
+
+    def evaluate(params, key):
+        def act(key_t, pos):
+            action = actor_net.apply(params, (pos - obs_mean) / obs_std)
+            if sample:
+                noise = EXPL_NOISE * scale * jax.random.normal(key_t, action.shape)
+                return jnp.clip(action + noise, -scale, scale)
+            return action
+
+        return nav_env.rollout(key, act, episodes)  # nav_env.report_rollouts picks the fields it stores
+
+    return jax.jit(jax.vmap(evaluate))
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def validate_args(args: Args) -> None:
+    """The flags alone, before anything is read: one sentence for the first one out of range."""
+    at_least = dict(steps=1, num_seeds=1, batch_size=1, steps_per_call=1, policy_freq=1, hidden_dim=1, hidden_layers=1,
+                    eval_episodes=0)
+    check_flags(args, at_least)
+    if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
+        raise InputError(f"need 0 <= --gamma <= 1 and 0 < --tau <= 1, got {args.gamma} and {args.tau}")
+    if not args.alpha > 0 or not args.learning_rate > 0:
+        raise InputError(f"--alpha and --learning-rate must be positive, got {args.alpha} and {args.learning_rate}")
+    if not args.policy_noise >= 0 or not args.noise_clip >= 0:
+        raise InputError(f"--policy-noise and --noise-clip cannot be negative, got {args.policy_noise} and "
+                         f"{args.noise_clip}")
+    check_fits(f"--hidden-dim {args.hidden_dim} with --hidden-layers {args.hidden_layers}",  # 6 nets: params, Adam
+               16.0 * 6 * args.num_seeds * args.hidden_layers * args.hidden_dim ** 2)
+    check_fits(f"--eval-episodes {args.eval_episodes}", 2 * args.num_seeds * args.eval_episodes * 1001 * 2 * 4)
+
+
+def main(args: Args) -> dict:
+    validate_args(args)
+    for path in (args.out, checkpoint_path(args.out)):
+        check_writable(path, [args.dataset])
+    data_np, data_sha = load_dataset(args.dataset)
+    n = len(data_np["rewards"])
+    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
+
+    # State normalisation (TD3+BC, eps = 1e-3) and a_max (interpretation 3).
+    obs_mean, obs_std = observation_stats(args.dataset, data_np["observations"])
+    action_scale = tuple(float(x) for x in np.maximum(np.abs(data_np["actions"]).max(0), 1e-3))
+    norm = lambda x: jnp.asarray((x - obs_mean) / obs_std)
+    data = Data(obs=norm(data_np["observations"]), actions=jnp.asarray(data_np["actions"]),
+                rewards=jnp.asarray(data_np["rewards"]), next_obs=norm(data_np["next_observations"]),
+                not_done=jnp.asarray(1.0 - data_np["terminals"].astype(np.float32)))
+
+    nets = make_networks(args.hidden_dim, args.hidden_layers, act_dim, action_scale)
+    init, tx = make_init(args, nets, obs_dim, act_dim)
+    seed_sharding, replicated = seed_shardings(args.num_seeds)
+    data = jax.device_put(data, replicated)
+    seeds = np.arange(args.seed, args.seed + args.num_seeds)
+    split = jax.jit(jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3), out_axes=1))
+    key_init, key_train, key_eval = (jax.device_put(x, seed_sharding) for x in split(jnp.asarray(seeds)))
+    state = jax.jit(jax.vmap(init), out_shardings=seed_sharding)(key_init)
+
+    # The schedule: chunks of critic steps, a checkpoint after each.
+    calls = [min(args.steps_per_call, args.steps - i) for i in range(0, args.steps, args.steps_per_call)]
+    run_dir = os.path.dirname(os.path.abspath(args.out))
+    identity = run_identity(args, {"dataset": data_sha})
+    ckpt_path, state, first = resume_checkpoint(args, state, "empo/td3_bc-checkpoint/v2", identity, len(calls))
+    state = jax.device_put(state, seed_sharding)
+    writer = make_writer(os.path.join(run_dir, "td3_bc"), args)
+
+    train_chunk = make_train_chunk(args, nets, tx, n, action_scale)
+    calls_jit = {s: jax.jit(jax.vmap(lambda st, key, d, step0, s=s: train_chunk(st, key, d, step0, s),
+                                     in_axes=(0, 0, None, None)))
+                 for s in set(calls)}
+    fold_in = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+    chunk_key = lambda unit: jax.device_put(fold_in(key_train, unit), seed_sharding)
+    print(f"[td3_bc] N={n} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
+          f"a_max={[round(a, 4) for a in action_scale]}; {args.steps} steps in {len(calls)} chunks", flush=True)
+
+    progress = Progress(len(calls), "td3_bc", first=first)
+    t_train = time.perf_counter()
+    done, timed = sum(calls[:first]), []
+    for unit in range(first, len(calls)):
+        t0 = time.perf_counter()
+        state, metrics = calls_jit[calls[unit]](state, chunk_key(unit), data, np.int32(done))
+        metrics = {name: float(np.mean(x)) for name, x in jax.device_get(metrics).items()}
+        took = time.perf_counter() - t0
+        timed.append((calls[unit], took))
+        done += calls[unit]
+        save_checkpoint(ckpt_path, state, unit + 1, "empo/td3_bc-checkpoint/v2", identity)
+        for name, value in metrics.items():
+            if name != "actor_updates" and (name not in ACTOR_METRICS or metrics["actor_updates"] > 0):
+                writer.add_scalar(name, value, done)
+        writer.add_scalar("charts/SPS", calls[unit] / took, done)
+        progress(unit + 1, took=took, critic_loss=metrics["losses/critic"], actor_loss=metrics["losses/actor"],
+                 lam=metrics["charts/lambda"], q_pi=metrics["charts/q_pi_mean"], bc=metrics["losses/bc"])
+    train_s = time.perf_counter() - t_train
+    # Steps per second of every run (they run in parallel), leaving out the first call (compilation).
+    steady = timed[1:] or timed
+    steps_per_s = sum(s for s, _ in steady) / max(sum(t for _, t in steady), 1e-9) if steady else float("nan")
+
+    state = jax.device_get(state)
+    critic_i = lambda i: jax.tree.map(lambda x: x[:, i], state.critic["params"])  # [S, 2, ...] -> [S, ...]
+    arrays = {
+        **flatten_params("actor/params", state.actor["params"]), **flatten_params("critic1/params", critic_i(0)),
+        **flatten_params("critic2/params", critic_i(1)),
+        "seeds": seeds.astype(np.int64), "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
+        "arch/hidden_dim": np.int64(args.hidden_dim), "arch/hidden_layers": np.int64(args.hidden_layers),
+        "arch/obs_mean": obs_mean, "arch/obs_std": obs_std, "arch/action_scale": np.asarray(action_scale, np.float32),
+        "arch/gamma": np.float32(args.gamma),
+    }
+
+    # Evaluation for insight (navigation task only): the deterministic actor from s_0, figures.
+    summary = {"train_s": train_s, "steps_per_s": steps_per_s, "seeds": seeds.tolist()}
+    if obs_dim == 2 and act_dim == 2 and args.eval_episodes > 0:
+        eval_arrays, eval_summary = evaluate_actor(args, nets, obs_mean, obs_std, action_scale, state, key_eval,
+                                                   writer, run_dir, seeds)
+        arrays.update(eval_arrays)
+        summary.update(eval_summary)
+    save_npz(args.out, arrays, "empo/td3_bc/v1", asdict(args), {"dataset": data_sha})
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    writer.close()
+    print(f"[td3_bc] wrote {args.out}: training {train_s:.1f}s, {steps_per_s:.0f} steps/s per run")
+    return summary
+
+
+def evaluate_actor(args: Args, nets, obs_mean, obs_std, action_scale, state: TrainState, key_eval, writer,
+                   run_dir, seeds):
+    """Rollouts of every run's actor, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
+    import nav_env
+
+    # Both protocols of Appendix C, from the same start states: eval/* with the deterministic actor (TD3+BC's own
+    # evaluation), eval/sampled_* with the original TD3's exploration noise added (make_evaluate).
+    outs, arrays, summaries = {}, {}, {}
+    for sample in (False, True):
+        evaluate = make_evaluate(nets["actor"], jnp.asarray(obs_mean), jnp.asarray(obs_std), args.eval_episodes,
+                                 sample, action_scale)
+        outs[sample] = jax.device_get(evaluate(state.actor, key_eval))  # [S, E, ...]
+        what = f"actor pi(s) + N(0, ({EXPL_NOISE} a_max)^2)" if sample else "deterministic actor pi(s)"
+        part, part_summary = nav_env.report_rollouts(
+            outs[sample], seeds, f"[td3_bc] {what}, {args.eval_episodes} rollouts per run:",
+            prefix="sampled_" if sample else "")
+        arrays.update(part)
+        summaries[sample] = part_summary
+    summary = {**summaries[False], "sampled": summaries[True]}
+    out = outs[False]
+    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
+        writer.add_scalar(f"eval/{name}", summary[name], args.steps)
+        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
+
+    # Figures: every run's rollouts, and run 0's action field over V-like Q1(s, pi(s)).
+    images = {"rollouts": nav_env.plot_runs(out, seeds, "TD3+BC: deterministic actor, every run",
+                                            os.path.join(run_dir, "td3_bc_rollouts.png"))}
+    arrow_states, field_states = nav_env.grid_states(16), nav_env.grid_states(61)
+
+    @jax.jit
+    def maps(actor, critic):  # run 0's pi(s) at the arrows and Q1(s, pi(s)) on the field's grid
+        arrow_obs, field_obs = ((jnp.asarray(x) - obs_mean) / obs_std for x in (arrow_states, field_states))
+        field_pi = nets["actor"].apply(actor, field_obs)  # [61*61, act_dim]
+        return nets["actor"].apply(actor, arrow_obs), q1_value(nets, critic, field_obs, field_pi, action_scale)
+
+    arrow_actions, q1_pi = jax.device_get(maps(*jax.tree.map(lambda x: x[0], (state.actor, state.critic))))
+    images["action_field"] = nav_env.plot_map(
+        arrows=(arrow_states, arrow_actions), field=q1_pi.reshape(61, 61),
+        field_label="Q1(s, pi(s))", title=f"TD3+BC: actor pi(s) over Q1(s, pi(s)) (seed {seeds[0]})",
+        path=os.path.join(run_dir, "td3_bc_action_field.png"))
+    for name, image in images.items():
+        writer.add_image(f"eval/{name}", image, args.steps, dataformats="HWC")
+    return arrays, summary
+
+
+# ==============================================================================================
+# Plumbing shared by every stage: identical copies, checked by tests/test_shared_blocks.py. Each file
+# carries the shared functions it uses (npz I/O, the data set loader, run utilities, checkpoints);
+# a reader auditing the algorithm can stop above this line.
+# ==============================================================================================
+
 # --- shared block: npz_io (keep identical across stages) ---
 class InputError(ValueError):
     """Bad input or output: the message is one sentence that names the file and the problem."""
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def same_file(a: str, b: str) -> bool:
@@ -548,7 +935,8 @@ class Progress:
 
     kinds (one label per unit, optional) estimate each kind of unit by the mean time of the finished units
     of that kind (by all finished units until one is seen); first is the number of units finished before
-    this process started (a resumed run), which the estimate leaves out.
+    this process started (a resumed run), which the estimate leaves out. Hand-written because tqdm and rich
+    estimate from one mean rate, which misses by hours when a SARSA call takes 1 s and a PPO epoch 80 s.
     """
 
     def __init__(self, total: int, name: str, kinds=None, first: int = 0):
@@ -635,298 +1023,6 @@ def run(main, args) -> None:
 # --- end shared block: run_utils ---
 
 
-# --- shared block: networks (keep identical across stages) ---
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 0.0
-
-
-class MLP(nn.Module):
-    """hidden_layers x (Dense(hidden_dim) + ReLU), then a linear Dense(out_dim) (linear heads:
-    rewards can be negative)."""
-
-    hidden_dim: int
-    hidden_layers: int
-    out_dim: int
-
-    @nn.compact
-    def __call__(self, x):
-        for _ in range(self.hidden_layers):
-            x = nn.relu(nn.Dense(self.hidden_dim)(x))
-        return nn.Dense(self.out_dim)(x)
-
-
-class GaussianPolicy(nn.Module):
-    """beta(a|s; theta): mean = action_scale * tanh(.), log-std squashed into [LOG_STD_MIN, LOG_STD_MAX]."""
-
-    act_dim: int
-    action_scale: tuple
-    hidden_dim: int
-    hidden_layers: int
-
-    @nn.compact
-    def __call__(self, obs):
-        out = MLP(self.hidden_dim, self.hidden_layers, 2 * self.act_dim)(obs)
-        mean, log_std = jnp.split(out, 2, axis=-1)
-        mean = jnp.asarray(self.action_scale, jnp.float32) * jnp.tanh(mean)
-        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(log_std) + 1.0)
-        return mean, log_std
-
-
-def gaussian_log_prob(mean, log_std, action):
-    """log N(action; mean, exp(log_std)^2), summed over the last (action) axis."""
-    z = (action - mean) * jnp.exp(-log_std)
-    return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
-
-
-def stacked_apply(policy, params, obs, z):
-    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
-    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
-    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
-    return pick(mean), pick(log_std)
-
-
-def observation_stats(name: str, observations):
-    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
-    x = np.asarray(observations, np.float64)
-    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
-        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
-                         f"{np.abs(x).max():.3g})")
-    return mean, std
-
-
-def check_arch(name: str, arrays: dict) -> None:
-    """The arch/* entries of a handoff file rebuild a network: sizes at least 1, scales positive."""
-    for key in ("arch/k", "arch/hidden_dim", "arch/hidden_layers"):
-        if key in arrays and int(arrays[key]) < 1:
-            raise InputError(f"{name}: '{key}' must be at least 1, got {int(arrays[key])}")
-    for key in ("arch/obs_std", "arch/action_scale", "arch/value_scale"):
-        if key in arrays and not np.all(arrays[key] > 0):
-            raise InputError(f"{name}: '{key}' must be positive, got {arrays[key]}")
-
-
-def param_shapes(net, in_dim: int):
-    """The parameters of ``net`` on inputs of ``in_dim`` features, as shapes only (nothing is computed)."""
-    return jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, in_dim), jnp.float32))["params"]
-
-
-def check_param_shapes(name: str, arrays: dict, prefix: str, template, lead: int) -> None:
-    """The parameters under ``prefix`` have, after ``lead`` leading axes (seeds, clusters), the shapes of
-    ``template`` (one network built from the file's arch/* entries)."""
-    want = {f"{prefix}/{k}": tuple(v.shape) for k, v in traverse_util.flatten_dict(template, sep="/").items()}
-    have = {k: a.shape[lead:] for k, a in arrays.items() if k.startswith(prefix + "/")}
-    for key in sorted(set(want) | set(have)):
-        if key not in have:
-            raise InputError(f"{name} has no key '{key}', which its arch/* entries call for")
-        if key not in want or have[key] != want[key]:
-            raise InputError(f"{name}: '{key}' has shape {have[key]} per run, but its arch/* entries give "
-                             f"{want.get(key, 'no such parameter')}")
-# --- end shared block: networks ---
-
-
-# ----------------------------------------------------------------------------------------------
-# Networks
-# ----------------------------------------------------------------------------------------------
-
-class Actor(nn.Module):
-    """pi(s; phi) = a_max * tanh(MLP(s)): the deterministic policy of TD3."""
-
-    act_dim: int
-    action_scale: tuple
-    hidden_dim: int
-    hidden_layers: int
-
-    @nn.compact
-    def __call__(self, obs):
-        out = MLP(self.hidden_dim, self.hidden_layers, self.act_dim)(obs)
-        return jnp.asarray(self.action_scale, jnp.float32) * jnp.tanh(out)
-
-
-def make_networks(hidden_dim: int, hidden_layers: int, act_dim: int, action_scale: tuple) -> dict:
-    return {"actor": Actor(act_dim, action_scale, hidden_dim, hidden_layers),  # pi(s; phi)
-            "critic": MLP(hidden_dim, hidden_layers, 1)}  # Q_i(s, a; theta_i) on [s, a / a_max]
-
-
-def critic_input(obs, actions, action_scale: tuple):
-    """[s, a / a_max] (interpretation 2): obs [B, obs_dim], actions [B, act_dim] -> [B, obs_dim + act_dim]."""
-    return jnp.concatenate([obs, actions / jnp.asarray(action_scale, jnp.float32)], axis=-1)
-
-
-def q_values(nets: dict, critic, obs, actions, action_scale: tuple):
-    """Q1 and Q2 at (obs, actions) with the stacked critic parameters -> [2, B]."""
-    x = critic_input(obs, actions, action_scale)  # [B, obs_dim + act_dim]
-    return jax.vmap(lambda params: nets["critic"].apply(params, x)[:, 0])(critic)  # [2, B]
-
-
-def q1_value(nets: dict, critic, obs, actions, action_scale: tuple):
-    """Q1 alone (the actor's critic) at (obs, actions) with the stacked critic parameters -> [B]."""
-    theta_1 = jax.tree.map(lambda x: x[0], critic)
-    return nets["critic"].apply(theta_1, critic_input(obs, actions, action_scale))[:, 0]  # [B]
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses (TD3 and TD3+BC)
-# ----------------------------------------------------------------------------------------------
-
-def smoothed_target_action(next_pi, noise, action_scale, policy_noise: float, noise_clip: float):
-    """Target policy smoothing: a~ = clip(pi(s'; phi') + clip(sigma e, -c, c), -a_max, a_max), e ~ N(0, 1).
-
-    next_pi, noise [B, act_dim]; sigma = policy_noise * a_max and c = noise_clip * a_max per dimension.
-    """
-    scale = jnp.asarray(action_scale, jnp.float32)  # [act_dim] a_max
-    smoothing = jnp.clip(noise * policy_noise * scale, -noise_clip * scale, noise_clip * scale)  # [B, act_dim]
-    return jnp.clip(next_pi + smoothing, -scale, scale)  # TD3 target policy smoothing
-
-
-def critic_target(rewards, not_done, next_q1, next_q2, gamma: float):
-    """Clipped double Q-learning target: y = r + gamma (1 - d) min(Q1(s', a~; theta_1'), Q2(s', a~; theta_2')). [B]"""
-    return rewards + gamma * not_done * jnp.minimum(next_q1, next_q2)  # TD3 clipped double Q target
-
-
-def critic_loss(q, target):
-    """L(theta) = sum_{i=1,2} mean_B (Q_i(s, a; theta_i) - y)^2, y held fixed. q [2, B], target [B]."""
-    return jnp.sum(jnp.mean((q - jax.lax.stop_gradient(target)[None]) ** 2, axis=-1))  # TD3 critic loss
-
-
-def actor_loss(q_pi, pi, actions, alpha: float):
-    """TD3+BC: L(phi) = -lambda mean_B Q1(s, pi(s)) + mean_B (pi(s) - a)^2, lambda = alpha / mean_B |Q1(s, pi(s))|.
-
-    q_pi [B], pi and actions [B, act_dim]; lambda is held constant (no gradient through the denominator),
-    the BC term is the mean over the batch and the action dimensions. Returns (loss, (lambda, bc)).
-    """
-    lam = alpha / jax.lax.stop_gradient(jnp.mean(jnp.abs(q_pi)))  # TD3+BC lambda
-    bc = jnp.mean((pi - actions) ** 2)  # TD3+BC behaviour-cloning term
-    return -lam * jnp.mean(q_pi) + bc, (lam, bc)  # TD3+BC actor loss
-
-
-def bc_units(pi, actions, action_scale: tuple, units: str):
-    """(pi, a) in the units of the BC term: the environment's ('raw') or divided by a_max ('normalised').
-
-    The actor, the critic's input (a / a_max) and the target noise (in units of a_max) are the same in both
-    conventions, so this is the only difference: the normalised BC term is the raw one divided by a_max^2.
-    """
-    if units == "raw":
-        return pi, actions
-    scale = jnp.asarray(action_scale, jnp.float32)
-    return pi / scale, actions / scale
-
-
-def polyak(target, online, tau: float):
-    """theta' <- tau theta + (1 - tau) theta' for every leaf."""
-    return jax.tree.map(lambda t, p: tau * p + (1.0 - tau) * t, target, online)  # TD3 target update
-
-
-# ----------------------------------------------------------------------------------------------
-# Training functions
-# ----------------------------------------------------------------------------------------------
-
-def make_init(args: Args, nets: dict, obs_dim: int, act_dim: int):
-    tx = optax.adam(args.learning_rate)
-
-    def init(key) -> TrainState:
-        key_actor, key_critic = jax.random.split(key)
-        actor = nets["actor"].init(key_actor, jnp.zeros((1, obs_dim)))
-        critic = jax.vmap(lambda k: nets["critic"].init(k, jnp.zeros((1, obs_dim + act_dim))))(
-            jax.random.split(key_critic, 2))  # Q1, Q2 stacked
-        return TrainState(actor=actor, actor_target=actor, actor_opt=tx.init(actor), critic=critic,
-                          critic_target=critic, critic_opt=tx.init(critic))
-
-    return init, tx
-
-
-ACTOR_METRICS = ("losses/actor", "losses/bc", "charts/lambda", "charts/q_pi_mean")
-
-
-def make_train_chunk(args: Args, nets: dict, tx, num_rows: int, action_scale: tuple):
-    """TD3+BC: ``steps`` critic steps, the actor and the targets every d of them (interpretation 7).
-
-    Returns chunk(state, key, data, first_step, steps) -> (state, metrics averaged over the chunk), where
-    first_step is the number of critic steps taken before the chunk (the same for every run: not vmapped).
-    """
-    actor_net = nets["actor"]
-
-    def update(state: TrainState, key, step, data: Data):
-        key_batch, key_noise = jax.random.split(key)
-        idx = jax.random.randint(key_batch, (args.batch_size,), 0, num_rows)  # [B], uniform with replacement
-        obs, actions, next_obs = data.obs[idx], data.actions[idx], data.next_obs[idx]  # [B, ...]
-        noise = jax.random.normal(key_noise, actions.shape)  # [B, act_dim]
-        next_action = smoothed_target_action(actor_net.apply(state.actor_target, next_obs), noise, action_scale,
-                                             args.policy_noise, args.noise_clip)  # [B, act_dim]
-        next_q = q_values(nets, state.critic_target, next_obs, next_action, action_scale)  # [2, B]
-        target = critic_target(data.rewards[idx], data.not_done[idx], next_q[0], next_q[1], args.gamma)  # [B]
-
-        def critic_objective(critic):
-            q = q_values(nets, critic, obs, actions, action_scale)  # [2, B]
-            return critic_loss(q, target), q
-
-        (loss_critic, q), grads = jax.value_and_grad(critic_objective, has_aux=True)(state.critic)
-        updates, critic_opt = tx.update(grads, state.critic_opt, state.critic)
-        state = state.replace(critic=optax.apply_updates(state.critic, updates), critic_opt=critic_opt)
-
-        def actor_step(state: TrainState):
-            def actor_objective(actor):
-                pi = actor_net.apply(actor, obs)  # [B, act_dim]
-                q_pi = q1_value(nets, state.critic, obs, pi, action_scale)  # [B] Q1(s, pi(s))
-                loss, (lam, bc) = actor_loss(q_pi, *bc_units(pi, actions, action_scale, args.action_units),
-                                             args.alpha)
-                return loss, (lam, bc, jnp.mean(q_pi))
-
-            (loss, (lam, bc, q_pi_mean)), grads = jax.value_and_grad(actor_objective, has_aux=True)(state.actor)
-            updates, actor_opt = tx.update(grads, state.actor_opt, state.actor)
-            actor = optax.apply_updates(state.actor, updates)
-            state = state.replace(actor=actor, actor_opt=actor_opt,
-                                  actor_target=polyak(state.actor_target, actor, args.tau),
-                                  critic_target=polyak(state.critic_target, state.critic, args.tau))
-            return state, dict(zip(ACTOR_METRICS, (loss, bc, lam, q_pi_mean)))
-
-        skip = lambda state: (state, {name: jnp.float32(0.0) for name in ACTOR_METRICS})
-        delayed = (step + 1) % args.policy_freq == 0  # the original's total_it % policy_freq == 0
-        state, actor_metrics = jax.lax.cond(delayed, actor_step, skip, state)
-        return state, {"losses/critic": loss_critic, "charts/q_data_mean": jnp.mean(q[0]),
-                       "charts/target_mean": jnp.mean(target), "actor_updates": delayed.astype(jnp.float32),
-                       **actor_metrics}
-
-    def chunk(state: TrainState, key, data: Data, first_step, steps: int):
-        xs = (jax.random.split(key, steps), first_step + jnp.arange(steps, dtype=jnp.int32))
-        state, metrics = jax.lax.scan(lambda s, x: update(s, x[0], x[1], data), state, xs)
-        count = jnp.sum(metrics["actor_updates"])
-        means = {name: jnp.mean(x) for name, x in metrics.items() if name not in ACTOR_METRICS}
-        means.update({name: jnp.sum(metrics[name]) / jnp.maximum(count, 1.0) for name in ACTOR_METRICS})
-        return state, dict(means, actor_updates=count)
-
-    return chunk
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation and checkpoints
-# ----------------------------------------------------------------------------------------------
-
-EXPL_NOISE = 0.1  # the original's expl_noise: std of its exploration noise, in units of a_max
-
-
-def make_evaluate(actor_net, obs_mean, obs_std, episodes: int, sample: bool = False, action_scale=(1.0,)):
-    """Rollouts of the deterministic actor from s_0 (nav_env.rollout), vmapped over runs.
-
-    ``sample``: the actor has no distribution to sample from; its sampled protocol adds the original TD3's
-    exploration noise, a = clip(pi(s) + N(0, (EXPL_NOISE a_max)^2), -a_max, a_max), the only stochastic version
-    of this policy its authors define (TD3+BC itself evaluates the deterministic actor).
-    """
-    import nav_env
-
-    scale = jnp.asarray(action_scale, jnp.float32)
-
-    def evaluate(params, key):
-        def act(key_t, pos):
-            action = actor_net.apply(params, (pos - obs_mean) / obs_std)
-            if sample:
-                noise = EXPL_NOISE * scale * jax.random.normal(key_t, action.shape)
-                return jnp.clip(action + noise, -scale, scale)
-            return action
-
-        return nav_env.rollout(key, act, episodes)  # nav_env.report_rollouts picks the fields it stores
-
-    return jax.jit(jax.vmap(evaluate))
-
-
 # --- shared block: checkpoint (keep identical across stages) ---
 # Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood for
 # by their sha256, so that moved files still resume).
@@ -995,162 +1091,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
             out[prefix + key] = value
     return out
 # --- end shared block: checkpoint ---
-
-
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
-
-def validate_args(args: Args) -> None:
-    """The flags alone, before anything is read: one sentence for the first one out of range."""
-    at_least = dict(steps=1, num_seeds=1, batch_size=1, steps_per_call=1, policy_freq=1, hidden_dim=1, hidden_layers=1,
-                    eval_episodes=0)
-    check_flags(args, at_least)
-    if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
-        raise InputError(f"need 0 <= --gamma <= 1 and 0 < --tau <= 1, got {args.gamma} and {args.tau}")
-    if not args.alpha > 0 or not args.learning_rate > 0:
-        raise InputError(f"--alpha and --learning-rate must be positive, got {args.alpha} and {args.learning_rate}")
-    if not args.policy_noise >= 0 or not args.noise_clip >= 0:
-        raise InputError(f"--policy-noise and --noise-clip cannot be negative, got {args.policy_noise} and "
-                         f"{args.noise_clip}")
-    check_fits(f"--hidden-dim {args.hidden_dim} with --hidden-layers {args.hidden_layers}",  # 6 nets: params, Adam
-               16.0 * 6 * args.num_seeds * args.hidden_layers * args.hidden_dim ** 2)
-    check_fits(f"--eval-episodes {args.eval_episodes}", 2 * args.num_seeds * args.eval_episodes * 1001 * 2 * 4)
-
-
-def main(args: Args) -> dict:
-    validate_args(args)
-    for path in (args.out, checkpoint_path(args.out)):
-        check_writable(path, [args.dataset])
-    data_np, data_sha = load_dataset(args.dataset)
-    n = len(data_np["rewards"])
-    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
-
-    # State normalisation (TD3+BC, eps = 1e-3) and a_max (interpretation 3).
-    obs_mean, obs_std = observation_stats(args.dataset, data_np["observations"])
-    action_scale = tuple(float(x) for x in np.maximum(np.abs(data_np["actions"]).max(0), 1e-3))
-    norm = lambda x: jnp.asarray((x - obs_mean) / obs_std)
-    data = Data(obs=norm(data_np["observations"]), actions=jnp.asarray(data_np["actions"]),
-                rewards=jnp.asarray(data_np["rewards"]), next_obs=norm(data_np["next_observations"]),
-                not_done=jnp.asarray(1.0 - data_np["terminals"].astype(np.float32)))
-
-    nets = make_networks(args.hidden_dim, args.hidden_layers, act_dim, action_scale)
-    init, tx = make_init(args, nets, obs_dim, act_dim)
-    seed_sharding, replicated = seed_shardings(args.num_seeds)
-    data = jax.device_put(data, replicated)
-    seeds = np.arange(args.seed, args.seed + args.num_seeds)
-    split = jax.jit(jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3), out_axes=1))
-    key_init, key_train, key_eval = (jax.device_put(x, seed_sharding) for x in split(jnp.asarray(seeds)))
-    state = jax.jit(jax.vmap(init), out_shardings=seed_sharding)(key_init)
-
-    # The schedule: chunks of critic steps, a checkpoint after each.
-    calls = [min(args.steps_per_call, args.steps - i) for i in range(0, args.steps, args.steps_per_call)]
-    run_dir = os.path.dirname(os.path.abspath(args.out))
-    identity = run_identity(args, {"dataset": data_sha})
-    ckpt_path, state, first = resume_checkpoint(args, state, "empo/td3_bc-checkpoint/v2", identity, len(calls))
-    state = jax.device_put(state, seed_sharding)
-    writer = make_writer(os.path.join(run_dir, "td3_bc"), args)
-
-    train_chunk = make_train_chunk(args, nets, tx, n, action_scale)
-    calls_jit = {s: jax.jit(jax.vmap(lambda st, key, d, step0, s=s: train_chunk(st, key, d, step0, s),
-                                     in_axes=(0, 0, None, None)))
-                 for s in set(calls)}
-    fold_in = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
-    chunk_key = lambda unit: jax.device_put(fold_in(key_train, unit), seed_sharding)
-    print(f"[td3_bc] N={n} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
-          f"a_max={[round(a, 4) for a in action_scale]}; {args.steps} steps in {len(calls)} chunks", flush=True)
-
-    progress = Progress(len(calls), "td3_bc", first=first)
-    t_train = time.perf_counter()
-    done, timed = sum(calls[:first]), []
-    for unit in range(first, len(calls)):
-        t0 = time.perf_counter()
-        state, metrics = calls_jit[calls[unit]](state, chunk_key(unit), data, np.int32(done))
-        metrics = {name: float(np.mean(x)) for name, x in jax.device_get(metrics).items()}
-        took = time.perf_counter() - t0
-        timed.append((calls[unit], took))
-        done += calls[unit]
-        save_checkpoint(ckpt_path, state, unit + 1, "empo/td3_bc-checkpoint/v2", identity)
-        for name, value in metrics.items():
-            if name != "actor_updates" and (name not in ACTOR_METRICS or metrics["actor_updates"] > 0):
-                writer.add_scalar(name, value, done)
-        writer.add_scalar("charts/steps_per_second", calls[unit] / took, done)
-        progress(unit + 1, took=took, critic_loss=metrics["losses/critic"], actor_loss=metrics["losses/actor"],
-                 lam=metrics["charts/lambda"], q_pi=metrics["charts/q_pi_mean"], bc=metrics["losses/bc"])
-    train_s = time.perf_counter() - t_train
-    # Steps per second of every run (they run in parallel), leaving out the first call (compilation).
-    steady = timed[1:] or timed
-    steps_per_s = sum(s for s, _ in steady) / max(sum(t for _, t in steady), 1e-9) if steady else float("nan")
-
-    state = jax.device_get(state)
-    critic_i = lambda i: jax.tree.map(lambda x: x[:, i], state.critic["params"])  # [S, 2, ...] -> [S, ...]
-    arrays = {
-        **flatten_params("actor/params", state.actor["params"]), **flatten_params("critic1/params", critic_i(0)),
-        **flatten_params("critic2/params", critic_i(1)),
-        "seeds": seeds.astype(np.int64), "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
-        "arch/hidden_dim": np.int64(args.hidden_dim), "arch/hidden_layers": np.int64(args.hidden_layers),
-        "arch/obs_mean": obs_mean, "arch/obs_std": obs_std, "arch/action_scale": np.asarray(action_scale, np.float32),
-        "arch/gamma": np.float32(args.gamma),
-    }
-
-    # Evaluation for insight (navigation task only): the deterministic actor from s_0, figures.
-    summary = {"train_s": train_s, "steps_per_s": steps_per_s, "seeds": seeds.tolist()}
-    if obs_dim == 2 and act_dim == 2 and args.eval_episodes > 0:
-        eval_arrays, eval_summary = evaluate_actor(args, nets, obs_mean, obs_std, action_scale, state, key_eval,
-                                                   writer, run_dir, seeds)
-        arrays.update(eval_arrays)
-        summary.update(eval_summary)
-    save_npz(args.out, arrays, "empo/td3_bc/v1", asdict(args), {"dataset": data_sha})
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
-    writer.close()
-    print(f"[td3_bc] wrote {args.out}: training {train_s:.1f}s, {steps_per_s:.0f} steps/s per run")
-    return summary
-
-
-def evaluate_actor(args: Args, nets, obs_mean, obs_std, action_scale, state: TrainState, key_eval, writer,
-                   run_dir, seeds):
-    """Rollouts of every run's actor, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
-    import nav_env
-
-    # Both protocols of Appendix C, from the same start states: eval/* with the deterministic actor (TD3+BC's own
-    # evaluation), eval/sampled_* with the original TD3's exploration noise added (make_evaluate).
-    outs, arrays, summaries = {}, {}, {}
-    for sample in (False, True):
-        evaluate = make_evaluate(nets["actor"], jnp.asarray(obs_mean), jnp.asarray(obs_std), args.eval_episodes,
-                                 sample, action_scale)
-        outs[sample] = jax.device_get(evaluate(state.actor, key_eval))  # [S, E, ...]
-        what = f"actor pi(s) + N(0, ({EXPL_NOISE} a_max)^2)" if sample else "deterministic actor pi(s)"
-        part, part_summary = nav_env.report_rollouts(
-            outs[sample], seeds, f"[td3_bc] {what}, {args.eval_episodes} rollouts per run:",
-            prefix="sampled_" if sample else "")
-        arrays.update(part)
-        summaries[sample] = part_summary
-    summary = {**summaries[False], "sampled": summaries[True]}
-    out = outs[False]
-    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
-        writer.add_scalar(f"eval/{name}", summary[name], args.steps)
-        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
-
-    # Figures: every run's rollouts, and run 0's action field over V-like Q1(s, pi(s)).
-    images = {"rollouts": nav_env.plot_runs(out, seeds, "TD3+BC: deterministic actor, every run",
-                                            os.path.join(run_dir, "td3_bc_rollouts.png"))}
-    arrow_states, field_states = nav_env.grid_states(16), nav_env.grid_states(61)
-
-    @jax.jit
-    def maps(actor, critic):  # run 0's pi(s) at the arrows and Q1(s, pi(s)) on the field's grid
-        arrow_obs, field_obs = ((jnp.asarray(x) - obs_mean) / obs_std for x in (arrow_states, field_states))
-        field_pi = nets["actor"].apply(actor, field_obs)  # [61*61, act_dim]
-        return nets["actor"].apply(actor, arrow_obs), q1_value(nets, critic, field_obs, field_pi, action_scale)
-
-    arrow_actions, q1_pi = jax.device_get(maps(*jax.tree.map(lambda x: x[0], (state.actor, state.critic))))
-    images["action_field"] = nav_env.plot_map(
-        arrows=(arrow_states, arrow_actions), field=q1_pi.reshape(61, 61),
-        field_label="Q1(s, pi(s))", title=f"TD3+BC: actor pi(s) over Q1(s, pi(s)) (seed {seeds[0]})",
-        path=os.path.join(run_dir, "td3_bc_action_field.png"))
-    for name, image in images.items():
-        writer.add_image(f"eval/{name}", image, args.steps, dataformats="HWC")
-    return arrays, summary
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Nothing here calls the project's code: the equation tests compare the production
 training steps against these.
 """
 
+import hashlib
+
 import jax
 import numpy as np
 
@@ -90,3 +92,9 @@ def assert_gradient_step(loss, before, after, lr: float, seed: int = 0, directio
         slope = (loss(_axpy(eps, d, before)) - loss(_axpy(-eps, d, before))) / (2 * eps)
         predicted = -_dot(step, d) / lr
         assert abs(slope - predicted) <= rtol * size, (i, slope, predicted, size)
+
+
+def sha256_file(path) -> str:
+    """The sha256 of a file's bytes: what a later stage records in ``inputs`` for the file it read."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()

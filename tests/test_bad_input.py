@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 import pytest
+from np_reference import sha256_file
 
 import empo_cluster as ec
 import empo_highlevel as eh
@@ -218,7 +219,7 @@ def test_provenance_is_the_file_as_read(tiny, tmp_path, monkeypatch):
     """cluster.npz replaced during stage 2: ppo.npz records the digest of the bytes that were used."""
     cluster = tmp_path / "cluster.npz"
     cluster.write_bytes((tiny / "cluster.npz").read_bytes())
-    used = nav_env.sha256_file(str(cluster))
+    used = sha256_file(str(cluster))
     real = ep.make_writer
 
     def replace_input(*a, **kw):  # called after the inputs are read, before training

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from np_reference import sha256_file
 
 import empo_cluster as ec
 import empo_highlevel as eh
@@ -193,7 +194,7 @@ def _two_region_problem(root, episodes=600, length=3):
            "cluster_run": np.zeros(1, np.int64), **arch, "arch/value_scale": np.float32(3.0),
            "arch/gamma": np.float32(0.999)}
     eh.save_npz(str(root / "ppo.npz"), ppo, "empo/ppo/v1", {},
-                {"dataset": data_sha, "cluster": eh.sha256_file(str(root / "cluster.npz"))})
+                {"dataset": data_sha, "cluster": sha256_file(str(root / "cluster.npz"))})
     return arch
 
 
@@ -249,8 +250,8 @@ def test_same_seed_same_output_and_runs_follow_the_ppo_runs(tiny, full_run, tmp_
     assert summary["return_mean"] == pytest.approx(float(a["eval/return"].mean()))
     assert len(summary["per_run"]) == 2
     inputs = json.loads(str(a["inputs"]))
-    assert inputs["cluster"] == nav_env.sha256_file(str(tiny / "cluster.npz"))
-    assert inputs["ppo"] == nav_env.sha256_file(str(tiny / "ppo.npz"))
+    assert inputs["cluster"] == sha256_file(str(tiny / "cluster.npz"))
+    assert inputs["ppo"] == sha256_file(str(tiny / "ppo.npz"))
     for name in ("rollouts", "rollouts_runs", "pi_h", "id", "v_h"):
         assert (out.parent / f"highlevel_{name}.png").exists(), name
 

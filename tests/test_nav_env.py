@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+from np_reference import sha256_file
 
 import nav_env
 
@@ -661,7 +662,7 @@ def test_unwritable_outputs(small_dataset, subset, tmp_path):
 def test_failed_save_keeps_the_existing_file(small_dataset, subset, tmp_path, monkeypatch):
     path = tmp_path / "good.npz"
     nav_env.save_npz(str(path), subset(small_dataset, [0]), SCHEMA, {"good": True})
-    before = nav_env.sha256_file(str(path))
+    before = sha256_file(str(path))
 
     def disk_full(file, **arrays):
         file.write(b"PK\x03\x04 half an archive")
@@ -671,7 +672,7 @@ def test_failed_save_keeps_the_existing_file(small_dataset, subset, tmp_path, mo
     with pytest.raises(nav_env.InputError, match="No space left on device"):
         nav_env.save_npz(str(path), subset(small_dataset, [1]), SCHEMA, {"good": False})
     monkeypatch.undo()
-    assert nav_env.sha256_file(str(path)) == before
+    assert sha256_file(str(path)) == before
     assert [p.name for p in tmp_path.iterdir()] == ["good.npz"]  # no temporary file left behind
     assert nav_env.load_dataset(str(path))[0]["episode_ids"].max() == 0
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from np_reference import sha256_file
 
 import empo_cluster as ec
 import empo_ppo as ep
@@ -202,7 +203,7 @@ def test_same_seed_same_output_and_vmapped_seeds_are_separate_runs(tiny, tmp_pat
         assert same <= 0.01 * np.linalg.norm(a[key][1] - a[key][0]), key
     assert str(a["schema"]) == "empo/ppo/v1" and a["eval/pi_return"].shape == (2, 2, 3)
     assert a["eval/beta_positions"].shape == (2, 2, 3, 1001, 2) and a["eval/pi_length"].shape == (2, 2, 3)
-    assert json.loads(str(a["inputs"]))["cluster"] == nav_env.sha256_file(str(tiny / "cluster1.npz"))
+    assert json.loads(str(a["inputs"]))["cluster"] == sha256_file(str(tiny / "cluster1.npz"))
 
 
 def test_runs_follow_the_clustering_runs_and_k1_works(tiny, tmp_path):
