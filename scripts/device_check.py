@@ -99,7 +99,7 @@ def main() -> None:
 
     # 1. The units against their floors: each size and seed count in its own process and time limit.
     for seeds in seed_counts:
-        for bench_size in ("nav", "d4rl"):
+        for bench_size in ("nav",) if args.tiny else ("nav", "d4rl"):  # tiny: d4rl differs by its sizes only
             name = f"bench_stages_{bench_size}_seeds{seeds}"
             cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_stages.py"), "--size", bench_size,
                    "--rows", rows, "--seeds", seeds, "--json", os.path.join(args.out, name + ".json")]
