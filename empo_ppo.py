@@ -684,9 +684,9 @@ def main(args: Args) -> dict:
     q_done = sum(s for part, s in schedule[:first] if part == "q")
     # Gradient steps per unit (charts/SPS, against the steps done so far): a SARSA call, a V epoch of minibatches,
     # a PPO epoch (one full-batch Adam step, or ceil(N / B) minibatch steps).
-    grad_steps = {"q": None, "v": math.ceil(n / args.batch_size),
-                  "pi": math.ceil(n / args.ppo_minibatch) if args.ppo_minibatch else 1}
-    steps_done = sum(grad_steps[part] or s for part, s in schedule[:first])
+    epoch_steps = {"v": math.ceil(n / args.batch_size),
+                   "pi": math.ceil(n / args.ppo_minibatch) if args.ppo_minibatch else 1}
+    steps_done = sum(epoch_steps.get(part, s) for part, s in schedule[:first])
     for unit in range(first, len(schedule)):
         part, steps = schedule[unit]
         t0 = time.perf_counter()
@@ -702,8 +702,9 @@ def main(args: Args) -> dict:
             log_step = unit - len(q_calls) - args.v_epochs + 1
         metrics = jax.device_get(metrics)
         timings[part] += time.perf_counter() - t0
-        steps_done += grad_steps[part] or steps
-        writer.add_scalar("charts/SPS", (grad_steps[part] or steps) / (time.perf_counter() - t0), steps_done)
+        unit_steps = epoch_steps.get(part, steps)
+        steps_done += unit_steps
+        writer.add_scalar("charts/SPS", unit_steps / (time.perf_counter() - t0), steps_done)
         save_checkpoint(ckpt_path, state, unit + 1, "empo/ppo-checkpoint/v2", identity)
         fields = {"part": part, "took": time.perf_counter() - t0}
         if part == "q":

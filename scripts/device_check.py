@@ -95,7 +95,8 @@ def main() -> None:
     rows = "4096" if args.tiny else "2000000"
     seed_counts = ("2",) if args.tiny else ("1", "10")  # tiny: the vmapped path once (1 and 10 differ in number only)
     args.budget = args.budget or (3600.0 if args.tiny else 450.0)
-    report = [f"# Device check ({size})", "", machine(), ""]
+    where = machine()
+    report = [f"# Device check ({size})", "", where, ""]
 
     # 1. The units against their floors: each size and seed count in its own process and time limit.
     for seeds in seed_counts:
@@ -131,7 +132,7 @@ def main() -> None:
     with open(path, "w") as f:
         f.write("\n".join(report) + "\n")
     with open(os.path.join(args.out, "device_check.json"), "w") as f:
-        json.dump({"size": size, "machine": machine()}, f)
+        json.dump({"size": size, "machine": where}, f)
     print(f"wrote {path}")
 
 

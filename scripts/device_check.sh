@@ -27,4 +27,4 @@ if ! python3 -c "import tyro, gymnasium, minari, tensorboardX, mujoco" 2>/dev/nu
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 MUJOCO_GL=${MUJOCO_GL:-egl}
-PYTHON=$(command -v python3) exec python3 scripts/device_check.py --out "$OUT" ${TINY:+--tiny}
+exec python3 scripts/device_check.py --out "$OUT" ${TINY:+--tiny}
