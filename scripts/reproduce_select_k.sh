@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# --k auto against ground truth: the navigation sets with one, two, three and four behaviours (Algorithm 3,
+# nav_env.py --subgoals) and the local MuJoCo controller set (two behaviours), SEEDS seeds each, then
+# stage 1 with the true K on all rows of each set (the cost of one run, and its rand index), then
+# scripts/select_k_table.py writes $RUN/select_k.md (chosen K per seed, written K, rand index, scores, time;
+# the wall time of each command is appended to $RUN/times.txt as 'NAME auto|fixed SECONDS').
+#   RUN=runs/select_k SEEDS=10 bash scripts/reproduce_select_k.sh
+# Reduced sizes (PER transitions per behaviour on the navigation sets, EPISODES episodes per controller):
+# the full navigation set costs about 6 min per seed per K here (2M rows). Run again after an
+# interruption: finished data sets are skipped and the cut one resumes (--resume reuses finished K's).
+# Extra flags: CLUSTER_ARGS (every stage-1 run), MUJOCO_ARGS (the MuJoCo set's stage-1 run only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${RUN:-runs/select_k}
+SEEDS=${SEEDS:-10}
+PER=${PER:-20000}
+EPISODES=${EPISODES:-20}
+SETS=${SETS:-"paper one three four controllers"}
+read -r -a cluster_args <<< "${CLUSTER_ARGS:-}"
+read -r -a mujoco_args <<< "${MUJOCO_ARGS:-}"
+mkdir -p "$RUN/data"
+export MINARI_DATASETS_PATH="$RUN/minari"
+for name in $SETS; do
+  out="$RUN/$name/cluster.npz"
+  if [ -f "$out" ]; then echo "=== $name: $out exists, skipped"; continue; fi
+  t0=$SECONDS
+  if [ "$name" = controllers ]; then
+    ids=empo/pendulum/controllers-b0-v0,empo/pendulum/controllers-b1-v0
+    [ -d "$MINARI_DATASETS_PATH/empo/pendulum/controllers-b1-v0" ] || \
+      python scripts/make_mujoco_set.py --episodes "$EPISODES" --overwrite
+    echo "=== $name: --k auto --k-max 4, $SEEDS seeds"
+    python empo_cluster.py --preset d4rl --dataset "$ids" --out "$out" --k auto --k-max 4 \
+      --num-seeds "$SEEDS" --resume "${cluster_args[@]}" "${mujoco_args[@]}"
+  else
+    data="$RUN/data/nav_$name.npz"
+    [ -f "$data" ] || python nav_env.py --out "$data" --subgoals "$name" --transitions-per-behaviour "$PER"
+    kmax=4; [ "$name" = four ] && kmax=5
+    echo "=== $name: --k auto --k-max $kmax, $SEEDS seeds"
+    python empo_cluster.py --dataset "$data" --out "$out" --k auto --k-max "$kmax" --num-seeds "$SEEDS" \
+      --resume "${cluster_args[@]}"
+  fi
+  echo "=== $name took $((SECONDS - t0)) s"
+  echo "$name auto $((SECONDS - t0))" >> "$RUN/times.txt"
+done
+# The cost of --k auto against one run: stage 1 with the true K on all rows of each set (FIXED=0 skips it).
+for name in $SETS; do
+  [ "${FIXED:-1}" = 1 ] || break
+  out="$RUN/$name/fixed_k/cluster.npz"
+  if [ -f "$out" ]; then echo "=== $name, true K: $out exists, skipped"; continue; fi
+  t0=$SECONDS
+  case $name in one) k=1 ;; three) k=3 ;; four) k=4 ;; *) k=2 ;; esac
+  echo "=== $name: K = $k (the true K), $SEEDS seeds, all rows"
+  if [ "$name" = controllers ]; then
+    python empo_cluster.py --preset d4rl --dataset empo/pendulum/controllers-b0-v0,empo/pendulum/controllers-b1-v0 \
+      --out "$out" --k "$k" --num-seeds "$SEEDS" --resume "${cluster_args[@]}" "${mujoco_args[@]}"
+  else
+    python empo_cluster.py --dataset "$RUN/data/nav_$name.npz" --out "$out" --k "$k" --num-seeds "$SEEDS" \
+      --resume "${cluster_args[@]}"
+  fi
+  echo "=== $name, true K took $((SECONDS - t0)) s"
+  echo "$name fixed $((SECONDS - t0))" >> "$RUN/times.txt"
+done
+python scripts/select_k_table.py --run "$RUN" --out "$RUN/select_k.md"
