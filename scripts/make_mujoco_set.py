@@ -311,6 +311,8 @@ def write(dataset_id: str, episodes: list[EpisodeBuffer], spec, label: int, ref_
 
 
 def main(args: Args) -> None:
+    if os.environ.get("MINARI_DATASETS_PATH"):  # Minari's size count joins a relative store path to itself
+        os.environ["MINARI_DATASETS_PATH"] = os.path.abspath(os.environ["MINARI_DATASETS_PATH"])
     spec, ids, behaviours = check_args(args)
     start = time.perf_counter()
     key_b0, key_b1, key_random = np.random.SeedSequence(args.seed).spawn(3)

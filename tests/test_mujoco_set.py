@@ -131,6 +131,16 @@ def test_existing_id_is_refused_unless_overwrite(mms, store, capsys):
     assert f"--dataset {','.join(IDS)}" in capsys.readouterr().out
 
 
+def test_a_relative_store_path_works(mms, store, monkeypatch):
+    """MINARI_DATASETS_PATH relative to the working folder, as the README's example sets it."""
+    monkeypatch.chdir(store.parent)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", "relative/minari")
+    mms.main(tiny_args(mms, episodes=2, episode_steps=50))
+    for dataset_id in IDS:
+        assert minari.load_dataset(dataset_id, download=False).total_episodes == 2
+    assert (store.parent / "relative" / "minari" / IDS[0]).is_dir()
+
+
 @pytest.mark.parametrize("overrides, words", [
     (dict(episodes=0), "--episodes"),
     (dict(episode_steps=0), "--episode-steps"),
