@@ -58,21 +58,41 @@ def test_criterion_finds_the_number_of_behaviours_of_a_synthetic_mixture():
         empty.append([k - len(np.unique(post.argmax(1)))])
     scores, empty = np.array(scores), np.array(empty)
     assert scores[2, 0] - scores[1, 0] > 0.2  # the third behaviour is worth far more than the tolerance
-    assert ec.choose_k(scores, empty, tolerance=0.02).tolist() == [3]
+    assert ec.choose_k(scores, empty, tolerance=0.02) == (3, [3])
 
 
 def test_choose_k_takes_the_smallest_k_within_the_tolerance_counting_collapsed_runs_at_the_clusters_they_use():
     scores = np.array([[-3.0, -3.0], [-2.0, -2.0], [-1.99, -1.5], [-1.98, -1.49]])  # [K_max, S]
     none_empty = np.zeros((4, 2), int)
-    assert ec.choose_k(scores, none_empty, 0.05).tolist() == [2, 3]
-    assert ec.choose_k(scores, none_empty, 0.0).tolist() == [4, 4]
+    per_seed = lambda *a: ec.choose_k(*a)[1].tolist()  # noqa: E731
+    assert per_seed(scores, none_empty, 0.05) == [2, 3]
+    assert per_seed(scores, none_empty, 0.0) == [4, 4]
     empty = none_empty.copy()
     empty[1] = 1  # the K = 2 runs use one cluster: their scores count for one, and no seed has one for two
     empty[3, 1] = 1  # seed 1's K = 4 run uses three: its score counts for three
-    assert ec.choose_k(scores, empty, 0.05).tolist() == [1, 3]
-    assert ec.choose_k(scores, empty, 0.0).tolist() == [4, 3]
+    assert per_seed(scores, empty, 0.05) == [1, 3]
+    assert per_seed(scores, empty, 0.0) == [4, 3]
     all_in_one = np.array([[0, 0], [1, 1], [2, 2], [3, 3]])  # every run put all trajectories in one cluster
-    assert ec.choose_k(scores, all_in_one, 0.02).tolist() == [1, 1]
+    assert ec.choose_k(scores, all_in_one, 0.02)[0] == 1 and per_seed(scores, all_in_one, 0.02) == [1, 1]
+
+
+def test_the_data_sets_k_pools_the_seeds_as_restarts():
+    """Four behaviours; seed 0 fits four clusters at K = 4, seeds 1 and 2 collapse to three at K = 4 and 5 and
+    choose 3 on their own. Pooled, the four-cluster fit of seed 0 beats every three-cluster fit by more than the
+    tolerance, so the data set's K is 4, though two of three seeds chose 3 (a vote would say 3)."""
+    scores = np.array([[1.6, 1.6, 1.6], [1.9, 1.9, 1.9], [2.0, 2.05, 2.06], [2.2, 2.04, 2.05], [2.21, 2.06, 2.03]])
+    empty = np.array([[0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 1, 1], [1, 2, 2]])
+    chosen, per_seed = ec.choose_k(scores, empty, 0.02)
+    assert chosen == 4 and per_seed.tolist() == [4, 3, 3]
+    best = ec.best_by_clusters(scores, empty)
+    np.testing.assert_array_equal(best[3], [2.21, -np.inf, -np.inf])  # seed 0's K = 5 run used four
+    np.testing.assert_array_equal(best[2], [2.0, 2.06, 2.06])  # the best three-cluster fit of each seed
+    assert np.all(best[4] == -np.inf)  # no run used five
+    # The pooled rule still takes the smallest k within the tolerance: a four-cluster fit 0.01 above three is not
+    # worth a cluster.
+    close = scores.copy()
+    close[3, 0], close[4, 0] = 2.07, 2.065
+    assert ec.choose_k(close, empty, 0.02)[0] == 3
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +120,7 @@ def test_k_auto_chooses_three_on_three_behaviours_and_writes_a_cluster_file(thre
     f = np.load(out, allow_pickle=False)
     data = nav_env.load_dataset(str(three_routes_path))[0]
     assert summary["k"] == 3 and int(f["arch/k"]) == 3 and f["arch/k"].dtype == np.int64
-    assert f["select_k/chosen_per_seed"].tolist() == [3]
+    assert f["select_k/chosen_per_seed"].tolist() == [3] and int(f["select_k/chosen"]) == 3
     assert all(p.shape[:2] == (1, 3) for key, p in f.items() if key.startswith("policy/params/"))
     assert f[f"classifier/params/Dense_{f['arch/hidden_layers']}/bias"].shape == (1, 3)
     np.testing.assert_array_equal(f["select_k/k"], [1, 2, 3, 4])
