@@ -20,25 +20,31 @@ read -r -a cluster_args <<< "${CLUSTER_ARGS:-}"
 read -r -a mujoco_args <<< "${MUJOCO_ARGS:-}"
 mkdir -p "$RUN/data"
 export MINARI_DATASETS_PATH="$RUN/minari"
+MUJOCO_IDS=empo/pendulum/controllers-b0-v0,empo/pendulum/controllers-b1-v0
+stage1() {  # stage1 NAME OUT FLAGS...: stage 1 on data set NAME (its data and preset), SEEDS seeds, into OUT
+  local name=$1 out=$2; shift 2
+  if [ "$name" = controllers ]; then
+    python empo_cluster.py --preset d4rl --dataset "$MUJOCO_IDS" --out "$out" "$@" --num-seeds "$SEEDS" \
+      --resume "${cluster_args[@]}" "${mujoco_args[@]}"
+  else
+    python empo_cluster.py --dataset "$RUN/data/nav_$name.npz" --out "$out" "$@" --num-seeds "$SEEDS" \
+      --resume "${cluster_args[@]}"
+  fi
+}
 for name in $SETS; do
   out="$RUN/$name/cluster.npz"
   if [ -f "$out" ]; then echo "=== $name: $out exists, skipped"; continue; fi
   t0=$SECONDS
   if [ "$name" = controllers ]; then
-    ids=empo/pendulum/controllers-b0-v0,empo/pendulum/controllers-b1-v0
     [ -d "$MINARI_DATASETS_PATH/empo/pendulum/controllers-b1-v0" ] || \
       python scripts/make_mujoco_set.py --episodes "$EPISODES" --overwrite
-    echo "=== $name: --k auto --k-max 4, $SEEDS seeds"
-    python empo_cluster.py --preset d4rl --dataset "$ids" --out "$out" --k auto --k-max 4 \
-      --num-seeds "$SEEDS" --resume "${cluster_args[@]}" "${mujoco_args[@]}"
   else
     data="$RUN/data/nav_$name.npz"
     [ -f "$data" ] || python nav_env.py --out "$data" --subgoals "$name" --transitions-per-behaviour "$PER"
-    kmax=4; [ "$name" = four ] && kmax=5
-    echo "=== $name: --k auto --k-max $kmax, $SEEDS seeds"
-    python empo_cluster.py --dataset "$data" --out "$out" --k auto --k-max "$kmax" --num-seeds "$SEEDS" \
-      --resume "${cluster_args[@]}"
   fi
+  kmax=4; [ "$name" = four ] && kmax=5
+  echo "=== $name: --k auto --k-max $kmax, $SEEDS seeds"
+  stage1 "$name" "$out" --k auto --k-max "$kmax"
   echo "=== $name took $((SECONDS - t0)) s"
   echo "$name auto $((SECONDS - t0))" >> "$RUN/times.txt"
 done
@@ -50,13 +56,7 @@ for name in $SETS; do
   t0=$SECONDS
   case $name in one) k=1 ;; three) k=3 ;; four) k=4 ;; *) k=2 ;; esac
   echo "=== $name: K = $k (the true K), $SEEDS seeds, all rows"
-  if [ "$name" = controllers ]; then
-    python empo_cluster.py --preset d4rl --dataset empo/pendulum/controllers-b0-v0,empo/pendulum/controllers-b1-v0 \
-      --out "$out" --k "$k" --num-seeds "$SEEDS" --resume "${cluster_args[@]}" "${mujoco_args[@]}"
-  else
-    python empo_cluster.py --dataset "$RUN/data/nav_$name.npz" --out "$out" --k "$k" --num-seeds "$SEEDS" \
-      --resume "${cluster_args[@]}"
-  fi
+  stage1 "$name" "$out" --k "$k"
   echo "=== $name, true K took $((SECONDS - t0)) s"
   echo "$name fixed $((SECONDS - t0))" >> "$RUN/times.txt"
 done
