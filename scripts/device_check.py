@@ -32,10 +32,12 @@ PIPELINE = {
                  CLUSTER_ARGS="--bias-epochs 1 --pretrain-epochs 2 --em-epochs 3",
                  PPO_ARGS="--q-steps 20000 --steps-per-call 10000 --v-epochs 2 --pi-epochs 3 --eval-episodes 10",
                  HIGHLEVEL_ARGS="--steps 20000 --steps-per-call 10000 --eval-episodes 10"),
+    # tiny: the CPU smoke test's; tests/test_pipeline.py runs the main command with these too, so that the test
+    # session's compilation cache serves both
     "tiny": dict(SEEDS="2", DATA_ARGS="--transitions-per-behaviour 3000",
-                 CLUSTER_ARGS="--bias-epochs 1 --pretrain-epochs 1 --em-epochs 2 --hidden-dim 16",
-                 PPO_ARGS="--q-steps 200 --steps-per-call 100 --v-epochs 1 --pi-epochs 1 --eval-episodes 2",
-                 HIGHLEVEL_ARGS="--steps 200 --steps-per-call 100 --eval-episodes 2"),
+                 CLUSTER_ARGS="--bias-epochs 1 --pretrain-epochs 2 --em-epochs 3 --hidden-dim 32 --log-every 100",
+                 PPO_ARGS="--q-steps 400 --steps-per-call 200 --v-epochs 1 --pi-epochs 2 --eval-episodes 3",
+                 HIGHLEVEL_ARGS="--steps 400 --steps-per-call 200 --eval-episodes 3"),
 }
 
 

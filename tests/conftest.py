@@ -27,20 +27,29 @@ SMALL_TRANSITIONS_PER_BEHAVIOUR = 20_000  # about 27 + 36 episodes, about 40k ro
 def compile_once(tmp_path_factory):
     """Tests run the stages' main() many times with the same sizes, and each run builds new jitted functions: a
     persistent compilation cache for the session lets XLA compile each program once (the cache is keyed by the
-    program, so results are unchanged). The settings are restored afterwards."""
+    program, so results are unchanged). The scripts that tests start as subprocesses (the pipelines, the
+    reproduction scripts, the device check) share it through the environment: the same stage with the same
+    sizes recurs in several of them. The settings are restored afterwards."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    saved = {name: getattr(jax.config, name) for name in (
-        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes")}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cache = str(tmp_path_factory.mktemp("xla_cache"))
+    settings = {"jax_compilation_cache_dir": cache, "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    saved = {name: getattr(jax.config, name) for name in settings}
+    saved_env = {name.upper(): os.environ.get(name.upper()) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)
     compilation_cache.reset_cache()
     yield
     for name, value in saved.items():
         jax.config.update(name, value)
+    for name, value in saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     compilation_cache.reset_cache()
 
 

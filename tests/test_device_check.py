@@ -11,7 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_device_check_runs_every_step_with_tiny_sizes(tmp_path):
     out = tmp_path / "report"
-    env = dict(os.environ, TINY="1", JAX_PLATFORMS="cpu")
+    # two host devices, as in tests/test_pipeline.py, whose main command reuses these compiled programs
+    env = dict(os.environ, TINY="1", JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     run = subprocess.run(["bash", str(ROOT / "scripts" / "device_check.sh"), str(out)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

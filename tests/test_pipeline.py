@@ -4,24 +4,24 @@ end to end with tiny arguments, in a temporary folder."""
 import os
 import pathlib
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "--steps 400 --steps-per-call 200 --hidden-dim 32 --eval-episodes 3"
+TWO_DEVICES = "--xla_force_host_platform_device_count=2"
+sys.path.insert(0, str(ROOT / "scripts"))
+import device_check  # noqa: E402  (the device check's smoke test runs the main command with the same flags)
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """scripts/run_nav.sh with tiny arguments: (environment, run folder, completed process)."""
     root = tmp_path_factory.mktemp("pipeline")
-    env = dict(os.environ, RUN=str(root / "run"), DATA=str(root / "nav.npz"), SEEDS="2",
-               JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               DATA_ARGS="--transitions-per-behaviour 3000",
-               CLUSTER_ARGS="--bias-epochs 1 --pretrain-epochs 2 --em-epochs 3 --hidden-dim 32 --log-every 100",
-               PPO_ARGS="--q-steps 400 --steps-per-call 200 --v-epochs 1 --pi-epochs 2 --eval-episodes 3",
-               HIGHLEVEL_ARGS="--steps 400 --steps-per-call 200 --eval-episodes 3")
+    env = dict(os.environ, RUN=str(root / "run"), DATA=str(root / "nav.npz"), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=TWO_DEVICES, **device_check.PIPELINE["tiny"])  # 2 seeds, 3,000 rows per behaviour
     out = subprocess.run(["bash", str(ROOT / "scripts" / "run_nav.sh")], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
