@@ -14,14 +14,11 @@ CLUSTER=${CLUSTER:-runs/table1/k2/cluster.npz}
 EVAL_AT=${EVAL_AT:-1,2,5,10,20,50,100}
 read -r -a ppo_args <<< "${PPO_ARGS:-}"
 mkdir -p "$RUN"/{full,mb256}
+. scripts/step.sh  # step NAME OUTPUT COMMAND...: runs COMMAND unless OUTPUT exists, reports its wall time
 for arm in full mb256; do
-  out="$RUN/$arm/ppo.npz"
-  if [ -f "$out" ]; then echo "=== $arm: $out exists, skipped"; continue; fi
   extra=(); [ "$arm" = mb256 ] && extra=(--ppo-minibatch 256)
-  t0=$SECONDS
-  echo "=== $arm"
-  python empo_ppo.py --dataset "$DATA" --cluster "$CLUSTER" --out "$out" --seed 1 --num-seeds "$SEEDS" \
-    --pi-epochs "${EVAL_AT##*,}" --eval-at "$EVAL_AT" --eval-episodes 10 --resume "${extra[@]}" "${ppo_args[@]}"
-  echo "=== $arm took $((SECONDS - t0)) s"
+  step "$arm" "$RUN/$arm/ppo.npz" python empo_ppo.py --dataset "$DATA" --cluster "$CLUSTER" --out "$RUN/$arm/ppo.npz" \
+    --seed 1 --num-seeds "$SEEDS" --pi-epochs "${EVAL_AT##*,}" --eval-at "$EVAL_AT" --eval-episodes 10 --resume \
+    "${extra[@]}" "${ppo_args[@]}"
 done
 python scripts/figure4.py --full "$RUN/full/ppo.npz" --minibatch "$RUN/mb256/ppo.npz" --out "${OUT:-docs/figure4}"

@@ -21,14 +21,7 @@ for name in CLUSTER PPO BC TD3_BC; do
   var="${name}_ARGS"; read -r -a "${name,,}_args" <<< "${!var:-}"
 done
 mkdir -p "$RUN"/{k1,bc,td3_bc,td3_bc_norm,td3_bc_norm_099}
-step() {  # step NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists, and report its wall time
-  local name=$1 output=$2; shift 2
-  if [ -f "$output" ]; then echo "=== $name: $output exists, skipped"; return; fi
-  local t0=$SECONDS
-  echo "=== $name: $*"
-  "$@"
-  echo "=== $name took $((SECONDS - t0)) s"
-}
+. scripts/step.sh  # step NAME OUTPUT COMMAND...: runs COMMAND unless OUTPUT exists, reports its wall time
 echo "=== EMPO K=2: the main pipeline, scripts/run_nav.sh, in $RUN/k2"
 RUN="$RUN/k2" SEED="$SEED" SEEDS="$SEEDS" DATA="$DATA" bash scripts/run_nav.sh
 step "TD3+BC raw units" "$RUN/td3_bc/td3_bc.npz" python baselines/td3_bc.py --dataset "$DATA" \

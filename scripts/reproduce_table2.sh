@@ -44,14 +44,7 @@ dataset_of() {  # dataset_of TASK: the --dataset of one task, or an error that s
     return 1
   fi
 }
-step() {  # step NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists, and report its wall time
-  local name=$1 output=$2; shift 2
-  if [ -f "$output" ]; then echo "=== $name: $output exists, skipped"; return; fi
-  local t0=$SECONDS
-  echo "=== $name: $*"
-  "$@"
-  echo "=== $name took $((SECONDS - t0)) s"
-}
+. scripts/step.sh  # step NAME OUTPUT COMMAND...: runs COMMAND unless OUTPUT exists, reports its wall time
 
 declare -A data
 for task in $TASKS; do  # every task's data is found before anything runs

@@ -20,20 +20,13 @@ read -r -a cluster_args <<< "${CLUSTER_ARGS:-}"
 read -r -a ppo_args <<< "${PPO_ARGS:-}"
 read -r -a highlevel_args <<< "${HIGHLEVEL_ARGS:-}"
 mkdir -p "$RUN"
-stage() {  # stage NAME OUTPUT COMMAND...: run one stage unless OUTPUT exists, and report its wall time
-  local name=$1 output=$2; shift 2
-  if [ -f "$output" ]; then echo "=== $name: $output exists, skipped"; return; fi
-  local t0=$SECONDS
-  echo "=== $name: $*"
-  "$@"
-  echo "=== $name took $((SECONDS - t0)) s"
-}
-stage data "$DATA" python nav_env.py --out "$DATA" --figure "$RUN/dataset.png" "${data_args[@]}"
-stage cluster "$RUN/cluster.npz" python empo_cluster.py --dataset "$DATA" --out "$RUN/cluster.npz" \
+. scripts/step.sh  # step NAME OUTPUT COMMAND...: runs COMMAND unless OUTPUT exists, reports its wall time
+step data "$DATA" python nav_env.py --out "$DATA" --figure "$RUN/dataset.png" "${data_args[@]}"
+step cluster "$RUN/cluster.npz" python empo_cluster.py --dataset "$DATA" --out "$RUN/cluster.npz" \
   --seed "$SEED" --num-seeds "$SEEDS" --resume "${cluster_args[@]}"
-stage ppo "$RUN/ppo.npz" python empo_ppo.py --dataset "$DATA" --cluster "$RUN/cluster.npz" --out "$RUN/ppo.npz" \
+step ppo "$RUN/ppo.npz" python empo_ppo.py --dataset "$DATA" --cluster "$RUN/cluster.npz" --out "$RUN/ppo.npz" \
   --seed "$SEED" --num-seeds "$SEEDS" --resume "${ppo_args[@]}"
-stage highlevel "$RUN/highlevel.npz" python empo_highlevel.py --dataset "$DATA" --cluster "$RUN/cluster.npz" \
+step highlevel "$RUN/highlevel.npz" python empo_highlevel.py --dataset "$DATA" --cluster "$RUN/cluster.npz" \
   --ppo "$RUN/ppo.npz" --out "$RUN/highlevel.npz" --seed "$SEED" \
   --num-seeds "$SEEDS" --resume "${highlevel_args[@]}"
 echo "Done. Outputs in $RUN; curves: tensorboard --logdir $RUN"
