@@ -523,6 +523,41 @@ def route_counts(routes) -> dict:
     return {name: int((routes == i).sum()) for i, name in enumerate(ROUTES)}
 
 
+# Where the two behaviours of Appendix A travel the same line in opposite directions: beta_0 goes down x = 10
+# and up x = 20, beta_1 up x = 10 and down x = 20, both between y = 0 and y = 15. A single policy fitted to both
+# (BC, EMPO with K = 1) averages opposite actions there: the paper's shaded region of Figure 1b, which it says
+# the other algorithms fail to enter. Each corridor is the band |x - x_c| <= CORRIDOR_HALF_WIDTH with y in
+# [2, 13], i.e. without the junctions at y = 0 (both behaviours go right) and y = 15 (beta_1 turns).
+CONFLICT_CORRIDORS = {"x = 10": 10.0, "x = 20": 20.0}
+CORRIDOR_HALF_WIDTH, CORRIDOR_Y = 1.0, (2.0, 13.0)
+
+
+def corridor_stats(positions, lengths) -> dict:
+    """Where rollouts went and how fast they moved in the conflict corridors, from their stored paths (NumPy).
+
+    positions [..., T+1, 2] (s_0 .. s_T), lengths [...] (steps taken). For each corridor name: ``entered``
+    (number of rollouts that started a step in it), ``steps`` (steps started in it, summed over rollouts) and
+    ``speed`` (mean distance moved per such step; a_max = 0.2 per axis, so 0.2 straight, 0.28 diagonal;
+    NaN if none). ``elsewhere``: the mean distance per step started outside both corridors.
+    """
+    pos = np.asarray(positions, np.float64)
+    lengths = np.asarray(lengths)
+    started = np.arange(pos.shape[-2] - 1) < lengths[..., None]  # steps t = 0 .. T-1, from s_t to s_t+1
+    moved = np.linalg.norm(np.diff(pos, axis=-2), axis=-1)
+    x, y = pos[..., :-1, 0], pos[..., :-1, 1]
+    band_y = (y >= CORRIDOR_Y[0]) & (y <= CORRIDOR_Y[1])
+    stats, anywhere = {}, np.zeros(started.shape, bool)
+    for name, x_c in CONFLICT_CORRIDORS.items():
+        inside = band_y & (np.abs(x - x_c) <= CORRIDOR_HALF_WIDTH) & started
+        anywhere |= inside
+        n = int(inside.sum())
+        stats[name] = {"entered": int(inside.any(axis=-1).sum()), "steps": n,
+                       "speed": float(moved[inside].mean()) if n else float("nan")}
+    outside = started & ~anywhere
+    stats["elsewhere"] = float(moved[outside].mean()) if outside.any() else float("nan")
+    return stats
+
+
 def report_rollouts(out: dict, seeds, header: str, extra: Optional[Callable] = None,
                     prefix: str = "") -> tuple[dict, dict]:
     """The eval/* arrays and a printed table of ``rollout`` outputs vmapped over runs (``out[...]`` is [S, E, ...]).

@@ -7,6 +7,9 @@ protocol of Appendix C: 10 seeds x 10 rollouts) and writes
                  and the default, and the mean action): return mean +- std over all seeds x rollouts, the
                  std of the per-seed mean returns, the count of each route class (nav_env.route_classes,
                  from the stored paths: fast, detour without penalty, through S_p, no goal) and mean steps;
+                 then, per row, how many rollouts entered the two conflict corridors (x = 10 and x = 20 below
+                 y = 15, where the behaviours go opposite ways: the paper's shaded region of Figure 1b) and how
+                 fast they moved there and elsewhere (nav_env.corridor_stats);
     table1.png   one map per algorithm and protocol with every stored rollout (Figure 5), coloured by seed.
 
 Rows (each optional; several files per row are concatenated along the seed axis, e.g. two runs of
@@ -114,6 +117,25 @@ def data_rows(path: str) -> list:
     return rows
 
 
+def corridor_table(rows: list) -> str:
+    """Where each row's rollouts crossed the conflict corridors (nav_env.corridor_stats), as a markdown block."""
+    names = list(nav_env.CONFLICT_CORRIDORS)
+    lines = [f"Conflict corridors (nav_env.corridor_stats: where the behaviours travel opposite ways, |x - x_c| <= "
+             f"{nav_env.CORRIDOR_HALF_WIDTH:g}, y in [{nav_env.CORRIDOR_Y[0]:g}, {nav_env.CORRIDOR_Y[1]:g}]): "
+             "rollouts that entered, steps there per rollout that entered, mean distance per step there and "
+             "elsewhere (a_max: 0.2 per axis).", "",
+             "| algorithm | actions | " + " | ".join(f"entered {n} | steps there | speed there" for n in names)
+             + " | speed elsewhere |", "|---|---|" + "---|---|---|" * len(names) + "---|"]
+    for name, protocol, row in rows:
+        pos = np.concatenate([p for _, p, _ in row["paths"]])
+        stats = nav_env.corridor_stats(pos, np.concatenate([length[: len(p)] for _, p, length in row["paths"]]))
+        speed = {n: "–" if np.isnan(stats[n]["speed"]) else f"{stats[n]['speed']:.3f}" for n in names}
+        cells = [f"{stats[n]['entered']}/{len(pos)} | {stats[n]['steps'] / max(stats[n]['entered'], 1):.0f} | "
+                 f"{speed[n]}" for n in names]
+        lines.append(f"| {name} | {protocol} | " + " | ".join(cells) + f" | {stats['elsewhere']:.3f} |")
+    return "\n".join(lines)
+
+
 def main(args: Args) -> None:
     algorithms = [(name, paths, kind) for name, paths, kind in (
         ("BC", args.bc, "plain"), ("TD3+BC (raw units, γ 0.999)", args.td3_bc, "plain"),
@@ -145,6 +167,10 @@ def main(args: Args) -> None:
                 "S_p but rose above y = 22.5 left of x = 15; through S_p = reached g after entering S_p; no goal = "
                 "never reached g.\n")
     print(table)
+    corridors = corridor_table(rows)
+    with open(args.out + ".md", "a") as f:
+        f.write("\n" + corridors + "\n")
+    print(corridors)
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -61,7 +61,8 @@ def test_table1_reproduction_runs_every_row_end_to_end(pipeline, tmp_path):
         assert f"=== {step} took" in out.stdout
     assert int(np.load(table_run / "k1" / "cluster.npz")["arch/k"]) == 1
     assert np.load(table_run / "k1" / "ppo.npz")["eval/pi_positions"].shape == (2, 1, 3, 1001, 2)
-    table = (table_run / "table1.md").read_text().splitlines()
+    text = (table_run / "table1.md").read_text()
+    table = text.split("\n\n")[0].splitlines()  # the first block: returns and route classes
     rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in table[2:] if line.startswith("|")}
     names = ["BC", "TD3+BC (raw units, γ 0.999)", "TD3+BC (a/a_max units, γ 0.999)", "TD3+BC (a/a_max units, γ 0.99)",
              "EMPO K=1", "EMPO K=2"]
@@ -74,6 +75,9 @@ def test_table1_reproduction_runs_every_row_end_to_end(pipeline, tmp_path):
         routes = np.load(run / "highlevel.npz")[f"eval/{infix}route"]
         counts = " | ".join(str(int((routes == i).sum())) for i in range(4))
         assert f"| {counts} |" in rows[("EMPO K=2", protocol)]
+    corridors = [line for line in text.split("Conflict corridors")[1].splitlines() if line.startswith("| ")]
+    assert len(corridors) == 1 + 12 and corridors[-1].startswith("| EMPO K=2 | mean | ")
+    assert all(line.count("/6 |") == 2 for line in corridors[1:])  # 2 seeds x 3 rollouts, per corridor
     assert (table_run / "table1.png").stat().st_size > 10_000
 
 

@@ -144,3 +144,48 @@ def test_eval_at_out_of_range_is_one_sentence(eval_at, pi_epochs, episodes, mess
         empo_ppo.validate_args(args)
     assert empo_ppo.sweep_epochs(empo_ppo.Args(eval_at="100, 1,5,1", pi_epochs=100)) == [1, 5, 100]
     assert "eval_at" in empo_ppo.NEUTRAL_FLAGS  # evaluation only: a checkpoint resumes whatever --eval-at is
+
+
+def start_off_grid(*corners):
+    """A hand-made path whose start is (0.05, 0.05) (inside the start box), so that no state lies on a corridor's
+    edge y = 2 or y = 13 up to rounding: y = 0.05 + 0.2 k."""
+    return path(*[(x + 0.05, y + 0.05) for x, y in corners])
+
+
+def corridors(*corners, stall_at=None, stall=0):
+    """nav_env.corridor_stats of one hand-made path (optionally standing still ``stall`` steps at step ``stall_at``)."""
+    pos = start_off_grid(*corners)
+    if stall:
+        pos = np.concatenate([pos[:stall_at], np.repeat(pos[stall_at:stall_at + 1], stall, 0), pos[stall_at:]])
+    padded = np.concatenate([pos, np.repeat(pos[-1:], 1500 - len(pos), 0)])
+    return nav_env.corridor_stats(padded[None], np.array([len(pos) - 1]))
+
+
+def test_the_fast_route_climbs_the_x10_corridor_at_full_speed_and_passes_above_the_x20_one():
+    stats = corridors((0, 0), (10, 0), (10, 15), (20, 15), (20, 30), (30, 30))
+    assert stats["x = 10"]["entered"] == 1 and stats["x = 10"]["steps"] == 55  # y = 2.05, 2.25, ..., 12.85
+    np.testing.assert_allclose(stats["x = 10"]["speed"], 0.2)
+    assert stats["x = 20"] == {"entered": 0, "steps": 0, "speed": stats["x = 20"]["speed"]}
+    assert np.isnan(stats["x = 20"]["speed"])
+    np.testing.assert_allclose(stats["elsewhere"], 0.2)
+
+
+def test_along_the_bottom_through_s_p_enters_no_corridor_and_behaviour_0_enters_both():
+    bottom = corridors((0, 0), (30, 0), (30, 30))
+    assert bottom["x = 10"]["entered"] == bottom["x = 20"]["entered"] == 0  # the junction at y = 0 is not counted
+    b0 = corridors((0, 0), (0, 30), (10, 30), (10, 0), (20, 0), (20, 30), (30, 30))
+    assert b0["x = 10"]["entered"] == b0["x = 20"]["entered"] == 1
+    assert b0["x = 10"]["steps"] == b0["x = 20"]["steps"] == 55
+
+
+def test_standing_still_in_a_corridor_lowers_its_speed_and_not_the_speed_elsewhere():
+    corners = ((0, 0), (10, 0), (10, 15), (20, 15), (20, 30), (30, 30))
+    creep = corridors(*corners, stall_at=75, stall=224)  # step 75 starts at (10.05, 5.05): 224 more steps in place
+    assert creep["x = 10"]["steps"] == 55 + 224
+    np.testing.assert_allclose(creep["x = 10"]["speed"], 0.2 * 55 / (55 + 224))
+    np.testing.assert_allclose(creep["elsewhere"], 0.2)
+    # two rollouts at once: counts add up, and steps after a rollout's end are not counted
+    fast, slow = start_off_grid(*corners), start_off_grid(*corners)[:60]  # the second ends at y = 1.85, below it
+    pos = np.stack([np.concatenate([p, np.repeat(p[-1:], 400 - len(p), 0)]) for p in (fast, slow)])
+    both = nav_env.corridor_stats(pos, np.array([len(fast) - 1, len(slow) - 1]))
+    assert both["x = 10"]["entered"] == 1 and both["x = 10"]["steps"] == 55
