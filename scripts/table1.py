@@ -15,15 +15,17 @@ protocol of Appendix C: 10 seeds x 10 rollouts) and writes
 Rows (each optional; several files per row are concatenated along the seed axis, e.g. two runs of
 seeds 1-2 and 3-10):
     BC          baselines/bc.py            bc.npz         eval/*        [S, E]
-    TD3+BC      baselines/td3_bc.py        td3_bc.npz     eval/*        [S, E]  (three rows: raw action units
-                gamma 0.999, normalised units gamma 0.999, normalised units gamma 0.99; --action-units)
+    TD3+BC      baselines/td3_bc.py        td3_bc.npz     eval/*        [S, E]  (four rows: raw action units
+                and normalised units (--action-units), each with gamma 0.999 (Table 4) and 0.99 (the
+                reference code's))
     EMPO K=1    empo_ppo.py with K = 1     ppo.npz        eval/pi_*     [S, 1, E]  (pi_L(.|s, 0) itself:
                 with one cluster ID(s) = {0}, so the final policy of stage 3 is pi_L(.|s, 0))
     EMPO K=2    empo_highlevel.py          highlevel.npz  eval/*        [S, E]
 
 Example
     python scripts/table1.py --bc runs/table1/bc/bc.npz --td3-bc runs/table1/td3_bc/td3_bc.npz \\
-        --td3-bc-norm runs/table1/td3_bc_norm/td3_bc.npz --td3-bc-norm-099 runs/table1/td3_bc_norm_099/td3_bc.npz \\
+        --td3-bc-099 runs/table1/td3_bc_099/td3_bc.npz --td3-bc-norm runs/table1/td3_bc_norm/td3_bc.npz \\
+        --td3-bc-norm-099 runs/table1/td3_bc_norm_099/td3_bc.npz \\
         --empo-k1 runs/table1/k1/ppo.npz --empo-k2 runs/table1/k2/highlevel.npz --out runs/table1/table1
 
 The sampled protocol of the deterministic TD3+BC actor adds the reference TD3's exploration noise
@@ -53,6 +55,8 @@ class Args:
     """bc.npz of baselines/bc.py (comma-separated files are joined along the seed axis; empty skips the row)"""
     td3_bc: str = ""
     """td3_bc.npz of baselines/td3_bc.py in raw action units, gamma 0.999 (its defaults)"""
+    td3_bc_099: str = ""
+    """td3_bc.npz of baselines/td3_bc.py --gamma 0.99 (raw action units: the reference code's setting)"""
     td3_bc_norm: str = ""
     """td3_bc.npz of baselines/td3_bc.py --action-units normalised (gamma 0.999)"""
     td3_bc_norm_099: str = ""
@@ -139,11 +143,13 @@ def corridor_table(rows: list) -> str:
 def main(args: Args) -> None:
     algorithms = [(name, paths, kind) for name, paths, kind in (
         ("BC", args.bc, "plain"), ("TD3+BC (raw units, γ 0.999)", args.td3_bc, "plain"),
+        ("TD3+BC (raw units, γ 0.99)", args.td3_bc_099, "plain"),
         ("TD3+BC (a/a_max units, γ 0.999)", args.td3_bc_norm, "plain"),
         ("TD3+BC (a/a_max units, γ 0.99)", args.td3_bc_norm_099, "plain"),
         ("EMPO K=1", args.empo_k1, "k1"), ("EMPO K=2", args.empo_k2, "plain")) if paths]
     if not algorithms:
-        sys.exit("error: give at least one of --bc, --td3-bc, --td3-bc-norm, --td3-bc-norm-099, --empo-k1, --empo-k2")
+        sys.exit("error: give at least one of --bc, --td3-bc, --td3-bc-099, --td3-bc-norm, --td3-bc-norm-099, "
+                 "--empo-k1, --empo-k2")
     protocols = ["sampled", "mean"] if args.protocol == "both" else [args.protocol]
     rows = [(name, protocol, load_row(paths, kind, protocol)) for protocol in protocols
             for name, paths, kind in algorithms]

@@ -56,18 +56,18 @@ def test_table1_reproduction_runs_every_row_end_to_end(pipeline, tmp_path):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("exists, skipped") == 4  # data and the three stages of K = 2
-    for step in ("EMPO K=1 stage 1", "EMPO K=1 stage 2", "BC", "TD3+BC raw units", "TD3+BC a/a_max units",
-                 "TD3+BC a/a_max units gamma 0.99"):
+    for step in ("EMPO K=1 stage 1", "EMPO K=1 stage 2", "BC", "TD3+BC raw units", "TD3+BC raw units gamma 0.99",
+                 "TD3+BC a/a_max units", "TD3+BC a/a_max units gamma 0.99"):
         assert f"=== {step} took" in out.stdout
     assert int(np.load(table_run / "k1" / "cluster.npz")["arch/k"]) == 1
     assert np.load(table_run / "k1" / "ppo.npz")["eval/pi_positions"].shape == (2, 1, 3, 1001, 2)
     text = (table_run / "table1.md").read_text()
     table = text.split("\n\n")[0].splitlines()  # the first block: returns and route classes
     rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in table[2:] if line.startswith("|")}
-    names = ["BC", "TD3+BC (raw units, γ 0.999)", "TD3+BC (a/a_max units, γ 0.999)", "TD3+BC (a/a_max units, γ 0.99)",
-             "EMPO K=1", "EMPO K=2"]
-    assert list(rows)[:12] == [(name, protocol) for protocol in ("sampled", "mean") for name in names]
-    assert all("| 2 × 3 |" in rows[key] for key in list(rows)[:12])
+    names = ["BC", "TD3+BC (raw units, γ 0.999)", "TD3+BC (raw units, γ 0.99)", "TD3+BC (a/a_max units, γ 0.999)",
+             "TD3+BC (a/a_max units, γ 0.99)", "EMPO K=1", "EMPO K=2"]
+    assert list(rows)[:14] == [(name, protocol) for protocol in ("sampled", "mean") for name in names]
+    assert all("| 2 × 3 |" in rows[key] for key in list(rows)[:14])
     assert ("data set, behaviour 0", "–") in rows and ("data set, behaviour 1", "–") in rows
     for protocol, infix in (("sampled", "sampled_"), ("mean", "")):
         returns = np.load(run / "highlevel.npz")[f"eval/{infix}return"]
@@ -76,7 +76,7 @@ def test_table1_reproduction_runs_every_row_end_to_end(pipeline, tmp_path):
         counts = " | ".join(str(int((routes == i).sum())) for i in range(4))
         assert f"| {counts} |" in rows[("EMPO K=2", protocol)]
     corridors = [line for line in text.split("Conflict corridors")[1].splitlines() if line.startswith("| ")]
-    assert len(corridors) == 1 + 12 and corridors[-1].startswith("| EMPO K=2 | mean | ")
+    assert len(corridors) == 1 + 14 and corridors[-1].startswith("| EMPO K=2 | mean | ")
     assert all(line.count("/6 |") == 2 for line in corridors[1:])  # 2 seeds x 3 rollouts, per corridor
     assert (table_run / "table1.png").stat().st_size > 10_000
 
