@@ -167,15 +167,13 @@ def main(args: Args) -> None:
                          f"{s['mean_length']:.0f} |")
     table = "\n".join(lines)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    corridors = corridor_table(rows)
     with open(args.out + ".md", "w") as f:
         f.write(table + "\n\nRoute classes (counts of rollouts, nav_env.route_classes): fast = reached g without "
                 "S_p and passed S_p's column below y = 22.5 (the paper's optimal route); detour = reached g without "
                 "S_p but rose above y = 22.5 left of x = 15; through S_p = reached g after entering S_p; no goal = "
-                "never reached g.\n")
+                "never reached g.\n\n" + corridors + "\n")
     print(table)
-    corridors = corridor_table(rows)
-    with open(args.out + ".md", "a") as f:
-        f.write("\n" + corridors + "\n")
     print(corridors)
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg

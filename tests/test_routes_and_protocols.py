@@ -184,8 +184,10 @@ def test_standing_still_in_a_corridor_lowers_its_speed_and_not_the_speed_elsewhe
     assert creep["x = 10"]["steps"] == 55 + 224
     np.testing.assert_allclose(creep["x = 10"]["speed"], 0.2 * 55 / (55 + 224))
     np.testing.assert_allclose(creep["elsewhere"], 0.2)
-    # two rollouts at once: counts add up, and steps after a rollout's end are not counted
-    fast, slow = start_off_grid(*corners), start_off_grid(*corners)[:60]  # the second ends at y = 1.85, below it
-    pos = np.stack([np.concatenate([p, np.repeat(p[-1:], 400 - len(p), 0)]) for p in (fast, slow)])
-    both = nav_env.corridor_stats(pos, np.array([len(fast) - 1, len(slow) - 1]))
-    assert both["x = 10"]["entered"] == 1 and both["x = 10"]["steps"] == 55
+    # two rollouts at once: counts add up, and steps after a rollout's end are not counted (the second ends at
+    # (10.05, 5.85), inside the corridor, and its frozen padding there is not a step: 19 steps from y = 2.05 on)
+    fast, short = start_off_grid(*corners), start_off_grid(*corners)[:80]
+    pos = np.stack([np.concatenate([p, np.repeat(p[-1:], 400 - len(p), 0)]) for p in (fast, short)])
+    both = nav_env.corridor_stats(pos, np.array([len(fast) - 1, len(short) - 1]))
+    assert both["x = 10"]["entered"] == 2 and both["x = 10"]["steps"] == 55 + 19
+    np.testing.assert_allclose(both["x = 10"]["speed"], 0.2)
