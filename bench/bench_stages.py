@@ -168,11 +168,9 @@ def place(args: tuple, devices: int) -> tuple:
     per seed and sharded over ``devices`` devices along its seed axis; the last is replicated. One device: as is."""
     if devices == 1:
         return args
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    mesh = Mesh(np.array(jax.devices()[:devices]), ("seeds",))
-    per_seed = jax.device_put(args[:-1], NamedSharding(mesh, PartitionSpec("seeds")))
-    return (*per_seed, jax.device_put(args[-1], NamedSharding(mesh, PartitionSpec())))
+    # the stages' own shardings; given ``devices`` as the seed count, their mesh holds exactly that many devices
+    per_seed, replicated = empo_cluster.seed_shardings(devices)
+    return (*jax.device_put(args[:-1], per_seed), jax.device_put(args[-1], replicated))
 
 
 def measure(unit: Unit, cfg: Config, repeats: int, warmup: int, devices: int = 1) -> dict:
