@@ -33,7 +33,11 @@ def compile_once(tmp_path_factory):
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    cache = str(tmp_path_factory.mktemp("xla_cache"))
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: the workers share one cache, next to their own folders
+        base = base.parent
+    cache = str(base / "xla_cache")
+    os.makedirs(cache, exist_ok=True)
     settings = {"jax_compilation_cache_dir": cache, "jax_persistent_cache_min_compile_time_secs": 0.0,
                 "jax_persistent_cache_min_entry_size_bytes": 0}
     saved = {name: getattr(jax.config, name) for name in settings}
