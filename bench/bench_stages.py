@@ -390,7 +390,8 @@ def stage1_units(cfg: Config, wanted: list) -> dict:
     carry = jax.vmap(floor_init)(keys)
     m_stage = lambda rows, cls: vmapped(mod.make_m_epoch(args, policy, classifier, tx, rows, cls), 3)
     m_floor = lambda rows, m_steps, cls: vmapped(floor_m_epoch(cfg, ftx, rows, m_steps, cls), 3)
-    em_floor = lambda chunk, m_epoch: vmapped(floor_em_epoch(cfg, ftx, n, episodes, chunk, args.momentum, m_epoch), 3)
+    em_floor = lambda rows, chunk, m_epoch: vmapped(floor_em_epoch(cfg, ftx, rows, episodes, chunk, args.momentum,
+                                                                   m_epoch), 3)
     units = {}
     if "m_epoch" in wanted:  # probes: an epoch of one step (rows = B)
         units["m_epoch"] = Unit(
@@ -398,18 +399,24 @@ def stage1_units(cfg: Config, wanted: list) -> dict:
             (carry, q, keys, fdata),
             stage_flops=lambda: steps * xla_flops(m_stage(BATCH, False), state, q, keys, data),
             floor_flops=lambda: steps * xla_flops(m_floor(n, 1, False), carry, q, keys, fdata))
-    if "em_epoch" in wanted:  # probes: the E-step as one chunk of all rows with no M epoch, plus steps x one M-step
-        e_args = dataclasses.replace(args, estep_chunk=data.obs.shape[0])
+    if "em_epoch" in wanted:
+        # Probes: the E-step over the first chunk of rows alone with no M epoch, times the number of chunks (XLA
+        # counts a loop's body once; a probe over all rows as one chunk would hold [seeds, K, N, hidden] activations,
+        # 83 GB at the D4RL size with 10 seeds), plus steps x one M-step.
+        chunk = args.estep_chunk
         no_m = lambda st, q_, key, d: (st, {})
-        e_stage = vmapped(mod.make_em_epoch(e_args, mod.make_e_step(e_args, policy, episodes), no_m), 3)
+        e_stage = vmapped(mod.make_em_epoch(args, mod.make_e_step(args, policy, episodes), no_m), 3)
+        first = mod.Data(obs=data.obs[:chunk], actions=data.actions[:chunk], episode_ids=data.episode_ids[:chunk])
+        ffirst = {name: x[:chunk] for name, x in fdata.items()}
         em_stage = vmapped(mod.make_em_epoch(args, mod.make_e_step(args, policy, episodes),
                                              mod.make_m_epoch(args, policy, classifier, tx, n, True)), 3)
         units["em_epoch"] = Unit(
             "em_epoch", steps, em_stage, (state, q, keys, data),
-            em_floor(args.estep_chunk, floor_m_epoch(cfg, ftx, n, steps, True)), (carry, q, keys, fdata),
-            stage_flops=lambda: (xla_flops(e_stage, state, q, keys, data)
+            em_floor(n, chunk, floor_m_epoch(cfg, ftx, n, steps, True)), (carry, q, keys, fdata),
+            stage_flops=lambda: (data.obs.shape[0] / chunk * xla_flops(e_stage, state, q, keys, first)
                                  + steps * xla_flops(m_stage(BATCH, True), state, q, keys, data)),
-            floor_flops=lambda: (xla_flops(em_floor(n, lambda c, q_, key, d: c), carry, q, keys, fdata)
+            floor_flops=lambda: (n / chunk * xla_flops(em_floor(chunk, chunk, lambda c, q_, key, d: c), carry, q, keys,
+                                                       ffirst)
                                  + steps * xla_flops(m_floor(n, 1, True), carry, q, keys, fdata)))
     return units
 
@@ -545,15 +552,21 @@ def stage2_units(cfg: Config, wanted: list) -> dict:
             "v_epoch", steps, v_epoch(n), (state, keys, run, data), v_floor(steps), (carry_v, keys, frun, fdata),
             stage_flops=lambda: steps * xla_flops(v_epoch(BATCH), state, keys, run, data),
             floor_flops=lambda: steps * xla_flops(v_floor(1), carry_v, keys, frun, fdata))
-    if "ppo_epoch" in wanted:  # probes: one chunk of all rows
-        ppo_epoch = lambda a: vmapped(mod.make_ppo_epoch(a, policy, q_net, v_net, tx, n, K, cfg.scale), 3)
-        ppo_floor = lambda chunk: vmapped(floor_ppo_epoch(cfg, ftx, n, chunk, args.clip), 3)
-        one_chunk = dataclasses.replace(args, chunk=data.obs.shape[0])
+    if "ppo_epoch" in wanted:
+        # Probes: the epoch over the first chunk of rows alone, times the number of chunks (as for the E-step: a
+        # probe over all rows as one chunk would hold [seeds, K, N, hidden] activations, 40 GB at the D4RL size
+        # with 10 seeds). The Adam step is counted once per chunk too, a negligible excess.
+        chunk = args.chunk
+        ppo_epoch = lambda: vmapped(mod.make_ppo_epoch(args, policy, q_net, v_net, tx, n, K, cfg.scale), 3)
+        ppo_floor = lambda rows: vmapped(floor_ppo_epoch(cfg, ftx, rows, chunk, args.clip), 3)
+        first = jax.tree.map(lambda x: x[:chunk], data)
+        run_first = mod.RunInputs(beta=run.beta, assign=run.assign[:, :chunk], next_actions=run.next_actions[:, :chunk])
+        ffirst = {name: x[:chunk] for name, x in fdata.items()}
+        frun_first = dict(frun, assign=frun["assign"][:, :chunk], next_actions=frun["next_actions"][:, :chunk])
         units["ppo_epoch"] = Unit(
-            "ppo_epoch", 1, ppo_epoch(args), (state, keys, run, data), ppo_floor(args.chunk),
-            (carry_pi, keys, frun, fdata),
-            stage_flops=lambda: xla_flops(ppo_epoch(one_chunk), state, keys, run, data),
-            floor_flops=lambda: xla_flops(ppo_floor(n), carry_pi, keys, frun, fdata))
+            "ppo_epoch", 1, ppo_epoch(), (state, keys, run, data), ppo_floor(n), (carry_pi, keys, frun, fdata),
+            stage_flops=lambda: data.obs.shape[0] / chunk * xla_flops(ppo_epoch(), state, keys, run_first, first),
+            floor_flops=lambda: n / chunk * xla_flops(ppo_floor(chunk), carry_pi, keys, frun_first, ffirst))
     return units
 
 
