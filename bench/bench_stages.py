@@ -30,8 +30,9 @@ percentage of this CPU's peak, measured here as the best rate of repeated jitted
 2048^2 matrices (at the start and at the end; the small ones, which fit in the caches, run fastest).
 FLOPs per call come from XLA (``jitted.lower(*args).compile().cost_analysis()``). XLA's cost analysis counts the
 body of a loop once whatever its trip count, so each unit is also compiled as a probe whose loops run once (one step
-per epoch or chunk; the E-step and the PPO pass as one chunk of all rows; a step index fixed so that a periodic
-update is in or out) and the probe's FLOPs are multiplied by the trip counts. The probes are compiled, never run.
+per epoch or chunk; the E-step and the PPO pass over their first chunk of rows alone; a step index fixed so that a
+periodic update is in or out) and the probe's FLOPs are multiplied by the trip counts. The probes are compiled,
+never run.
 
 Then, per size, the wall time of the full default schedules extrapolated from the per-call times (the presets of
 the stage files: stage 1 N_b + N_p M epochs and N_E EM epochs, stage 2 N_Q SARSA steps, N_V V epochs and N_pi PPO
