@@ -37,3 +37,30 @@ def test_devices_that_do_not_divide_the_seeds_are_refused_in_one_sentence():
     proc = run("--seeds", "3", "--devices", "2", "--units", "sarsa")
     assert proc.returncode == 2 and "--devices 2 must be at least 1 and divide --seeds 3" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_chunked_probes_count_the_flops_of_an_all_rows_probe(monkeypatch):
+    """The FLOP probes of the E-step and the PPO epoch run the first chunk of rows and multiply by the number of
+    chunks. On data of 4 chunks that gives the FLOPs of a probe over all rows as one chunk (the earlier probe, which
+    needed 83 GB at the D4RL size with 10 seeds on a GPU), for the stage and for the floor."""
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_stages
+
+    import empo_cluster
+    import empo_ppo
+
+    cfg = bench_stages.Config(size="nav", **bench_stages.SIZES["nav"], rows=4096, seeds=1, steps_per_call=10)
+
+    def flops(chunk: int) -> dict:
+        monkeypatch.setitem(empo_cluster.PRESETS, "nav",
+                            dataclasses.replace(empo_cluster.PRESETS["nav"], estep_chunk=chunk))
+        monkeypatch.setitem(empo_ppo.PRESETS, "nav", dataclasses.replace(empo_ppo.PRESETS["nav"], chunk=chunk))
+        units = {**bench_stages.stage1_units(cfg, ["em_epoch"]), **bench_stages.stage2_units(cfg, ["ppo_epoch"])}
+        return {(name, who): getattr(unit, f"{who}_flops")() for name, unit in units.items()
+                for who in ("stage", "floor")}
+
+    chunked, whole = flops(1024), flops(4096)
+    for key, count in chunked.items():
+        assert abs(count / whole[key] - 1.0) < 0.01, (key, count, whole[key])
