@@ -278,6 +278,11 @@ def row_chunks(rows: int, chunk: int, fn, init, *arrays):
     return fn(acc, *(a[full * chunk:rows] for a in arrays)) if full * chunk < rows else acc
 
 
+def head(tree, rows: int):
+    """The first ``rows`` rows of every array of a per-row pytree (a probe's one chunk of the data)."""
+    return jax.tree.map(lambda x: x[:rows], tree)
+
+
 def steps_xs(key, steps: int, offset: int):
     """Per-step keys and step indices offset, offset + 1, ... (a probe fixes offset to put a periodic update in)."""
     return jax.random.split(key, steps), offset + jnp.arange(steps)
@@ -407,8 +412,7 @@ def stage1_units(cfg: Config, wanted: list) -> dict:
         chunk = args.estep_chunk
         no_m = lambda st, q_, key, d: (st, {})
         e_stage = vmapped(mod.make_em_epoch(args, mod.make_e_step(args, policy, episodes), no_m), 3)
-        first = mod.Data(obs=data.obs[:chunk], actions=data.actions[:chunk], episode_ids=data.episode_ids[:chunk])
-        ffirst = {name: x[:chunk] for name, x in fdata.items()}
+        first, ffirst = head(data, chunk), head(fdata, chunk)
         em_stage = vmapped(mod.make_em_epoch(args, mod.make_e_step(args, policy, episodes),
                                              mod.make_m_epoch(args, policy, classifier, tx, n, True)), 3)
         units["em_epoch"] = Unit(
@@ -560,9 +564,8 @@ def stage2_units(cfg: Config, wanted: list) -> dict:
         chunk = args.chunk
         ppo_epoch = lambda: vmapped(mod.make_ppo_epoch(args, policy, q_net, v_net, tx, n, K, cfg.scale), 3)
         ppo_floor = lambda rows: vmapped(floor_ppo_epoch(cfg, ftx, rows, chunk, args.clip), 3)
-        first = jax.tree.map(lambda x: x[:chunk], data)
+        first, ffirst = head(data, chunk), head(fdata, chunk)
         run_first = mod.RunInputs(beta=run.beta, assign=run.assign[:, :chunk], next_actions=run.next_actions[:, :chunk])
-        ffirst = {name: x[:chunk] for name, x in fdata.items()}
         frun_first = dict(frun, assign=frun["assign"][:, :chunk], next_actions=frun["next_actions"][:, :chunk])
         units["ppo_epoch"] = Unit(
             "ppo_epoch", 1, ppo_epoch(), (state, keys, run, data), ppo_floor(n), (carry_pi, keys, frun, fdata),
