@@ -57,31 +57,42 @@ Example
 
 from __future__ import annotations
 
+import json
+import math
 import os
-import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Optional
 
-if __name__ == "__main__" and "XLA_FLAGS" not in os.environ:
-    # One XLA host device per core, so that seeds run in parallel on a CPU (set before jax loads).
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={os.cpu_count() or 1}"
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct, traverse_util
 
-import hashlib  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import zipfile  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from typing import Any, Literal, Optional  # noqa: E402
-
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import tyro  # noqa: E402
-from flax import struct, traverse_util  # noqa: E402
+import gym_eval
+from empo_io import (
+    InputError,
+    Progress,
+    check_arrays,
+    check_fits,
+    check_flags,
+    check_writable,
+    checkpoint_path,
+    cli,
+    flatten_params,
+    load_dataset,
+    load_npz,
+    make_writer,
+    resume_checkpoint,
+    run,
+    run_identity,
+    save_checkpoint,
+    save_npz,
+    seed_shardings,
+    unflatten_params,
+)
 
 
 @dataclass
@@ -158,6 +169,11 @@ PRESETS = {  # Table 4: the didactic column and the D4RL column
                  cluster="runs/halfcheetah-medium-expert/cluster.npz", out="runs/halfcheetah-medium-expert/ppo.npz",
                  eval_episodes=10, gamma=0.99, q_steps=1_500_000, v_epochs=40, pi_epochs=100),
 }
+
+# Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood
+# for by their sha256, so that moved files still resume).
+NEUTRAL_FLAGS = ('out', 'resume', 'preset', 'eval_episodes', 'eval_env', 'eval_at', 'ref_min_score',
+                 'ref_max_score', 'dataset', 'cluster')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,12 +611,11 @@ def main(args: Args) -> dict:
                                                dict(N=n, E=num_episodes, obs_dim=obs_dim, act_dim=act_dim))
     env = None  # where the policies are evaluated; checked before training, not after it
     if args.eval_episodes > 0:
-        import nav_env
 
         try:
-            env = nav_env.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score,
+            env = gym_eval.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score,
                                          args.eval_env)
-        except nav_env.InputError as e:  # nav_env's own class: this script reports only its own in one sentence
+        except InputError as e:  # nav_env's own class: this script reports only its own in one sentence
             raise InputError(str(e)) from None
     k, cluster_seeds = sizes["K"], sizes["S"]
     check_fits(f"--eval-episodes {args.eval_episodes}",  # the rollouts' paths
@@ -652,7 +667,7 @@ def main(args: Args) -> dict:
     q_calls = [min(args.steps_per_call, args.q_steps - i) for i in range(0, args.q_steps, args.steps_per_call)]
     schedule = [("q", s) for s in q_calls] + [("v", 0)] * args.v_epochs + [("pi", 0)] * args.pi_epochs
     run_dir = os.path.dirname(os.path.abspath(args.out))
-    identity = run_identity(args, {"dataset": data_sha, "cluster": cluster_sha})
+    identity = run_identity(args, NEUTRAL_FLAGS, {"dataset": data_sha, "cluster": cluster_sha})
     ckpt_path, state, first = resume_checkpoint(args, state, "empo/ppo-checkpoint/v2", identity, len(schedule))
     state = jax.device_put(state, seed_sharding)
     writer = make_writer(os.path.join(run_dir, "ppo"), args)
@@ -856,7 +871,6 @@ def evaluate_policies(args: Args, policy, obs_mean, obs_std, beta, pi, key_eval,
 def evaluate_policies_gym(args: Args, policy, obs_mean, obs_std, beta, pi, env: dict, writer, seeds, k: int):
     """Episodes of every beta_z and pi_L(.|s, z) (mean actions) in the data set's Gymnasium environment, all
     S x K x E at once in one vector env; returns, normalised scores, TensorBoard scalars and a table."""
-    import nav_env
 
     shape = (len(seeds), k, args.eval_episodes)
 
@@ -868,7 +882,7 @@ def evaluate_policies_gym(args: Args, policy, obs_mean, obs_std, beta, pi, env: 
 
     arrays, summary = {}, {}
     for name, params in (("beta", beta), ("pi", pi)):
-        out = nav_env.gym_evaluate(env, lambda obs, params=params: act(params, obs), shape, args.seed)
+        out = gym_eval.gym_evaluate(env, lambda obs, params=params: act(params, obs), shape, args.seed)
         arrays.update({f"eval/{name}_{field}": x for field, x in out.items()})
         for field in ("return", "normalized_score"):
             if field in out:
@@ -876,523 +890,8 @@ def evaluate_policies_gym(args: Args, policy, obs_mean, obs_std, beta, pi, env: 
                 for z in range(k):
                     writer.add_scalar(f"eval/{name}_{field}/{z}", float(out[field][:, z].mean()), args.pi_epochs)
         for z in range(k):
-            print(f"[ppo] {name}_{z} in {env['env_id']}: {nav_env.describe_episodes(out, (slice(None), z))}")
+            print(f"[ppo] {name}_{z} in {env['env_id']}: {gym_eval.describe_episodes(out, (slice(None), z))}")
     return arrays, summary
-
-
-# ==============================================================================================
-# Plumbing shared by every stage: identical copies, checked by tests/test_shared_blocks.py. Each file
-# carries the shared functions it uses (npz I/O, the data set loader, run utilities, checkpoints);
-# a reader auditing the algorithm can stop above this line.
-# ==============================================================================================
-
-# --- shared block: npz_io (keep identical across stages) ---
-class InputError(ValueError):
-    """Bad input or output: the message is one sentence that names the file and the problem."""
-
-
-def same_file(a: str, b: str) -> bool:
-    """True when two paths name one file: equal after resolving links, or hard links to the same inode."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def check_writable(path: str, inputs=()) -> None:
-    """Fail before any work if ``path`` cannot be written or is one of ``inputs`` (paths or comma-joined paths):
-    an output never replaces an input."""
-    if not os.path.basename(path or ""):
-        raise InputError(f"the output path '{path}' names no file")
-    if os.path.isdir(path):
-        raise InputError(f"cannot write {path}: it is a folder")
-    for source in inputs:
-        for part in {source, *source.split(",")}:
-            if part and same_file(path, part):
-                raise InputError(f"refusing to write {path}: it is the input {part}, which would be lost")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot write {path}: its folder {folder} cannot be created ({e.strerror or e})") from None
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
-            pass
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] = None) -> None:
-    """Write arrays and metadata (schema, args JSON, producer, inputs' sha256) atomically.
-
-    The file is written beside ``path`` under a temporary name (with the writer's pid, so that one left by a
-    killed writer is removed by the next) and renamed over ``path`` only when complete, with the permissions the
-    umask gives. Arrays with NaN or infinite values are refused; on any failure an earlier file stays as it was.
-    """
-    for key, a in arrays.items():
-        if np.asarray(a).dtype.kind == "f" and not np.all(np.isfinite(a)):
-            raise InputError(f"{path} was not written: '{key}' contains NaN or infinite values (did the run "
-                             f"diverge?); an earlier file there is left as it was")
-    check_writable(path)
-    meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
-                producer=np.array(os.path.basename(sys.argv[0]) or "python"),
-                inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
-    folder, name = os.path.split(os.path.abspath(path))
-    for old in os.listdir(folder):  # temporaries of this file left by writers that no longer run
-        pid = old[len(name) + 2:].split(".")[0]
-        if old.startswith(f".{name}.") and old.endswith(".tmp") and pid.isdigit() and not _pid_alive(int(pid)):
-            os.remove(os.path.join(folder, old))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays, **meta)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise InputError(f"cannot write {path}: {e.strerror or e}; an earlier file there is left as "
-                             f"it was") from None
-        raise
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def load_npz(path: str, schema: str, digest: bool = False):
-    """Read a handoff file (no pickles) and check its schema: a dict of NumPy arrays, or with ``digest`` the pair
-    (arrays, sha256 of the bytes that were read), so that provenance names the file as it was used."""
-    if os.path.isdir(path):
-        raise InputError(f"{path} is a folder, not an .npz file")
-    if not os.path.isfile(path):
-        raise InputError(f"{path} does not exist")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
-    except ValueError:  # numpy takes what is neither .npz nor .npy for pickled data
-        raise InputError(f"{path} is not an .npz file") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise InputError(f"{path} is not a readable .npz file ({e})") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise InputError(f"{path} holds a single array (.npy), not an .npz file")
-    try:
-        with loaded:
-            arrays = {k: loaded[k] for k in loaded.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise InputError(f"{path} is not a readable .npz file ({e})") from None
-    found = str(arrays.get("schema", "none"))
-    if found != schema:
-        raise InputError(f"{path} has schema '{found}', expected '{schema}'")
-    return (arrays, hashlib.sha256(raw).hexdigest()) if digest else arrays
-
-
-def check_arrays(name: str, arrays: dict, spec: dict, sizes: Optional[dict] = None) -> dict:
-    """Check keys, dtypes and symbolic shapes, e.g. {"actions": ("float32", ("N", "act_dim"))}.
-
-    Symbols are bound on first sight (or taken from ``sizes``) and must agree everywhere; floating
-    arrays must be finite. Returns the bound sizes. Raises InputError naming the file and the key.
-    """
-    sizes = dict(sizes or {})
-    for key, (dtype, shape) in spec.items():
-        if key not in arrays:
-            raise InputError(f"{name} has no key '{key}'")
-        a = arrays[key]
-        if a.dtype != np.dtype(dtype):
-            raise InputError(f"{name}: '{key}' has dtype {a.dtype}, expected {dtype}")
-        if a.ndim != len(shape):
-            raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {len(shape)} dimensions {shape}")
-        for dim, want in zip(a.shape, shape):
-            want = sizes.setdefault(want, dim) if isinstance(want, str) else want
-            if dim != want:
-                raise InputError(f"{name}: '{key}' has shape {a.shape}, expected {shape} with {sizes}")
-        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-            raise InputError(f"{name}: '{key}' contains NaN or infinite values")
-    return sizes
-# --- end shared block: npz_io ---
-
-
-# --- shared block: dataset (keep identical across stages) ---
-DATASET_SCHEMA = "empo/dataset/v1"
-DATASET_SPEC = {
-    "observations": ("float32", ("N", "obs_dim")),
-    "actions": ("float32", ("N", "act_dim")),
-    "rewards": ("float32", ("N",)),
-    "next_observations": ("float32", ("N", "obs_dim")),
-    "terminals": ("bool", ("N",)),
-    "timeouts": ("bool", ("N",)),
-    "episode_ids": ("int32", ("N",)),
-    "behaviour": ("int32", ("N",)),
-}
-
-
-def load_dataset(source: str) -> tuple[dict, str]:
-    """Load a data set from an ``.npz`` path, D4RL HDF5 files or Minari ids (both comma-separated); validate it.
-
-    D4RL files (``*.hdf5``, read with h5py) and Minari ids (read from the local store, ``MINARI_DATASETS_PATH``
-    or ~/.minari) are never downloaded. Several files or ids are concatenated and labelled by their index, the
-    way D4RL medium-expert is medium + expert; a single Minari id takes ``behaviour`` from each episode's
-    metadata where present, a single D4RL file has none (-1). Returns (arrays, sha256 of the arrays' bytes).
-    """
-    parts = [s.strip() for s in source.split(",") if s.strip()]
-    hdf5 = [p.endswith((".hdf5", ".h5")) for p in parts]
-    if any(hdf5) and not all(hdf5):
-        raise InputError(f"--dataset {source} mixes D4RL .hdf5 files with other sources; give one kind")
-    if parts and all(hdf5):
-        data = _load_d4rl_hdf5(parts)
-    elif source.endswith(".npz") or os.path.exists(source):
-        arrays = load_npz(source, DATASET_SCHEMA)
-        data = {k: arrays[k] for k in DATASET_SPEC if k in arrays}
-    elif parts and all(re.fullmatch(r"([\w-]+/)*[\w-]+-v\d+", p) for p in parts):
-        data = _load_minari(parts)
-    else:  # neither a file nor something shaped like Minari's namespace/name-vN
-        raise InputError(f"--dataset {source}: no such file (a Minari id looks like 'namespace/name-v0')")
-    validate_dataset(source, data)
-    digest = hashlib.sha256()
-    for key in DATASET_SPEC:
-        digest.update(np.ascontiguousarray(data[key]).tobytes())
-    return data, digest.hexdigest()
-
-
-def validate_dataset(name: str, data: dict) -> dict:
-    """Schema, shapes, finiteness and trajectory structure; returns the sizes (N, obs_dim, act_dim)."""
-    sizes = check_arrays(name, data, DATASET_SPEC)
-    ids = data["episode_ids"]
-    if sizes["N"] == 0:
-        raise InputError(f"{name} holds no transitions")
-    for key, dim in (("observations", "obs_dim"), ("actions", "act_dim")):
-        if sizes[dim] == 0:
-            raise InputError(f"{name}: '{key}' has no features (shape {data[key].shape})")
-    steps = np.diff(ids)
-    if ids[0] != 0 or np.any((steps != 0) & (steps != 1)):
-        raise InputError(f"{name}: 'episode_ids' must start at 0 and count up by one, trajectories contiguous")
-    last = np.r_[steps != 0, True]  # last row of each trajectory
-    ends = data["terminals"] | data["timeouts"]
-    if np.any(ends & ~last):
-        raise InputError(f"{name}: a terminal or timeout flag stands inside a trajectory, not at its end")
-    if np.any(last & ~ends):
-        raise InputError(f"{name}: a trajectory ends with neither a terminal nor a timeout flag")
-    if np.any(data["terminals"] & data["timeouts"]):
-        raise InputError(f"{name}: a trajectory ends with both a terminal and a timeout flag (exactly one is allowed)")
-    return sizes
-
-
-def _load_minari(ids: list) -> dict:
-    if not ids:
-        raise InputError("no Minari data set id was given")
-    parts, first_episode = [], 0
-    for index, dataset_id in enumerate(ids):
-        dataset = _open_minari(dataset_id)
-        meta = list(dataset.storage.get_episode_metadata(dataset.episode_indices)) if len(ids) == 1 else None
-        for j, ep in enumerate(dataset.iterate_episodes()):
-            if isinstance(ep.observations, dict) or isinstance(ep.actions, dict):
-                raise InputError(f"Minari data set '{dataset_id}' has dictionary observations or actions")
-            n = len(ep.rewards)
-            obs = np.asarray(ep.observations, np.float32).reshape(n + 1, -1)
-            term = np.asarray(ep.terminations, bool)
-            label = index if meta is None else int(meta[j].get("behaviour", -1))
-            parts.append(dict(
-                observations=obs[:-1], actions=np.asarray(ep.actions, np.float32).reshape(n, -1),
-                rewards=np.asarray(ep.rewards, np.float32), next_observations=obs[1:], terminals=term,
-                # a trajectory that stops without a terminal is a timeout, whatever the flags say; a terminal never is
-                timeouts=(np.asarray(ep.truncations, bool) | (np.arange(n) == n - 1)) & ~term,
-                episode_ids=np.full(n, first_episode, np.int32), behaviour=np.full(n, label, np.int32)))
-            first_episode += 1
-    if not parts:
-        raise InputError(f"Minari data sets {ids} hold no episodes")
-    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
-
-
-def _open_minari(dataset_id: str):
-    """``minari.load_dataset(dataset_id, download=False)`` with one-sentence errors."""
-    import minari
-
-    try:
-        return minari.load_dataset(dataset_id, download=False)
-    except FileNotFoundError:
-        raise InputError(f"Minari data set '{dataset_id}' is not stored locally; download it with "
-                         f"`minari download {dataset_id}` (local store: MINARI_DATASETS_PATH or ~/.minari)") from None
-    except Exception as e:  # a damaged local copy: say which
-        raise InputError(f"Minari data set '{dataset_id}' could not be read ({e})") from None
-
-
-D4RL_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
-
-
-def _load_d4rl_hdf5(paths: list) -> dict:
-    """D4RL HDF5 files concatenated, each file's index its ``behaviour`` label (-1 when there is one file).
-
-    Each file is cut into trajectories after every row flagged ``terminals`` or ``timeouts``; rows after the
-    last flag (D4RL cuts files at a row count) are one more trajectory, ended as a timeout. Other keys
-    (``infos/*``, ``metadata/*``) are ignored. Both flags on one row is an error, as are a missing key,
-    sizes that disagree, NaN and flags other than 0 / 1: one sentence naming the file, the key and the row.
-    """
-    parts, first_episode = [], 0
-    for index, path in enumerate(paths):
-        arrays = _read_d4rl_file(path)
-        if parts and arrays["observations"].shape[1:] != parts[0]["observations"].shape[1:]:
-            raise InputError(f"{path} has {arrays['observations'].shape[1]}-dim observations, {paths[0]} has "
-                             f"{parts[0]['observations'].shape[1]}: files of different tasks")
-        if parts and arrays["actions"].shape[1:] != parts[0]["actions"].shape[1:]:
-            raise InputError(f"{path} has {arrays['actions'].shape[1]}-dim actions, {paths[0]} has "
-                             f"{parts[0]['actions'].shape[1]}: files of different tasks")
-        n, term = len(arrays["rewards"]), arrays["terminals"]
-        both = np.flatnonzero(term & arrays["timeouts"])
-        if both.size:
-            raise InputError(f"{path}: row {both[0]} has both 'terminals' and 'timeouts' set; a trajectory ends "
-                             f"with one of them")
-        arrays["timeouts"][-1] |= ~term[-1]  # the last trajectory stops with the file: a timeout
-        ends = term | arrays["timeouts"]
-        arrays["episode_ids"] = (first_episode + np.r_[0, np.cumsum(ends[:-1])]).astype(np.int32)
-        arrays["behaviour"] = np.full(n, index if len(paths) > 1 else -1, np.int32)
-        first_episode = int(arrays["episode_ids"][-1]) + 1
-        parts.append(arrays)
-    return {k: np.concatenate([p[k] for p in parts]) for k in DATASET_SPEC}
-
-
-def _read_d4rl_file(path: str) -> dict:
-    """The six D4RL keys of one HDF5 file as float32 [N, ...] / bool [N] arrays, checked."""
-    import h5py
-
-    if not os.path.isfile(path):
-        name = os.path.basename(path)
-        url = ("; D4RL's copy: http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/" + name
-               if name.endswith("-v2.hdf5") and name.split("_")[0] in ("halfcheetah", "hopper", "walker2d", "ant")
-               else "")
-        raise InputError(f"{path} does not exist{url}")
-    arrays = {}
-    try:
-        with h5py.File(path, "r") as f:
-            for key in D4RL_KEYS:
-                if not isinstance(f.get(key), h5py.Dataset):
-                    raise InputError(f"{path} has no key '{key}' (a D4RL v2 file has {', '.join(D4RL_KEYS)})")
-                arrays[key] = np.asarray(f[key][()])
-    except OSError as e:
-        raise InputError(f"{path} is not a readable HDF5 file ({e})") from None
-    n = len(arrays["observations"]) if arrays["observations"].ndim else 0
-    if n == 0:
-        raise InputError(f"{path} holds no transitions")
-    for key, a in arrays.items():
-        if a.dtype.kind not in "biuf":
-            raise InputError(f"{path}: '{key}' has dtype {a.dtype}, expected numbers")
-        if key in ("rewards", "terminals", "timeouts") and a.ndim == 2 and a.shape[1] == 1:
-            a = arrays[key] = a[:, 0]  # [N, 1] -> [N]
-        want = 1 if key in ("rewards", "terminals", "timeouts") else 2
-        if a.ndim != want or len(a) != n:
-            raise InputError(f"{path}: '{key}' has shape {a.shape}, expected {[n] if want == 1 else [n, 'dim']} "
-                             f"('observations' has {n} rows)")
-        if key in ("terminals", "timeouts"):
-            bad = np.flatnonzero((a != 0) & (a != 1))
-            if bad.size:
-                raise InputError(f"{path}: '{key}' is {a[bad[0]]} at row {bad[0]}, expected 0 or 1")
-            arrays[key] = a.astype(bool)
-        else:
-            arrays[key] = a = a.astype(np.float32)
-            bad = np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(axis=1))
-            if bad.size:
-                raise InputError(f"{path}: '{key}' contains NaN or infinite values (row {bad[0]})")
-    if arrays["next_observations"].shape != arrays["observations"].shape:
-        raise InputError(f"{path}: 'next_observations' has shape {arrays['next_observations'].shape}, "
-                         f"'observations' {arrays['observations'].shape}")
-    return arrays
-# --- end shared block: dataset ---
-
-
-# --- shared block: run_utils (keep identical across stages) ---
-def make_writer(log_dir: str, args):
-    """A tensorboardX writer with the hyperparameters logged as a text table."""
-    from tensorboardX import SummaryWriter
-
-    writer = SummaryWriter(log_dir)
-    rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(asdict(args).items()))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
-    return writer
-
-
-def seed_shardings(num_seeds: int):
-    """(per-seed sharding, replicated sharding) over as many devices as evenly divide num_seeds."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    devices = jax.devices()
-    count = max(d for d in range(1, len(devices) + 1) if num_seeds % d == 0)
-    mesh = Mesh(np.array(devices[:count]), ("seeds",))
-    return NamedSharding(mesh, PartitionSpec("seeds")), NamedSharding(mesh, PartitionSpec())
-
-
-class Progress:
-    """One status line per call: done/total, elapsed, estimated time left, and extra fields.
-
-    kinds (one label per unit, optional) estimate each kind of unit by the mean time of the finished units
-    of that kind (by all finished units until one is seen); first is the number of units finished before
-    this process started (a resumed run), which the estimate leaves out. Hand-written because tqdm and rich
-    estimate from one mean rate, which misses by hours when a SARSA call takes 1 s and a PPO epoch 80 s.
-    """
-
-    def __init__(self, total: int, name: str, kinds=None, first: int = 0):
-        self.total, self.name, self.kinds = total, name, list(kinds) if kinds else [""] * total
-        self.start = self.last = time.perf_counter()
-        self.done, self.times = first, {}
-
-    def __call__(self, done: int, **fields) -> None:
-        now = time.perf_counter()
-        for kind in self.kinds[self.done: done]:  # the time since the last call, shared by its units
-            self.times.setdefault(kind, []).append((now - self.last) / max(done - self.done, 1))
-        self.done, self.last = done, now
-        every = [t for times in self.times.values() for t in times] or [0.0]
-        left = sum(np.mean(self.times.get(kind, every)) for kind in self.kinds[done:])
-        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-        print(f"[{self.name}] {done}/{self.total} ({100 * done / self.total:.0f}%) "
-              f"elapsed {now - self.start:.0f}s, left ~{left:.0f}s {extra}", flush=True)
-
-
-def flatten_params(prefix: str, params) -> dict:
-    """{'prefix/Dense_0/kernel': array, ...} (flax.traverse_util, '/' separated)."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    return {f"{prefix}/{k}": np.asarray(v) for k, v in flat.items()}
-
-
-def unflatten_params(prefix: str, arrays: dict):
-    flat = {k[len(prefix) + 1:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix + "/")}
-    return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def cli(args_class, presets: dict):
-    """tyro's command line with the defaults of the ``--preset`` named on it (a column of the paper's Table 4).
-
-    The preset is read first, then every flag is parsed against that preset's defaults, so ``--help`` shows
-    them and a flag given on the command line always wins over its preset.
-    """
-    import argparse
-
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)))
-    return tyro.cli(args_class, default=presets[parser.parse_known_args()[0].preset])
-
-
-def check_flags(args, at_least: Optional[dict] = None) -> None:
-    """Every float flag is a finite number (NaN passes every comparison, so range checks alone let it through), every
-    integer flag fits the int32 of the jitted code, the seeds fit JAX's 32-bit seeds, and each flag named in
-    ``at_least`` is at least its value."""
-    for name, value in asdict(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**31:  # int32 inside jit
-            raise InputError(f"--{name.replace('_', '-')} must be below 2^31, got {value}")
-    if args.seed < 0 or args.seed + args.num_seeds > 2**31:  # JAX seeds are 32-bit integers
-        raise InputError(f"--seed {args.seed} and --num-seeds {args.num_seeds} must keep every seed in 0..2^31-1")
-    for name, low in (at_least or {}).items():
-        if getattr(args, name) < low:
-            raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-
-
-def check_fits(what: str, nbytes: float) -> None:
-    """Refuse, before any work, a request whose arrays alone would exceed this machine's memory."""
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if nbytes > have:
-        raise InputError(f"{what} needs about {nbytes / 2**30:.3g} GiB, more than this machine's "
-                         f"{have / 2**30:.0f} GiB")
-
-
-def run(main, args) -> None:
-    """``main(args)`` as a command: bad input, a full memory and Ctrl-C end in one sentence, not a traceback."""
-    try:
-        main(args)
-    except InputError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        path = checkpoint_path(args.out)
-        if os.path.exists(path):
-            sys.exit(f"interrupted: progress is saved in {path}; run the same command with --resume to continue")
-        sys.exit("interrupted before the first checkpoint; nothing was saved")
-    except Exception as e:  # XLA's allocation failures and NumPy's MemoryError
-        if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
-            sys.exit(f"error: out of memory ({type(e).__name__}); lower the flags that size the run (--num-seeds, "
-                     f"--batch-size, the chunk sizes, the schedule's lengths)")
-        raise
-# --- end shared block: run_utils ---
-
-
-# --- shared block: checkpoint (keep identical across stages) ---
-# Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood for
-# by their sha256, so that moved files still resume).
-NEUTRAL_FLAGS = ("out", "resume", "log_every", "checkpoint_every", "preset", "eval_episodes", "eval_env", "sample",
-                 "eval_at", "ref_min_score", "ref_max_score", "dataset", "cluster", "ppo")
-
-
-def checkpoint_path(out: str) -> str:
-    """The checkpoint of the run that writes ``out``: beside it and named after it (x.npz -> x.checkpoint.npz)."""
-    return os.path.splitext(os.path.abspath(out))[0] + ".checkpoint.npz"
-
-
-def run_identity(args, inputs: dict) -> dict:
-    """What a checkpoint belongs to: the output path, the inputs' sha256 and every flag that changes the result."""
-    flags = {k: v for k, v in asdict(args).items() if k not in NEUTRAL_FLAGS}
-    identity = {"out": os.path.abspath(args.out), "inputs": inputs, "flags": flags}
-    return json.loads(json.dumps(identity, default=str, sort_keys=True))
-
-
-def save_checkpoint(path: str, state, unit: int, schema: str, identity: dict) -> None:
-    """The leaves of a train state, the number of finished units of the schedule and the run's identity, atomically."""
-    leaves = jax.tree.leaves(jax.device_get(state))
-    arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
-    arrays.update(unit=np.int64(unit), identity=np.array(json.dumps(identity, sort_keys=True)))
-    save_npz(path, arrays, schema, {})
-
-
-def resume_checkpoint(args, state_template, schema: str, identity: dict, total: int):
-    """(checkpoint path, state, finished units): with --resume and a checkpoint of this run, its state and progress;
-    otherwise (path, state_template, 0). A checkpoint of another run (other output, inputs or flags), of other
-    sizes, or past this run's schedule of ``total`` units is refused in one sentence."""
-    path = checkpoint_path(args.out)
-    if not (args.resume and os.path.exists(path)):
-        return path, state_template, 0
-    arrays = load_npz(path, schema)
-    try:
-        stored = json.loads(str(arrays.get("identity", "{}")))
-    except ValueError:
-        stored = {}
-    old, new = _flat(stored), _flat(identity)
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            show = lambda v: "(none)" if v is None else (f"{v[:12]}..." if isinstance(v, str) and len(v) > 24 else v)
-            raise InputError(f"{path} belongs to another run ({key} is {show(old.get(key))} there, "
-                             f"{show(new.get(key))} here); delete it or drop --resume")
-    unit = int(arrays.get("unit", -1))
-    if not 0 <= unit <= total:
-        raise InputError(f"{path} records {unit} finished units, but this run's schedule has {total}; delete it or "
-                         f"drop --resume")
-    leaves, treedef = jax.tree.flatten(state_template)
-    restored = [np.asarray(arrays.get(f"leaf_{i:04d}")) for i in range(len(leaves))]
-    if sum(k.startswith("leaf_") for k in arrays) != len(leaves) or any(
-            a.shape != np.shape(b) for a, b in zip(restored, leaves)):
-        raise InputError(f"{path} was written by a run with other sizes; delete it or drop --resume")
-    print(f"resumed from {path} at unit {unit}/{total}")
-    return path, jax.tree.unflatten(treedef, restored), unit
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """{'a.b': leaf} of a nested dict."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-# --- end shared block: checkpoint ---
 
 
 if __name__ == "__main__":

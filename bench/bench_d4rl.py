@@ -25,7 +25,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import nav_env  # noqa: E402
+import empo_io  # noqa: E402
+import gym_eval  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--rows", type=int, default=2_000_000, help="transitions (D4RL medium-expert: 2M)")
@@ -48,7 +49,7 @@ def synthetic(path: str, rows: int, steps: int, obs_dim: int = 17, act_dim: int 
     data = dict(observations=obs[:-1], actions=actions.astype(np.float32),
                 rewards=rng.standard_normal(rows).astype(np.float32), next_observations=obs[1:],
                 terminals=np.zeros(rows, bool), timeouts=last, episode_ids=ids, behaviour=behaviour)
-    nav_env.save_npz(path, data, nav_env.DATASET_SCHEMA, {"synthetic": True})
+    empo_io.save_npz(path, data, empo_io.DATASET_SCHEMA, {"synthetic": True})
 
 
 def run(cmd: list) -> tuple[str, float, float]:
@@ -128,7 +129,7 @@ try:
     act = jax.jit(lambda o: net.apply(params, o))
     spec = gym.spec("HalfCheetah-v5").to_json()
     t0 = time.perf_counter()
-    result = nav_env.gym_rollout(spec, lambda o: np.asarray(act(o)), args.eval_episodes, seed=0)
+    result = gym_eval.gym_rollout(spec, lambda o: np.asarray(act(o)), args.eval_episodes, seed=0)
     eval_s = time.perf_counter() - t0
     steps = int(result["length"].sum())
     rows.append(("evaluation", f"{steps / eval_s:.0f} env steps/s ({args.eval_episodes} HalfCheetah episodes)",

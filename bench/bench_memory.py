@@ -32,7 +32,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import nav_env  # noqa: E402
+import empo_io  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--rows", type=int, nargs=2, default=[262_144, 524_288], help="N1 N2")
@@ -57,7 +57,7 @@ def synthetic(path: str, rows: int, steps: int = 1000, obs_dim: int = 17, act_di
                 rewards=rng.standard_normal(rows).astype(np.float32), next_observations=obs[1:],
                 terminals=np.zeros(rows, bool), timeouts=np.r_[np.diff(ids) != 0, True], episode_ids=ids,
                 behaviour=behaviour)
-    nav_env.save_npz(path, data, nav_env.DATASET_SCHEMA, {"synthetic": True})
+    empo_io.save_npz(path, data, empo_io.DATASET_SCHEMA, {"synthetic": True})
 
 
 def peak_gib(cmd: list) -> tuple[float, float]:

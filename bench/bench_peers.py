@@ -97,6 +97,8 @@ import subprocess
 import sys
 import time
 
+import empo_io
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_PYTHON = "/work/peers-venv/bin/python"
 IMPLS = ("project", "jax-corl", "corl")
@@ -217,7 +219,7 @@ def worker_project(args, hidden: int) -> tuple:
                        not_done=jnp.asarray(1.0 - raw["terminals"]))
     nets = td3_bc.make_networks(hidden, args.hidden_layers, args.act_dim, action_scale)
     init, tx = td3_bc.make_init(targs, nets, args.obs_dim, args.act_dim)
-    seed_sharding, replicated = td3_bc.seed_shardings(1)
+    seed_sharding, replicated = empo_io.seed_shardings(1)
     data = jax.device_put(data, replicated)
     seeds = np.arange(args.seed, args.seed + 1)
     split = jax.jit(jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3), out_axes=1))

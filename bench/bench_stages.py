@@ -86,6 +86,7 @@ import optax  # noqa: E402
 
 import empo_cluster  # noqa: E402
 import empo_highlevel  # noqa: E402
+import empo_io  # noqa: E402
 import empo_ppo  # noqa: E402
 
 bc = importlib.import_module("bc")  # baselines/bc.py and baselines/td3_bc.py (baselines/ is on sys.path)
@@ -170,7 +171,7 @@ def place(args: tuple, devices: int) -> tuple:
     if devices == 1:
         return args
     # the stages' own shardings; given ``devices`` as the seed count, their mesh holds exactly that many devices
-    per_seed, replicated = empo_cluster.seed_shardings(devices)
+    per_seed, replicated = empo_io.seed_shardings(devices)
     return (*jax.device_put(args[:-1], per_seed), jax.device_put(args[-1], replicated))
 
 

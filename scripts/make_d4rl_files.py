@@ -52,7 +52,7 @@ import h5py
 import numpy as np
 import tyro
 
-ENVS = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4"}  # nav_env.D4RL_TASKS
+ENVS = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4"}  # gym_eval.D4RL_TASKS
 KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "infos/qpos",
         "infos/qvel", "infos/action_log_probs")
 

@@ -43,6 +43,7 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import empo_io  # noqa: E402
 import nav_env  # noqa: E402
 
 FIELDS = ("return", "goal", "penalty_steps", "length")
@@ -113,7 +114,7 @@ def summarise(row: dict) -> dict:
 
 def data_rows(path: str) -> list:
     """(name, behaviour_stats) for each behaviour label of the data set."""
-    data, _ = nav_env.load_dataset(path)
+    data, _ = empo_io.load_dataset(path)
     rows = []
     for b in np.unique(data["behaviour"]):
         mask = data["behaviour"] == b

@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import empo_io  # noqa: E402
 import nav_env  # noqa: E402
 
 SMALL_SEED = 0
@@ -77,10 +78,10 @@ def small_dataset() -> dict:
 
 @pytest.fixture(scope="session")
 def small_dataset_path(small_dataset, tmp_path_factory) -> str:
-    """The small data set written with ``nav_env.save_npz`` (schema ``nav_env.DATASET_SCHEMA``)."""
+    """The small data set written with ``empo_io.save_npz`` (schema ``empo_io.DATASET_SCHEMA``)."""
     path = tmp_path_factory.mktemp("data") / "nav_small.npz"
     args = dict(seed=SMALL_SEED, transitions_per_behaviour=SMALL_TRANSITIONS_PER_BEHAVIOUR)
-    nav_env.save_npz(str(path), small_dataset, nav_env.DATASET_SCHEMA, args)
+    empo_io.save_npz(str(path), small_dataset, empo_io.DATASET_SCHEMA, args)
     return str(path)
 
 

@@ -17,6 +17,7 @@ from np_reference import sha256_file
 
 import empo_cluster as ec
 import empo_highlevel as eh
+import empo_io
 import empo_ppo as ep
 import nav_env
 from baselines import bc, td3_bc
@@ -41,9 +42,9 @@ def tiny(tmp_path_factory):
     """A small data set, a stage-1 run on it, and a second data set with other numbers."""
     root = tmp_path_factory.mktemp("bad_input")
     data = nav_env.generate_dataset(seed=0, transitions_per_behaviour=4000, log=lambda s: None)
-    nav_env.save_npz(str(root / "tiny.npz"), data, nav_env.DATASET_SCHEMA, {})
+    empo_io.save_npz(str(root / "tiny.npz"), data, empo_io.DATASET_SCHEMA, {})
     other = nav_env.generate_dataset(seed=1, transitions_per_behaviour=4000, log=lambda s: None)
-    nav_env.save_npz(str(root / "other.npz"), other, nav_env.DATASET_SCHEMA, {})
+    empo_io.save_npz(str(root / "other.npz"), other, empo_io.DATASET_SCHEMA, {})
     ec.main(_cluster_args(root / "tiny.npz", root / "cluster.npz"))
     return root
 
@@ -83,7 +84,7 @@ def test_an_output_that_is_an_input_is_refused(tmp_path, stage, flag, link):
 
 def test_nav_env_figure_cannot_replace_the_data_set(tmp_path):
     out = tmp_path / "nav.npz"
-    with pytest.raises(nav_env.InputError, match="refusing to write"):
+    with pytest.raises(empo_io.InputError, match="refusing to write"):
         nav_env.main(nav_env.Args(out=str(out), figure=str(out), transitions_per_behaviour=100))
     assert not out.exists()
 
@@ -105,7 +106,7 @@ def test_ctrl_c_then_only_this_run_resumes_its_checkpoint(tiny, tmp_path, monkey
     args = _cluster_args(tiny / "tiny.npz", out, checkpoint_every=1)
     _interrupt_at(monkeypatch, ec, 2)
     with pytest.raises(SystemExit) as ended:
-        ec.run(ec.main, args)
+        empo_io.run(ec.main, args)
     monkeypatch.undo()
     message = str(ended.value.code)
     ckpt = tmp_path / "cluster.checkpoint.npz"
@@ -133,10 +134,10 @@ def test_ctrl_c_then_only_this_run_resumes_its_checkpoint(tiny, tmp_path, monkey
 
 def test_a_checkpoint_past_the_schedule_is_refused(tiny, tmp_path):
     args = _cluster_args(tiny / "tiny.npz", tmp_path / "cluster.npz", resume=True)
-    data, digest = ec.load_dataset(args.dataset)
+    data, digest = empo_io.load_dataset(args.dataset)
     state = {"x": np.zeros(3, np.float32)}
-    ec.save_checkpoint(ec.checkpoint_path(args.out), state, 50, "empo/cluster-checkpoint/v2",
-                       ec.run_identity(args, {"dataset": digest}))
+    empo_io.save_checkpoint(empo_io.checkpoint_path(args.out), state, 50, "empo/cluster-checkpoint/v2",
+                       empo_io.run_identity(args, ec.NEUTRAL_FLAGS, {"dataset": digest}))
     _refused(ec, args, "records 50 finished units, but this run's schedule has 6")
     assert not os.path.exists(args.out)
 
@@ -188,7 +189,7 @@ def test_nav_env_checks_the_minari_id_before_writing(tmp_path, monkeypatch, mina
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
     (tmp_path / "store" / "empo" / "taken-v0").mkdir(parents=True)
     out = tmp_path / "nav.npz"
-    with pytest.raises(nav_env.InputError, match=message):
+    with pytest.raises(empo_io.InputError, match=message):
         nav_env.main(nav_env.Args(out=str(out), minari_id=minari_id, transitions_per_behaviour=100))
     assert not out.exists()
 
@@ -197,7 +198,7 @@ def test_nav_env_checks_the_minari_id_before_writing(tmp_path, monkeypatch, mina
 
 @pytest.mark.parametrize("b", [0.5, 0.999, 0.0, -1.0])
 def test_b_below_one_is_refused(b):
-    with pytest.raises(eh.InputError, match="--b must be at least 1"):
+    with pytest.raises(empo_io.InputError, match="--b must be at least 1"):
         eh.validate_args(eh.Args(b=b))
     eh.validate_args(eh.Args(b=1.0))
 
@@ -220,7 +221,7 @@ def test_provenance_is_the_file_as_read(tiny, tmp_path, monkeypatch):
     cluster = tmp_path / "cluster.npz"
     cluster.write_bytes((tiny / "cluster.npz").read_bytes())
     used = sha256_file(str(cluster))
-    real = ep.make_writer
+    real = empo_io.make_writer
 
     def replace_input(*a, **kw):  # called after the inputs are read, before training
         cluster.write_bytes(b"replaced while the run was going on")
@@ -322,7 +323,7 @@ def test_out_of_memory_is_one_sentence(error):
         raise error
 
     with pytest.raises(SystemExit) as ended:
-        ec.run(main, ec.Args())
+        empo_io.run(main, ec.Args())
     assert str(ended.value.code).startswith("error: out of memory") and "--num-seeds" in str(ended.value.code)
 
 
@@ -331,7 +332,7 @@ def test_other_errors_keep_their_traceback():
         raise ZeroDivisionError("a bug, not bad input")
 
     with pytest.raises(ZeroDivisionError):
-        ec.run(main, ec.Args())
+        empo_io.run(main, ec.Args())
 
 
 # --- Smaller ----------------------------------------------------------------------------------------
@@ -346,11 +347,11 @@ def test_files_that_are_not_npz_get_one_sentence(tmp_path, content, message):
             np.save(f, np.zeros(3))
     else:
         path.write_bytes(content)
-    with pytest.raises(ec.InputError, match=message) as err:
-        ec.load_npz(str(path), "empo/dataset/v1")
+    with pytest.raises(empo_io.InputError, match=message) as err:
+        empo_io.load_npz(str(path), "empo/dataset/v1")
     assert "allow_pickle" not in str(err.value)
-    with pytest.raises(ec.InputError, match="is a folder"):
-        ec.load_npz(str(tmp_path), "empo/dataset/v1")
+    with pytest.raises(empo_io.InputError, match="is a folder"):
+        empo_io.load_npz(str(tmp_path), "empo/dataset/v1")
 
 
 def test_outputs_follow_the_umask_and_stale_temporaries_are_removed(tmp_path):
@@ -362,10 +363,10 @@ def test_outputs_follow_the_umask_and_stale_temporaries_are_removed(tmp_path):
         p.write_bytes(b"partial")
     old = os.umask(0o022)
     try:
-        ec.save_npz(str(out), {"a": np.zeros(2)}, "s", {})
+        empo_io.save_npz(str(out), {"a": np.zeros(2)}, "s", {})
         assert (out.stat().st_mode & 0o777) == 0o644
         os.umask(0o077)
-        ec.save_npz(str(out), {"a": np.zeros(2)}, "s", {})
+        empo_io.save_npz(str(out), {"a": np.zeros(2)}, "s", {})
         assert (out.stat().st_mode & 0o777) == 0o600
     finally:
         os.umask(old)
@@ -377,7 +378,7 @@ def test_outputs_follow_the_umask_and_stale_temporaries_are_removed(tmp_path):
                                          (dict(transitions_per_behaviour=0), "must be at least 1")])
 def test_nav_env_refuses_impossible_requests_before_writing(tmp_path, kw, message):
     out = tmp_path / "nav.npz"
-    with pytest.raises(nav_env.InputError, match=message):
+    with pytest.raises(empo_io.InputError, match=message):
         nav_env.main(nav_env.Args(out=str(out), **{"figure": None, **kw}))
     assert os.listdir(tmp_path) == []
 
@@ -390,8 +391,8 @@ def test_a_data_set_source_that_is_no_data_set_is_named_as_such(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
     (tmp_path / "folder").mkdir()
-    with pytest.raises(ec.InputError, match=message) as err:
-        ec.load_dataset(source)
+    with pytest.raises(empo_io.InputError, match=message) as err:
+        empo_io.load_dataset(source)
     assert "\n" not in str(err.value)
 
 

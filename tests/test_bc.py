@@ -23,13 +23,15 @@ if str(ROOT / "baselines") not in sys.path:
 
 import bc  # noqa: E402
 
+import empo_io  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A small navigation data set (both behaviours, about 9k rows) as an .npz file."""
     root = tmp_path_factory.mktemp("bc")
     data = nav_env.generate_dataset(seed=0, transitions_per_behaviour=4000, log=lambda s: None)
-    nav_env.save_npz(str(root / "tiny.npz"), data, nav_env.DATASET_SCHEMA, {})
+    empo_io.save_npz(str(root / "tiny.npz"), data, empo_io.DATASET_SCHEMA, {})
     return root
 
 
@@ -51,7 +53,7 @@ def _policy(f, run: int = 0):
     """The Gaussian policy of one run of a bc.npz, as (module, params)."""
     policy = bc.GaussianPolicy(int(f["arch/act_dim"]), tuple(f["arch/action_scale"].tolist()),
                                int(f["arch/hidden_dim"]), int(f["arch/hidden_layers"]))
-    return policy, {"params": jax.tree.map(lambda x: x[run], bc.unflatten_params("policy/params", f))}
+    return policy, {"params": jax.tree.map(lambda x: x[run], empo_io.unflatten_params("policy/params", f))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +92,7 @@ def test_output_has_the_schema_shapes_and_figures(tiny, full_run):
     assert f["policy/params/MLP_0/Dense_0/kernel"].shape == (2, 2, 32)
     assert f["policy/params/MLP_0/Dense_3/kernel"].shape == (2, 32, 4)  # 3 hidden layers, then mean and log-std
     assert int(f["arch/hidden_dim"]) == 32 and int(f["arch/hidden_layers"]) == 3
-    data, data_sha = bc.load_dataset(str(tiny / "tiny.npz"))
+    data, data_sha = empo_io.load_dataset(str(tiny / "tiny.npz"))
     np.testing.assert_allclose(f["arch/obs_mean"], data["observations"].astype(np.float64).mean(0), rtol=1e-6)
     np.testing.assert_allclose(f["arch/obs_std"], data["observations"].astype(np.float64).std(0) + 1e-3, rtol=1e-6)
     np.testing.assert_array_equal(f["arch/action_scale"], np.abs(data["actions"]).max(0))
@@ -131,7 +133,7 @@ def test_same_seed_same_output_and_the_runs_differ(tiny, full_run, tmp_path):
 def test_bc_learns_the_data_and_averages_where_the_behaviours_conflict(tiny, full_run):
     f = np.load(full_run[0])
     policy, params = _policy(f, run=0)
-    data = nav_env.load_dataset(str(tiny / "tiny.npz"))[0]
+    data = empo_io.load_dataset(str(tiny / "tiny.npz"))[0]
     obs = jnp.asarray((data["observations"] - f["arch/obs_mean"]) / f["arch/obs_std"])
     mean, log_std = jax.jit(policy.apply)(params, obs)  # [N, 2] each
     log_lik = -float(bc.bc_loss(mean, log_std, jnp.asarray(data["actions"])))
@@ -163,7 +165,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, mo
         if done == 2:  # after the second of three chunks
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(bc.Progress, "__call__", interrupt)
+    monkeypatch.setattr(empo_io.Progress, "__call__", interrupt)
     args = _args(tiny, tmp_path / "cut" / "bc.npz", eval_episodes=0)  # the evaluation is a function of the policy
     with pytest.raises(KeyboardInterrupt):
         bc.main(args)
@@ -216,7 +218,7 @@ def test_bad_input_gives_one_sentence_and_leaves_out_alone(tiny, tmp_path, case,
         out.mkdir()
     else:
         out.write_bytes(b"an earlier result")
-    with pytest.raises(bc.InputError, match=message) as err:
+    with pytest.raises(empo_io.InputError, match=message) as err:
         bc.main(_args(tiny, out, dataset=str(dataset), **kw))
     assert "\n" not in str(err.value)
     assert out.is_dir() if case == "out_is_folder" else out.read_bytes() == b"an earlier result"

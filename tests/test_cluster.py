@@ -10,6 +10,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score, rand_score
 
 import empo_cluster as ec
+import empo_io
 import nav_env
 
 
@@ -25,7 +26,7 @@ def _tiny_args(dataset, out, **kw):
 def tiny_path(tmp_path_factory):
     data = nav_env.generate_dataset(seed=0, transitions_per_behaviour=4000, log=lambda s: None)
     path = tmp_path_factory.mktemp("cluster") / "tiny.npz"
-    nav_env.save_npz(str(path), data, nav_env.DATASET_SCHEMA, {})
+    empo_io.save_npz(str(path), data, empo_io.DATASET_SCHEMA, {})
     return path
 
 
@@ -104,7 +105,7 @@ def test_two_behaviours_are_separated(small_dataset_path, tmp_path):
     f = np.load(out, allow_pickle=False)
     assert str(f["schema"]) == "empo/cluster/v1"
     np.testing.assert_array_equal(f["rand_index_history"][:, -1], 1.0)
-    data, sha = nav_env.load_dataset(str(small_dataset_path))
+    data, sha = empo_io.load_dataset(str(small_dataset_path))
     assert f["assignments"].shape == (2, len(data["rewards"]))
     assert f["posterior"].shape == (2, data["episode_ids"][-1] + 1, 2)
     assert sha in str(f["inputs"])
@@ -133,7 +134,7 @@ def test_k1_gives_the_rand_index_of_a_single_cluster(tiny_path, tmp_path):
     assert np.all(f["assignments"] == 0) and f["posterior"].shape[-1] == 1
     np.testing.assert_array_equal(f["posterior"], 1.0)
     # One cluster: a pair of transitions is counted as agreeing exactly when both come from the same behaviour.
-    counts = np.bincount(nav_env.load_dataset(str(tiny_path))[0]["behaviour"]).astype(np.float64)
+    counts = np.bincount(empo_io.load_dataset(str(tiny_path))[0]["behaviour"]).astype(np.float64)
     n = counts.sum()
     assert summary["rand_index"][0] == pytest.approx(np.sum(counts * (counts - 1)) / (n * (n - 1)), abs=1e-12)
     assert summary["adjusted_rand_index"][0] == pytest.approx(0.0, abs=1e-12)
@@ -187,9 +188,9 @@ def test_main_runs_the_heuristics_momentum_and_final_assignment_of_algorithm_1(t
         np.testing.assert_array_equal(em[2 * k], em[2 * k - 1])  # Q^(k) carried into the next epoch
 
     f = np.load(tmp_path / "k3.npz")
-    data = nav_env.load_dataset(str(tiny_path))[0]
+    data = empo_io.load_dataset(str(tiny_path))[0]
     obs = (data["observations"] - f["arch/obs_mean"]) / f["arch/obs_std"]
-    params = ec.unflatten_params("policy/params", f)
+    params = empo_io.unflatten_params("policy/params", f)
     log_probs = np.stack([ref.log_normal(*ref.gaussian_policy(ref.pick(params, (0, z)), obs, f["arch/action_scale"]),
                                          data["actions"]) for z in range(3)], axis=1)  # [N, K]
     sums = np.stack([log_probs[data["episode_ids"] == e].sum(0) for e in range(f["posterior"].shape[1])])
@@ -216,7 +217,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_path, tmp_path, monkeyp
         if done == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(ec.Progress, "__call__", interrupt)
+    monkeypatch.setattr(empo_io.Progress, "__call__", interrupt)
     args = _tiny_args(tiny_path, tmp_path / "cut" / "cluster.npz", checkpoint_every=1, log_every=1)
     with pytest.raises(KeyboardInterrupt):
         ec.main(args)
@@ -254,7 +255,7 @@ def test_bad_input_gives_one_sentence_and_no_output(tiny_path, tmp_path, case, m
         dataset = tmp_path / "nan.npz"
         np.savez(dataset, **data)
     out = tmp_path / "out" / "cluster.npz"
-    with pytest.raises(ec.InputError, match=message) as err:
+    with pytest.raises(empo_io.InputError, match=message) as err:
         ec.main(_tiny_args(dataset, out, **kw))
     assert "\n" not in str(err.value)
     assert not out.exists()

@@ -20,8 +20,9 @@ from conftest import ROOT
 
 import empo_cluster as ec
 import empo_highlevel as eh
+import empo_io
 import empo_ppo as ep
-import nav_env
+import gym_eval
 
 D4RL_REFS = {  # env, obs_dim, act_dim, d4rl/infos.py's REF_MIN_SCORE and REF_MAX_SCORE
     "halfcheetah": ("HalfCheetah-v4", 17, 6, -280.178953, 12135.0),
@@ -56,14 +57,14 @@ def test_comma_joined_files_are_labelled_by_file_and_cut_at_every_flag(tmp_path)
     medium = write_d4rl(tmp_path / "hopper_medium-v2.hdf5", 10, [2], [6], seed=1)  # rows 7-9 cut
     expert = write_d4rl(tmp_path / "hopper_expert-v2.hdf5", 6, [5], seed=2)
     source = f"{tmp_path}/hopper_medium-v2.hdf5, {tmp_path}/hopper_expert-v2.hdf5"
-    data, digest = nav_env.load_dataset(source)
+    data, digest = empo_io.load_dataset(source)
     np.testing.assert_array_equal(data["episode_ids"], [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3])
     np.testing.assert_array_equal(data["behaviour"], [0] * 10 + [1] * 6)
     np.testing.assert_array_equal(np.flatnonzero(data["terminals"]), [2, 15])
     np.testing.assert_array_equal(np.flatnonzero(data["timeouts"]), [6, 9])  # the cut trajectory: a timeout
     for key in ("observations", "actions", "rewards", "next_observations"):  # the file's own s', not a shift
         np.testing.assert_array_equal(data[key], np.concatenate([medium[key], expert[key]]))
-    alone, _ = nav_env.load_dataset(f"{tmp_path}/hopper_medium-v2.hdf5")  # one file: no label
+    alone, _ = empo_io.load_dataset(f"{tmp_path}/hopper_medium-v2.hdf5")  # one file: no label
     np.testing.assert_array_equal(alone["behaviour"], np.full(10, -1))
     np.testing.assert_array_equal(alone["episode_ids"], [0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
     for module in (ec, eh):  # every stage's copy of the loader reads the same arrays
@@ -79,7 +80,7 @@ def test_dtypes_and_shapes_of_older_writers_are_read(tmp_path):
     write_d4rl(path, n, observations=obs, next_observations=obs + 1, actions=np.ones((n, 2), np.float64),
                rewards=np.arange(n, dtype=np.float64)[:, None],  # [N, 1]
                terminals=np.array([0, 1, 0, 0, 0], np.float32), timeouts=np.array([0, 0, 0, 0, 1], np.uint8))
-    data, _ = nav_env.load_dataset(str(path))
+    data, _ = empo_io.load_dataset(str(path))
     assert data["observations"].dtype == np.float32 and data["terminals"].dtype == bool
     np.testing.assert_allclose(data["observations"], obs.astype(np.float32))
     np.testing.assert_array_equal(data["rewards"], np.arange(n, dtype=np.float32))
@@ -102,23 +103,23 @@ def test_dtypes_and_shapes_of_older_writers_are_read(tmp_path):
 def test_bad_files_get_one_sentence_naming_file_key_and_row(tmp_path, override, message):
     path = tmp_path / "x_medium-v2.hdf5"
     write_d4rl(path, 8, **override)
-    with pytest.raises(nav_env.InputError, match=message):
-        nav_env.load_dataset(str(path))
+    with pytest.raises(empo_io.InputError, match=message):
+        empo_io.load_dataset(str(path))
 
 
 def test_missing_unreadable_mixed_and_mismatched_sources(tmp_path):
-    with pytest.raises(nav_env.InputError, match=r"halfcheetah_expert-v2.hdf5 does not exist; D4RL's copy: "
+    with pytest.raises(empo_io.InputError, match=r"halfcheetah_expert-v2.hdf5 does not exist; D4RL's copy: "
                        r"http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/halfcheetah_expert-v2.hdf5"):
-        nav_env.load_dataset(f"{tmp_path}/halfcheetah_expert-v2.hdf5")
+        empo_io.load_dataset(f"{tmp_path}/halfcheetah_expert-v2.hdf5")
     (tmp_path / "broken.hdf5").write_text("not an HDF5 file")
-    with pytest.raises(nav_env.InputError, match="broken.hdf5 is not a readable HDF5 file"):
-        nav_env.load_dataset(str(tmp_path / "broken.hdf5"))
+    with pytest.raises(empo_io.InputError, match="broken.hdf5 is not a readable HDF5 file"):
+        empo_io.load_dataset(str(tmp_path / "broken.hdf5"))
     write_d4rl(tmp_path / "a.hdf5", 4, timeout_rows=[3])
-    with pytest.raises(nav_env.InputError, match="mixes D4RL .hdf5 files with other sources"):
-        nav_env.load_dataset(f"{tmp_path}/a.hdf5,mujoco/hopper/expert-v0")
+    with pytest.raises(empo_io.InputError, match="mixes D4RL .hdf5 files with other sources"):
+        empo_io.load_dataset(f"{tmp_path}/a.hdf5,mujoco/hopper/expert-v0")
     write_d4rl(tmp_path / "b.hdf5", 4, obs_dim=5)
-    with pytest.raises(nav_env.InputError, match="b.hdf5 has 5-dim observations, .*a.hdf5 has 3"):
-        nav_env.load_dataset(f"{tmp_path}/a.hdf5,{tmp_path}/b.hdf5")
+    with pytest.raises(empo_io.InputError, match="b.hdf5 has 5-dim observations, .*a.hdf5 has 3"):
+        empo_io.load_dataset(f"{tmp_path}/a.hdf5,{tmp_path}/b.hdf5")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,24 +131,24 @@ def test_the_task_in_the_file_names_picks_the_v4_environment_and_d4rls_reference
     env_id, obs_dim, act_dim, lo, hi = D4RL_REFS[task]
     for source in (f"/d/{task}_medium-v2.hdf5,/d/{task}_expert-v2.hdf5", f"/d/{task}_medium_expert-v2.hdf5",
                    f"/d/{task}-medium-expert-v2.hdf5"):
-        env = nav_env.evaluation_env(source, obs_dim)
+        env = gym_eval.evaluation_env(source, obs_dim)
         assert (env["kind"], env["env_id"], env["ref_min_score"], env["ref_max_score"]) == ("gym", env_id, lo, hi)
     assert json.loads(env["env_spec"])["max_episode_steps"] == 1000  # D4RL's time limit
-    out = nav_env.gym_evaluate(env, lambda obs: np.zeros((len(obs), act_dim)), (1, 2), seed=0)
+    out = gym_eval.gym_evaluate(env, lambda obs: np.zeros((len(obs), act_dim)), (1, 2), seed=0)
     np.testing.assert_allclose(out["normalized_score"], 100 * (out["return"] - lo) / (hi - lo))
 
 
 def test_flags_override_the_environment_and_the_reference_scores(tmp_path):
-    env = nav_env.evaluation_env("/d/hopper_medium-v2.hdf5", 11, -1.0, 1.0)
+    env = gym_eval.evaluation_env("/d/hopper_medium-v2.hdf5", 11, -1.0, 1.0)
     assert (env["env_id"], env["ref_min_score"], env["ref_max_score"]) == ("Hopper-v4", -1.0, 1.0)
-    env = nav_env.evaluation_env("/d/my_data.hdf5", 17, eval_env="Walker2d-v4")  # D4RL's walker2d references
+    env = gym_eval.evaluation_env("/d/my_data.hdf5", 17, eval_env="Walker2d-v4")  # D4RL's walker2d references
     assert (env["env_id"], env["ref_min_score"], env["ref_max_score"]) == ("Walker2d-v4", 1.629008, 4592.3)
-    env = nav_env.evaluation_env("/d/hopper_medium-v2.hdf5", 4, eval_env="InvertedPendulum-v5")
+    env = gym_eval.evaluation_env("/d/hopper_medium-v2.hdf5", 4, eval_env="InvertedPendulum-v5")
     assert (env["env_id"], env["ref_min_score"]) == ("InvertedPendulum-v5", None)  # not a D4RL task: returns only
     npz = tmp_path / "halfcheetah.npz"
     npz.write_bytes(b"")  # an .npz path: no environment recorded
-    assert nav_env.evaluation_env(str(npz), 17) is None
-    assert nav_env.evaluation_env(str(npz), 17, eval_env="HalfCheetah-v4")["ref_max_score"] == 12135.0
+    assert gym_eval.evaluation_env(str(npz), 17) is None
+    assert gym_eval.evaluation_env(str(npz), 17, eval_env="HalfCheetah-v4")["ref_max_score"] == 12135.0
 
 
 @pytest.mark.parametrize("source, kwargs, message", [
@@ -159,8 +160,8 @@ def test_flags_override_the_environment_and_the_reference_scores(tmp_path):
 ])
 def test_environment_errors_come_before_training(source, kwargs, message):
     kwargs = {"obs_dim": 11, **kwargs}
-    with pytest.raises(nav_env.InputError, match=message):
-        nav_env.evaluation_env(source, **kwargs)
+    with pytest.raises(empo_io.InputError, match=message):
+        gym_eval.evaluation_env(source, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,8 +193,8 @@ def test_generated_files_have_d4rls_layout_and_its_medium_expert_stitching(files
         assert f["observations"].shape == (600, 11) and f["infos/qpos"].shape[0] == 600
         assert not np.any(f["terminals"][()] & f["timeouts"][()])
         last_end = np.flatnonzero(f["terminals"][()] | f["timeouts"][()])[-1]  # as written, before the loader
-    pair, _ = nav_env.load_dataset(f"{files}/hopper_medium-v2.hdf5,{files}/hopper_expert-v2.hdf5")
-    stitched, _ = nav_env.load_dataset(f"{files}/hopper_medium_expert-v2.hdf5")
+    pair, _ = empo_io.load_dataset(f"{files}/hopper_medium-v2.hdf5,{files}/hopper_expert-v2.hdf5")
+    stitched, _ = empo_io.load_dataset(f"{files}/hopper_medium_expert-v2.hdf5")
     medium = pair["behaviour"] == 0
     assert last_end < 599 and pair["timeouts"][599]  # cut mid-episode at 600 rows: the loader's timeout
     keep = (np.arange(len(medium)) <= last_end) | ~medium  # D4RL: medium up to its last trajectory end + expert

@@ -13,14 +13,14 @@ import numpy as np
 import optax
 import pytest
 
-import nav_env
-
 BASELINES = pathlib.Path(__file__).resolve().parents[1] / "baselines"
 if str(BASELINES) not in sys.path:
     sys.path.insert(0, str(BASELINES))
 
 import bc  # noqa: E402
 import td3_bc as td  # noqa: E402
+
+import empo_io  # noqa: E402
 
 SCALE = (0.2, 0.5)  # a_max per dimension, unequal so that a / a_max matters
 
@@ -156,7 +156,7 @@ def _better_action_data(path, episodes=500, length=3, best=0.1):
                 next_observations=next_obs, terminals=last & terminal_episode, timeouts=last & ~terminal_episode,
                 episode_ids=np.repeat(np.arange(episodes), length).astype(np.int32),
                 behaviour=np.zeros(n, np.int32))
-    nav_env.save_npz(str(path), data, nav_env.DATASET_SCHEMA, {})
+    empo_io.save_npz(str(path), data, empo_io.DATASET_SCHEMA, {})
     return obs
 
 
@@ -165,7 +165,7 @@ def test_td3_bc_actor_moves_to_the_better_action(tmp_path):
     td.main(td.Args(dataset=str(tmp_path / "data.npz"), out=str(tmp_path / "td3_bc.npz"), steps=3000,
                     steps_per_call=3000, hidden_dim=32, hidden_layers=2, learning_rate=1e-3, eval_episodes=0))
     f = np.load(tmp_path / "td3_bc.npz")
-    actor = {"params": jax.tree.map(lambda x: x[0], td.unflatten_params("actor/params", f))}
+    actor = {"params": jax.tree.map(lambda x: x[0], empo_io.unflatten_params("actor/params", f))}
     pi = np.asarray(td.make_networks(32, 2, 2, tuple(f["arch/action_scale"].tolist()))["actor"].apply(
         actor, (obs - f["arch/obs_mean"]) / f["arch/obs_std"]))
     # The data's mean action is 0 (what BC alone would give); the Q term moves a_0 to the better action 0.1.

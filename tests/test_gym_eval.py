@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from gymnasium.envs.registration import EnvSpec
 
-import nav_env
+import empo_io
+import gym_eval
 
 CHEETAH_LIMIT = 50
 HOPPER_LIMIT = 200
@@ -47,17 +48,17 @@ def constant(value: float, act_dim: int):
 # ----------------------------------------------------------------------------------------------
 
 def test_normalized_score_by_hand():
-    score = nav_env.normalized_score([-280.0, 12135.0, 5927.5], -280.0, 12135.0)
+    score = gym_eval.normalized_score([-280.0, 12135.0, 5927.5], -280.0, 12135.0)
     np.testing.assert_allclose(score, [0.0, 100.0, 50.0])
     assert score.dtype == np.float64
-    np.testing.assert_allclose(nav_env.normalized_score(np.array([3.0]), 1.0, 5.0), [50.0])
-    np.testing.assert_allclose(nav_env.normalized_score([-1.0], 1.0, 5.0), [-50.0])
+    np.testing.assert_allclose(gym_eval.normalized_score(np.array([3.0]), 1.0, 5.0), [50.0])
+    np.testing.assert_allclose(gym_eval.normalized_score([-1.0], 1.0, 5.0), [-50.0])
 
 
 @pytest.mark.parametrize("ref_min, ref_max", [(5.0, 5.0), (6.0, 5.0), (np.nan, 5.0), (0.0, np.inf)])
 def test_normalized_score_bad_references(ref_min, ref_max):
-    with pytest.raises(nav_env.InputError, match="ref_max > ref_min"):
-        nav_env.normalized_score([1.0], ref_min, ref_max)
+    with pytest.raises(empo_io.InputError, match="ref_max > ref_min"):
+        gym_eval.normalized_score([1.0], ref_min, ref_max)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,27 +102,27 @@ def test_minari_env_info_spec_and_references(minari_store):
     make_minari("test/halfcheetah/medium-v0", "HalfCheetah-v5", CHEETAH_LIMIT)  # no reference scores
     make_minari("test/halfcheetah/expert-v0", "HalfCheetah-v5", CHEETAH_LIMIT, refs=(-280.5, 12135.25))
     make_minari("test/halfcheetah/random-v0", "HalfCheetah-v5", CHEETAH_LIMIT, refs=(0.0, 1.0))
-    info = nav_env.minari_env_info("test/halfcheetah/medium-v0, test/halfcheetah/expert-v0,test/halfcheetah/random-v0")
+    info = gym_eval.minari_env_info("test/halfcheetah/medium-v0, test/halfcheetah/expert-v0,test/halfcheetah/random-v0")
     assert info["env_id"] == "HalfCheetah-v5"
     assert (info["ref_min_score"], info["ref_max_score"]) == (-280.5, 12135.25)  # from the first id with both
     env = gym.make(EnvSpec.from_json(info["env_spec"]))
     assert env.observation_space.shape == (17,) and env.action_space.shape == (6,)
     assert env.spec.max_episode_steps == CHEETAH_LIMIT
     env.close()
-    alone = nav_env.minari_env_info("test/halfcheetah/medium-v0")
+    alone = gym_eval.minari_env_info("test/halfcheetah/medium-v0")
     assert alone["ref_min_score"] is None and alone["ref_max_score"] is None
     assert alone["env_spec"] == info["env_spec"]
 
 
 def test_minari_env_info_prefers_the_eval_env(minari_store):
     make_minari("test/halfcheetah/eval-v0", "HalfCheetah-v5", CHEETAH_LIMIT, eval_limit=30)
-    info = nav_env.minari_env_info("test/halfcheetah/eval-v0")
+    info = gym_eval.minari_env_info("test/halfcheetah/eval-v0")
     assert EnvSpec.from_json(info["env_spec"]).max_episode_steps == 30
 
 
 def test_minari_env_info_missing_id(minari_store):
-    with pytest.raises(nav_env.InputError) as error:
-        nav_env.minari_env_info("test/halfcheetah/absent-v0")
+    with pytest.raises(empo_io.InputError) as error:
+        gym_eval.minari_env_info("test/halfcheetah/absent-v0")
     assert "minari download test/halfcheetah/absent-v0" in str(error.value)
 
 
@@ -130,8 +131,8 @@ def test_minari_env_info_different_environments(minari_store):
     make_minari("test/hopper/medium-v0", "Hopper-v5", CHEETAH_LIMIT)
     make_minari("test/halfcheetah/short-v0", "HalfCheetah-v5", 10)
     for other in ("test/hopper/medium-v0", "test/halfcheetah/short-v0"):
-        with pytest.raises(nav_env.InputError, match="record different environments") as error:
-            nav_env.minari_env_info(f"test/halfcheetah/medium-v0,{other}")
+        with pytest.raises(empo_io.InputError, match="record different environments") as error:
+            gym_eval.minari_env_info(f"test/halfcheetah/medium-v0,{other}")
         assert other in str(error.value)
 
 
@@ -147,7 +148,7 @@ def test_gym_rollout_matches_single_env_episodes_halfcheetah():
         calls.append((obs.shape, obs.dtype))
         return np.tanh(2.0 * obs[:, :6] + 0.3)
 
-    out = nav_env.gym_rollout(env_spec, act, num_envs=3, seed=7)
+    out = gym_eval.gym_rollout(env_spec, act, num_envs=3, seed=7)
     assert set(calls) == {((3, 17), np.dtype(np.float32))}
     assert len(calls) == CHEETAH_LIMIT
     np.testing.assert_array_equal(out["length"], [CHEETAH_LIMIT] * 3)
@@ -161,7 +162,7 @@ def test_gym_rollout_matches_single_env_episodes_halfcheetah():
 def test_gym_rollout_hopper_terminations_are_masked():
     env_spec = spec_json("Hopper-v5", HOPPER_LIMIT)
     act = constant(1.0, 3)  # falls over in about 20 steps
-    out = nav_env.gym_rollout(env_spec, act, num_envs=3, seed=0)
+    out = gym_eval.gym_rollout(env_spec, act, num_envs=3, seed=0)
     reference = [single_env_episode(env_spec, act, i) for i in range(3)]
     assert out["terminated"].all() and np.all(out["length"] < HOPPER_LIMIT)
     assert len(set(out["length"].tolist())) > 1  # envs end at different steps: the masking matters
@@ -171,12 +172,12 @@ def test_gym_rollout_hopper_terminations_are_masked():
 
 def test_gym_rollout_clips_actions_and_max_steps():
     env_spec = spec_json("HalfCheetah-v5", CHEETAH_LIMIT)
-    clipped = nav_env.gym_rollout(env_spec, constant(10.0, 6), num_envs=2, seed=3)
-    at_bound = nav_env.gym_rollout(env_spec, constant(1.0, 6), num_envs=2, seed=3)
+    clipped = gym_eval.gym_rollout(env_spec, constant(10.0, 6), num_envs=2, seed=3)
+    at_bound = gym_eval.gym_rollout(env_spec, constant(1.0, 6), num_envs=2, seed=3)
     np.testing.assert_array_equal(clipped["return"], at_bound["return"])
-    short = nav_env.gym_rollout(env_spec, constant(1.0, 6), num_envs=2, seed=3, max_steps=10)
+    short = gym_eval.gym_rollout(env_spec, constant(1.0, 6), num_envs=2, seed=3, max_steps=10)
     np.testing.assert_array_equal(short["length"], [10, 10])
     assert not short["terminated"].any()
     assert np.all(short["return"] != at_bound["return"])
-    with pytest.raises(nav_env.InputError, match="no time limit"):
-        nav_env.gym_rollout(spec_json("HalfCheetah-v5", None), constant(0.0, 6), num_envs=1, seed=0)
+    with pytest.raises(empo_io.InputError, match="no time limit"):
+        gym_eval.gym_rollout(spec_json("HalfCheetah-v5", None), constant(0.0, 6), num_envs=1, seed=0)

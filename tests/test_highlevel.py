@@ -12,6 +12,7 @@ from np_reference import sha256_file
 
 import empo_cluster as ec
 import empo_highlevel as eh
+import empo_io
 import empo_ppo as ep
 import nav_env
 
@@ -21,7 +22,7 @@ def tiny(tmp_path_factory):
     """A small navigation data set, a two-run stage-1 output and a two-run stage-2 output made from them."""
     root = tmp_path_factory.mktemp("highlevel")
     data = nav_env.generate_dataset(seed=0, transitions_per_behaviour=4000, log=lambda s: None)
-    nav_env.save_npz(str(root / "tiny.npz"), data, nav_env.DATASET_SCHEMA, {})
+    empo_io.save_npz(str(root / "tiny.npz"), data, empo_io.DATASET_SCHEMA, {})
     ec.main(ec.Args(dataset=str(root / "tiny.npz"), out=str(root / "cluster.npz"), num_seeds=2, bias_epochs=1,
                     pretrain_epochs=2, em_epochs=3, hidden_dim=32, log_every=1000))
     ep.main(ep.Args(dataset=str(root / "tiny.npz"), cluster=str(root / "cluster.npz"), out=str(root / "ppo.npz"),
@@ -176,8 +177,8 @@ def _two_region_problem(root, episodes=600, length=3):
                 next_observations=next_obs.astype(np.float32), terminals=last & terminal_episode,
                 timeouts=last & ~terminal_episode, episode_ids=np.repeat(np.arange(episodes), length).astype(np.int32),
                 behaviour=z)
-    nav_env.save_npz(str(root / "regions.npz"), data, nav_env.DATASET_SCHEMA, {})
-    data_sha = eh.load_dataset(str(root / "regions.npz"))[1]
+    empo_io.save_npz(str(root / "regions.npz"), data, empo_io.DATASET_SCHEMA, {})
+    data_sha = empo_io.load_dataset(str(root / "regions.npz"))[1]
     nets = eh.make_networks(32, 2, 2, 2, (0.2, 0.2))
     classifier = nets["classifier"].init(jax.random.key(0), jnp.zeros((1, 2)))
     classifier["params"]["Dense_2"] = jax.tree.map(jnp.zeros_like, classifier["params"]["Dense_2"])  # q(z|s) = 1/2
@@ -187,13 +188,13 @@ def _two_region_problem(root, episodes=600, length=3):
             "arch/hidden_dim": np.int64(32), "arch/hidden_layers": np.int64(2),
             "arch/obs_mean": obs.mean(0).astype(np.float32), "arch/obs_std": obs.std(0).astype(np.float32),
             "arch/action_scale": np.full(2, 0.2, np.float32)}
-    cluster = {**eh.flatten_params("classifier/params", jax.tree.map(lambda x: x[None], classifier["params"])),
+    cluster = {**empo_io.flatten_params("classifier/params", jax.tree.map(lambda x: x[None], classifier["params"])),
                "assignments": z[None], **arch}
-    eh.save_npz(str(root / "cluster.npz"), cluster, "empo/cluster/v1", {}, {"dataset": data_sha})
-    ppo = {**eh.flatten_params("pi/params", jax.tree.map(lambda x: x[None], policies["params"])),
+    empo_io.save_npz(str(root / "cluster.npz"), cluster, "empo/cluster/v1", {}, {"dataset": data_sha})
+    ppo = {**empo_io.flatten_params("pi/params", jax.tree.map(lambda x: x[None], policies["params"])),
            "cluster_run": np.zeros(1, np.int64), **arch, "arch/value_scale": np.float32(3.0),
            "arch/gamma": np.float32(0.999)}
-    eh.save_npz(str(root / "ppo.npz"), ppo, "empo/ppo/v1", {},
+    empo_io.save_npz(str(root / "ppo.npz"), ppo, "empo/ppo/v1", {},
                 {"dataset": data_sha, "cluster": sha256_file(str(root / "cluster.npz"))})
     return arch
 
@@ -205,8 +206,8 @@ def test_pi_h_learns_the_better_cluster_of_each_region(tmp_path):
                     steps_per_call=1000, learning_rate=1e-3, eval_episodes=0))
     f = np.load(tmp_path / "highlevel.npz")
     nets = eh.make_networks(32, 2, 2, 2, (0.2, 0.2))
-    run = eh.RunParams(classifier={"params": jax.tree.map(lambda x: x[0], eh.unflatten_params("classifier/params", f))},
-                       qh={"params": jax.tree.map(lambda x: x[0], eh.unflatten_params("qh/params", f))}, pi=None)
+    first = lambda prefix: {"params": jax.tree.map(lambda x: x[0], empo_io.unflatten_params(prefix, f))}
+    run = eh.RunParams(classifier=first("classifier/params"), qh=first("qh/params"), pi=None)
     rng = np.random.default_rng(4)
     states = np.stack([np.r_[rng.uniform(0, 0.4, 200), rng.uniform(0.6, 1, 200)], rng.uniform(0, 1, 400)], 1)
     obs = jnp.asarray((states - arch["arch/obs_mean"]) / arch["arch/obs_std"], jnp.float32)
@@ -280,7 +281,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, mo
         if done == 2:  # after the second of three chunks
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(eh.Progress, "__call__", interrupt)
+    monkeypatch.setattr(empo_io.Progress, "__call__", interrupt)
     args = _args(tiny, tmp_path / "cut" / "highlevel.npz")
     with pytest.raises(KeyboardInterrupt):
         eh.main(args)
@@ -344,7 +345,7 @@ def test_bad_input_gives_one_sentence_and_no_output(tiny, tmp_path, case, messag
         np.savez(tmp_path / "ppo.npz", **ppo)
         paths["ppo"] = str(tmp_path / "ppo.npz")
     out = tmp_path / "out" / "highlevel.npz"
-    with pytest.raises(eh.InputError, match=message) as err:
+    with pytest.raises(empo_io.InputError, match=message) as err:
         eh.main(_args(tiny, out, **paths, **kw))
     assert "\n" not in str(err.value)
     assert not out.exists() and not (tmp_path / "out" / "highlevel").exists()

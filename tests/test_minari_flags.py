@@ -13,6 +13,7 @@ import pytest
 
 import empo_cluster as ec
 import empo_highlevel as eh
+import empo_io
 import empo_ppo as ep
 
 # (length, termination at the end, truncation at the end); the third is cut with neither flag.
@@ -69,7 +70,7 @@ def test_every_stage_reads_the_same_flags_and_labels(minari_sets):
 
 def test_mc_returns_and_sarsa_targets_follow_the_flags(minari_sets):
     source, episodes = minari_sets
-    data, _ = ep.load_dataset(source)
+    data, _ = empo_io.load_dataset(source)
     last = np.r_[np.diff(data["episode_ids"]) != 0, True]
     # Eq. (10): the return stops at every episode end, terminal or timeout.
     want = []
@@ -95,7 +96,7 @@ def test_mc_returns_and_sarsa_targets_follow_the_flags(minari_sets):
 @pytest.mark.parametrize("n", [1, 3])
 def test_n_step_targets_follow_the_flags(minari_sets, n):
     source, episodes = minari_sets
-    data, _ = eh.load_dataset(source)
+    data, _ = empo_io.load_dataset(source)
     reward_sum, discount, bootstrap_obs = eh.n_step_returns(
         data["rewards"], data["next_observations"], data["terminals"], data["episode_ids"], GAMMA, n)
     t = 0

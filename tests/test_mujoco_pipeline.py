@@ -15,8 +15,9 @@ from sklearn.metrics import rand_score
 
 import empo_cluster as ec
 import empo_highlevel as eh
+import empo_io
 import empo_ppo as ep
-import nav_env
+import gym_eval
 
 IDS = "empopipe/pendulum/ctl-b0-v0,empopipe/pendulum/ctl-b1-v0"
 EPISODES, STEPS = 10, 1000  # behaviour 1 drops the pole in most episodes: N is about 17,400
@@ -57,7 +58,7 @@ def refs():
 
 def test_stages_read_the_concatenation_with_labels_and_the_preset(run):
     cluster = np.load(run / "cluster.npz", allow_pickle=False)
-    data, _ = nav_env.load_dataset(IDS)
+    data, _ = empo_io.load_dataset(IDS)
     assert cluster["assignments"].shape == (SEEDS, len(data["behaviour"]))
     assert np.bincount(data["behaviour"])[0] == EPISODES * STEPS  # behaviour 0 never drops the pole
     assert int(cluster["arch/obs_dim"]) == 4 and int(cluster["arch/act_dim"]) == 1
@@ -69,7 +70,7 @@ def test_stages_read_the_concatenation_with_labels_and_the_preset(run):
 
 def test_stage1_separates_the_two_controllers(run):
     cluster = np.load(run / "cluster.npz", allow_pickle=False)
-    data, _ = nav_env.load_dataset(IDS)
+    data, _ = empo_io.load_dataset(IDS)
     ri = cluster["rand_index"]  # [S], against the labels of the two ids
     assert ri.shape == (SEEDS,) and ri.mean() >= 0.9  # one cluster for both, or a random split: about 0.5
     for s in range(SEEDS):  # the stored rand index is sklearn's, on the stored assignments
@@ -103,19 +104,19 @@ def test_stage3_evaluates_the_final_policy_in_the_environment(run):
 
 def test_reference_scores_from_flags_override_the_metadata(run, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(run / "minari"))
-    env = nav_env.evaluation_env(IDS, 4, -100.0, 100.0)
+    env = gym_eval.evaluation_env(IDS, 4, -100.0, 100.0)
     assert env["kind"] == "gym" and env["env_id"] == "InvertedPendulum-v5"
     assert (env["ref_min_score"], env["ref_max_score"]) == (-100.0, 100.0)
-    with pytest.raises(nav_env.InputError, match="both --ref-min-score and --ref-max-score"):
-        nav_env.evaluation_env(IDS, 4, -100.0, None)
-    with pytest.raises(nav_env.InputError, match="ref_max > ref_min"):
-        nav_env.evaluation_env(IDS, 4, 5.0, 5.0)
+    with pytest.raises(empo_io.InputError, match="both --ref-min-score and --ref-max-score"):
+        gym_eval.evaluation_env(IDS, 4, -100.0, None)
+    with pytest.raises(empo_io.InputError, match="ref_max > ref_min"):
+        gym_eval.evaluation_env(IDS, 4, 5.0, 5.0)
 
 
 def test_a_missing_data_set_fails_before_training_and_names_the_download(run, tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(run / "minari"))
     out = tmp_path / "ppo.npz"
-    with pytest.raises(ep.InputError, match="minari download mujoco/halfcheetah/medium-v0"):
+    with pytest.raises(empo_io.InputError, match="minari download mujoco/halfcheetah/medium-v0"):
         ep.main(dataclasses.replace(ep.PRESETS["d4rl"], cluster=str(run / "cluster.npz"), out=str(out),
                                     dataset="mujoco/halfcheetah/medium-v0,mujoco/halfcheetah/expert-v0"))
     assert not out.exists()

@@ -14,7 +14,7 @@ import minari
 import numpy as np
 import pytest
 
-import nav_env
+import empo_io
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IDS = ["empotest/halfcheetah/gait-b0-v0", "empotest/halfcheetah/gait-b1-v0"]
@@ -89,7 +89,7 @@ def test_halfcheetah_sets_round_trip(mms, store):
     mean_returns = [np.mean([ep.rewards.sum() for ep in episodes_of(i)]) for i in IDS]
     assert ref[0][1] == pytest.approx(max(mean_returns))  # ref_max: the better behaviour's mean return
     # The stages' loader: the concatenation, labelled by the index of the id, whole episodes.
-    data, _ = nav_env.load_dataset(",".join(IDS))
+    data, _ = empo_io.load_dataset(",".join(IDS))
     assert np.bincount(data["behaviour"]).tolist() == [EPISODES * STEPS] * 2
     assert data["episode_ids"][-1] == 2 * EPISODES - 1 and data["timeouts"].sum() == 2 * EPISODES
     assert not data["terminals"].any()
@@ -175,7 +175,7 @@ def test_hopper_falls_are_terminations(mms, store):
             else:
                 assert ep.truncations[-1]
     assert fell > 0  # open-loop gaits do fall over
-    data, _ = nav_env.load_dataset(",".join(ids))
+    data, _ = empo_io.load_dataset(",".join(ids))
     assert data["terminals"].sum() == fell and data["timeouts"].sum() == 8 - fell
 
 

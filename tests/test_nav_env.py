@@ -22,11 +22,12 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 from np_reference import sha256_file
 
+import empo_io
 import nav_env
 
 ROOT = Path(__file__).resolve().parents[1]
 F = np.float32
-SCHEMA = nav_env.DATASET_SCHEMA
+SCHEMA = empo_io.DATASET_SCHEMA
 PAPER_SUBGOALS = (  # Appendix A, verbatim
     [(0, 30), (10, 30), (10, 0), (20, 0), (20, 30)],
     [(10, 0), (10, 15), (20, 15), (20, 0), (30, 0)],
@@ -366,7 +367,7 @@ def test_generator_matches_numpy_algorithm3(small_dataset, behaviour):
 
 def test_generator_rows_are_environment_steps(small_dataset):
     d = small_dataset
-    assert all(d[k].dtype == np.dtype(dt) for k, (dt, _) in nav_env.DATASET_SPEC.items())
+    assert all(d[k].dtype == np.dtype(dt) for k, (dt, _) in empo_io.DATASET_SPEC.items())
     assert np.all(np.abs(d["actions"]) <= F(0.2))
     nxt, reward, terminated, _ = ref_step(d["observations"], d["actions"], 0)
     np.testing.assert_array_equal(d["next_observations"], nxt)
@@ -445,7 +446,7 @@ def test_generator_structure(small_dataset, small_dataset_target):
 def test_generator_timeouts_cut_trajectories():
     params = nav_env.NavParams(max_steps=300)  # shorter than any episode: every trajectory times out
     d = nav_env.generate_dataset(0, 3000, params=params, log=lambda _: None)
-    nav_env.validate_dataset("timeouts", d)
+    empo_io.validate_dataset("timeouts", d)
     starts, ends = episode_bounds(d)
     assert np.all(ends - starts == 300)
     assert not d["terminals"].any()
@@ -468,7 +469,7 @@ def test_generator_determinism(small_dataset):
 
 
 def test_generator_rejects_an_empty_target():
-    with pytest.raises(nav_env.InputError, match="at least 1"):
+    with pytest.raises(empo_io.InputError, match="at least 1"):
         nav_env.generate_dataset(0, 0, log=lambda _: None)
 
 
@@ -478,28 +479,28 @@ def test_generator_rejects_an_empty_target():
 
 def _digest(data):
     digest = hashlib.sha256()
-    for key in nav_env.DATASET_SPEC:
+    for key in empo_io.DATASET_SPEC:
         digest.update(np.ascontiguousarray(data[key]).tobytes())
     return digest.hexdigest()
 
 
 def test_npz_round_trip(small_dataset, small_dataset_path, tmp_path):
-    data, digest = nav_env.load_dataset(small_dataset_path)
-    assert set(data) == set(nav_env.DATASET_SPEC)
+    data, digest = empo_io.load_dataset(small_dataset_path)
+    assert set(data) == set(empo_io.DATASET_SPEC)
     for key, value in small_dataset.items():
         assert data[key].dtype == value.dtype
         np.testing.assert_array_equal(data[key], value)
     assert digest == _digest(small_dataset)
     # the digest depends on the arrays, not on the metadata or the file
     other = tmp_path / "other.npz"
-    nav_env.save_npz(str(other), small_dataset, SCHEMA, {"something": "else"}, inputs={"x": "0" * 64})
-    assert nav_env.load_dataset(str(other))[1] == digest == nav_env.load_dataset(small_dataset_path)[1]
-    meta = nav_env.load_npz(str(other), SCHEMA)
+    empo_io.save_npz(str(other), small_dataset, SCHEMA, {"something": "else"}, inputs={"x": "0" * 64})
+    assert empo_io.load_dataset(str(other))[1] == digest == empo_io.load_dataset(small_dataset_path)[1]
+    meta = empo_io.load_npz(str(other), SCHEMA)
     assert json.loads(str(meta["args"])) == {"something": "else"} and json.loads(str(meta["inputs"])) == {"x": "0" * 64}
     changed = dict(small_dataset, rewards=small_dataset["rewards"].copy())
     changed["rewards"][5] -= 1
-    nav_env.save_npz(str(other), changed, SCHEMA, {})
-    assert nav_env.load_dataset(str(other))[1] != digest
+    empo_io.save_npz(str(other), changed, SCHEMA, {})
+    assert empo_io.load_dataset(str(other))[1] != digest
 
 
 @pytest.fixture
@@ -527,7 +528,7 @@ def test_minari_round_trip(small_dataset, subset, minari_store):
     tiny = subset(small_dataset, [0, 1, 30, 31, 32])  # behaviours 0, 0, 1, 1, 1
     assert list(np.unique(tiny["behaviour"])) == [0, 1]
     nav_env.write_minari("empotest/nav/tiny-v0", tiny)
-    data, digest = nav_env.load_dataset("empotest/nav/tiny-v0")
+    data, digest = empo_io.load_dataset("empotest/nav/tiny-v0")
     for key, value in tiny.items():
         assert data[key].dtype == value.dtype
         np.testing.assert_array_equal(data[key], value, err_msg=key)  # behaviour from the episode metadata
@@ -540,7 +541,7 @@ def test_minari_ids_are_concatenated_and_labelled_by_index(small_dataset, subset
     second = subset(small_dataset, [2, 3, 4])  # ... and behaviour 0
     nav_env.write_minari("empotest/nav/first-v0", first)
     nav_env.write_minari("empotest/nav/second-v0", second)
-    data, _ = nav_env.load_dataset("empotest/nav/first-v0, empotest/nav/second-v0")
+    data, _ = empo_io.load_dataset("empotest/nav/first-v0, empotest/nav/second-v0")
     n1 = len(first["rewards"])
     for key in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
         np.testing.assert_array_equal(data[key], np.concatenate([first[key], second[key]]), err_msg=key)
@@ -559,14 +560,14 @@ def test_minari_step_both_terminated_and_truncated_is_a_terminal(small_dataset, 
     both = dict(tiny, timeouts=tiny["timeouts"].copy())
     both["timeouts"][end0] = True
     nav_env.write_minari("empotest/nav/both-v0", both)
-    data, _ = nav_env.load_dataset("empotest/nav/both-v0")
+    data, _ = empo_io.load_dataset("empotest/nav/both-v0")
     np.testing.assert_array_equal(data["terminals"], tiny["terminals"])
     np.testing.assert_array_equal(data["timeouts"], tiny["timeouts"])
 
 
 def test_minari_id_not_stored_locally(minari_store):
-    with pytest.raises(nav_env.InputError) as err:
-        nav_env.load_dataset("empotest/nav/absent-v0")
+    with pytest.raises(empo_io.InputError) as err:
+        empo_io.load_dataset("empotest/nav/absent-v0")
     message = str(err.value)
     assert "empotest/nav/absent-v0" in message and "minari download empotest/nav/absent-v0" in message
     assert "\n" not in message
@@ -576,8 +577,8 @@ def test_minari_damaged_local_copy(minari_store):
     folder = minari_store / "empotest" / "nav" / "broken-v0" / "data"
     folder.mkdir(parents=True)
     (folder / "main_data.hdf5").write_bytes(b"not hdf5")
-    with pytest.raises(nav_env.InputError) as err:
-        nav_env.load_dataset("empotest/nav/broken-v0")
+    with pytest.raises(empo_io.InputError) as err:
+        empo_io.load_dataset("empotest/nav/broken-v0")
     assert "empotest/nav/broken-v0" in str(err.value) and "could not be read" in str(err.value)
 
 
@@ -588,8 +589,8 @@ def _save_raw(path, arrays, schema=SCHEMA):
 
 def _bad(path, *needles):
     """load_dataset(path) raises one InputError sentence that names the file and the problem."""
-    with pytest.raises(nav_env.InputError) as err:
-        nav_env.load_dataset(str(path))
+    with pytest.raises(empo_io.InputError) as err:
+        empo_io.load_dataset(str(path))
     message = str(err.value)
     assert str(path) in message and "\n" not in message, message
     for needle in needles:
@@ -651,17 +652,17 @@ def test_unwritable_outputs(small_dataset, subset, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
     for path in (a_file / "x.npz", tmp_path):  # a regular file in the way; a folder as the output
-        with pytest.raises(nav_env.InputError) as err:
-            nav_env.check_writable(str(path))
+        with pytest.raises(empo_io.InputError) as err:
+            empo_io.check_writable(str(path))
         assert str(path) in str(err.value) and "\n" not in str(err.value)
-        with pytest.raises(nav_env.InputError):
-            nav_env.save_npz(str(path), d, SCHEMA, {})
+        with pytest.raises(empo_io.InputError):
+            empo_io.save_npz(str(path), d, SCHEMA, {})
     assert a_file.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_failed_save_keeps_the_existing_file(small_dataset, subset, tmp_path, monkeypatch):
     path = tmp_path / "good.npz"
-    nav_env.save_npz(str(path), subset(small_dataset, [0]), SCHEMA, {"good": True})
+    empo_io.save_npz(str(path), subset(small_dataset, [0]), SCHEMA, {"good": True})
     before = sha256_file(str(path))
 
     def disk_full(file, **arrays):
@@ -669,12 +670,12 @@ def test_failed_save_keeps_the_existing_file(small_dataset, subset, tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "savez", disk_full)
-    with pytest.raises(nav_env.InputError, match="No space left on device"):
-        nav_env.save_npz(str(path), subset(small_dataset, [1]), SCHEMA, {"good": False})
+    with pytest.raises(empo_io.InputError, match="No space left on device"):
+        empo_io.save_npz(str(path), subset(small_dataset, [1]), SCHEMA, {"good": False})
     monkeypatch.undo()
     assert sha256_file(str(path)) == before
     assert [p.name for p in tmp_path.iterdir()] == ["good.npz"]  # no temporary file left behind
-    assert nav_env.load_dataset(str(path))[0]["episode_ids"].max() == 0
+    assert empo_io.load_dataset(str(path))[0]["episode_ids"].max() == 0
 
 
 def _cli(*args):
@@ -687,10 +688,10 @@ def test_cli_writes_a_loadable_file(tmp_path):
     out = tmp_path / "x.npz"
     result = _cli("--out", str(out), "--transitions-per-behaviour", "3000")
     assert result.returncode == 0, result.stderr
-    data, _ = nav_env.load_dataset(str(out))
+    data, _ = empo_io.load_dataset(str(out))
     for label in (0, 1):
         assert (data["behaviour"] == label).sum() >= 3000
-    meta = nav_env.load_npz(str(out), SCHEMA)
+    meta = empo_io.load_npz(str(out), SCHEMA)
     assert json.loads(str(meta["args"]))["transitions_per_behaviour"] == 3000
     assert str(meta["producer"]) == "nav_env.py"
 
@@ -715,5 +716,5 @@ def test_plot_map(small_dataset, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     empty = nav_env.plot_map()
     assert np.abs(image.astype(int) - empty.astype(int)).sum() > 0  # the trajectories were drawn
-    with pytest.raises(nav_env.InputError):
+    with pytest.raises(empo_io.InputError):
         nav_env.plot_map(trajs, labels, path=str(tmp_path))

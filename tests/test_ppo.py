@@ -11,6 +11,7 @@ import pytest
 from np_reference import sha256_file
 
 import empo_cluster as ec
+import empo_io
 import empo_ppo as ep
 import nav_env
 
@@ -21,7 +22,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo")
     data = nav_env.generate_dataset(seed=0, transitions_per_behaviour=4000, log=lambda s: None)
     path = root / "tiny.npz"
-    nav_env.save_npz(str(path), data, nav_env.DATASET_SCHEMA, {})
+    empo_io.save_npz(str(path), data, empo_io.DATASET_SCHEMA, {})
     for seeds in (1, 2):
         ec.main(ec.Args(dataset=str(path), out=str(root / f"cluster{seeds}.npz"), num_seeds=seeds, bias_epochs=1,
                         pretrain_epochs=2, em_epochs=3, hidden_dim=32, log_every=1000))
@@ -148,7 +149,7 @@ def _two_cluster_problem(root, episodes=400, length=3, better=(0.1, -0.1)):
                 next_observations=rng.uniform(0, 1, (n, 2)).astype(np.float32), terminals=last & terminal_episode,
                 timeouts=last & ~terminal_episode, episode_ids=np.repeat(np.arange(episodes), length).astype(np.int32),
                 behaviour=z)
-    nav_env.save_npz(str(root / "data.npz"), data, nav_env.DATASET_SCHEMA, {})
+    empo_io.save_npz(str(root / "data.npz"), data, empo_io.DATASET_SCHEMA, {})
     action_scale = np.abs(actions).max(0)
     policy = ep.GaussianPolicy(2, tuple(action_scale.tolist()), 32, 2)
     params = policy.init(jax.random.key(0), jnp.zeros((1, 2)))["params"]
@@ -156,15 +157,15 @@ def _two_cluster_problem(root, episodes=400, length=3, better=(0.1, -0.1)):
     params["MLP_0"]["Dense_2"] = {"kernel": jnp.zeros((32, 4)),
                                   "bias": jnp.asarray([0.0, 0.0, log_std_pre, log_std_pre])}
     stacked = jax.tree.map(lambda x: jnp.stack([x, x])[None], params)  # [S = 1, K = 2, ...]
-    cluster = {**ep.flatten_params("policy/params", stacked),
+    cluster = {**empo_io.flatten_params("policy/params", stacked),
                "posterior": np.eye(2, dtype=np.float32)[z[::length]][None], "assignments": z[None],
                "arch/k": np.int64(2), "arch/obs_dim": np.int64(2), "arch/act_dim": np.int64(2),
                "arch/hidden_dim": np.int64(32), "arch/hidden_layers": np.int64(2),
                "arch/obs_mean": obs.mean(0), "arch/obs_std": obs.std(0) + np.float32(1e-3),
                "arch/action_scale": action_scale, "arch/log_std_range": np.asarray([ep.LOG_STD_MIN, ep.LOG_STD_MAX],
                                                                                    np.float32)}
-    ep.save_npz(str(root / "cluster.npz"), cluster, "empo/cluster/v1", {},
-                {"dataset": ep.load_dataset(str(root / "data.npz"))[1]})
+    empo_io.save_npz(str(root / "cluster.npz"), cluster, "empo/cluster/v1", {},
+                {"dataset": empo_io.load_dataset(str(root / "data.npz"))[1]})
     return obs, z
 
 
@@ -179,7 +180,7 @@ def test_each_clusters_policy_moves_toward_its_own_better_action(tmp_path):
     policy = ep.GaussianPolicy(2, tuple(p["arch/action_scale"].tolist()), 32, 2)
     norm = (obs - p["arch/obs_mean"]) / p["arch/obs_std"]
     mean = lambda f, prefix, k: np.asarray(policy.apply(
-        {"params": jax.tree.map(lambda x: x[0, k], ep.unflatten_params(prefix, f))}, norm)[0])
+        {"params": jax.tree.map(lambda x: x[0, k], empo_io.unflatten_params(prefix, f))}, norm)[0])
     for k, sign in ((0, 1.0), (1, -1.0)):
         before, after = mean(c, "policy/params", k), mean(p, "pi/params", k)
         np.testing.assert_allclose(before, 0.0, atol=1e-6)  # beta: mean action 0 in every state
@@ -231,7 +232,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, tmp_path, monkeypatch)
         if done == 4:  # inside the V epochs, after the SARSA calls
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(ep.Progress, "__call__", interrupt)
+    monkeypatch.setattr(empo_io.Progress, "__call__", interrupt)
     args = _args(tiny, tmp_path / "cut" / "ppo.npz")
     with pytest.raises(KeyboardInterrupt):
         ep.main(args)
@@ -268,7 +269,7 @@ def test_bad_input_gives_one_sentence_and_no_output(tiny, tmp_path, case, messag
         kw = dict(clip=1.5)
     np.savez(tmp_path / "cluster.npz", **cluster)
     out = tmp_path / "out" / "ppo.npz"
-    with pytest.raises(ep.InputError, match=message) as err:
+    with pytest.raises(empo_io.InputError, match=message) as err:
         ep.main(_args(tiny, out, cluster=str(tmp_path / "cluster.npz"), **kw))
     assert "\n" not in str(err.value)
     assert not out.exists()

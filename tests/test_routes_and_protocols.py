@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import empo_io  # noqa: E402
 import empo_ppo  # noqa: E402
 import nav_env  # noqa: E402
 from baselines import td3_bc  # noqa: E402
@@ -140,7 +141,7 @@ def test_td3_bc_action_units_scale_the_bc_term_by_one_over_a_max_squared():
     ("-1", 10, 10, "must lie in 0..10"), (",", 10, 10, "must lie in 0..10"), ("1,2", 10, 0, "needs --eval-episodes")])
 def test_eval_at_out_of_range_is_one_sentence(eval_at, pi_epochs, episodes, message):
     args = empo_ppo.Args(eval_at=eval_at, pi_epochs=pi_epochs, eval_episodes=episodes)
-    with pytest.raises(empo_ppo.InputError, match=message):
+    with pytest.raises(empo_io.InputError, match=message):
         empo_ppo.validate_args(args)
     assert empo_ppo.sweep_epochs(empo_ppo.Args(eval_at="100, 1,5,1", pi_epochs=100)) == [1, 5, 100]
     assert "eval_at" in empo_ppo.NEUTRAL_FLAGS  # evaluation only: a checkpoint resumes whatever --eval-at is

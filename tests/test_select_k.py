@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import empo_cluster as ec
+import empo_io
 import nav_env
 
 
@@ -101,7 +102,7 @@ def three_routes_path(tmp_path_factory):
     data = nav_env.generate_dataset(seed=0, transitions_per_behaviour=8000, subgoal_lists=nav_env.SUBGOAL_SETS["three"],
                                     log=lambda s: None)
     path = tmp_path_factory.mktemp("select_k") / "three.npz"
-    nav_env.save_npz(str(path), data, nav_env.DATASET_SCHEMA, {})
+    empo_io.save_npz(str(path), data, empo_io.DATASET_SCHEMA, {})
     return path
 
 
@@ -118,7 +119,7 @@ def test_k_auto_chooses_three_on_three_behaviours_and_writes_a_cluster_file(thre
     out = tmp_path / "run" / "cluster.npz"
     summary = ec.main(_auto_args(three_routes_path, out))
     f = np.load(out, allow_pickle=False)
-    data = nav_env.load_dataset(str(three_routes_path))[0]
+    data = empo_io.load_dataset(str(three_routes_path))[0]
     assert summary["k"] == 3 and int(f["arch/k"]) == 3 and f["arch/k"].dtype == np.int64
     assert f["select_k/chosen_per_seed"].tolist() == [3] and int(f["select_k/chosen"]) == 3
     assert all(p.shape[:2] == (1, 3) for key, p in f.items() if key.startswith("policy/params/"))
@@ -128,7 +129,7 @@ def test_k_auto_chooses_three_on_three_behaviours_and_writes_a_cluster_file(thre
     assert f["rand_index"][0] == 1.0  # the chosen run separates the three routes on every trajectory
     assert f["assignments"].shape == (1, len(data["rewards"]))
     assert f["posterior"].shape == (1, data["episode_ids"][-1] + 1, 3)
-    assert str(f["schema"]) == "empo/cluster/v1" and nav_env.load_dataset(str(three_routes_path))[1] in str(f["inputs"])
+    assert str(f["schema"]) == "empo/cluster/v1" and empo_io.load_dataset(str(three_routes_path))[1] in str(f["inputs"])
     heldout = f["select_k/heldout_trajectories"]
     assert 0 < len(heldout) < f["posterior"].shape[1] and len(np.unique(heldout)) == len(heldout)
     for k in range(1, 5):  # every K's run in its own folder, trained on the training trajectories only
@@ -156,7 +157,7 @@ def test_k_auto_chooses_three_on_three_behaviours_and_writes_a_cluster_file(thre
 ])
 def test_bad_k_auto_input_gives_one_sentence_and_no_output(three_routes_path, tmp_path, kw, message):
     out = tmp_path / "out" / "cluster.npz"
-    with pytest.raises(ec.InputError, match=message) as err:
+    with pytest.raises(empo_io.InputError, match=message) as err:
         ec.main(_auto_args(three_routes_path, out, **kw))
     assert "\n" not in str(err.value)
     assert not out.exists()

@@ -20,6 +20,8 @@ if str(BASELINES) not in sys.path:
 
 import td3_bc as td  # noqa: E402
 
+import empo_io  # noqa: E402
+
 EVAL_KEYS = ("return", "goal", "penalty_steps", "length", "optimal_route")
 
 
@@ -28,7 +30,7 @@ def tiny(tmp_path_factory):
     """A small navigation data set (about 9k rows) as an .npz file."""
     root = tmp_path_factory.mktemp("td3_bc")
     data = nav_env.generate_dataset(seed=0, transitions_per_behaviour=4000, log=lambda s: None)
-    nav_env.save_npz(str(root / "tiny.npz"), data, nav_env.DATASET_SCHEMA, {})
+    empo_io.save_npz(str(root / "tiny.npz"), data, empo_io.DATASET_SCHEMA, {})
     return root
 
 
@@ -170,7 +172,7 @@ def test_output_schema_shapes_and_figures(tiny, full_run):
         assert f[f"{critic}/params/Dense_0/kernel"].shape == (2, 4, 32)
         assert f[f"{critic}/params/Dense_3/kernel"].shape == (2, 32, 1)
     assert not np.array_equal(f["critic1/params/Dense_0/kernel"], f["critic2/params/Dense_0/kernel"])
-    data, sha = td.load_dataset(str(tiny / "tiny.npz"))
+    data, sha = empo_io.load_dataset(str(tiny / "tiny.npz"))
     np.testing.assert_allclose(f["arch/obs_mean"], data["observations"].astype(np.float64).mean(0), rtol=1e-5)
     np.testing.assert_allclose(f["arch/obs_std"], data["observations"].astype(np.float64).std(0) + 1e-3, rtol=1e-5)
     np.testing.assert_allclose(f["arch/action_scale"], np.abs(data["actions"]).max(0))
@@ -212,7 +214,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, mo
         if done == 2:  # after the second of three chunks
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(td.Progress, "__call__", interrupt)
+    monkeypatch.setattr(empo_io.Progress, "__call__", interrupt)
     args = _args(tiny, tmp_path / "cut" / "td3_bc.npz")
     with pytest.raises(KeyboardInterrupt):
         td.main(args)
@@ -274,9 +276,9 @@ def test_bad_input_gives_one_sentence_and_leaves_out_untouched(tiny, tmp_path, c
     args = _args(tiny, out, dataset=str(dataset), **kw)
     if case == "resume_other_sizes":  # this run's identity, but not its sizes
         other = {"actor": np.zeros((2, 16, 16), np.float32), "critic": np.zeros((2, 2, 16), np.float32)}
-        identity = td.run_identity(args, {"dataset": td.load_dataset(str(dataset))[1]})
-        td.save_checkpoint(td.checkpoint_path(str(out)), other, 1, "empo/td3_bc-checkpoint/v2", identity)
-    with pytest.raises(td.InputError, match=message) as err:
+        identity = empo_io.run_identity(args, td.NEUTRAL_FLAGS, {"dataset": empo_io.load_dataset(str(dataset))[1]})
+        empo_io.save_checkpoint(empo_io.checkpoint_path(str(out)), other, 1, "empo/td3_bc-checkpoint/v2", identity)
+    with pytest.raises(empo_io.InputError, match=message) as err:
         td.main(args)
     assert "\n" not in str(err.value)
     assert out.read_bytes() == b"an earlier result"
