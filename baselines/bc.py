@@ -1,50 +1,31 @@
 """Behaviour cloning on the navigation task: the "BC" row of Table 1 and the action field of Figure 1b.
 
-Paper: §1 and Figure 1b (behaviour cloning fails where the two behaviours conflict), §4.1 and Table 1
-("naive behaviour cloning"), Appendix B (the didactic network), Appendix C (10 seeds x 10 rollouts).
+Paper: §1 and Figure 1b (behaviour cloning fails where the two behaviours conflict), §4.1 and Table 1 ("naive
+behaviour cloning"), Appendix B (the didactic network), Appendix C (10 seeds x 10 rollouts). The discussion behind
+each numbered item below is docs/baselines.md, BC item N.
 
-Input   a data set (``--dataset``, as the EMPO stages): an .npz (schema empo/dataset/v1), D4RL
-        .hdf5 files or Minari ids.
-Output  ``bc.npz`` (schema empo/bc/v1), figures beside it and TensorBoard logs in ``<out folder>/bc``:
-        policy/params/... [S, ...] the Gaussian policy pi(a|s; theta) of every run, seeds [S], arch/* (what
-        rebuilds it: hidden_dim, hidden_layers, obs_mean, obs_std, action_scale, obs_dim, act_dim),
-        eval/{return, goal, penalty_steps, length, optimal_route} [S, E] and eval/positions [S, E, T+1, 2]
-        float16 (rollouts of pi on the navigation task, paths frozen after their end), plus args,
-        producer and inputs (the data set's sha256).
-        Figures (navigation task): bc_rollouts.png (every run's rollouts, coloured by seed) and
-        bc_action_field.png (Figure 1b: the mean action of run 0 as arrows over ||mean action||).
+Input   ``--dataset``: an .npz (schema empo/dataset/v1), D4RL .hdf5 files or Minari ids, as the EMPO stages take.
+Output  ``bc.npz`` (schema empo/bc/v1, docs/schemas.md): policy/params/... [S, ...], seeds [S], arch/* (what rebuilds
+        the policy), eval/* and eval/sampled_* [S, E] (navigation task); bc_rollouts.png and bc_action_field.png
+        beside it; TensorBoard logs in ``<out folder>/bc``.
 
 Equation map (behaviour cloning carries no equation number in the paper)
     l_BC(theta) = -E_{(s,a)~D} log pi(a|s; theta)                 -> bc_loss
-    pi(a|s; theta) = N(a; mu_theta(s), diag sigma_theta(s)^2)      -> GaussianPolicy (shared block networks)
+    pi(a|s; theta) = N(a; mu_theta(s), diag sigma_theta(s)^2)      -> GaussianPolicy, gaussian_log_prob
     minibatch Adam steps on l_BC, S runs vmapped                   -> make_train_chunk
 
 Interpretations and deviations
-    1. The paper names "naive behaviour cloning" and gives no details. We clone with the stage-1
-       network of EMPO: a diagonal Gaussian policy, mean = action_scale * tanh(.) with action_scale the
-       largest |action| per dimension in the data set, state-dependent log-std squashed into [-5, 0],
-       on states standardised with the data set's mean and std (+ 1e-3), i.e. EMPO's stage 1 with K = 1.
-       --hidden-dim 64 --hidden-layers 3 is the paper's didactic "4-layer MLP with hidden layers of size
-       64" read as stage 1 reads it: three hidden layers and a linear output layer.
-    2. Training is maximum likelihood: minimise -log pi(a|s), the Gaussian log-density summed over the
-       action dimensions, averaged over a minibatch of B = 256 rows drawn uniformly with replacement from
-       the whole data set (both behaviours); Adam, lr 3e-4. Where the state alone does not tell the
-       behaviours apart the fitted mean is the average of their actions, whatever the std: this is the
-       averaging that Figure 1b shows (a deterministic MSE-cloned policy has the same mean).
-    3. Schedule: --steps 1,000,000 gradient steps by default, the default of CORL's BC (the paper gives
-       no BC schedule), run in jitted lax.scan calls of --steps-per-call steps; a log line, TensorBoard
-       scalars (chunk means) and a checkpoint after each call. The minibatches of call u are drawn from
-       fold_in(key, u), so --resume continues to the identical result.
-    4. Runs: run i uses seed --seed + i; the runs are vmapped in one call and sharded over the visible
-       devices (on a CPU one XLA host device per core).
-    5. Evaluation (navigation task only, never used for selection): --eval-episodes rollouts per run from
-       s_0 with nav_env.rollout (the same JAX rollouts as EMPO's stage 3), executing the policy's mean
-       action (--sample draws from the Gaussian instead); the environment clips actions to A. "Optimal
-       route" is reaching g without ever entering S_p.
-    6. Figure 1b: the arrows are run 0's mean action mu(s) on a 16 x 16 grid over S; the background is
-       ||mu(s)|| on a 61 x 61 grid. We show the length of the mean action (not the std) because it is
-       what fails: where the two behaviours move in opposite directions from the same states (the
-       segments x = 10 and x = 20, 0 <= y <= 15) their actions average out and the arrows shrink.
+    1. The network is EMPO's stage-1 Gaussian policy with K = 1: mean a_max tanh(.), log-std in [-5, 0], standardised
+       states; --hidden-layers 3 of --hidden-dim 64 and a linear output = the paper's "4-layer MLP".
+    2. Maximum likelihood, log-density summed over action dimensions, on minibatches of B = 256 drawn with replacement
+       from both behaviours; Adam, lr 3e-4. Where the behaviours conflict, the mean averages their actions.
+    3. --steps 1,000,000 (CORL's BC default; the paper gives none), in jitted chunks of --steps-per-call with a
+       checkpoint after each; --resume continues to the identical result.
+    4. Run i uses seed --seed + i; the runs are vmapped in one call and sharded over the visible devices.
+    5. Evaluation (navigation task only, never used for selection): rollouts from s_0 with the mean action (eval/*)
+       and with sampled actions (eval/sampled_*); "optimal route" = g reached without entering S_p.
+    6. Figure 1b: run 0's mean action as arrows over ||mean action||, which shrinks where the behaviours move in
+       opposite directions (x = 10 and x = 20 below y = 15).
 
 Example
     python baselines/bc.py --dataset data/nav.npz --out runs/nav/bc.npz --num-seeds 10
@@ -57,7 +38,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-    sys.path.append(ROOT)  # nav_env (evaluation and figures) lives in the repository root
+    sys.path.append(ROOT)  # empo_io and nav_env live in the repository root
 
 import time
 from dataclasses import asdict, dataclass
@@ -136,9 +117,7 @@ PRESETS = {"nav": Args()}
 NEUTRAL_FLAGS = ('out', 'resume', 'preset', 'eval_episodes', 'sample', 'dataset')
 
 
-# ----------------------------------------------------------------------------------------------
-# Containers
-# ----------------------------------------------------------------------------------------------
+# --- containers ---
 
 @struct.dataclass
 class TrainState:
@@ -154,7 +133,8 @@ class Data:
     actions: jax.Array  # [N, act_dim]
 
 
-# --- shared block: networks (keep identical across stages) ---
+# --- networks ---
+
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 0.0
 
 
@@ -196,22 +176,7 @@ def gaussian_log_prob(mean, log_std, action):
     return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
 
 
-def observation_stats(name: str, observations):
-    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
-    x = np.asarray(observations, np.float64)
-    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
-        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
-                         f"{np.abs(x).max():.3g})")
-    return mean, std
-
-
-# --- end shared block: networks ---
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss
-# ----------------------------------------------------------------------------------------------
+# --- loss ---
 
 def bc_loss(mean, log_std, actions):
     """l_BC = -(1/B) sum_b log N(a_b; mu(s_b), diag exp(log_std(s_b))^2), the log-density summed over
@@ -219,9 +184,7 @@ def bc_loss(mean, log_std, actions):
     return -jnp.mean(gaussian_log_prob(mean, log_std, actions))  # l_BC, maximum likelihood
 
 
-# ----------------------------------------------------------------------------------------------
-# Training function
-# ----------------------------------------------------------------------------------------------
+# --- training function ---
 
 def make_init(args: Args, policy, obs_dim: int):
     tx = optax.adam(args.learning_rate)
@@ -260,9 +223,7 @@ def make_train_chunk(args: Args, policy, tx, num_rows: int):
     return chunk
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation and checkpoints
-# ----------------------------------------------------------------------------------------------
+# --- evaluation (navigation task) ---
 
 def make_evaluate(policy, obs_mean, obs_std, episodes: int, sample: bool):
     """Rollouts of pi from s_0 (nav_env.rollout) with its mean action (or a draw), vmapped over runs."""
@@ -280,9 +241,59 @@ def make_evaluate(policy, obs_mean, obs_std, episodes: int, sample: bool):
     return jax.jit(jax.vmap(evaluate))
 
 
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
+def evaluate_protocols(make_eval, params, key_eval, seeds, headers: dict, writer, step: int):
+    """Both protocols of Appendix C from the same start states: eval/* (the policy's deterministic action) and
+    eval/sampled_* (a stochastic one), a table each (nav_env.report_rollouts) and their TensorBoard scalars.
+
+    make_eval(sample) -> evaluate(params, key), vmapped over runs; headers[sample] heads each table.
+    Returns (rollouts {sample: [S, E, ...]}, eval/* arrays, summary).
+    """
+    import nav_env
+
+    outs, arrays, summaries = {}, {}, {}
+    for sample in (False, True):
+        outs[sample] = jax.device_get(make_eval(sample)(params, key_eval))  # [S, E, ...]
+        part, summaries[sample] = nav_env.report_rollouts(outs[sample], seeds, headers[sample],
+                                                          prefix="sampled_" if sample else "")
+        arrays.update(part)
+    summary = {**summaries[False], "sampled": summaries[True]}
+    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
+        writer.add_scalar(f"eval/{name}", summary[name], step)
+        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], step)
+    return outs, arrays, summary
+
+
+def evaluate_policy(args: Args, policy, inp: Inputs, policy_params, key_eval, writer, run_dir, seeds):
+    """Rollouts of every run, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
+    import nav_env
+
+    obs_mean, obs_std = inp.obs_mean, inp.obs_std
+    # Both protocols: eval/* with the mean action, eval/sampled_* with actions drawn from pi (the paper's "sampled 10
+    # trajectories"); --sample only picks the one the figures show.
+    make_eval = lambda sample: make_evaluate(policy, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.eval_episodes,
+                                             sample)
+    headers = {sample: f"[bc] policy pi ({'sampled' if sample else 'mean'} actions), {args.eval_episodes} rollouts "
+                       f"per run:" for sample in (False, True)}
+    outs, arrays, summary = evaluate_protocols(make_eval, policy_params, key_eval, seeds, headers, writer, args.steps)
+    out, actions = outs[args.sample], "sampled" if args.sample else "mean"
+
+    # Figures: every run's rollouts, and Figure 1b (run 0's mean action over the length of the mean action).
+    title = f"BC: {args.eval_episodes} rollouts per run ({actions} actions)"
+    images = {"rollouts": nav_env.plot_runs(out, seeds, title, os.path.join(run_dir, "bc_rollouts.png"))}
+    params0 = jax.tree.map(lambda x: x[0], jax.device_get(policy_params))
+    mean_action = lambda states: np.asarray(policy.apply(params0, jnp.asarray((states - obs_mean) / obs_std))[0])
+    arrow_states = nav_env.grid_states(16)
+    field = np.linalg.norm(mean_action(nav_env.grid_states(61)), axis=-1).reshape(61, 61)
+    images["action_field"] = nav_env.plot_map(
+        arrows=(arrow_states, mean_action(arrow_states)), field=field, field_label="||mean action||",
+        title=f"BC (seed {seeds[0]}): mean action, coloured by its length",
+        path=os.path.join(run_dir, "bc_action_field.png"))
+    for name, image in images.items():
+        writer.add_image(f"eval/{name}", image, args.steps, dataformats="HWC")
+    return arrays, summary
+
+
+# --- main: the flags, the inputs, the outputs, the schedule ---
 
 def validate_args(args: Args) -> None:
     """The flags alone, before anything is read: one sentence for the first one out of range."""
@@ -296,22 +307,69 @@ def validate_args(args: Args) -> None:
     check_fits(f"--eval-episodes {args.eval_episodes}", 2 * args.num_seeds * args.eval_episodes * 1001 * 2 * 4)
 
 
+def observation_stats(name: str, observations):
+    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
+    x = np.asarray(observations, np.float64)
+    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
+                         f"{np.abs(x).max():.3g})")
+    return mean, std
+
+
+@dataclass
+class Inputs:
+    """The data set as main uses it (prepare_inputs): the device copy and what is derived from it."""
+
+    sha: str  # the data set's digest
+    data: Data
+    n: int  # transitions
+    obs_dim: int
+    act_dim: int
+    obs_mean: np.ndarray  # [obs_dim] float32
+    obs_std: np.ndarray  # [obs_dim] float32, std + 1e-3
+    action_scale: tuple  # a_max: the largest |action| per dimension (interpretation 1)
+
+
+def prepare_inputs(dataset: str) -> Inputs:
+    """The data set (load_dataset validates it), its states standardised and a_max (interpretation 1)."""
+    data_np, data_sha = load_dataset(dataset)
+    obs_mean, obs_std = observation_stats(dataset, data_np["observations"])
+    action_scale = tuple(float(x) for x in np.maximum(np.abs(data_np["actions"]).max(0), 1e-3))
+    data = Data(obs=jnp.asarray((data_np["observations"] - obs_mean) / obs_std),
+                actions=jnp.asarray(data_np["actions"]))
+    return Inputs(sha=data_sha, data=data, n=len(data_np["rewards"]), obs_dim=data_np["observations"].shape[1],
+                  act_dim=data_np["actions"].shape[1], obs_mean=obs_mean, obs_std=obs_std, action_scale=action_scale)
+
+
+def output_arrays(args: Args, state: TrainState, inp: Inputs, seeds) -> dict:
+    """policy/params/... [S, ...], seeds [S] and arch/* (what rebuilds the policy and standardises its input)."""
+    return {
+        **flatten_params("policy/params", state.policy["params"]), "seeds": seeds.astype(np.int64),
+        "arch/obs_dim": np.int64(inp.obs_dim), "arch/act_dim": np.int64(inp.act_dim),
+        "arch/hidden_dim": np.int64(args.hidden_dim), "arch/hidden_layers": np.int64(args.hidden_layers),
+        "arch/obs_mean": inp.obs_mean, "arch/obs_std": inp.obs_std,
+        "arch/action_scale": np.asarray(inp.action_scale, np.float32),
+    }
+
+
+def write_outputs(args, arrays: dict, schema: str, inputs: dict, ckpt_path: str, writer) -> None:
+    """The output file (empo_io.save_npz: atomic), then the checkpoint it completes is removed and the logs closed."""
+    save_npz(args.out, arrays, schema, asdict(args), inputs)
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    writer.close()
+
+
 def main(args: Args) -> dict:
     validate_args(args)
     for path in (args.out, checkpoint_path(args.out)):
         check_writable(path, [args.dataset])
-    data_np, data_sha = load_dataset(args.dataset)
-    n = len(data_np["rewards"])
-    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
-    obs_mean, obs_std = observation_stats(args.dataset, data_np["observations"])
-    action_scale = tuple(float(x) for x in np.maximum(np.abs(data_np["actions"]).max(0), 1e-3))
-    data = Data(obs=jnp.asarray((data_np["observations"] - obs_mean) / obs_std),
-                actions=jnp.asarray(data_np["actions"]))
-
-    policy = GaussianPolicy(act_dim, action_scale, args.hidden_dim, args.hidden_layers)
-    init, tx = make_init(args, policy, obs_dim)
+    inp = prepare_inputs(args.dataset)
+    policy = GaussianPolicy(inp.act_dim, inp.action_scale, args.hidden_dim, args.hidden_layers)
+    init, tx = make_init(args, policy, inp.obs_dim)
     seed_sharding, replicated = seed_shardings(args.num_seeds)
-    data = jax.device_put(data, replicated)
+    data = jax.device_put(inp.data, replicated)
     seeds = np.arange(args.seed, args.seed + args.num_seeds)
     seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
     key_init, key_train, key_eval = (
@@ -319,23 +377,23 @@ def main(args: Args) -> dict:
     # Not jitted: XLA takes seconds over the initialisers of a fresh closure, while the eager ops are compiled once.
     state = jax.device_put(jax.vmap(init)(key_init), seed_sharding)
 
-    # The schedule: chunks of gradient steps, a checkpoint after each.
+    # The schedule: chunks of gradient steps, a checkpoint after each (interpretation 3).
     calls = [min(args.steps_per_call, args.steps - i) for i in range(0, args.steps, args.steps_per_call)]
     run_dir = os.path.dirname(os.path.abspath(args.out))
-    identity = run_identity(args, NEUTRAL_FLAGS, {"dataset": data_sha})
+    identity = run_identity(args, NEUTRAL_FLAGS, {"dataset": inp.sha})
     ckpt_path, state, first = resume_checkpoint(args, state, "empo/bc-checkpoint/v2", identity, len(calls))
     state = jax.device_put(state, seed_sharding)
     writer = make_writer(os.path.join(run_dir, "bc"), args)
 
     # Compile ahead of time, so that the reported speed leaves the compile time out.
     t0 = time.perf_counter()
-    train_chunk = make_train_chunk(args, policy, tx, n)
+    train_chunk = make_train_chunk(args, policy, tx, inp.n)
     chunk_key = lambda unit: jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, unit),
                                             seed_sharding)
     compiled = {s: jax.jit(jax.vmap(lambda st, key, d, s=s: train_chunk(st, key, d, s), in_axes=(0, 0, None)))
                 .lower(state, chunk_key(0), data).compile() for s in set(calls[first:])}
     compile_s = time.perf_counter() - t0
-    print(f"[bc] N={n} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); {args.steps} steps "
+    print(f"[bc] N={inp.n} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); {args.steps} steps "
           f"in {len(calls)} chunks; compiled in {compile_s:.1f}s", flush=True)
 
     progress = Progress(len(calls), "bc", first=first)
@@ -358,66 +416,19 @@ def main(args: Args) -> dict:
     steps_run = args.steps - sum(calls[:first])
 
     state = jax.device_get(state)
-    arrays = {
-        **flatten_params("policy/params", state.policy["params"]), "seeds": seeds.astype(np.int64),
-        "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
-        "arch/hidden_dim": np.int64(args.hidden_dim), "arch/hidden_layers": np.int64(args.hidden_layers),
-        "arch/obs_mean": obs_mean, "arch/obs_std": obs_std, "arch/action_scale": np.asarray(action_scale, np.float32),
-    }
+    arrays = output_arrays(args, state, inp, seeds)
     summary = {"train_s": train_s, "compile_s": compile_s, "steps_per_s": steps_run / max(train_s, 1e-9),
                "nll": metrics.get("losses/nll"), "seeds": seeds.tolist()}
-
     # Evaluation for insight (navigation task only): rollouts from s_0 and the action field of Figure 1b.
-    if obs_dim == 2 and act_dim == 2 and args.eval_episodes > 0:
+    if inp.obs_dim == 2 and inp.act_dim == 2 and args.eval_episodes > 0:
         policy_params = jax.device_put(state.policy, seed_sharding)
-        eval_arrays, eval_summary = evaluate_policy(args, policy, obs_mean, obs_std, policy_params, key_eval, writer,
-                                                    run_dir, seeds)
+        eval_arrays, eval_summary = evaluate_policy(args, policy, inp, policy_params, key_eval, writer, run_dir, seeds)
         arrays.update(eval_arrays)
         summary.update(eval_summary)
-    save_npz(args.out, arrays, "empo/bc/v1", asdict(args), {"dataset": data_sha})
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
-    writer.close()
+    write_outputs(args, arrays, "empo/bc/v1", {"dataset": inp.sha}, ckpt_path, writer)
     print(f"[bc] wrote {args.out}: compile {compile_s:.1f}s, training {train_s:.1f}s "
           f"({summary['steps_per_s']:.0f} steps/s per run, {args.num_seeds} runs at once)")
     return summary
-
-
-def evaluate_policy(args: Args, policy, obs_mean, obs_std, policy_params, key_eval, writer, run_dir, seeds):
-    """Rollouts of every run, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
-    import nav_env
-
-    # Both protocols of Appendix C, from the same start states: eval/* with the mean action, eval/sampled_* with
-    # actions drawn from pi (the paper's "sampled 10 trajectories"); --sample only picks the one the figures show.
-    outs, arrays, summaries = {}, {}, {}
-    for sample in (False, True):
-        evaluate = make_evaluate(policy, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.eval_episodes, sample)
-        outs[sample] = jax.device_get(evaluate(policy_params, key_eval))  # [S, E, ...]
-        part, part_summary = nav_env.report_rollouts(
-            outs[sample], seeds, f"[bc] policy pi ({'sampled' if sample else 'mean'} actions), "
-                                 f"{args.eval_episodes} rollouts per run:", prefix="sampled_" if sample else "")
-        arrays.update(part)
-        summaries[sample] = part_summary
-    summary = {**summaries[False], "sampled": summaries[True]}
-    out, actions = outs[args.sample], "sampled" if args.sample else "mean"
-    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
-        writer.add_scalar(f"eval/{name}", summary[name], args.steps)
-        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
-
-    # Figures: every run's rollouts, and Figure 1b (run 0's mean action over the length of the mean action).
-    title = f"BC: {args.eval_episodes} rollouts per run ({actions} actions)"
-    images = {"rollouts": nav_env.plot_runs(out, seeds, title, os.path.join(run_dir, "bc_rollouts.png"))}
-    params0 = jax.tree.map(lambda x: x[0], jax.device_get(policy_params))
-    mean_action = lambda states: np.asarray(policy.apply(params0, jnp.asarray((states - obs_mean) / obs_std))[0])
-    arrow_states = nav_env.grid_states(16)
-    field = np.linalg.norm(mean_action(nav_env.grid_states(61)), axis=-1).reshape(61, 61)
-    images["action_field"] = nav_env.plot_map(
-        arrows=(arrow_states, mean_action(arrow_states)), field=field, field_label="||mean action||",
-        title=f"BC (seed {seeds[0]}): mean action, coloured by its length",
-        path=os.path.join(run_dir, "bc_action_field.png"))
-    for name, image in images.items():
-        writer.add_image(f"eval/{name}", image, args.steps, dataformats="HWC")
-    return arrays, summary
 
 
 if __name__ == "__main__":

@@ -1,24 +1,16 @@
 """TD3+BC (Fujimoto & Gu 2021) on the navigation task: the "TD3+BC" row of Table 1.
 
-Paper: §4.1 and Table 1 (TD3+BC [11], a baseline), Appendix B (the didactic network), Appendix C (10 seeds x
-10 rollouts), Table 4 (gamma). TD3+BC: Fujimoto & Gu, "A Minimalist Approach to Offline Reinforcement
-Learning" (NeurIPS 2021) and the author's code (github.com/sfujim/TD3_BC), which fixes what the paper leaves
-open; TD3: Fujimoto, van Hoof & Meger (2018).
+Paper: §4.1 and Table 1 (TD3+BC [11]), Appendix B (network), Appendix C (10 seeds x 10 rollouts), Table 4 (gamma);
+TD3+BC's own paper and its author's code (github.com/sfujim/TD3_BC), which fixes what that paper leaves open. The
+discussion behind each numbered item below is docs/baselines.md, TD3+BC item N.
 
-Input   a data set (``--dataset``, as the EMPO stages): an .npz (schema empo/dataset/v1), D4RL
-        .hdf5 files or Minari ids.
-Output  ``td3_bc.npz`` (schema empo/td3_bc/v1), figures beside it and TensorBoard logs in ``<out folder>/td3_bc``:
-        actor/params/... [S, ...] the deterministic policy pi(s; phi), critic1/params/... and
-        critic2/params/... [S, ...] the twin critics Q1(s, a; theta_1), Q2(s, a; theta_2), seeds [S], arch/*
-        (hidden_dim, hidden_layers, obs_mean, obs_std, action_scale, obs_dim, act_dim, gamma),
-        eval/{return, goal, penalty_steps, length, optimal_route} [S, E] and eval/positions [S, E, T+1, 2]
-        float16 (rollouts of pi on the navigation task, paths frozen after their end), plus args, producer
-        and inputs (the data set's sha256).
-        Figures (navigation task): td3_bc_rollouts.png (every run's rollouts, coloured by seed) and
-        td3_bc_action_field.png (run 0's action pi(s) as arrows over Q1(s, pi(s))).
+Input   ``--dataset``: an .npz (schema empo/dataset/v1), D4RL .hdf5 files or Minari ids, as the EMPO stages take.
+Output  ``td3_bc.npz`` (schema empo/td3_bc/v1, docs/schemas.md): actor/params/..., critic1/params/...,
+        critic2/params/... [S, ...], seeds [S], arch/*, eval/* and eval/sampled_* [S, E] (navigation task);
+        td3_bc_rollouts.png and td3_bc_action_field.png beside it; TensorBoard logs in ``<out folder>/td3_bc``.
 
 Equation map (TD3+BC's equations as its paper writes them; the tags in the code name them)
-    s <- (s - mu) / (sigma + eps), eps = 1e-3 (state normalisation)            -> main
+    s <- (s - mu) / (sigma + eps), eps = 1e-3 (state normalisation)            -> prepare_inputs
     a~ = clip(pi(s'; phi') + clip(e, -c, c), -a_max, a_max), e ~ N(0, sigma^2) -> smoothed_target_action
     y = r + gamma (1 - d) min_{i=1,2} Q_i(s', a~; theta_i')  (clipped double Q) -> critic_target
     L(theta) = sum_{i=1,2} mean_B (Q_i(s, a; theta_i) - y)^2                   -> critic_loss
@@ -27,50 +19,18 @@ Equation map (TD3+BC's equations as its paper writes them; the tags in the code 
     theta_i' <- tau theta_i + (1 - tau) theta_i', phi' likewise, every d steps -> polyak, make_train_chunk
 
 Interpretations and deviations
-    1. Networks: the paper's didactic network for every algorithm on this task, --hidden-dim 64
-       --hidden-layers 3 ("a 4-layer MLP with hidden layers of size 64", read as EMPO's stages read it:
-       three hidden ReLU layers and a linear output layer). The original TD3+BC uses two hidden layers of
-       256 (--hidden-dim 256 --hidden-layers 2). Flax's default initialisation (LeCun-normal kernels, zero
-       biases), not PyTorch's. The actor is pi(s) = a_max * tanh(MLP(s)) on the standardised state.
-    2. Critic input: concat(standardised s, a / a_max), as EMPO's SARSA Q. The original feeds the raw
-       action, which is the same thing on its MuJoCo tasks (a_max = 1); here a_max = 0.2 and the division
-       keeps the action inputs O(1) like the state's. Q1 and Q2 are two MLPs with one linear output each,
-       stored stacked ([2, ...]) and trained by one Adam optimiser on the sum of their losses, as the
-       original's single Critic module (Adam is per parameter: the same as two optimisers).
-    3. a_max is the data set's largest |a| per dimension (arch/action_scale, 0.2 on this task) in place of
-       the environment's action bound (a data-set-only script has none). The target smoothing noise is
-       sigma = 0.2 a_max, clipped to c = 0.5 a_max, per dimension (the original's policy_noise * max_action
-       and noise_clip * max_action); the smoothed target action is clipped to +-a_max.
-    4. The BC term is the mean over the batch and the action dimensions of (pi(s) - a)^2 in action units
-       (the original's F.mse_loss). With a_max = 0.2 it is 25 times smaller than in units of a_max, so
-       alpha = 2.5 leans further towards Q here than on MuJoCo (a_max = 1); the default keeps the original's
-       units. --action-units normalised measures it in units of a_max, (pi(s)/a_max - a/a_max)^2, as JAX
-       offline-RL code whose actor outputs a / a_max does (bc_units): the BC weight is then the one alpha = 2.5
-       was tuned with on MuJoCo. Nothing else changes between the two conventions here (the critic already
-       takes a / a_max and the target noise is in units of a_max).
-    5. lambda's denominator is the batch mean of |Q1(s, pi(s))| (the original's code; the paper writes
-       Q(s_i, a_i)), held constant (stop_gradient), so lambda only rescales the Q term.
-    6. Bootstrap mask: 1 - d with d = terminals (the goal reached); a trajectory cut by a timeout
-       bootstraps from its next_observation (STYLE §7). Rewards are used raw (-1 a step, -2 in S_p, 0 at
-       the goal), as the original uses D4RL's: lambda takes Q's scale out of the actor's step. gamma = 0.999
-       (Table 4's didactic value, used for every algorithm on this task: episodes last ~750 steps, and the
-       original's 0.99 would look only ~100 steps ahead). With slow targets (tau every d steps) Q grows by
-       about one reward per 1 / tau * d = 400 steps, so it needs a few hundred thousand of the 1,000,000
-       steps to reach its scale (~ -500 at s_0); short runs have a Q of the right shape but too small.
-    7. Delayed updates, counted as the original does (c = 1, 2, ... critic steps): every step updates
-       both critics on a minibatch of B = 256 rows drawn uniformly with replacement; when c % d == 0
-       (d = 2) the actor then takes one Adam step on the same minibatch against the just-updated Q1, and
-       the targets of the actor and both critics move by Polyak tau = 0.005. All of it runs inside the
-       lax.scan of a jitted call: a lax.cond on the step counter, which is the same for every run and so
-       stays a real branch under vmap. Adam, lr 3e-4, for actor and critics; targets start as copies.
-    8. Schedule: --steps 1,000,000 (the paper's and the original's), in calls of --steps-per-call steps;
-       a log line, TensorBoard scalars (chunk means; the actor's over its update steps) and a checkpoint
-       after each call. Call u draws from fold_in(key, u), so --resume continues to the identical result.
-    9. Runs: run i uses seed --seed + i; the runs are vmapped in one call and sharded over the visible
-       devices (on a CPU one XLA host device per core).
-    10. Evaluation (navigation task only, never used for selection): the final actor after --steps,
-        --eval-episodes rollouts per run from s_0 with nav_env.rollout (the same JAX rollouts as EMPO's
-        stage 3); the environment clips actions to A. "Optimal route" is reaching g without entering S_p.
+    1. Networks: Appendix B's 4-layer MLP (3 hidden ReLU layers of 64, a linear output) for the actor and the
+       critics, not the original's 2 x 256; Flax's initialisation. pi(s) = a_max tanh(MLP(s)), s standardised.
+    2. The critics take [s, a / a_max] (the original's raw a is the same where a_max = 1); Q1, Q2 stacked, one Adam.
+    3. a_max is the data set's largest |a| per dimension; target noise sigma = 0.2 a_max, clipped to c = 0.5 a_max.
+    4. The BC term (pi(s) - a)^2 is in raw action units (the original's); --action-units normalised: units of a_max.
+    5. lambda's denominator is mean_B |Q1(s, pi(s))| (the original's code), held constant.
+    6. d = terminals (a timeout bootstraps); rewards raw; gamma = 0.999 (Table 4), not the original's 0.99.
+    7. Delayed updates: the critics every step, the actor and the targets every d = 2 critic steps (a lax.cond).
+    8. --steps 1,000,000 in jitted chunks of --steps-per-call, a checkpoint after each; --resume is exact.
+    9. Run i uses seed --seed + i; the runs are vmapped in one call and sharded over the visible devices.
+    10. Evaluation (navigation task only): the final actor from s_0, deterministic (eval/*) and with TD3's
+        exploration noise (eval/sampled_*).
 
 Example
     python baselines/td3_bc.py --dataset data/nav.npz --out runs/nav/td3_bc.npz --num-seeds 10
@@ -83,7 +43,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-    sys.path.append(ROOT)  # nav_env (evaluation and figures) lives in the repository root
+    sys.path.append(ROOT)  # empo_io and nav_env live in the repository root
 
 import time
 from dataclasses import asdict, dataclass
@@ -175,9 +135,7 @@ PRESETS = {"nav": Args()}
 NEUTRAL_FLAGS = ('out', 'resume', 'preset', 'eval_episodes', 'dataset')
 
 
-# ----------------------------------------------------------------------------------------------
-# Containers
-# ----------------------------------------------------------------------------------------------
+# --- containers ---
 
 @struct.dataclass
 class TrainState:
@@ -200,7 +158,8 @@ class Data:
     not_done: jax.Array  # [N] float, 0 after a terminal, 1 otherwise (a timeout bootstraps)
 
 
-# --- shared block: networks (keep identical across stages) ---
+# --- networks ---
+
 class MLP(nn.Module):
     """hidden_layers x (Dense(hidden_dim) + ReLU), then a linear Dense(out_dim) (linear heads:
     rewards can be negative)."""
@@ -216,23 +175,6 @@ class MLP(nn.Module):
         return nn.Dense(self.out_dim)(x)
 
 
-def observation_stats(name: str, observations):
-    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
-    x = np.asarray(observations, np.float64)
-    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
-        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
-                         f"{np.abs(x).max():.3g})")
-    return mean, std
-
-
-# --- end shared block: networks ---
-
-
-# ----------------------------------------------------------------------------------------------
-# Networks
-# ----------------------------------------------------------------------------------------------
-
 class Actor(nn.Module):
     """pi(s; phi) = a_max * tanh(MLP(s)): the deterministic policy of TD3."""
 
@@ -247,31 +189,7 @@ class Actor(nn.Module):
         return jnp.asarray(self.action_scale, jnp.float32) * jnp.tanh(out)
 
 
-def make_networks(hidden_dim: int, hidden_layers: int, act_dim: int, action_scale: tuple) -> dict:
-    return {"actor": Actor(act_dim, action_scale, hidden_dim, hidden_layers),  # pi(s; phi)
-            "critic": MLP(hidden_dim, hidden_layers, 1)}  # Q_i(s, a; theta_i) on [s, a / a_max]
-
-
-def critic_input(obs, actions, action_scale: tuple):
-    """[s, a / a_max] (interpretation 2): obs [B, obs_dim], actions [B, act_dim] -> [B, obs_dim + act_dim]."""
-    return jnp.concatenate([obs, actions / jnp.asarray(action_scale, jnp.float32)], axis=-1)
-
-
-def q_values(nets: dict, critic, obs, actions, action_scale: tuple):
-    """Q1 and Q2 at (obs, actions) with the stacked critic parameters -> [2, B]."""
-    x = critic_input(obs, actions, action_scale)  # [B, obs_dim + act_dim]
-    return jax.vmap(lambda params: nets["critic"].apply(params, x)[:, 0])(critic)  # [2, B]
-
-
-def q1_value(nets: dict, critic, obs, actions, action_scale: tuple):
-    """Q1 alone (the actor's critic) at (obs, actions) with the stacked critic parameters -> [B]."""
-    theta_1 = jax.tree.map(lambda x: x[0], critic)
-    return nets["critic"].apply(theta_1, critic_input(obs, actions, action_scale))[:, 0]  # [B]
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses (TD3 and TD3+BC)
-# ----------------------------------------------------------------------------------------------
+# --- losses (TD3 and TD3+BC) ---
 
 def smoothed_target_action(next_pi, noise, action_scale, policy_noise: float, noise_clip: float):
     """Target policy smoothing: a~ = clip(pi(s'; phi') + clip(sigma e, -c, c), -a_max, a_max), e ~ N(0, 1).
@@ -321,9 +239,31 @@ def polyak(target, online, tau: float):
     return jax.tree.map(lambda t, p: tau * p + (1.0 - tau) * t, target, online)  # TD3 target update
 
 
-# ----------------------------------------------------------------------------------------------
-# Training functions
-# ----------------------------------------------------------------------------------------------
+# --- the twin critics, stacked ---
+
+def make_networks(hidden_dim: int, hidden_layers: int, act_dim: int, action_scale: tuple) -> dict:
+    return {"actor": Actor(act_dim, action_scale, hidden_dim, hidden_layers),  # pi(s; phi)
+            "critic": MLP(hidden_dim, hidden_layers, 1)}  # Q_i(s, a; theta_i) on [s, a / a_max]
+
+
+def critic_input(obs, actions, action_scale: tuple):
+    """[s, a / a_max] (interpretation 2): obs [B, obs_dim], actions [B, act_dim] -> [B, obs_dim + act_dim]."""
+    return jnp.concatenate([obs, actions / jnp.asarray(action_scale, jnp.float32)], axis=-1)
+
+
+def q_values(nets: dict, critic, obs, actions, action_scale: tuple):
+    """Q1 and Q2 at (obs, actions) with the stacked critic parameters -> [2, B]."""
+    x = critic_input(obs, actions, action_scale)  # [B, obs_dim + act_dim]
+    return jax.vmap(lambda params: nets["critic"].apply(params, x)[:, 0])(critic)  # [2, B]
+
+
+def q1_value(nets: dict, critic, obs, actions, action_scale: tuple):
+    """Q1 alone (the actor's critic) at (obs, actions) with the stacked critic parameters -> [B]."""
+    theta_1 = jax.tree.map(lambda x: x[0], critic)
+    return nets["critic"].apply(theta_1, critic_input(obs, actions, action_scale))[:, 0]  # [B]
+
+
+# --- training functions ---
 
 def make_init(args: Args, nets: dict, obs_dim: int, act_dim: int):
     tx = optax.adam(args.learning_rate)
@@ -402,9 +342,7 @@ def make_train_chunk(args: Args, nets: dict, tx, num_rows: int, action_scale: tu
     return chunk
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation and checkpoints
-# ----------------------------------------------------------------------------------------------
+# --- evaluation (navigation task) ---
 
 EXPL_NOISE = 0.1  # the original's expl_noise: std of its exploration noise, in units of a_max
 
@@ -433,9 +371,64 @@ def make_evaluate(actor_net, obs_mean, obs_std, episodes: int, sample: bool = Fa
     return jax.jit(jax.vmap(evaluate))
 
 
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
+def evaluate_protocols(make_eval, params, key_eval, seeds, headers: dict, writer, step: int):
+    """Both protocols of Appendix C from the same start states: eval/* (the policy's deterministic action) and
+    eval/sampled_* (a stochastic one), a table each (nav_env.report_rollouts) and their TensorBoard scalars.
+
+    make_eval(sample) -> evaluate(params, key), vmapped over runs; headers[sample] heads each table.
+    Returns (rollouts {sample: [S, E, ...]}, eval/* arrays, summary).
+    """
+    import nav_env
+
+    outs, arrays, summaries = {}, {}, {}
+    for sample in (False, True):
+        outs[sample] = jax.device_get(make_eval(sample)(params, key_eval))  # [S, E, ...]
+        part, summaries[sample] = nav_env.report_rollouts(outs[sample], seeds, headers[sample],
+                                                          prefix="sampled_" if sample else "")
+        arrays.update(part)
+    summary = {**summaries[False], "sampled": summaries[True]}
+    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
+        writer.add_scalar(f"eval/{name}", summary[name], step)
+        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], step)
+    return outs, arrays, summary
+
+
+def evaluate_actor(args: Args, nets, inp: Inputs, state: TrainState, key_eval, writer, run_dir, seeds):
+    """Rollouts of every run's actor, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
+    import nav_env
+
+    obs_mean, obs_std, action_scale = inp.obs_mean, inp.obs_std, inp.action_scale
+    # Both protocols: eval/* with the deterministic actor (TD3+BC's own evaluation), eval/sampled_* with the original
+    # TD3's exploration noise added (make_evaluate).
+    make_eval = lambda sample: make_evaluate(nets["actor"], jnp.asarray(obs_mean), jnp.asarray(obs_std),
+                                             args.eval_episodes, sample, action_scale)
+    what = {False: "deterministic actor pi(s)", True: f"actor pi(s) + N(0, ({EXPL_NOISE} a_max)^2)"}
+    headers = {sample: f"[td3_bc] {what[sample]}, {args.eval_episodes} rollouts per run:" for sample in what}
+    outs, arrays, summary = evaluate_protocols(make_eval, state.actor, key_eval, seeds, headers, writer, args.steps)
+    out = outs[False]
+
+    # Figures: every run's rollouts, and run 0's action field over V-like Q1(s, pi(s)).
+    images = {"rollouts": nav_env.plot_runs(out, seeds, "TD3+BC: deterministic actor, every run",
+                                            os.path.join(run_dir, "td3_bc_rollouts.png"))}
+    arrow_states, field_states = nav_env.grid_states(16), nav_env.grid_states(61)
+
+    @jax.jit
+    def maps(actor, critic):  # run 0's pi(s) at the arrows and Q1(s, pi(s)) on the field's grid
+        arrow_obs, field_obs = ((jnp.asarray(x) - obs_mean) / obs_std for x in (arrow_states, field_states))
+        field_pi = nets["actor"].apply(actor, field_obs)  # [61*61, act_dim]
+        return nets["actor"].apply(actor, arrow_obs), q1_value(nets, critic, field_obs, field_pi, action_scale)
+
+    arrow_actions, q1_pi = jax.device_get(maps(*jax.tree.map(lambda x: x[0], (state.actor, state.critic))))
+    images["action_field"] = nav_env.plot_map(
+        arrows=(arrow_states, arrow_actions), field=q1_pi.reshape(61, 61),
+        field_label="Q1(s, pi(s))", title=f"TD3+BC: actor pi(s) over Q1(s, pi(s)) (seed {seeds[0]})",
+        path=os.path.join(run_dir, "td3_bc_action_field.png"))
+    for name, image in images.items():
+        writer.add_image(f"eval/{name}", image, args.steps, dataformats="HWC")
+    return arrays, summary
+
+
+# --- main: the flags, the inputs, the outputs, the schedule ---
 
 def validate_args(args: Args) -> None:
     """The flags alone, before anything is read: one sentence for the first one out of range."""
@@ -454,47 +447,95 @@ def validate_args(args: Args) -> None:
     check_fits(f"--eval-episodes {args.eval_episodes}", 2 * args.num_seeds * args.eval_episodes * 1001 * 2 * 4)
 
 
-def main(args: Args) -> dict:
-    validate_args(args)
-    for path in (args.out, checkpoint_path(args.out)):
-        check_writable(path, [args.dataset])
-    data_np, data_sha = load_dataset(args.dataset)
-    n = len(data_np["rewards"])
-    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
+def observation_stats(name: str, observations):
+    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
+    x = np.asarray(observations, np.float64)
+    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
+                         f"{np.abs(x).max():.3g})")
+    return mean, std
 
-    # State normalisation (TD3+BC, eps = 1e-3) and a_max (interpretation 3).
-    obs_mean, obs_std = observation_stats(args.dataset, data_np["observations"])
+
+@dataclass
+class Inputs:
+    """The data set as main uses it (prepare_inputs): the device copy and what is derived from it."""
+
+    sha: str  # the data set's digest
+    data: Data
+    n: int  # transitions
+    obs_dim: int
+    act_dim: int
+    obs_mean: np.ndarray  # [obs_dim] float32
+    obs_std: np.ndarray  # [obs_dim] float32, std + 1e-3
+    action_scale: tuple  # a_max: the largest |action| per dimension (interpretation 3)
+
+
+def prepare_inputs(dataset: str) -> Inputs:
+    """The data set (load_dataset validates it), its states normalised (TD3+BC, eps = 1e-3) and a_max
+    (interpretation 3)."""
+    data_np, data_sha = load_dataset(dataset)
+    obs_mean, obs_std = observation_stats(dataset, data_np["observations"])
     action_scale = tuple(float(x) for x in np.maximum(np.abs(data_np["actions"]).max(0), 1e-3))
     norm = lambda x: jnp.asarray((x - obs_mean) / obs_std)
     data = Data(obs=norm(data_np["observations"]), actions=jnp.asarray(data_np["actions"]),
                 rewards=jnp.asarray(data_np["rewards"]), next_obs=norm(data_np["next_observations"]),
                 not_done=jnp.asarray(1.0 - data_np["terminals"].astype(np.float32)))
+    return Inputs(sha=data_sha, data=data, n=len(data_np["rewards"]), obs_dim=data_np["observations"].shape[1],
+                  act_dim=data_np["actions"].shape[1], obs_mean=obs_mean, obs_std=obs_std, action_scale=action_scale)
 
-    nets = make_networks(args.hidden_dim, args.hidden_layers, act_dim, action_scale)
-    init, tx = make_init(args, nets, obs_dim, act_dim)
+
+def output_arrays(args: Args, state: TrainState, inp: Inputs, seeds) -> dict:
+    """actor/params/..., critic1/params/..., critic2/params/... [S, ...], seeds [S] and arch/*."""
+    critic_i = lambda i: jax.tree.map(lambda x: x[:, i], state.critic["params"])  # [S, 2, ...] -> [S, ...]
+    return {
+        **flatten_params("actor/params", state.actor["params"]), **flatten_params("critic1/params", critic_i(0)),
+        **flatten_params("critic2/params", critic_i(1)),
+        "seeds": seeds.astype(np.int64), "arch/obs_dim": np.int64(inp.obs_dim), "arch/act_dim": np.int64(inp.act_dim),
+        "arch/hidden_dim": np.int64(args.hidden_dim), "arch/hidden_layers": np.int64(args.hidden_layers),
+        "arch/obs_mean": inp.obs_mean, "arch/obs_std": inp.obs_std,
+        "arch/action_scale": np.asarray(inp.action_scale, np.float32), "arch/gamma": np.float32(args.gamma),
+    }
+
+
+def write_outputs(args, arrays: dict, schema: str, inputs: dict, ckpt_path: str, writer) -> None:
+    """The output file (empo_io.save_npz: atomic), then the checkpoint it completes is removed and the logs closed."""
+    save_npz(args.out, arrays, schema, asdict(args), inputs)
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    writer.close()
+
+
+def main(args: Args) -> dict:
+    validate_args(args)
+    for path in (args.out, checkpoint_path(args.out)):
+        check_writable(path, [args.dataset])
+    inp = prepare_inputs(args.dataset)
+    nets = make_networks(args.hidden_dim, args.hidden_layers, inp.act_dim, inp.action_scale)
+    init, tx = make_init(args, nets, inp.obs_dim, inp.act_dim)
     seed_sharding, replicated = seed_shardings(args.num_seeds)
-    data = jax.device_put(data, replicated)
+    data = jax.device_put(inp.data, replicated)
     seeds = np.arange(args.seed, args.seed + args.num_seeds)
     split = jax.jit(jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3), out_axes=1))
     key_init, key_train, key_eval = (jax.device_put(x, seed_sharding) for x in split(jnp.asarray(seeds)))
     state = jax.jit(jax.vmap(init), out_shardings=seed_sharding)(key_init)
 
-    # The schedule: chunks of critic steps, a checkpoint after each.
+    # The schedule: chunks of critic steps, a checkpoint after each (interpretation 8).
     calls = [min(args.steps_per_call, args.steps - i) for i in range(0, args.steps, args.steps_per_call)]
     run_dir = os.path.dirname(os.path.abspath(args.out))
-    identity = run_identity(args, NEUTRAL_FLAGS, {"dataset": data_sha})
+    identity = run_identity(args, NEUTRAL_FLAGS, {"dataset": inp.sha})
     ckpt_path, state, first = resume_checkpoint(args, state, "empo/td3_bc-checkpoint/v2", identity, len(calls))
     state = jax.device_put(state, seed_sharding)
     writer = make_writer(os.path.join(run_dir, "td3_bc"), args)
 
-    train_chunk = make_train_chunk(args, nets, tx, n, action_scale)
+    train_chunk = make_train_chunk(args, nets, tx, inp.n, inp.action_scale)
     calls_jit = {s: jax.jit(jax.vmap(lambda st, key, d, step0, s=s: train_chunk(st, key, d, step0, s),
                                      in_axes=(0, 0, None, None)))
                  for s in set(calls)}
     fold_in = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
     chunk_key = lambda unit: jax.device_put(fold_in(key_train, unit), seed_sharding)
-    print(f"[td3_bc] N={n} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
-          f"a_max={[round(a, 4) for a in action_scale]}; {args.steps} steps in {len(calls)} chunks", flush=True)
+    print(f"[td3_bc] N={inp.n} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
+          f"a_max={[round(a, 4) for a in inp.action_scale]}; {args.steps} steps in {len(calls)} chunks", flush=True)
 
     progress = Progress(len(calls), "td3_bc", first=first)
     t_train = time.perf_counter()
@@ -519,74 +560,16 @@ def main(args: Args) -> dict:
     steps_per_s = sum(s for s, _ in steady) / max(sum(t for _, t in steady), 1e-9) if steady else float("nan")
 
     state = jax.device_get(state)
-    critic_i = lambda i: jax.tree.map(lambda x: x[:, i], state.critic["params"])  # [S, 2, ...] -> [S, ...]
-    arrays = {
-        **flatten_params("actor/params", state.actor["params"]), **flatten_params("critic1/params", critic_i(0)),
-        **flatten_params("critic2/params", critic_i(1)),
-        "seeds": seeds.astype(np.int64), "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
-        "arch/hidden_dim": np.int64(args.hidden_dim), "arch/hidden_layers": np.int64(args.hidden_layers),
-        "arch/obs_mean": obs_mean, "arch/obs_std": obs_std, "arch/action_scale": np.asarray(action_scale, np.float32),
-        "arch/gamma": np.float32(args.gamma),
-    }
-
-    # Evaluation for insight (navigation task only): the deterministic actor from s_0, figures.
+    arrays = output_arrays(args, state, inp, seeds)
     summary = {"train_s": train_s, "steps_per_s": steps_per_s, "seeds": seeds.tolist()}
-    if obs_dim == 2 and act_dim == 2 and args.eval_episodes > 0:
-        eval_arrays, eval_summary = evaluate_actor(args, nets, obs_mean, obs_std, action_scale, state, key_eval,
-                                                   writer, run_dir, seeds)
+    # Evaluation for insight (navigation task only): the deterministic actor from s_0, figures.
+    if inp.obs_dim == 2 and inp.act_dim == 2 and args.eval_episodes > 0:
+        eval_arrays, eval_summary = evaluate_actor(args, nets, inp, state, key_eval, writer, run_dir, seeds)
         arrays.update(eval_arrays)
         summary.update(eval_summary)
-    save_npz(args.out, arrays, "empo/td3_bc/v1", asdict(args), {"dataset": data_sha})
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
-    writer.close()
+    write_outputs(args, arrays, "empo/td3_bc/v1", {"dataset": inp.sha}, ckpt_path, writer)
     print(f"[td3_bc] wrote {args.out}: training {train_s:.1f}s, {steps_per_s:.0f} steps/s per run")
     return summary
-
-
-def evaluate_actor(args: Args, nets, obs_mean, obs_std, action_scale, state: TrainState, key_eval, writer,
-                   run_dir, seeds):
-    """Rollouts of every run's actor, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
-    import nav_env
-
-    # Both protocols of Appendix C, from the same start states: eval/* with the deterministic actor (TD3+BC's own
-    # evaluation), eval/sampled_* with the original TD3's exploration noise added (make_evaluate).
-    outs, arrays, summaries = {}, {}, {}
-    for sample in (False, True):
-        evaluate = make_evaluate(nets["actor"], jnp.asarray(obs_mean), jnp.asarray(obs_std), args.eval_episodes,
-                                 sample, action_scale)
-        outs[sample] = jax.device_get(evaluate(state.actor, key_eval))  # [S, E, ...]
-        what = f"actor pi(s) + N(0, ({EXPL_NOISE} a_max)^2)" if sample else "deterministic actor pi(s)"
-        part, part_summary = nav_env.report_rollouts(
-            outs[sample], seeds, f"[td3_bc] {what}, {args.eval_episodes} rollouts per run:",
-            prefix="sampled_" if sample else "")
-        arrays.update(part)
-        summaries[sample] = part_summary
-    summary = {**summaries[False], "sampled": summaries[True]}
-    out = outs[False]
-    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
-        writer.add_scalar(f"eval/{name}", summary[name], args.steps)
-        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
-
-    # Figures: every run's rollouts, and run 0's action field over V-like Q1(s, pi(s)).
-    images = {"rollouts": nav_env.plot_runs(out, seeds, "TD3+BC: deterministic actor, every run",
-                                            os.path.join(run_dir, "td3_bc_rollouts.png"))}
-    arrow_states, field_states = nav_env.grid_states(16), nav_env.grid_states(61)
-
-    @jax.jit
-    def maps(actor, critic):  # run 0's pi(s) at the arrows and Q1(s, pi(s)) on the field's grid
-        arrow_obs, field_obs = ((jnp.asarray(x) - obs_mean) / obs_std for x in (arrow_states, field_states))
-        field_pi = nets["actor"].apply(actor, field_obs)  # [61*61, act_dim]
-        return nets["actor"].apply(actor, arrow_obs), q1_value(nets, critic, field_obs, field_pi, action_scale)
-
-    arrow_actions, q1_pi = jax.device_get(maps(*jax.tree.map(lambda x: x[0], (state.actor, state.critic))))
-    images["action_field"] = nav_env.plot_map(
-        arrows=(arrow_states, arrow_actions), field=q1_pi.reshape(61, 61),
-        field_label="Q1(s, pi(s))", title=f"TD3+BC: actor pi(s) over Q1(s, pi(s)) (seed {seeds[0]})",
-        path=os.path.join(run_dir, "td3_bc_action_field.png"))
-    for name, image in images.items():
-        writer.add_image(f"eval/{name}", image, args.steps, dataformats="HWC")
-    return arrays, summary
 
 
 if __name__ == "__main__":

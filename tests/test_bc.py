@@ -15,15 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import empo_io
 import nav_env
+from baselines import bc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT / "baselines") not in sys.path:
-    sys.path.insert(0, str(ROOT / "baselines"))
-
-import bc  # noqa: E402
-
-import empo_io  # noqa: E402
 
 
 @pytest.fixture(scope="module")

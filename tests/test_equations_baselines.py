@@ -3,9 +3,6 @@ against NumPy, with target networks that differ from the online ones, bootstrapp
 and Q of both signs; a TD3+BC learning test with a known better action. The loss functions alone are tested in
 test_td3_bc.py and test_bc.py."""
 
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import np_reference as ref
@@ -13,14 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-BASELINES = pathlib.Path(__file__).resolve().parents[1] / "baselines"
-if str(BASELINES) not in sys.path:
-    sys.path.insert(0, str(BASELINES))
-
-import bc  # noqa: E402
-import td3_bc as td  # noqa: E402
-
-import empo_io  # noqa: E402
+import empo_io
+from baselines import bc
+from baselines import td3_bc as td
 
 SCALE = (0.2, 0.5)  # a_max per dimension, unequal so that a / a_max matters
 

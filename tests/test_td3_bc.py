@@ -3,8 +3,6 @@ end to end (schema, shapes, figures), determinism, resume and bad input."""
 
 import dataclasses
 import json
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,15 +10,9 @@ import numpy as np
 import pytest
 import tyro
 
+import empo_io
 import nav_env
-
-BASELINES = pathlib.Path(__file__).resolve().parents[1] / "baselines"
-if str(BASELINES) not in sys.path:
-    sys.path.insert(0, str(BASELINES))
-
-import td3_bc as td  # noqa: E402
-
-import empo_io  # noqa: E402
+from baselines import td3_bc as td
 
 EVAL_KEYS = ("return", "goal", "penalty_steps", "length", "optimal_route")
 
