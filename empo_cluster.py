@@ -1,61 +1,32 @@
 """Stage 1 of EMPO: EM clustering of the behaviour policies (Algorithm 1) and the classifier q(z|s).
 
 Paper: §3.1 (Algorithm 1, heuristics I-III, Eq. 3-9), §3.3 (classifier), Tables 3-5.
-
-Input   a data set: ``--dataset data/nav.npz`` (schema empo/dataset/v1), or D4RL .hdf5 files or Minari ids,
-        comma-separated.
-Output  ``cluster.npz`` (schema empo/cluster/v1) and TensorBoard logs in ``<out folder>/cluster``:
-        policy/params/... [S, K, ...] the K Gaussian policies beta(a|s; theta_z) of every seed,
-        classifier/params/... [S, ...] q(z|s; phi), posterior [S, E, K] (Q_Theta*, Eq. 3),
-        assignments [S, N] (Eq. 9), arch/* (what rebuilds the networks), rand_index [S] and
-        adjusted_rand_index [S] when the data set has labels, plus args, producer and inputs.
+Input   a data set (schema empo/dataset/v1): ``--dataset`` an .npz, or comma-separated D4RL .hdf5 files or Minari ids.
+Output  ``cluster.npz`` (schema empo/cluster/v1, docs/schemas.md): policy/params [S, K, ...] (beta(a|s; theta_z)),
+        classifier/params [S, ...] (q(z|s; phi)), posterior [S, E, K] (Eq. 3), assignments [S, N] (Eq. 9),
+        arch/*, rand_index [S] with labels; TensorBoard logs in ``<out folder>/cluster``.
 
 Equation map
-    Eq. (3)  posterior Q_Theta(z | tau)                      -> e_step_log_posterior
-    Eq. (4)/(6)  M-step loss -sum_z Q(z|tau) log beta        -> m_step_loss
-    Eq. (5)  momentum Q^(k+1) = mu Q^(k) + (1-mu) Q_Theta    -> make_em_epoch
-    Eq. (7)  Q^(0) = 1/K, N_p pre-training epochs            -> main (heuristic II)
-    Eq. (8)  Q^(-1) = one-hot random split, N_b epochs       -> main (heuristic III)
-    Eq. (9)  A(s, a) = argmax_z Q_Theta*(z | tau(s, a))      -> main (assignments)
-    §3.3     l_C = KL(Q^(k)(.|tau(s,a)) || q(.|s; phi))      -> classifier_loss
+    Eq. (3)      Q_Theta(z | tau) proportional to prod_t beta(a_t|s_t, z)   -> e_step_log_posterior
+    Eq. (4)/(6)  l_M = -sum_z Q(z|tau) log beta(a|s; theta_z)               -> m_step_loss
+    Eq. (5)      Q^(k+1) = mu Q^(k) + (1 - mu) Q_Theta                      -> make_em_epoch
+    Eq. (7)      Q^(0) = 1/K, N_p pre-training epochs (heuristic II)        -> main
+    Eq. (8)      Q^(-1) = one-hot random split, N_b epochs (heuristic III)  -> main
+    Eq. (9)      A(s, a) = argmax_z Q_Theta*(z | tau(s, a))                 -> write_outputs
+    §3.3         l_C = KL(Q^(k)(.|tau(s,a)) || q(.|s; phi))                 -> classifier_loss
 
-Interpretations and deviations
-    1. "4-layer MLP with hidden layers of size 64" (Appendix B) is read as four weight layers:
-       three hidden layers of 64 units (ReLU) and an output layer (--hidden-layers, --hidden-dim).
-    2. beta(a|s; theta_z) is a diagonal Gaussian: mean = action_scale * tanh(.), where action_scale
-       is the largest |action| per dimension in the data set (0.2 here: the data's actions are
-       clipped to A); state-dependent log-std squashed into [-5, 0] by a tanh. Log-probabilities
-       are summed over action dimensions. States are standardised with the data set's mean and
-       std (stored in arch/obs_mean, arch/obs_std), as is usual for MuJoCo data.
-    3. An epoch is ceil(N / batch) minibatch steps, each minibatch drawn uniformly with
-       replacement ("sample a mini-batch", Algorithm 1); one optimiser (Adam) runs through all
-       phases.
-    4. Eq. (5) as Algorithm 1 runs it: at the start of EM epoch k, Q^(k) = mu Q^(k-1) +
-       (1 - mu) Q_Theta_(k-1), with Q^(0) = 1/K; mu = 0 is plain EM. The posterior is computed in
-       log space from per-trajectory sums of per-step log-likelihoods, with a uniform prior p(Z).
-    5. The classifier is trained during the N_E EM epochs only (against Q^(k)); before them the
-       targets are a random split or uniform and carry no information about states.
-    6. The rand index is computed per transition (each (s, a) has an assignment A(s, a), and the
-       label of its data set of origin), with sklearn.metrics.rand_score at the end as in the
-       paper, and from the weighted contingency table of trajectories during training (the same
-       number, cheaper). Both are invariant to the numbering of the clusters.
-    7. Seeds: run i uses seed ``--seed + i``, so seed i of a vmapped run equals a single run with
-       that seed. Seeds are vmapped and sharded over the visible devices.
-    8. Switching a heuristic off is a flag: --momentum 0 (I), --pretrain-epochs 0 (II),
-       --bias-epochs 0 (III); "no heuristics" is all three.
-    9. K is not always known (the paper's §5-6 leave choosing it open). ``--k auto`` (select_k) runs this stage
-       for K = 1..--k-max on a seeded 80/20 split of the trajectories and scores each K by the held-out
-       log-likelihood of the trajectory mixture, log sum_z p(z) prod_t beta(a_t|s_t, z) per held-out transition,
-       p(z) the mean training posterior. A run that left clusters without training trajectories counts for the
-       clusters it uses; the smallest number of clusters whose best score over every seed's runs (the seeds as
-       EM restarts) is within --k-tolerance (0.02 nats per transition) of the best is chosen (choose_k says
-       why; each seed's own choice is stored too). It is written: per seed its best run with that many
-       clusters, empty ones dropped (chosen_runs), the posterior and assignments computed on all trajectories
-       (Eq. 3 and 9 with the parameters trained on the 80%; no refit).
+Interpretations and deviations (item N is discussed as item N of docs/empo_cluster.md)
+    1. "4-layer MLP" (Appendix B): three hidden ReLU layers (64 units) and a linear output layer.
+    2. beta(a|s; theta_z): diagonal Gaussian, mean action_scale * tanh(.), log-std in [-5, 0]; states standardised.
+    3. An epoch is ceil(N / B) minibatch steps drawn with replacement; one Adam optimiser through all phases.
+    4. Eq. (5) starts from Q^(0) = 1/K at the first EM epoch (mu = 0: plain EM); the posterior in log space.
+    5. The classifier is trained in the N_E EM epochs only, against Q^(k).
+    6. The rand index is per transition (sklearn at the end, a trajectory contingency table during training).
+    7. Run i uses seed --seed + i; seeds are vmapped and sharded over the visible devices.
+    8. Heuristics off: --momentum 0 (I), --pretrain-epochs 0 (II), --bias-epochs 0 (III).
+    9. --k auto (select_k): the smallest K of 1..--k-max within --k-tolerance of the best held-out likelihood.
 
-Example
-    python empo_cluster.py --dataset data/nav.npz --out runs/nav/cluster.npz --num-seeds 2
-    python empo_cluster.py --dataset data/nav.npz --out runs/auto/cluster.npz --k auto --k-max 5
+Example: python empo_cluster.py --dataset data/nav.npz --out runs/nav/cluster.npz --num-seeds 2
 """
 
 from __future__ import annotations
@@ -85,6 +56,7 @@ from empo_io import (
     cli,
     flatten_params,
     load_dataset,
+    load_npz,
     make_writer,
     resume_checkpoint,
     run,
@@ -164,10 +136,7 @@ PRESETS = {  # Table 4: the didactic column and the D4RL column (Appendix B: hid
 NEUTRAL_FLAGS = ('out', 'resume', 'log_every', 'checkpoint_every', 'preset', 'dataset')
 
 
-# ----------------------------------------------------------------------------------------------
-# Containers
-# ----------------------------------------------------------------------------------------------
-
+# --- containers ---
 @struct.dataclass
 class TrainState:
     policy: Any  # parameters of the K policies, stacked on a leading axis [K, ...]
@@ -185,28 +154,7 @@ class Data:
     episode_ids: jax.Array  # [N_pad] int32; padding rows carry the id E (a dropped segment)
 
 
-@dataclass
-class Inputs:
-    """The data set as main uses it (prepare_inputs): host arrays, the device copy and what is derived from them."""
-
-    data_np: dict  # the validated arrays (load_dataset)
-    sha: str  # the data set's digest
-    data: Data  # on the device, standardised and padded
-    n: int  # transitions
-    num_episodes: int  # trajectories (E)
-    obs_dim: int
-    act_dim: int
-    obs_mean: np.ndarray  # [obs_dim] float32
-    obs_std: np.ndarray
-    action_scale: tuple  # the largest |action| per dimension (interpretation 2)
-    lengths: np.ndarray  # [E] transitions per trajectory
-    labels: np.ndarray  # [N] behaviour of origin (-1: unknown)
-    labels_per_episode: np.ndarray  # [E]
-    has_labels: bool
-    estep_chunk: int  # rows per E-step chunk, at most N
-
-
-# --- shared block: networks (keep identical across stages) ---
+# --- networks ---
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 0.0
 
 
@@ -248,29 +196,7 @@ def gaussian_log_prob(mean, log_std, action):
     return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
 
 
-def observation_stats(name: str, observations):
-    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
-    x = np.asarray(observations, np.float64)
-    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
-        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
-                         f"{np.abs(x).max():.3g})")
-    return mean, std
-
-
-# --- end shared block: networks ---
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses (one function per equation)
-# ----------------------------------------------------------------------------------------------
-
-def policy_log_probs(policy: GaussianPolicy, params, obs, actions):
-    """log beta(a | s; theta_z) for every z: [B, K] from stacked params [K, ...]."""
-    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
-    return gaussian_log_prob(mean, log_std, actions[None]).T  # [B, K]
-
-
+# --- losses (one function per equation) ---
 def e_step_log_posterior(log_probs, episode_ids, num_episodes: int):
     """Eq. (3): log Q_Theta(z|tau) = sum_t log beta(a_t|s_t, z) - logsumexp_z(same), uniform prior.
 
@@ -297,10 +223,13 @@ def classifier_loss(logits, weights):
     return jnp.mean(entropy_term - jnp.sum(weights * log_q, axis=1))  # KL(Q || q)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training functions
-# ----------------------------------------------------------------------------------------------
+def policy_log_probs(policy: GaussianPolicy, params, obs, actions):
+    """log beta(a | s; theta_z) for every z: [B, K] from stacked params [K, ...]."""
+    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
+    return gaussian_log_prob(mean, log_std, actions[None]).T  # [B, K]
 
+
+# --- training functions (lax.scan over the minibatch steps of an epoch) ---
 def make_networks(args: Args, act_dim: int, action_scale: tuple):
     policy = GaussianPolicy(act_dim, action_scale, args.hidden_dim, args.hidden_layers)
     classifier = MLP(args.hidden_dim, args.hidden_layers, args.k)
@@ -383,10 +312,27 @@ def make_em_epoch(args: Args, e_step, m_epoch):
     return em_epoch
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation helpers
-# ----------------------------------------------------------------------------------------------
+def compile_epochs(args: Args, policy, classifier, tx, inp: Inputs, state: TrainState, q, key, data: Data):
+    """The epochs of Algorithm 1 as jitted functions vmapped over seeds, compiled ahead of time so that the compile
+    time is measured and reported on its own: "m" (Eq. 6 against a fixed Q: the N_b and N_p epochs), "em" (Eq. 5,
+    Eq. 6 and the classifier: the N_E epochs) and "e" (Eq. 3 over the data set). Returns (functions, seconds)."""
+    t0 = time.perf_counter()
+    m_epoch_plain = jax.jit(jax.vmap(make_m_epoch(args, policy, classifier, tx, inp.n, False),
+                                     in_axes=(0, 0, 0, None)))
+    e_step = make_e_step(args, policy, inp.num_episodes)
+    m_epoch_with_classifier = make_m_epoch(args, policy, classifier, tx, inp.n, True)
+    em_epoch = jax.jit(jax.vmap(make_em_epoch(args, e_step, m_epoch_with_classifier), in_axes=(0, 0, 0, None)))
+    final_e_step = jax.jit(jax.vmap(e_step, in_axes=(0, None)))
+    compiled = {}
+    if args.bias_epochs + args.pretrain_epochs:
+        compiled["m"] = m_epoch_plain.lower(state, q, key, data).compile()
+    if args.em_epochs:
+        compiled["em"] = em_epoch.lower(state, q, key, data).compile()
+    compiled["e"] = final_e_step.lower(state.policy, data).compile()
+    return compiled, time.perf_counter() - t0
 
+
+# --- evaluation ---
 def rand_indices(labels_per_episode, lengths, assignment_per_episode) -> tuple[float, float]:
     """(rand index, adjusted rand index) over transitions, from the trajectory contingency table.
 
@@ -413,10 +359,33 @@ def entropy(log_p):
     return float(-np.mean(np.sum(np.exp(log_p) * log_p, axis=-1)))
 
 
-# ----------------------------------------------------------------------------------------------
-# Choosing K (--k auto)
-# ----------------------------------------------------------------------------------------------
+def rand_scores(labels, assignments) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's rand index and adjusted rand index [S] of each seed's assignments [S, N] against the labels [N]."""
+    from sklearn.metrics import adjusted_rand_score, rand_score
 
+    return (np.array([rand_score(labels, a) for a in assignments]),
+            np.array([adjusted_rand_score(labels, a) for a in assignments]))
+
+
+def draw_figures(inp: Inputs, state: TrainState, classifier, assignments, seeds, k: int, writer, step: int,
+                 run_dir: str) -> None:
+    """The navigation task's clusters (first seed, clusters.png) and classifier q(z = 0 | s) (classifier.png)."""
+    import nav_env
+
+    trajs, traj_labels = nav_env.episodes_of(inp.data_np, max_per_label=10, labels=assignments[0])
+    image = nav_env.plot_map(trajs, traj_labels, title=f"Clusters (seed {seeds[0]})",
+                             label_names=[f"cluster {z}" for z in range(k)],
+                             path=os.path.join(run_dir, "clusters.png"))
+    writer.add_image("eval/clusters", image, step, dataformats="HWC")
+    grid = nav_env.grid_states(61)
+    classifier_params = jax.tree.map(lambda x: x[0], state.classifier)
+    q_grid = jax.nn.softmax(classifier.apply(classifier_params, (grid - inp.obs_mean) / inp.obs_std), -1)
+    image = nav_env.plot_map(field=np.asarray(q_grid[:, 0]).reshape(61, 61), field_label="q(z=0 | s)",
+                             title="Classifier q(z=0 | s)", path=os.path.join(run_dir, "classifier.png"))
+    writer.add_image("eval/classifier", image, step, dataformats="HWC")
+
+
+# --- choosing K (--k auto) ---
 def split_trajectories(num_episodes: int, holdout: float, seed: int) -> np.ndarray:
     """The held-out trajectory ids, sorted: round(holdout * E) of them (at least 1, at most E - 1), drawn with
     ``seed``. The split is by trajectory, never by row: the held-out score asks whether a mixture of K
@@ -505,7 +474,7 @@ def chosen_runs(folder: str, chosen: int, scores: np.ndarray, empty: np.ndarray)
     for seed in range(scores.shape[1]):
         fits = np.flatnonzero(used[:, seed] == chosen)
         k = int(fits[np.argmax(scores[fits, seed])]) + 1 if len(fits) else chosen
-        run = runs.setdefault(k, dict(np.load(os.path.join(folder, f"k{k}", "cluster.npz"), allow_pickle=False)))
+        run = runs.setdefault(k, load_npz(os.path.join(folder, f"k{k}", "cluster.npz"), "empo/cluster/v1"))
         keep = np.unique(run["posterior"][seed].argmax(-1)) if len(fits) else np.arange(k)
         last = f"classifier/params/Dense_{int(run['arch/hidden_layers'])}/"
         part = {"select_k/source_k": np.int64(k)}
@@ -533,61 +502,22 @@ def select_k(args: Args) -> dict:
     more run)."""
     check_writable(args.out, [args.dataset])
     data_np, data_sha = load_dataset(args.dataset)
-    num_episodes = int(data_np["episode_ids"][-1]) + 1
-    if args.k_max >= num_episodes:  # at least one trajectory is held out, and every K needs K training ones
-        raise InputError(f"--k-max {args.k_max} is larger than the {num_episodes} trajectories of {args.dataset} "
-                         f"less the held-out ones")
-    heldout = split_trajectories(num_episodes, args.k_holdout, args.seed)
-    train = np.setdiff1d(np.arange(num_episodes), heldout)
-    if args.k_max > len(train):
-        raise InputError(f"--k-max {args.k_max} is larger than the {len(train)} training trajectories of "
-                         f"{args.dataset} ({num_episodes} trajectories, {len(heldout)} held out by --k-holdout)")
-    run_dir = os.path.dirname(os.path.abspath(args.out))
-    folder = os.path.join(run_dir, "select_k")
+    train, heldout = split_for_k(args, data_np)
+    folder = os.path.join(os.path.dirname(os.path.abspath(args.out)), "select_k")
     train_path = os.path.join(folder, "train.npz")
     train_data, heldout_data = subset_trajectories(data_np, train), subset_trajectories(data_np, heldout)
     save_npz(train_path, train_data, DATASET_SCHEMA, {"split_of": data_sha, "heldout": heldout.tolist()})
     writer = make_writer(folder, args)
-    scores, train_scores, empty, seconds = [], [], [], []
-    for k in range(1, args.k_max + 1):
-        k_args = Args(**{**asdict(args), "k": k, "dataset": train_path,
-                         "out": os.path.join(folder, f"k{k}", "cluster.npz")})
-        t0 = time.perf_counter()
-        if not (args.resume and finished_run(k_args)):
-            try:
-                main(k_args)
-            except KeyboardInterrupt:  # run() would look for a checkpoint beside --out, where there is none
-                raise InputError(f"interrupted at K = {k}: the finished K's and the checkpoint of K = {k} are in "
-                                 f"{folder}; run the same command with --resume to continue") from None
-        seconds.append(time.perf_counter() - t0)
-        run = dict(np.load(k_args.out, allow_pickle=False))
-        scores.append(heldout_score(trajectory_log_likelihoods(run, heldout_data), run["posterior"],
-                                    len(heldout_data["rewards"])))
-        train_scores.append(heldout_score(trajectory_log_likelihoods(run, train_data), run["posterior"],
-                                          len(train_data["rewards"])))
-        empty.append(np.array([k - len(np.unique(a)) for a in run["posterior"].argmax(-1)]))
-        writer.add_scalar("select_k/heldout_log_likelihood", float(scores[-1].mean()), k)
-        writer.add_scalar("select_k/train_log_likelihood", float(train_scores[-1].mean()), k)
-        writer.add_scalar("select_k/empty_clusters", float(empty[-1].mean()), k)
-        writer.add_scalar("select_k/seconds", seconds[-1], k)
-        for seed, score in zip(run["seeds"], scores[-1]):
-            writer.add_scalar(f"select_k/heldout_log_likelihood_seed/{seed}", float(score), k)
-        print(f"[select_k] K={k}: held-out log-likelihood per transition "
-              + " ".join(f"{x:.4f}" for x in scores[-1]) + f", empty clusters {empty[-1].tolist()}, {seconds[-1]:.0f}s",
-              flush=True)
-    scores, train_scores, empty = np.array(scores), np.array(train_scores), np.array(empty)  # [K_max, S]
+    fits = [fit_k(args, k, folder, train_path, train_data, heldout_data, writer) for k in range(1, args.k_max + 1)]
+    scores, train_scores, empty, seconds = (np.array(x) for x in zip(*fits))  # [K_max, S] (seconds [K_max])
     chosen, per_seed = choose_k(scores, empty, args.k_tolerance)
     print(f"[select_k] K = {chosen} (the seeds pooled as restarts); each seed's own runs would choose "
           f"{per_seed.tolist()}", flush=True)
 
     # The chosen K's clusters: their parameters, with Eq. (3) and Eq. (9) on every trajectory of the data set.
     arrays = chosen_runs(folder, chosen, scores, empty)
-    loglik = trajectory_log_likelihoods(arrays, data_np)  # [S, E, K]
-    peak = loglik.max(-1, keepdims=True)
-    log_post = loglik - peak - np.log(np.exp(loglik - peak).sum(-1, keepdims=True))  # Eq. (3), uniform prior
-    posterior = np.exp(log_post).astype(np.float32)  # [S, E, K]
-    per_trajectory = np.argmax(posterior, -1).astype(np.int32)  # [S, E], Eq. (9)
-    arrays.update({"posterior": posterior, "assignments": per_trajectory[:, data_np["episode_ids"]],
+    posterior, assignments = posterior_on_all(arrays, data_np)
+    arrays.update({"posterior": posterior, "assignments": assignments,
                    "select_k/k": np.arange(1, args.k_max + 1, dtype=np.int64), "select_k/chosen": np.int64(chosen),
                    "select_k/chosen_per_seed": per_seed.astype(np.int64),
                    "select_k/heldout_log_likelihood": scores, "select_k/train_log_likelihood": train_scores,
@@ -595,13 +525,9 @@ def select_k(args: Args) -> dict:
                    "select_k/seconds": np.asarray(seconds), "select_k/heldout_trajectories": heldout.astype(np.int64),
                    "select_k/tolerance": np.float64(args.k_tolerance)})
     summary = {"k": chosen, "chosen_per_seed": per_seed.tolist(), "heldout_log_likelihood": scores.tolist(),
-               "seconds": seconds, "seeds": arrays["seeds"].tolist()}
-    labels = data_np["behaviour"]
-    if np.all(labels >= 0):
-        from sklearn.metrics import adjusted_rand_score, rand_score
-
-        arrays["rand_index"] = np.array([rand_score(labels, a) for a in arrays["assignments"]])
-        arrays["adjusted_rand_index"] = np.array([adjusted_rand_score(labels, a) for a in arrays["assignments"]])
+               "seconds": seconds.tolist(), "seeds": arrays["seeds"].tolist()}
+    if np.all(data_np["behaviour"] >= 0):
+        arrays["rand_index"], arrays["adjusted_rand_index"] = rand_scores(data_np["behaviour"], arrays["assignments"])
         summary.update(rand_index=arrays["rand_index"].tolist(),
                        adjusted_rand_index=arrays["adjusted_rand_index"].tolist())
         print("[select_k] rand index of the chosen run per seed: "
@@ -613,12 +539,68 @@ def select_k(args: Args) -> dict:
     return summary
 
 
+def split_for_k(args: Args, data_np: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The training and the held-out trajectory ids of --k auto (split_trajectories), once the data set is known to
+    leave at least one trajectory held out and --k-max training ones."""
+    num_episodes = int(data_np["episode_ids"][-1]) + 1
+    if args.k_max >= num_episodes:  # at least one trajectory is held out, and every K needs K training ones
+        raise InputError(f"--k-max {args.k_max} is larger than the {num_episodes} trajectories of {args.dataset} "
+                         f"less the held-out ones")
+    heldout = split_trajectories(num_episodes, args.k_holdout, args.seed)
+    train = np.setdiff1d(np.arange(num_episodes), heldout)
+    if args.k_max > len(train):
+        raise InputError(f"--k-max {args.k_max} is larger than the {len(train)} training trajectories of "
+                         f"{args.dataset} ({num_episodes} trajectories, {len(heldout)} held out by --k-holdout)")
+    return train, heldout
+
+
+def fit_k(args: Args, k: int, folder: str, train_path: str, train_data: dict, heldout_data: dict, writer) -> tuple:
+    """Stage 1 with K = k on the training trajectories, in ``folder``/k<k>/ (with --resume, a finished run there is
+    reused), scored on the held-out and on the training trajectories. Returns (held-out score [S], training score
+    [S], clusters left empty [S], seconds)."""
+    k_args = Args(**{**asdict(args), "k": k, "dataset": train_path,
+                     "out": os.path.join(folder, f"k{k}", "cluster.npz")})
+    t0 = time.perf_counter()
+    if not (args.resume and finished_run(k_args)):
+        try:
+            main(k_args)
+        except KeyboardInterrupt:  # run() would look for a checkpoint beside --out, where there is none
+            raise InputError(f"interrupted at K = {k}: the finished K's and the checkpoint of K = {k} are in "
+                             f"{folder}; run the same command with --resume to continue") from None
+    seconds = time.perf_counter() - t0
+    run = load_npz(k_args.out, "empo/cluster/v1")
+    score = heldout_score(trajectory_log_likelihoods(run, heldout_data), run["posterior"], len(heldout_data["rewards"]))
+    train_score = heldout_score(trajectory_log_likelihoods(run, train_data), run["posterior"],
+                                len(train_data["rewards"]))
+    empty = np.array([k - len(np.unique(a)) for a in run["posterior"].argmax(-1)])
+    writer.add_scalar("select_k/heldout_log_likelihood", float(score.mean()), k)
+    writer.add_scalar("select_k/train_log_likelihood", float(train_score.mean()), k)
+    writer.add_scalar("select_k/empty_clusters", float(empty.mean()), k)
+    writer.add_scalar("select_k/seconds", seconds, k)
+    for seed, value in zip(run["seeds"], score):
+        writer.add_scalar(f"select_k/heldout_log_likelihood_seed/{seed}", float(value), k)
+    print(f"[select_k] K={k}: held-out log-likelihood per transition " + " ".join(f"{x:.4f}" for x in score)
+          + f", empty clusters {empty.tolist()}, {seconds:.0f}s", flush=True)
+    return score, train_score, empty, seconds
+
+
+def posterior_on_all(run: dict, data: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. (3) and Eq. (9) on every trajectory of ``data`` with the policies of a run: (posterior [S, E, K] float32,
+    assignments [S, N] int32)."""
+    loglik = trajectory_log_likelihoods(run, data)  # [S, E, K]
+    peak = loglik.max(-1, keepdims=True)
+    log_post = loglik - peak - np.log(np.exp(loglik - peak).sum(-1, keepdims=True))  # Eq. (3), uniform prior
+    posterior = np.exp(log_post).astype(np.float32)  # [S, E, K]
+    per_trajectory = np.argmax(posterior, -1).astype(np.int32)  # [S, E], Eq. (9)
+    return posterior, per_trajectory[:, data["episode_ids"]]
+
+
 def finished_run(args: Args) -> bool:
     """A cluster.npz of this run (the flags that change the result and the training data) is already at args.out."""
     if not os.path.exists(args.out):
         return False
     try:
-        done = np.load(args.out, allow_pickle=False)
+        done = load_npz(args.out, "empo/cluster/v1")
         flags = lambda d: {k: v for k, v in d.items() if k not in NEUTRAL_FLAGS}
         same = flags(json.loads(str(done["args"]))) == flags(json.loads(json.dumps(asdict(args), default=str)))
         return same and json.loads(str(done["inputs"])).get("dataset") == load_dataset(args.dataset)[1]
@@ -626,10 +608,7 @@ def finished_run(args: Args) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
-
+# --- main: the schedule of Algorithm 1 ---
 def validate_args(args: Args) -> None:
     """The flags alone, before anything is read: one sentence for the first one out of range."""
     at_least = dict(k=1, k_max=1, num_seeds=1, batch_size=1, estep_chunk=1, hidden_dim=1, hidden_layers=1,
@@ -648,6 +627,37 @@ def validate_args(args: Args) -> None:
         raise InputError(f"--k-holdout must be in (0, 1), got {args.k_holdout}")
     if not args.k_tolerance >= 0.0:
         raise InputError(f"--k-tolerance must be at least 0, got {args.k_tolerance}")
+
+
+@dataclass
+class Inputs:
+    """The data set as main uses it (prepare_inputs): host arrays, the device copy and what is derived from them."""
+
+    data_np: dict  # the validated arrays (load_dataset)
+    sha: str  # the data set's digest
+    data: Data  # on the device, standardised and padded
+    n: int  # transitions
+    num_episodes: int  # trajectories (E)
+    obs_dim: int
+    act_dim: int
+    obs_mean: np.ndarray  # [obs_dim] float32
+    obs_std: np.ndarray
+    action_scale: tuple  # the largest |action| per dimension (interpretation 2)
+    lengths: np.ndarray  # [E] transitions per trajectory
+    labels: np.ndarray  # [N] behaviour of origin (-1: unknown)
+    labels_per_episode: np.ndarray  # [E]
+    has_labels: bool
+    estep_chunk: int  # rows per E-step chunk, at most N
+
+
+def observation_stats(name: str, observations):
+    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
+    x = np.asarray(observations, np.float64)
+    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
+                         f"{np.abs(x).max():.3g})")
+    return mean, std
 
 
 def prepare_inputs(args: Args) -> Inputs:
@@ -684,9 +694,7 @@ def main(args: Args) -> dict:
     check_writable(args.out, [args.dataset])
     check_writable(checkpoint_path(args.out), [args.dataset])
     inp = prepare_inputs(args)
-    n, num_episodes = inp.n, inp.num_episodes
     run_args = Args(**{**asdict(args), "estep_chunk": inp.estep_chunk})
-
     policy, classifier = make_networks(run_args, inp.act_dim, inp.action_scale)
     init, tx = make_init(run_args, policy, classifier, inp.obs_dim)
     seed_sharding, replicated = seed_shardings(args.num_seeds)
@@ -696,20 +704,14 @@ def main(args: Args) -> dict:
     key_init, key_split, key_train = (jax.device_put(k, seed_sharding)
                                       for k in jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(seed_keys))
 
-    vinit = jax.jit(jax.vmap(init), out_shardings=seed_sharding)
-    m_epoch_plain = jax.jit(jax.vmap(make_m_epoch(run_args, policy, classifier, tx, n, False),
-                                     in_axes=(0, 0, 0, None)))
-    e_step = make_e_step(run_args, policy, num_episodes)
-    m_epoch_with_classifier = make_m_epoch(run_args, policy, classifier, tx, n, True)
-    em_epoch = jax.jit(jax.vmap(make_em_epoch(run_args, e_step, m_epoch_with_classifier), in_axes=(0, 0, 0, None)))
-    final_e_step = jax.jit(jax.vmap(e_step, in_axes=(0, None)))
+    def epoch_keys(epoch: int):  # one key per seed and epoch, so a resumed run draws the same batches
+        return jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, epoch), seed_sharding)
 
-    state = vinit(key_init)
-    q_uniform = jax.device_put(jnp.full((args.num_seeds, num_episodes, args.k), 1.0 / args.k), seed_sharding)
-    z_tau = jax.vmap(lambda k: jax.random.randint(k, (num_episodes,), 0, args.k))(key_split)
+    state = jax.jit(jax.vmap(init), out_shardings=seed_sharding)(key_init)
+    q_uniform = jax.device_put(jnp.full((args.num_seeds, inp.num_episodes, args.k), 1.0 / args.k), seed_sharding)
+    z_tau = jax.vmap(lambda k: jax.random.randint(k, (inp.num_episodes,), 0, args.k))(key_split)
     q_bias = jax.device_put(jax.nn.one_hot(z_tau, args.k), seed_sharding)  # Eq. (8): Q^(-1), a random split
 
-    run_dir = os.path.dirname(os.path.abspath(args.out))
     schedule = ["bias"] * args.bias_epochs + ["pretrain"] * args.pretrain_epochs + ["em"] * args.em_epochs
     total, em_start = len(schedule), args.bias_epochs + args.pretrain_epochs
     # The rand index (and adjusted) after each EM epoch, [S, N_E, 2]: checkpointed with the state.
@@ -718,31 +720,17 @@ def main(args: Args) -> dict:
     ckpt_path, (state, q, history), first = resume_checkpoint(
         args, (state, q_uniform, history), "empo/cluster-checkpoint/v2", identity, total)
     state, q = jax.device_put(state, seed_sharding), jax.device_put(jnp.asarray(q), seed_sharding)
+    run_dir = os.path.dirname(os.path.abspath(args.out))
     writer = make_writer(os.path.join(run_dir, "cluster"), args)
-
-    # Compile ahead of time, so that the compile time is measured and reported on its own.
-    t0 = time.perf_counter()
-    def epoch_keys(epoch: int):  # one key per seed and epoch, so a resumed run draws the same batches
-        return jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, epoch), seed_sharding)
-
-    key0 = epoch_keys(0)
-    compiled = {}
-    if args.bias_epochs + args.pretrain_epochs:
-        compiled["m"] = m_epoch_plain.lower(state, q_uniform, key0, data).compile()
-    if args.em_epochs:
-        compiled["em"] = em_epoch.lower(state, q_uniform, key0, data).compile()
-    compiled["e"] = final_e_step.lower(state.policy, data).compile()
-    compile_s = time.perf_counter() - t0
-    print(f"[cluster] N={n} E={num_episodes} K={args.k} seeds={args.num_seeds} on "
+    compiled, compile_s = compile_epochs(run_args, policy, classifier, tx, inp, state, q_uniform, epoch_keys(0), data)
+    print(f"[cluster] N={inp.n} E={inp.num_episodes} K={args.k} seeds={args.num_seeds} on "
           f"{seed_sharding.mesh.devices.size} device(s); compiled in {compile_s:.1f}s", flush=True)
 
     progress = Progress(total, "cluster", kinds=schedule, first=first)
-    steps_per_epoch = -(-n // args.batch_size)  # minibatch steps of the M-step (and the classifier) per epoch
+    steps_per_epoch = -(-inp.n // args.batch_size)  # minibatch steps of the M-step (and the classifier) per epoch
     t_train = time.perf_counter()
     for epoch in range(first, total):
-        t_epoch = time.perf_counter()
-        phase = schedule[epoch]
-        key = epoch_keys(epoch)
+        t_epoch, phase, key, step = time.perf_counter(), schedule[epoch], epoch_keys(epoch), epoch + 1
         if phase != "em":
             q = q_bias if phase == "bias" else q_uniform  # Eq. (8) / Eq. (7)
             state, metrics = compiled["m"](state, q, key, data)
@@ -750,17 +738,12 @@ def main(args: Args) -> dict:
             if epoch == em_start:
                 q = q_uniform  # Q^(0) = 1/K (Eq. 7) is where the momentum of Eq. (5) starts
             state, q, log_post, loglik, metrics = compiled["em"](state, q, key, data)
-        metrics = jax.device_get(metrics)
-        step = epoch + 1
-        for tag, value in metrics.items():
-            writer.add_scalar(tag, float(np.mean(value)), step)
-        fields = {"phase": phase, "m_loss": float(np.mean(metrics["losses/m_step"]))}
+        fields = log_epoch(writer, phase, metrics, step)
         if phase == "em":
-            fields.update(log_em_epoch(writer, inp, log_post, loglik, history, epoch - em_start, seeds, args.k, step))
+            fields.update(log_em_epoch(writer, inp, log_post, loglik, history[:, epoch - em_start], seeds, step))
         writer.add_scalar("charts/SPS", steps_per_epoch / (time.perf_counter() - t_epoch), step)
-        if (args.checkpoint_every > 0 and (epoch + 1) % args.checkpoint_every == 0) or epoch + 1 == total or (
-                epoch + 1 < total and schedule[epoch + 1] != phase):
-            save_checkpoint(ckpt_path, (state, q, history), epoch + 1, "empo/cluster-checkpoint/v2", identity)
+        if checkpoint_due(schedule, epoch, args.checkpoint_every):
+            save_checkpoint(ckpt_path, (state, q, history), step, "empo/cluster-checkpoint/v2", identity)
         if step % args.log_every == 0 or step == total:
             progress(step, **fields)
     train_s = time.perf_counter() - t_train
@@ -768,37 +751,45 @@ def main(args: Args) -> dict:
     # Algorithm 1, lines 20-22: Q_Theta* (Eq. 3) and the assignments A(s, a) (Eq. 9).
     log_post, _ = jax.device_get(compiled["e"](state.policy, data))
     state = jax.device_get(state)
-    summary, assignments = write_outputs(args, inp, state, log_post, history, seeds,
+    summary, assignments = write_outputs(args, inp, state, log_post, history, seeds, ckpt_path,
                                          {"compile_s": compile_s, "train_s": train_s, "seeds": seeds.tolist()})
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
     if inp.obs_dim == 2:  # the navigation task: draw the clusters and the classifier
         draw_figures(inp, state, classifier, assignments, seeds, args.k, writer, total, run_dir)
     writer.close()
-
-    print(f"[cluster] wrote {args.out}: compile {compile_s:.1f}s, training {train_s:.1f}s")
-    if inp.has_labels:
-        print("[cluster] rand index per seed: " + " ".join(f"{x:.4f}" for x in summary["rand_index"]))
-        print(f"[cluster] rand index {np.mean(summary['rand_index']):.4f} +- {np.std(summary['rand_index']):.4f}, "
-              f"adjusted {np.mean(summary['adjusted_rand_index']):.4f} +- {np.std(summary['adjusted_rand_index']):.4f}")
+    print_summary(args, summary, compile_s, train_s)
     return summary
 
 
-def log_em_epoch(writer, inp: Inputs, log_post, loglik, history, em_epoch: int, seeds, k: int, step: int) -> dict:
+def checkpoint_due(schedule: list, epoch: int, every: int) -> bool:
+    """A checkpoint after the epoch: every ``every`` epochs (0: never by count), at the end of every phase."""
+    done = epoch + 1
+    return (every > 0 and done % every == 0) or done == len(schedule) or schedule[done] != schedule[epoch]
+
+
+def log_epoch(writer, phase: str, metrics, step: int) -> dict:
+    """TensorBoard after an epoch: its mean losses. Returns the progress line's fields."""
+    metrics = jax.device_get(metrics)
+    for tag, value in metrics.items():
+        writer.add_scalar(tag, float(np.mean(value)), step)
+    return {"phase": phase, "m_loss": float(np.mean(metrics["losses/m_step"]))}
+
+
+def log_em_epoch(writer, inp: Inputs, log_post, loglik, history, seeds, step: int) -> dict:
     """TensorBoard after an EM epoch: the posterior's entropy, the mean log-likelihood, the cluster sizes and, with
-    labels, the rand index (recorded in ``history[:, em_epoch]``). Returns the progress line's extra fields."""
+    labels, the rand index (also written into ``history`` [S, 2], this epoch's row). Returns the progress line's
+    extra fields."""
     log_post, loglik = np.asarray(jax.device_get(log_post)), np.asarray(jax.device_get(loglik))
     assign = log_post.argmax(-1)  # [S, E], Eq. (9) under the current parameters
     writer.add_scalar("charts/posterior_entropy", entropy(log_post), step)
     mean_ll = np.take_along_axis(loglik, assign[..., None], -1)[..., 0].sum(-1) / inp.n  # [S]
     writer.add_scalar("charts/mean_log_likelihood", float(mean_ll.mean()), step)
-    for z in range(k):
+    for z in range(log_post.shape[-1]):
         writer.add_scalar(f"charts/cluster_fraction/{z}",
                           float(((assign == z) * inp.lengths).sum() / inp.n / len(seeds)), step)
     if not inp.has_labels:
         return {}
     scores = np.array([rand_indices(inp.labels_per_episode, inp.lengths, a) for a in assign])  # [S, 2]
-    history[:, em_epoch] = scores
+    history[:] = scores
     writer.add_scalar("eval/rand_index", float(scores[:, 0].mean()), step)
     writer.add_scalar("eval/adjusted_rand_index", float(scores[:, 1].mean()), step)
     for i, s in enumerate(scores[:, 0]):
@@ -806,9 +797,11 @@ def log_em_epoch(writer, inp: Inputs, log_post, loglik, history, em_epoch: int, 
     return {"rand_index": float(scores[:, 0].mean())}
 
 
-def write_outputs(args: Args, inp: Inputs, state: TrainState, log_post, history, seeds, summary: dict):
-    """cluster.npz: the parameters, Q_Theta* (Eq. 3), the assignments (Eq. 9), arch/* and the rand indices. Returns
-    the summary with the rand indices added, and the assignments [S, N]."""
+def write_outputs(args: Args, inp: Inputs, state: TrainState, log_post, history, seeds, ckpt_path: str,
+                  summary: dict):
+    """cluster.npz: the parameters, Q_Theta* (Eq. 3), the assignments (Eq. 9), arch/* and the rand indices; then the
+    checkpoint, which the finished run no longer needs, is removed. Returns the summary with the rand indices added,
+    and the assignments [S, N]."""
     posterior = np.exp(np.asarray(log_post)).astype(np.float32)  # [S, E, K]
     assignments = posterior.argmax(-1).astype(np.int32)[:, inp.data_np["episode_ids"]]  # [S, N], Eq. (9)
     arrays = {
@@ -822,34 +815,23 @@ def write_outputs(args: Args, inp: Inputs, state: TrainState, log_post, history,
         "arch/log_std_range": np.asarray([LOG_STD_MIN, LOG_STD_MAX], np.float32),
     }
     if inp.has_labels:
-        from sklearn.metrics import adjusted_rand_score, rand_score
-
-        ri = np.array([rand_score(inp.labels, a) for a in assignments])
-        ari = np.array([adjusted_rand_score(inp.labels, a) for a in assignments])
+        ri, ari = rand_scores(inp.labels, assignments)
         arrays.update(rand_index=ri, adjusted_rand_index=ari)
         if args.em_epochs:
             arrays["rand_index_history"] = history[..., 0]  # [S, N_E]
         summary.update(rand_index=ri.tolist(), adjusted_rand_index=ari.tolist())
     save_npz(args.out, arrays, "empo/cluster/v1", asdict(args), {"dataset": inp.sha})
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
     return summary, assignments
 
 
-def draw_figures(inp: Inputs, state: TrainState, classifier, assignments, seeds, k: int, writer, step: int,
-                 run_dir: str) -> None:
-    """The navigation task's clusters (first seed, clusters.png) and classifier q(z = 0 | s) (classifier.png)."""
-    import nav_env
-
-    trajs, traj_labels = nav_env.episodes_of(inp.data_np, max_per_label=10, labels=assignments[0])
-    image = nav_env.plot_map(trajs, traj_labels, title=f"Clusters (seed {seeds[0]})",
-                             label_names=[f"cluster {z}" for z in range(k)],
-                             path=os.path.join(run_dir, "clusters.png"))
-    writer.add_image("eval/clusters", image, step, dataformats="HWC")
-    grid = nav_env.grid_states(61)
-    classifier_params = jax.tree.map(lambda x: x[0], state.classifier)
-    q_grid = jax.nn.softmax(classifier.apply(classifier_params, (grid - inp.obs_mean) / inp.obs_std), -1)
-    image = nav_env.plot_map(field=np.asarray(q_grid[:, 0]).reshape(61, 61), field_label="q(z=0 | s)",
-                             title="Classifier q(z=0 | s)", path=os.path.join(run_dir, "classifier.png"))
-    writer.add_image("eval/classifier", image, step, dataformats="HWC")
+def print_summary(args: Args, summary: dict, compile_s: float, train_s: float) -> None:
+    print(f"[cluster] wrote {args.out}: compile {compile_s:.1f}s, training {train_s:.1f}s")
+    if "rand_index" in summary:
+        print("[cluster] rand index per seed: " + " ".join(f"{x:.4f}" for x in summary["rand_index"]))
+        print(f"[cluster] rand index {np.mean(summary['rand_index']):.4f} +- {np.std(summary['rand_index']):.4f}, "
+              f"adjusted {np.mean(summary['adjusted_rand_index']):.4f} +- {np.std(summary['adjusted_rand_index']):.4f}")
 
 
 if __name__ == "__main__":
