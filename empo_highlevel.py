@@ -1,16 +1,10 @@
-"""Stage 3 of EMPO: a high-level policy over the clusters by implicit Q-learning, the ID(s) filter, evaluation.
+"""Stage 3 of EMPO: high-level IQL over the clusters, the ID(s) filter, the final policy pi and its evaluation.
 
-Paper: §3.3 (high-level IQL, the classifier, ID(s), pi_H), Table 4 (n_H, N_H, tau, b, n-step), Appendix C.
-
-Input   a data set (``--dataset``, as stages 1 and 2), ``--cluster cluster.npz`` (schema empo/cluster/v1:
-        the classifier q(z|s; phi) and the assignments A(s, a)) and ``--ppo ppo.npz`` (schema empo/ppo/v1:
-        the improved policies pi_L(.|s, z; Theta')), made from that data set and that cluster file
-        (their sha256 are checked).
-Output  ``highlevel.npz`` (schema empo/highlevel/v1), figures and TensorBoard logs in ``<out folder>/highlevel``:
-        qh/params/... [S, ...] Q_H(s; psi_H) -> R^K, vh/params/... [S, ...] V_H(s; phi_H) -> R (both in
-        units of arch/value_scale), copies of the run's pi/params/... [S, K, ...] and classifier/params/...
-        [S, ...], so that the file holds the whole final policy pi, seeds, ppo_run and cluster_run [S],
-        arch/*, eval/* (rollouts of pi on the navigation task), plus args, producer and inputs.
+Paper   §3.3 (high-level IQL, the classifier, ID(s), pi_H), Table 4 (n_H, N_H, tau, b, n-step), Appendix C.
+Input   --dataset (as stages 1 and 2), --cluster cluster.npz (empo/cluster/v1) and --ppo ppo.npz (empo/ppo/v1), made
+        from that data set and that cluster file (their sha256 are checked).
+Output  --out highlevel.npz (empo/highlevel/v1, keys in docs/schemas.md): Q_H, V_H and copies of the runs' pi_L and
+        classifier (the whole final policy pi), eval/*; figures and TensorBoard logs in <out folder>/highlevel.
 
 Equation map (the equations of §3.3 carry no numbers in the paper)
     l_H^(Q) = [Q_H(s, A(s,a); psi_H) - y]^2, y the n-step target    -> n_step_returns, n_step_target, qh_loss
@@ -20,51 +14,22 @@ Equation map (the equations of §3.3 carry no numbers in the paper)
     pi_H(s; psi_H) = argmax_{z in ID(s)} Q_H(s, z; psi_H)             -> high_level_action
     pi(.|s) = pi_L(.|s, pi_H(s; psi_H); Theta')                      -> choose_cluster, final_action
 
-Interpretations and deviations
-    1. Networks: the stage-1 architecture (hidden layers and width from cluster.npz) on the standardised
-       state. The high-level action z is discrete, so Q_H(s; psi_H) -> R^K has one linear head per
-       cluster and Q_H(s, z) = Q_H(s)^T e_z. The paper writes V_H(s, z; phi_H) once in the text but
-       V_H(s') and V_H(s) in both losses; IQL's value is a function of the state alone (an expectile of
-       Q over the data's actions at s), so V_H(s; phi_H) -> R is a scalar.
-    2. Value scale: rewards are divided by c = arch/value_scale of ppo.npz (stage 2's std of the
-       Monte-Carlo returns over the data set), so that targets are O(1) for Adam; Q_H and V_H are
-       stored in these units and every logged value is multiplied back into reward units (the losses
-       are logged as trained, in units of c^2).
-    3. The n-step target (n = 3, "n-step return", Table 4): y = sum_{j<m} gamma^j r_{t+j} +
-       gamma^m V_H(s_{t+m}) with m = min(n, rows left in the trajectory from t). The bootstrap term is
-       dropped when the trajectory ends in a terminal within those m rows; after a timeout it uses V_H
-       at the last row's next_observation. The sums, discounts and bootstrap states are computed once
-       per row before training (NumPy, vectorised). A(s, a) is constant along a trajectory, so the m
-       rows all belong to the cluster z the target is credited to. V_H in the target is the current
-       phi_H, held fixed (stop_gradient), as in IQL: there is no target network for V_H.
-    4. The target network psi_bar_H starts equal to psi_H and is replaced by a full copy of psi_H every
-       n_H = 500 steps (the paper gives no rate, only "updated every n_H steps"); it is used only in
-       l_H^(V), as IQL does.
-    5. "Updated simultaneously": both gradients are taken at the parameters before the step, then both
-       Adam steps are applied (IQL's reference code updates V first and Q with the new V). Minibatches of
-       B = 256 rows are drawn uniformly with replacement; one Adam optimiser per network, lr 3e-4.
-    6. L_2^tau(u) = |tau - 1(u < 0)| u^2 (tau u^2 for u >= 0, (1 - tau) u^2 otherwise), tau = 0.9.
-    7. q(z|s; phi) is the softmax of the stage-1 classifier's logits. The paper asks b > 0; b >= 1 is required
-       here, so that ID(s) always holds argmax_z q(z|s) and pi_H is always defined (below 1 it can be empty).
-       Q_H of the clusters outside ID(s) is masked with -inf; ties go to the lowest z. pi_H is chosen afresh at
-       every step.
-    8. The final policy executes the mean action of pi_L(.|s, pi_H(s); Theta') (deterministic, as the
-       stage-2 evaluation); --sample draws from the Gaussian instead. The environment clips actions.
-       Q_H is learned from the data, i.e. it values the clusters' behaviour beta_z for n steps, while pi
-       executes the improved pi_L, as the paper does.
-    9. Runs: run i uses seed --seed + i, ppo run --first-run + i of ppo.npz (run 0 for all when it holds one) and the
-       classifier and assignments of that ppo run's clustering run (its cluster_run). Runs are vmapped
-       and sharded over the visible devices.
-    10. Evaluation (navigation task only, never used for selection): --eval-episodes rollouts of pi per
-        run from s_0 (the paper's Appendix C: 10 seeds x 10 rollouts); "optimal route" is reaching g
-        without ever entering S_p.
+Interpretations and deviations (item N is discussed under the same number in docs/empo_highlevel.md)
+    1. Q_H(s; psi_H) -> R^K (a linear head per cluster), V_H(s; phi_H) -> R; stage 1's layers on the standardised s.
+    2. Rewards are divided by c = arch/value_scale of ppo.npz; Q_H and V_H are stored in units of c.
+    3. n-step target over m = min(n, rows left) rows, none past a terminal; V_H(s_{t+m}) is the current phi_H.
+    4. psi_bar_H starts as psi_H and is replaced by a full copy every n_H steps; only l_H^(V) uses it.
+    5. "Simultaneously": both gradients at the parameters before the step; B rows uniform with replacement.
+    6. L_2^tau(u) = |tau - 1(u < 0)| u^2.
+    7. q(z|s; phi) = softmax of the classifier's logits; b >= 1, so ID(s) is never empty; ties go to the lowest z.
+    8. pi executes the mean action of pi_L(.|s, pi_H(s)) (--sample: draws); Q_H values beta_z, pi executes pi_L.
+    9. Run i: seed --seed + i, ppo run --first-run + i of ppo.npz (run 0 when it holds one) and its cluster_run.
+    10. Evaluation (never used for selection): --eval-episodes rollouts of pi per run, from s_0 on the nav task.
 
 Example
     python empo_highlevel.py --dataset data/nav.npz --cluster runs/nav/cluster.npz --ppo runs/nav/ppo.npz \\
         --out runs/nav/highlevel.npz
 """
-
-from __future__ import annotations
 
 import json
 import os
@@ -106,7 +71,6 @@ from empo_io import (
 @dataclass
 class Args:
     """Stage 3 of EMPO: high-level IQL over the clusters, the ID(s) filter and the final policy (§3.3)."""
-
     # --- experiment ---
     preset: Literal["nav", "d4rl"] = "nav"
     """the defaults of every other flag: 'nav' = Table 4's didactic column (the navigation task), 'd4rl' = its D4RL
@@ -167,23 +131,7 @@ class Args:
     """IQL steps per jitted call: one log line and one checkpoint each"""
 
 
-PRESETS = {  # Table 4: the didactic column and the D4RL column
-    "nav": Args(),
-    "d4rl": Args(preset="d4rl", dataset="data/d4rl/halfcheetah_medium-v2.hdf5,data/d4rl/halfcheetah_expert-v2.hdf5",
-                 cluster="runs/halfcheetah-medium-expert/cluster.npz", ppo="runs/halfcheetah-medium-expert/ppo.npz",
-                 out="runs/halfcheetah-medium-expert/highlevel.npz", gamma=0.99, expectile=0.7),
-}
-
-# Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood
-# for by their sha256, so that moved files still resume).
-NEUTRAL_FLAGS = ('out', 'resume', 'preset', 'eval_episodes', 'eval_env', 'sample', 'ref_min_score',
-                 'ref_max_score', 'dataset', 'cluster', 'ppo')
-
-
-# ----------------------------------------------------------------------------------------------
-# Containers
-# ----------------------------------------------------------------------------------------------
-
+# --- containers ---
 @struct.dataclass
 class TrainState:
     qh: Any  # Q_H(s; psi_H) -> R^K
@@ -197,7 +145,6 @@ class TrainState:
 @struct.dataclass
 class Data:
     """The data set on the device (shared by all runs): each row's n-step target pieces."""
-
     obs: jax.Array  # [N, obs_dim], standardised
     reward_sum: jax.Array  # [N] sum_{j<m} gamma^j r_{t+j}, divided by the value scale
     discount: jax.Array  # [N] gamma^m, or 0 when the trajectory terminates within the m rows
@@ -207,13 +154,12 @@ class Data:
 @struct.dataclass
 class RunParams:
     """What the final policy pi of one run needs (a leading seed axis when vmapped)."""
-
     classifier: Any  # q(z|s; phi), logits
     qh: Any  # Q_H(s; psi_H)
     pi: Any  # pi_L(.|s, z; Theta'), stacked [K, ...]
 
 
-# --- shared block: networks (keep identical across stages) ---
+# --- networks ---
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 0.0
 
 
@@ -249,46 +195,7 @@ class GaussianPolicy(nn.Module):
         return mean, log_std
 
 
-def stacked_apply(policy, params, obs, z):
-    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
-    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
-    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
-    return pick(mean), pick(log_std)
-
-
-def check_arch(name: str, arrays: dict) -> None:
-    """The arch/* entries of a handoff file rebuild a network: sizes at least 1, scales positive."""
-    for key in ("arch/k", "arch/hidden_dim", "arch/hidden_layers"):
-        if key in arrays and int(arrays[key]) < 1:
-            raise InputError(f"{name}: '{key}' must be at least 1, got {int(arrays[key])}")
-    for key in ("arch/obs_std", "arch/action_scale", "arch/value_scale"):
-        if key in arrays and not np.all(arrays[key] > 0):
-            raise InputError(f"{name}: '{key}' must be positive, got {arrays[key]}")
-
-
-def param_shapes(net, in_dim: int):
-    """The parameters of ``net`` on inputs of ``in_dim`` features, as shapes only (nothing is computed)."""
-    return jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, in_dim), jnp.float32))["params"]
-
-
-def check_param_shapes(name: str, arrays: dict, prefix: str, template, lead: int) -> None:
-    """The parameters under ``prefix`` have, after ``lead`` leading axes (seeds, clusters), the shapes of
-    ``template`` (one network built from the file's arch/* entries)."""
-    want = {f"{prefix}/{k}": tuple(v.shape) for k, v in traverse_util.flatten_dict(template, sep="/").items()}
-    have = {k: a.shape[lead:] for k, a in arrays.items() if k.startswith(prefix + "/")}
-    for key in sorted(set(want) | set(have)):
-        if key not in have:
-            raise InputError(f"{name} has no key '{key}', which its arch/* entries call for")
-        if key not in want or have[key] != want[key]:
-            raise InputError(f"{name}: '{key}' has shape {have[key]} per run, but its arch/* entries give "
-                             f"{want.get(key, 'no such parameter')}")
-# --- end shared block: networks ---
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses and the high-level policy (§3.3)
-# ----------------------------------------------------------------------------------------------
-
+# --- losses and the high-level policy (§3.3; one function per equation) ---
 def n_step_returns(rewards, next_obs, terminals, episode_ids, gamma: float, n: int):
     """§3.3 n-step return, per row t: (sum_{j<m} gamma^j r_{t+j}, gamma^m or 0, s_{t+m}).
 
@@ -352,6 +259,13 @@ def choose_cluster(nets: dict, run: RunParams, obs, b: float):
     return high_level_action(nets["qh"].apply(run.qh, obs), q_probs, b)  # [B]
 
 
+def stacked_apply(policy, params, obs, z):
+    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
+    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
+    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
+    return pick(mean), pick(log_std)
+
+
 def final_action(nets: dict, run: RunParams, obs, key, b: float, sample: bool):
     """§3.3: a ~ pi(.|s) = pi_L(.|s, pi_H(s; psi_H); Theta') at standardised obs [B, obs_dim].
 
@@ -364,10 +278,7 @@ def final_action(nets: dict, run: RunParams, obs, key, b: float, sample: bool):
     return mean, z  # §3.3 pi
 
 
-# ----------------------------------------------------------------------------------------------
-# Training functions
-# ----------------------------------------------------------------------------------------------
-
+# --- training factories (lax.scan inside jit) ---
 def make_networks(hidden_dim: int, hidden_layers: int, k: int, act_dim: int, action_scale: tuple) -> dict:
     return {
         "classifier": MLP(hidden_dim, hidden_layers, k),  # q(z|s; phi), logits (stage 1)
@@ -432,9 +343,187 @@ def make_train_chunk(args: Args, nets: dict, tx, num_rows: int):
     return chunk
 
 
-# ----------------------------------------------------------------------------------------------
-# Inputs, evaluation and checkpoints
-# ----------------------------------------------------------------------------------------------
+# --- evaluation (never used for selection) ---
+def make_evaluate(nets: dict, obs_mean, obs_std, b: float, episodes: int, sample: bool):
+    """Rollouts of the final policy pi from s_0 (nav_env.rollout), vmapped over runs, with the cluster pi_H chose at
+    every step (-1 after the episode's end)."""
+    import nav_env
+
+    def evaluate(run: RunParams, key):
+        act = lambda key_t, pos: final_action(nets, run, (pos - obs_mean) / obs_std, key_t, b, sample)[0]
+        out = nav_env.rollout(key, act, episodes)
+        z = jax.lax.map(lambda pos: choose_cluster(nets, run, (pos - obs_mean) / obs_std, b),
+                        out["positions"][:, :-1])  # [E, T], one episode at a time (bounds the memory)
+        chosen = jnp.where(out["alive"], z, -1)  # [E, T]
+        return {name: out[name] for name in ("return", "goal", "penalty_steps", "optimal_route", "positions",
+                                             "length")} | {"chosen": chosen}
+
+    return jax.jit(jax.vmap(evaluate))
+
+
+def evaluate_final_policy(args: Args, nets, obs_mean, obs_std, run: RunParams, key_eval, writer, seeds):
+    """Rollouts of pi per run on the navigation task, a table and TensorBoard scalars; returns (eval/* arrays,
+    summary, the rollouts the figures show)."""
+    import nav_env
+
+    k = nets["qh"].out_dim
+    # Both protocols of Appendix C from the same start states: eval/* with the mean action of pi_L, eval/sampled_*
+    # with actions drawn from pi_L(.|s, pi_H(s)) (the paper's); --sample only picks the rollouts the figures show.
+    outs, arrays, summaries = {}, {}, {}
+    for sample in (False, True):
+        evaluate = make_evaluate(nets, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.b, args.eval_episodes,
+                                 sample)
+        out = {name: np.asarray(x) for name, x in jax.device_get(evaluate(run, key_eval)).items()}  # [S, E, ...]
+        cluster_steps = np.stack([(out["chosen"] == z).sum(-1) for z in range(k)], -1)  # [S, E, K]
+
+        def share(runs, cluster_steps=cluster_steps) -> tuple[dict, str]:  # the share of steps per cluster
+            steps_per_z = cluster_steps[runs].reshape(-1, k).sum(0)  # [K]
+            fractions = (steps_per_z / max(steps_per_z.sum(), 1)).tolist()
+            return {"cluster_share": fractions}, "z: " + " ".join(f"{x:.2f}" for x in fractions)
+
+        prefix = "sampled_" if sample else ""
+        part, part_summary = nav_env.report_rollouts(
+            out, seeds, f"[highlevel] final policy pi ({'sampled' if sample else 'mean'} actions), "
+                        f"{args.eval_episodes} rollouts per run (last column: share of steps per cluster):", share,
+            prefix=prefix)
+        part[f"eval/{prefix}cluster_steps"] = cluster_steps
+        arrays.update(part)
+        outs[sample], summaries[sample] = out, part_summary
+    summary = {**summaries[False], "sampled": summaries[True]}
+    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
+        writer.add_scalar(f"eval/{name}", summary[name], args.steps)
+        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
+    return arrays, summary, outs[args.sample]
+
+
+def evaluate_final_policy_gym(args: Args, nets, obs_mean, obs_std, run: RunParams, env: dict, key_eval, writer,
+                              seeds):
+    """Episodes of pi per run in the data set's Gymnasium environment, all S x E at once in one vector env:
+    returns, normalised scores, the share of steps per cluster, TensorBoard scalars and a table."""
+    shape, k = (len(seeds), args.eval_episodes), nets["qh"].out_dim
+
+    @jax.jit
+    def act(obs, t):  # obs [S*E, obs_dim] at step t -> (actions [S*E, act_dim], pi_H's clusters [S*E])
+        obs = ((obs - obs_mean) / obs_std).reshape(shape + obs.shape[-1:])  # [S, E, obs_dim]
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_eval, t)  # [S]
+        actions, chosen = jax.vmap(lambda r, o, key: final_action(nets, r, o, key, args.b, args.sample))(
+            run, obs, keys)  # [S, E, act_dim], [S, E]
+        return actions.reshape(-1, actions.shape[-1]), chosen.reshape(-1)
+
+    chosen = []  # pi_H(s_t) of every episode at every step, masked by the episode lengths below
+
+    def policy(obs):
+        actions, z = act(obs, len(chosen))
+        chosen.append(np.asarray(z))
+        return actions
+
+    out = gym_eval.gym_evaluate(env, policy, shape, args.seed)
+    chosen = np.stack(chosen)  # [T, S*E]
+    alive = np.arange(len(chosen))[:, None] < out["length"].reshape(-1)[None]  # [T, S*E]
+    steps = np.stack([((chosen == z) & alive).sum(0) for z in range(k)], -1)  # [S*E, K]
+    out["cluster_steps"] = steps.reshape(shape + (k,))
+    share = (steps.sum(0) / max(steps.sum(), 1)).tolist()
+    summary = {"return_mean": float(out["return"].mean()), "return_std": float(out["return"].std()),
+               "cluster_share": share}
+    lines = [f"[highlevel] final policy pi ({'sampled' if args.sample else 'mean'} actions) in {env['env_id']}, "
+             f"{args.eval_episodes} episodes per run:"]
+    lines += [f"  seed {seed}: {gym_eval.describe_episodes(out, i)}" for i, seed in enumerate(seeds)]
+    writer.add_scalar("eval/return_mean", summary["return_mean"], args.steps)
+    if "normalized_score" in out:
+        summary["normalized_score_mean"] = float(out["normalized_score"].mean())
+        summary["normalized_score_std"] = float(out["normalized_score"].std())
+        writer.add_scalar("eval/normalized_score", summary["normalized_score_mean"], args.steps)
+        lines.append(f"  all: normalised score {summary['normalized_score_mean']:.1f} +- "
+                     f"{summary['normalized_score_std']:.1f} (std of seed means "
+                     f"{out['normalized_score'].mean(1).std():.1f})")
+    lines.append("  share of steps per cluster: " + " ".join(f"z={z} {x:.2f}" for z, x in enumerate(share)))
+    print("\n".join(lines))
+    return {f"eval/{name}": x for name, x in out.items()}, summary
+
+
+# --- the command line: presets, inputs, outputs, figures, the schedule ---
+PRESETS = {  # Table 4: the didactic column and the D4RL column
+    "nav": Args(),
+    "d4rl": Args(preset="d4rl", dataset="data/d4rl/halfcheetah_medium-v2.hdf5,data/d4rl/halfcheetah_expert-v2.hdf5",
+                 cluster="runs/halfcheetah-medium-expert/cluster.npz", ppo="runs/halfcheetah-medium-expert/ppo.npz",
+                 out="runs/halfcheetah-medium-expert/highlevel.npz", gamma=0.99, expectile=0.7),
+}
+
+# Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood
+# for by their sha256, so that moved files still resume).
+NEUTRAL_FLAGS = ('out', 'resume', 'preset', 'eval_episodes', 'eval_env', 'sample', 'ref_min_score',
+                 'ref_max_score', 'dataset', 'cluster', 'ppo')
+CHECKPOINT_SCHEMA = "empo/highlevel-checkpoint/v2"
+
+
+def validate_args(args: Args) -> None:
+    """The flags alone, before anything is read: one sentence for the first one out of range."""
+    at_least = dict(num_seeds=1, batch_size=1, steps_per_call=1, target_every=1, n_step=1, steps=0, eval_episodes=0,
+                    first_run=0)
+    check_flags(args, at_least)
+    if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.expectile < 1.0:
+        raise InputError("need 0 <= --gamma <= 1 and 0 < --expectile < 1")
+    if not args.b >= 1:  # below 1, ID(s) would not hold argmax_z q(z|s), and could be empty
+        raise InputError(f"--b must be at least 1 (ID(s) keeps z with q(z|s) >= max q / b), got {args.b}")
+    if not args.learning_rate > 0:
+        raise InputError(f"--learning-rate must be positive, got {args.learning_rate}")
+
+
+@dataclass
+class Inputs:
+    """What main takes from the three inputs (load_inputs), all read and cross-checked before any training."""
+    data: Data  # every row's n-step target pieces (interpretation 3), standardised
+    run: RunParams  # [S, ...] each run's classifier and pi_L; qh is None until Q_H is trained
+    assign: np.ndarray  # [S, N] int32, A(s, a) of each run's clustering run
+    entries: dict  # the entries of highlevel.npz known before training: ppo_run, cluster_run [S], arch/*
+    shas: dict  # sha256 of the data set, cluster.npz and ppo.npz as read
+    env: Optional[dict]  # where pi is evaluated (gym_eval.evaluation_env), None for nowhere
+
+
+def load_inputs(args: Args) -> Inputs:
+    """Check that --out can be written; read and cross-check the data set, cluster.npz and ppo.npz; decide where pi is
+    evaluated (before training, not after it); pick each run's ppo and clustering runs (interpretation 9); compute
+    the n-step target pieces once for all runs (interpretation 3)."""
+    for path in (args.out, checkpoint_path(args.out)):
+        check_writable(path, [args.dataset, args.cluster, args.ppo])
+    data_np, data_sha = load_dataset(args.dataset)
+    n = len(data_np["rewards"])
+    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
+    cluster, cluster_sizes, cluster_sha = load_cluster(args.cluster, data_sha, dict(N=n, obs_dim=obs_dim,
+                                                                                    act_dim=act_dim))
+    ppo, ppo_sizes, ppo_sha = load_ppo(args.ppo, data_sha, args.cluster, cluster_sha, cluster_sizes, cluster)
+    env = None
+    if args.eval_episodes > 0:
+        env = gym_eval.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score, args.eval_env)
+    k, ppo_seeds = ppo_sizes["K"], ppo_sizes["S"]
+    check_fits(f"--eval-episodes {args.eval_episodes}", 2 * args.num_seeds * args.eval_episodes * 1001 * 2 * 4)  # paths
+    if ppo_seeds != 1 and args.first_run + args.num_seeds > ppo_seeds:
+        raise InputError(f"--first-run {args.first_run} plus --num-seeds {args.num_seeds} is more than the "
+                         f"{ppo_seeds} runs in {args.ppo}")
+    ppo_run = args.first_run + np.arange(args.num_seeds) if ppo_seeds > 1 else np.zeros(args.num_seeds, int)
+    cluster_run = ppo["cluster_run"][ppo_run]
+    obs_mean, obs_std = cluster["arch/obs_mean"], cluster["arch/obs_std"]
+    value_scale = float(ppo["arch/value_scale"])  # c (interpretation 2)
+    reward_sum, discount, bootstrap_obs = n_step_returns(
+        data_np["rewards"], data_np["next_observations"], data_np["terminals"], data_np["episode_ids"], args.gamma,
+        args.n_step)
+    norm = lambda x: jnp.asarray((x - obs_mean) / obs_std)
+    data = Data(obs=norm(data_np["observations"]), reward_sum=jnp.asarray(reward_sum / value_scale),
+                discount=jnp.asarray(discount), bootstrap_obs=norm(bootstrap_obs))
+    pick = lambda prefix, arrays, runs: jax.tree.map(lambda x: jnp.asarray(x[runs]), unflatten_params(prefix, arrays))
+    run = RunParams(classifier={"params": pick("classifier/params", cluster, cluster_run)}, qh=None,
+                    pi={"params": pick("pi/params", ppo, ppo_run)})
+    entries = {
+        "ppo_run": ppo_run.astype(np.int64), "cluster_run": cluster_run.astype(np.int64),
+        "arch/k": np.int64(k), "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
+        "arch/hidden_dim": np.int64(cluster["arch/hidden_dim"]),
+        "arch/hidden_layers": np.int64(cluster["arch/hidden_layers"]),
+        "arch/obs_mean": obs_mean, "arch/obs_std": obs_std, "arch/action_scale": ppo["arch/action_scale"],
+        "arch/value_scale": np.float32(value_scale), "arch/gamma": np.float32(args.gamma), "arch/b": np.float32(args.b),
+    }
+    return Inputs(data=data, run=run, assign=cluster["assignments"][cluster_run], entries=entries,
+                  shas={"dataset": data_sha, "cluster": cluster_sha, "ppo": ppo_sha}, env=env)
+
 
 def made_from(arrays: dict, name: str):
     """The sha256 recorded under ``name`` in a file's inputs JSON (None when absent or unreadable)."""
@@ -499,23 +588,78 @@ def load_ppo(path: str, data_sha: str, cluster_path: str, cluster_sha: str, clus
     return arrays, sizes, digest
 
 
-def make_evaluate(nets: dict, obs_mean, obs_std, b: float, episodes: int, sample: bool):
-    """Rollouts of the final policy pi from s_0 (nav_env.rollout), vmapped over runs.
+def check_arch(name: str, arrays: dict) -> None:
+    """The arch/* entries of a handoff file rebuild a network: sizes at least 1, scales positive."""
+    for key in ("arch/k", "arch/hidden_dim", "arch/hidden_layers"):
+        if key in arrays and int(arrays[key]) < 1:
+            raise InputError(f"{name}: '{key}' must be at least 1, got {int(arrays[key])}")
+    for key in ("arch/obs_std", "arch/action_scale", "arch/value_scale"):
+        if key in arrays and not np.all(arrays[key] > 0):
+            raise InputError(f"{name}: '{key}' must be positive, got {arrays[key]}")
 
-    Also returns the cluster pi_H chose at every step (-1 after the episode's end).
-    """
+
+def param_shapes(net, in_dim: int):
+    """The parameters of ``net`` on inputs of ``in_dim`` features, as shapes only (nothing is computed)."""
+    return jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, in_dim), jnp.float32))["params"]
+
+
+def check_param_shapes(name: str, arrays: dict, prefix: str, template, lead: int) -> None:
+    """The parameters under ``prefix`` have, after ``lead`` leading axes (seeds, clusters), the shapes of
+    ``template`` (one network built from the file's arch/* entries)."""
+    want = {f"{prefix}/{k}": tuple(v.shape) for k, v in traverse_util.flatten_dict(template, sep="/").items()}
+    have = {k: a.shape[lead:] for k, a in arrays.items() if k.startswith(prefix + "/")}
+    for key in sorted(set(want) | set(have)):
+        if key not in have:
+            raise InputError(f"{name} has no key '{key}', which its arch/* entries call for")
+        if key not in want or have[key] != want[key]:
+            raise InputError(f"{name}: '{key}' has shape {have[key]} per run, but its arch/* entries give "
+                             f"{want.get(key, 'no such parameter')}")
+
+
+def write_outputs(args: Args, state: TrainState, run: RunParams, seeds, inp: Inputs, arrays_eval: dict,
+                  ckpt_path: str) -> None:
+    """highlevel.npz (schema empo/highlevel/v1): Q_H, V_H, copies of pi_L and the classifier (the whole final policy
+    pi of every run), seeds, the runs used, arch/* and the evaluation; then the checkpoint goes."""
+    arrays = {
+        **flatten_params("qh/params", state.qh["params"]), **flatten_params("vh/params", state.vh["params"]),
+        **flatten_params("pi/params", run.pi["params"]),
+        **flatten_params("classifier/params", run.classifier["params"]),
+        "seeds": seeds.astype(np.int64), **inp.entries, **arrays_eval,
+    }
+    save_npz(args.out, arrays, "empo/highlevel/v1", asdict(args), inp.shas)
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+
+
+def draw_figures(args: Args, nets, entries: dict, run: RunParams, vh, out: dict, writer, run_dir: str,
+                 seeds) -> None:
+    """The rollouts of run 0 cut by the cluster pi_H ran, every run's rollouts, and maps of pi_H, |ID(s)| and V_H
+    over S (navigation task): PNG files beside --out and TensorBoard images."""
     import nav_env
 
-    def evaluate(run: RunParams, key):
-        act = lambda key_t, pos: final_action(nets, run, (pos - obs_mean) / obs_std, key_t, b, sample)[0]
-        out = nav_env.rollout(key, act, episodes)
-        z = jax.lax.map(lambda pos: choose_cluster(nets, run, (pos - obs_mean) / obs_std, b),
-                        out["positions"][:, :-1])  # [E, T], one episode at a time (bounds the memory)
-        chosen = jnp.where(out["alive"], z, -1)  # [E, T]
-        return {name: out[name] for name in ("return", "goal", "penalty_steps", "optimal_route", "positions",
-                                             "length")} | {"chosen": chosen}
-
-    return jax.jit(jax.vmap(evaluate))
+    k, value_scale = nets["qh"].out_dim, float(entries["arch/value_scale"])
+    names = [f"z = {z}" for z in range(k)]
+    trajs, labels = cluster_segments(out["positions"][0], out["chosen"][0], out["length"][0])
+    images = {"rollouts": nav_env.plot_map(trajs, labels, label_names=names,
+                                           title=f"Final policy pi (seed {seeds[0]}), coloured by pi_H(s)",
+                                           path=os.path.join(run_dir, "highlevel_rollouts.png"))}
+    if len(seeds) > 1:
+        images["rollouts_runs"] = nav_env.plot_runs(out, seeds, "Final policy pi, every run",
+                                                    os.path.join(run_dir, "highlevel_rollouts_runs.png"))
+    grid = jnp.asarray((nav_env.grid_states(61) - entries["arch/obs_mean"]) / entries["arch/obs_std"])
+    run0 = jax.tree.map(lambda x: x[0], jax.device_get(run))
+    q_probs = jax.nn.softmax(nets["classifier"].apply(run0.classifier, grid), -1)  # [G*G, K]
+    fields = {
+        "pi_h": (choose_cluster(nets, run0, grid, args.b), "pi_H(s): the chosen cluster"),
+        "id": (in_distribution(q_probs, args.b).sum(-1), f"|ID(s)|: clusters in distribution (b = {args.b:g})"),
+        "v_h": (nets["vh"].apply(jax.tree.map(lambda x: x[0], vh), grid)[:, 0] * value_scale, "V_H(s)"),
+    }
+    for name, (field, label) in fields.items():
+        images[name] = nav_env.plot_map(field=np.asarray(field, np.float32).reshape(61, 61), field_label=label,
+                                        title=f"{label} (seed {seeds[0]})",
+                                        path=os.path.join(run_dir, f"highlevel_{name}.png"))
+    for name, image in images.items():
+        writer.add_image(f"eval/{name}", image, args.steps, dataformats="HWC")
 
 
 def cluster_segments(positions, chosen, lengths) -> tuple[list, list]:
@@ -530,66 +674,20 @@ def cluster_segments(positions, chosen, lengths) -> tuple[list, list]:
     return trajs, labels
 
 
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
-
-def validate_args(args: Args) -> None:
-    """The flags alone, before anything is read: one sentence for the first one out of range."""
-    at_least = dict(num_seeds=1, batch_size=1, steps_per_call=1, target_every=1, n_step=1, steps=0, eval_episodes=0,
-                    first_run=0)
-    check_flags(args, at_least)
-    if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.expectile < 1.0:
-        raise InputError("need 0 <= --gamma <= 1 and 0 < --expectile < 1")
-    if not args.b >= 1:  # below 1, ID(s) would not hold argmax_z q(z|s), and could be empty
-        raise InputError(f"--b must be at least 1 (ID(s) keeps z with q(z|s) >= max q / b), got {args.b}")
-    if not args.learning_rate > 0:
-        raise InputError(f"--learning-rate must be positive, got {args.learning_rate}")
-
-
 def main(args: Args) -> dict:
+    """Read and cross-check the inputs; N_H IQL steps of every run in jitted chunks, a checkpoint after each; evaluate
+    the final policy pi; write highlevel.npz."""
     validate_args(args)
-    for path in (args.out, checkpoint_path(args.out)):
-        check_writable(path, [args.dataset, args.cluster, args.ppo])
-    data_np, data_sha = load_dataset(args.dataset)
-    n = len(data_np["rewards"])
-    obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
-    cluster, cluster_sizes, cluster_sha = load_cluster(args.cluster, data_sha, dict(N=n, obs_dim=obs_dim,
-                                                                                    act_dim=act_dim))
-    ppo, ppo_sizes, ppo_sha = load_ppo(args.ppo, data_sha, args.cluster, cluster_sha, cluster_sizes, cluster)
-    env = None  # where the final policy is evaluated; checked before training, not after it
-    if args.eval_episodes > 0:
-
-        try:
-            env = gym_eval.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score,
-                                         args.eval_env)
-        except InputError as e:  # nav_env's own class: this script reports only its own in one sentence
-            raise InputError(str(e)) from None
-    k, ppo_seeds = ppo_sizes["K"], ppo_sizes["S"]
-    check_fits(f"--eval-episodes {args.eval_episodes}", 2 * args.num_seeds * args.eval_episodes * 1001 * 2 * 4)  # paths
-    if ppo_seeds != 1 and args.first_run + args.num_seeds > ppo_seeds:
-        raise InputError(f"--first-run {args.first_run} plus --num-seeds {args.num_seeds} is more than the "
-                         f"{ppo_seeds} runs in {args.ppo}")
-    ppo_run = args.first_run + np.arange(args.num_seeds) if ppo_seeds > 1 else np.zeros(args.num_seeds, int)
-    cluster_run = ppo["cluster_run"][ppo_run]
-    hidden_dim, hidden_layers = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])
-    obs_mean, obs_std = cluster["arch/obs_mean"], cluster["arch/obs_std"]
-    action_scale = tuple(float(x) for x in ppo["arch/action_scale"])
-    value_scale = float(ppo["arch/value_scale"])  # c (interpretation 2)
-
-    # The n-step target's pieces, once for all runs (interpretation 3).
-    reward_sum, discount, bootstrap_obs = n_step_returns(
-        data_np["rewards"], data_np["next_observations"], data_np["terminals"], data_np["episode_ids"], args.gamma,
-        args.n_step)
-    norm = lambda x: jnp.asarray((x - obs_mean) / obs_std)
-    data = Data(obs=norm(data_np["observations"]), reward_sum=jnp.asarray(reward_sum / value_scale),
-                discount=jnp.asarray(discount), bootstrap_obs=norm(bootstrap_obs))
-
-    nets = make_networks(hidden_dim, hidden_layers, k, act_dim, action_scale)
+    inp = load_inputs(args)
+    entries, n = inp.entries, len(inp.data.obs)
+    k, obs_dim, value_scale = int(entries["arch/k"]), int(entries["arch/obs_dim"]), float(entries["arch/value_scale"])
+    obs_mean, obs_std = entries["arch/obs_mean"], entries["arch/obs_std"]
+    nets = make_networks(int(entries["arch/hidden_dim"]), int(entries["arch/hidden_layers"]), k,
+                         int(entries["arch/act_dim"]), tuple(float(x) for x in entries["arch/action_scale"]))
     init, tx = make_init(args, nets, obs_dim)
     seed_sharding, replicated = seed_shardings(args.num_seeds)
-    data = jax.device_put(data, replicated)
-    assign = jax.device_put(jnp.asarray(cluster["assignments"][cluster_run]), seed_sharding)  # [S, N]
+    data = jax.device_put(inp.data, replicated)
+    assign = jax.device_put(jnp.asarray(inp.assign), seed_sharding)  # [S, N]
     seeds = np.arange(args.seed, args.seed + args.num_seeds)
     seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
     key_init, key_train, key_eval = (
@@ -599,11 +697,10 @@ def main(args: Args) -> dict:
     # The schedule: chunks of IQL steps, a checkpoint after each.
     calls = [min(args.steps_per_call, args.steps - i) for i in range(0, args.steps, args.steps_per_call)]
     run_dir = os.path.dirname(os.path.abspath(args.out))
-    identity = run_identity(args, NEUTRAL_FLAGS, {"dataset": data_sha, "cluster": cluster_sha, "ppo": ppo_sha})
-    ckpt_path, state, first = resume_checkpoint(args, state, "empo/highlevel-checkpoint/v2", identity, len(calls))
+    identity = run_identity(args, NEUTRAL_FLAGS, inp.shas)
+    ckpt_path, state, first = resume_checkpoint(args, state, CHECKPOINT_SCHEMA, identity, len(calls))
     state = jax.device_put(state, seed_sharding)
     writer = make_writer(os.path.join(run_dir, "highlevel"), args)
-
     train_chunk = make_train_chunk(args, nets, tx, n)
     calls_jit = {s: jax.jit(jax.vmap(lambda st, key, a, d, s=s: train_chunk(st, key, a, d, s), in_axes=(0, 0, 0, None)))
                  for s in set(calls)}
@@ -621,160 +718,34 @@ def main(args: Args) -> dict:
         metrics = {name: float(np.mean(x)) for name, x in jax.device_get(metrics).items()}
         done += calls[unit]
         writer.add_scalar("charts/SPS", calls[unit] / (time.perf_counter() - t0), done)
-        save_checkpoint(ckpt_path, state, unit + 1, "empo/highlevel-checkpoint/v2", identity)
-        writer.add_scalar("losses/q_h", metrics["losses/q_h"], done)
-        writer.add_scalar("losses/v_h", metrics["losses/v_h"], done)
-        writer.add_scalar("charts/q_h_mean", metrics["charts/q_h_mean"] * value_scale, done)
-        writer.add_scalar("charts/v_h_mean", metrics["charts/v_h_mean"] * value_scale, done)
+        save_checkpoint(ckpt_path, state, unit + 1, CHECKPOINT_SCHEMA, identity)
+        for name in ("losses/q_h", "losses/v_h"):  # as trained, in units of c^2
+            writer.add_scalar(name, metrics[name], done)
+        for name in ("charts/q_h_mean", "charts/v_h_mean"):  # in reward units
+            writer.add_scalar(name, metrics[name] * value_scale, done)
         progress(unit + 1, took=time.perf_counter() - t0, q_h_loss=metrics["losses/q_h"],
                  v_h_loss=metrics["losses/v_h"], v_h=metrics["charts/v_h_mean"] * value_scale)
     train_s = time.perf_counter() - t_train
 
+    # The final policy pi of every run, evaluated from s_0 with maps of pi_H and ID(s) (navigation task) or in the
+    # data set's Gymnasium environment.
     state = jax.device_get(state)
-    pick = lambda prefix, arrays, runs: jax.tree.map(lambda x: jnp.asarray(x[runs]), unflatten_params(prefix, arrays))
-    run = RunParams(classifier={"params": pick("classifier/params", cluster, cluster_run)}, qh=state.qh,
-                    pi={"params": pick("pi/params", ppo, ppo_run)})
-    arrays = {
-        **flatten_params("qh/params", state.qh["params"]), **flatten_params("vh/params", state.vh["params"]),
-        **flatten_params("pi/params", run.pi["params"]),
-        **flatten_params("classifier/params", run.classifier["params"]),
-        "seeds": seeds.astype(np.int64), "ppo_run": ppo_run.astype(np.int64),
-        "cluster_run": cluster_run.astype(np.int64),
-        "arch/k": np.int64(k), "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
-        "arch/hidden_dim": np.int64(hidden_dim), "arch/hidden_layers": np.int64(hidden_layers),
-        "arch/obs_mean": obs_mean, "arch/obs_std": obs_std, "arch/action_scale": np.asarray(action_scale, np.float32),
-        "arch/value_scale": np.float32(value_scale), "arch/gamma": np.float32(args.gamma), "arch/b": np.float32(args.b),
-    }
-
-    # Evaluation: the final policy pi from s_0 with maps of pi_H and ID(s) (navigation), or in the Gymnasium env.
-    summary = {"train_s": train_s, "value_scale": value_scale, "seeds": seeds.tolist()}
-    if env is not None:
-        run = jax.device_put(run, seed_sharding)
-        if env["kind"] == "nav":
-            eval_arrays, eval_summary = evaluate_final_policy(args, nets, obs_mean, obs_std, value_scale, run,
-                                                              state.vh, key_eval, writer, run_dir, seeds)
+    run = inp.run.replace(qh=state.qh)
+    arrays_eval, summary = {}, {"train_s": train_s, "value_scale": value_scale, "seeds": seeds.tolist()}
+    if inp.env is not None:
+        run_on_devices = jax.device_put(run, seed_sharding)
+        if inp.env["kind"] == "nav":
+            arrays_eval, summary_eval, shown = evaluate_final_policy(args, nets, obs_mean, obs_std, run_on_devices,
+                                                                     key_eval, writer, seeds)
+            draw_figures(args, nets, entries, run_on_devices, state.vh, shown, writer, run_dir, seeds)
         else:
-            eval_arrays, eval_summary = evaluate_final_policy_gym(args, nets, obs_mean, obs_std, run, env, key_eval,
-                                                                  writer, seeds)
-        arrays.update(eval_arrays)
-        summary.update(eval_summary)
-    save_npz(args.out, arrays, "empo/highlevel/v1", asdict(args),
-             {"dataset": data_sha, "cluster": cluster_sha, "ppo": ppo_sha})
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
+            arrays_eval, summary_eval = evaluate_final_policy_gym(args, nets, obs_mean, obs_std, run_on_devices,
+                                                                  inp.env, key_eval, writer, seeds)
+        summary.update(summary_eval)
+    write_outputs(args, state, run, seeds, inp, arrays_eval, ckpt_path)
     writer.close()
     print(f"[highlevel] wrote {args.out}: IQL {train_s:.1f}s")
     return summary
-
-
-def evaluate_final_policy(args: Args, nets, obs_mean, obs_std, value_scale, run: RunParams, vh, key_eval, writer,
-                          run_dir, seeds):
-    """Rollouts of pi per run, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
-    import nav_env
-
-    k = nets["qh"].out_dim
-    # Both protocols of Appendix C, from the same start states: eval/* with the mean action of pi_L, eval/sampled_*
-    # with actions drawn from pi_L(.|s, pi_H(s)) (the paper's "sampled 10 trajectories"); --sample only picks the
-    # rollouts the figures show.
-    outs, arrays, summaries = {}, {}, {}
-    for sample in (False, True):
-        evaluate = make_evaluate(nets, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.b, args.eval_episodes,
-                                 sample)
-        out = {name: np.asarray(x) for name, x in jax.device_get(evaluate(run, key_eval)).items()}  # [S, E, ...]
-        cluster_steps = np.stack([(out["chosen"] == z).sum(-1) for z in range(k)], -1)  # [S, E, K]
-
-        def share(runs, cluster_steps=cluster_steps) -> tuple[dict, str]:  # the share of steps per cluster
-            steps_per_z = cluster_steps[runs].reshape(-1, k).sum(0)  # [K]
-            fractions = (steps_per_z / max(steps_per_z.sum(), 1)).tolist()
-            return {"cluster_share": fractions}, "z: " + " ".join(f"{x:.2f}" for x in fractions)
-
-        prefix = "sampled_" if sample else ""
-        part, part_summary = nav_env.report_rollouts(
-            out, seeds, f"[highlevel] final policy pi ({'sampled' if sample else 'mean'} actions), "
-                        f"{args.eval_episodes} rollouts per run (last column: share of steps per cluster):", share,
-            prefix=prefix)
-        part[f"eval/{prefix}cluster_steps"] = cluster_steps
-        arrays.update(part)
-        outs[sample] = out
-        summaries[sample] = part_summary
-    summary = {**summaries[False], "sampled": summaries[True]}
-    out = outs[args.sample]
-    cluster_steps = arrays[f"eval/{'sampled_' if args.sample else ''}cluster_steps"]
-    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
-        writer.add_scalar(f"eval/{name}", summary[name], args.steps)
-        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
-
-    # Figures: the rollouts of run 0 cut by the cluster pi_H ran, every run's rollouts, and maps over S.
-    names = [f"z = {z}" for z in range(k)]
-    trajs, labels = cluster_segments(out["positions"][0], out["chosen"][0], out["length"][0])
-    images = {"rollouts": nav_env.plot_map(trajs, labels, label_names=names,
-                                           title=f"Final policy pi (seed {seeds[0]}), coloured by pi_H(s)",
-                                           path=os.path.join(run_dir, "highlevel_rollouts.png"))}
-    if len(seeds) > 1:
-        images["rollouts_runs"] = nav_env.plot_runs(out, seeds, "Final policy pi, every run",
-                                                    os.path.join(run_dir, "highlevel_rollouts_runs.png"))
-    grid = jnp.asarray((nav_env.grid_states(61) - obs_mean) / obs_std)
-    run0 = jax.tree.map(lambda x: x[0], jax.device_get(run))
-    q_probs = jax.nn.softmax(nets["classifier"].apply(run0.classifier, grid), -1)  # [G*G, K]
-    fields = {
-        "pi_h": (choose_cluster(nets, run0, grid, args.b), "pi_H(s): the chosen cluster"),
-        "id": (in_distribution(q_probs, args.b).sum(-1), f"|ID(s)|: clusters in distribution (b = {args.b:g})"),
-        "v_h": (nets["vh"].apply(jax.tree.map(lambda x: x[0], vh), grid)[:, 0] * value_scale, "V_H(s)"),
-    }
-    for name, (field, label) in fields.items():
-        images[name] = nav_env.plot_map(field=np.asarray(field, np.float32).reshape(61, 61), field_label=label,
-                                        title=f"{label} (seed {seeds[0]})",
-                                        path=os.path.join(run_dir, f"highlevel_{name}.png"))
-    for name, image in images.items():
-        writer.add_image(f"eval/{name}", image, args.steps, dataformats="HWC")
-    return arrays, summary
-
-
-def evaluate_final_policy_gym(args: Args, nets, obs_mean, obs_std, run: RunParams, env: dict, key_eval, writer,
-                              seeds):
-    """Episodes of pi per run in the data set's Gymnasium environment, all S x E at once in one vector env:
-    returns, normalised scores, the share of steps per cluster, TensorBoard scalars and a table."""
-
-    shape, k = (len(seeds), args.eval_episodes), nets["qh"].out_dim
-
-    @jax.jit
-    def act(obs, t):  # obs [S*E, obs_dim] at step t -> (actions [S*E, act_dim], pi_H's clusters [S*E])
-        obs = ((obs - obs_mean) / obs_std).reshape(shape + obs.shape[-1:])  # [S, E, obs_dim]
-        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_eval, t)  # [S]
-        actions, chosen = jax.vmap(lambda r, o, key: final_action(nets, r, o, key, args.b, args.sample))(
-            run, obs, keys)  # [S, E, act_dim], [S, E]
-        return actions.reshape(-1, actions.shape[-1]), chosen.reshape(-1)
-
-    chosen = []  # pi_H(s_t) of every episode at every step, masked by the episode lengths below
-
-    def policy(obs):
-        actions, z = act(obs, len(chosen))
-        chosen.append(np.asarray(z))
-        return actions
-
-    out = gym_eval.gym_evaluate(env, policy, shape, args.seed)
-    chosen = np.stack(chosen)  # [T, S*E]
-    alive = np.arange(len(chosen))[:, None] < out["length"].reshape(-1)[None]  # [T, S*E]
-    steps = np.stack([((chosen == z) & alive).sum(0) for z in range(k)], -1)  # [S*E, K]
-    out["cluster_steps"] = steps.reshape(shape + (k,))
-    share = (steps.sum(0) / max(steps.sum(), 1)).tolist()
-    summary = {"return_mean": float(out["return"].mean()), "return_std": float(out["return"].std()),
-               "cluster_share": share}
-    lines = [f"[highlevel] final policy pi ({'sampled' if args.sample else 'mean'} actions) in {env['env_id']}, "
-             f"{args.eval_episodes} episodes per run:"]
-    for i, seed in enumerate(seeds):
-        lines.append(f"  seed {seed}: {gym_eval.describe_episodes(out, i)}")
-    writer.add_scalar("eval/return_mean", summary["return_mean"], args.steps)
-    if "normalized_score" in out:
-        summary["normalized_score_mean"] = float(out["normalized_score"].mean())
-        summary["normalized_score_std"] = float(out["normalized_score"].std())
-        writer.add_scalar("eval/normalized_score", summary["normalized_score_mean"], args.steps)
-        lines.append(f"  all: normalised score {summary['normalized_score_mean']:.1f} +- "
-                     f"{summary['normalized_score_std']:.1f} (std of seed means "
-                     f"{out['normalized_score'].mean(1).std():.1f})")
-    lines.append("  share of steps per cluster: " + " ".join(f"z={z} {x:.2f}" for z, x in enumerate(share)))
-    print("\n".join(lines))
-    return {f"eval/{name}": x for name, x in out.items()}, summary
 
 
 if __name__ == "__main__":
