@@ -108,7 +108,7 @@ def gym_rollout(env_spec: str, act: Callable[[np.ndarray], np.ndarray], num_envs
 # normalised score (d4rl/infos.py, REF_MIN_SCORE / REF_MAX_SCORE of every *-v2 set: the random and the expert
 # policy's mean return). The -v4 environments are Gymnasium's port of Gym's v3 MuJoCo environments to the
 # `mujoco` bindings: the observation, action, reward, termination and reset of the environments D4RL v2 was
-# recorded in (README, "D4RL v2 files", for what still differs).
+# recorded in (docs/d4rl.md, "Evaluation", for what still differs).
 D4RL_TASKS = {  # task: (Gymnasium env id, ref_min_score, ref_max_score)
     "halfcheetah": ("HalfCheetah-v4", -280.178953, 12135.0),
     "hopper": ("Hopper-v4", -20.272305, 3234.3),

@@ -1,61 +1,37 @@
-"""The navigation task of the EMPO paper (Appendix A): environment, offline data set, loader, plots.
+"""The navigation task of the EMPO paper (Appendix A): environment, offline data set, route classes, maps.
 
-What is here
-    * ``NavParams`` / ``reset`` / ``step``: a pure functional JAX environment (gymnax-like) that jits
-      and vmaps; ``rollout`` runs many evaluation episodes of a policy in one call.
-    * ``NavEnv``: the same dynamics as a ``gymnasium.Env``, registered as ``EMPONav-v0``; it
-      enforces the 1000-step limit itself, exactly as ``step`` does.
-    * ``subgoal_action`` (Eq. 15) and ``generate_dataset`` (Algorithm 3), vectorised in JAX: vmap over
-      episodes, scan over steps with masks, trimmed to whole trajectories.
-    * ``load_dataset``: reads a data set file (schema ``empo/dataset/v1``), one or more D4RL HDF5 files
-      or one or more Minari ids (their concatenation, the index of each file or id being the
-      ``behaviour`` label) and validates it.
-      It is a shared block, repeated verbatim in every stage so that a stage copies alone.
-    * ``plot_map``: the map (penalty area, start, goal, subgoals) with trajectories coloured by label.
-    * ``report_rollouts`` / ``plot_runs``: the evaluation table and maps of the stages (Appendix C).
-    * ``evaluation_env`` / ``gym_evaluate``: where a stage evaluates; for MuJoCo data (D4RL files, a
-      Minari set), many episodes at once in a Gymnasium environment (``gym_rollout``, a vector env and
-      a jitted policy: the D4RL task's -v4 environment, ``D4RL_TASKS``, or the Minari set's recorded one)
-      and D4RL's normalised score (``normalized_score``); ``describe_episodes`` is the line the stages
-      print for them.
+Paper: Appendix A (the task, Algorithm 3, Eq. 15), Appendix C and Table 1 (the evaluation from s_0), Figure 1a.
+Input   none: ``--subgoals`` names the behaviours' routes (the paper's two by default).
+Output  ``--out`` (schema empo/dataset/v1, docs/schemas.md): observations, actions, rewards, next_observations,
+        terminals, timeouts, episode_ids, behaviour (the label of the subgoal list); with ``--minari-id`` the same
+        data as a local Minari data set, with ``--figure`` the map of Figure 1a.
+The stages import from here the JAX environment (``NavParams``, ``reset``, ``step``, ``rollout``: many episodes in
+one scan), the route classes of Table 1 (``route_classes``), the evaluation table (``report_rollouts``) and the maps
+(``plot_map``, ``plot_runs``); ``NavEnv`` is the same task as a gymnasium.Env, registered as ``EMPONav-v0``.
 
 Paper map
-    Appendix A, S, A, S_p, g, s' = clip(s + a; 0, 30), r(s, a, s')   -> NavParams, step
-    Eq. (15) subgoal-reaching policy                                 -> subgoal_action
-    Algorithm 3 (data set from a list of subgoals)                   -> generate_behaviour
+    Appendix A   S, A, S_p, g, s' = clip(s + a; 0, 30), r(s, a, s')                 -> NavParams, step
+    Eq. (15)     pi(s; g_s) = clip(clip(g_s - s; -0.2, 0.2) + 0.1 eps; -0.2, 0.2)  -> subgoal_action
+    Algorithm 3  a data set from a list of subgoals, once per behaviour                -> generate_behaviour
+    Table 1      "the optimal route" of a rollout                                      -> route_classes
 
-Data set file (schema ``empo/dataset/v1``), one row per transition, trajectories contiguous:
-    observations [N,2] f32, actions [N,2] f32, rewards [N] f32, next_observations [N,2] f32,
-    terminals [N] bool (goal reached), timeouts [N] bool (trajectory ended without a terminal),
-    episode_ids [N] i32 (0..E-1, contiguous, ascending), behaviour [N] i32 (-1 = unknown),
-    plus metadata: schema, args (JSON), producer, inputs (JSON of sha256).
+Interpretations and deviations (item N is discussed as item N of docs/nav_env.md)
+    1. Reaching g is ``terminated``; the 1000th step without reaching it is ``truncated`` (not "terminates").
+    2. A generated episode that has not reached g after 1000 steps ends there, flagged ``timeouts``.
+    3. Consecutive subgoals are more than 0.4 apart, so the subgoal index advances at most once per step.
+    4. "Until D has 1,000,000 elements": whole episodes, so a behaviour holds slightly more rows.
+    5. The goal test is ||s' - g||^2 < 0.1^2 (the same set, bit-equal in NumPy and JAX); S_p is closed.
+    6. ``rewards`` are r(s, a, s'): a step that ends inside S_p costs -2, the goal step 0.
+    7. Table 1's "optimal route" is the route class ``fast``: g reached without S_p, low past S_p, in <= 450 steps.
 
-Interpretations and deviations
-    1. Appendix A says the episode "terminates" after 1000 steps. We keep the two ends apart, as
-       gymnasium does: reaching the goal is ``terminated``; the 1000th step without reaching it is
-       ``truncated``. Value targets bootstrap through a truncation, never through a termination.
-    2. Algorithm 3 loops until the goal is reached, but it steps an environment that ends episodes
-       after 1000 steps. We follow the environment: a generated episode that has not reached the
-       goal after 1000 steps ends there, and its last row has ``timeouts = True``. Every trajectory
-       of the data set is therefore a legal episode of EMPONav-v0. With the paper's subgoals this
-       is rare (mean lengths are about 750 and 565 steps); the generator reports how many.
-    3. Algorithm 3 checks ``||s - g_s|| >= 0.1`` before each action, so the subgoal index advances
-       at most once per step; we assert that consecutive subgoals are more than 0.4 apart, so one
-       advance per step is exact.
-    4. "Until D has 1,000,000 elements": whole episodes are added until the count reaches the
-       target, so a behaviour holds slightly more than ``transitions_per_behaviour`` rows.
-    5. The goal test uses the squared distance ``||s' - g||^2 < 0.1^2`` (the same set, and the
-       NumPy and JAX versions then agree to the bit). S_p is closed: its border is inside.
-    6. ``rewards`` are r(s, a, s'), so a step that ends inside S_p costs -2, the goal step 0.
-
-Example
-    python nav_env.py --out data/nav.npz --figure docs/dataset.png
+Example: python nav_env.py --out data/nav.npz --figure docs/dataset.png
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -625,9 +601,8 @@ def episodes_of(data: dict, max_per_label: int = 5, labels=None) -> tuple[list, 
     return trajs, labels
 
 
-def main(args: Args) -> None:
-    import time
-
+def validate_args(args: Args) -> tuple:
+    """Every flag and output path checked before any work; returns the behaviours' subgoal lists."""
     if args.transitions_per_behaviour < 1:  # generate_dataset checks it too, but only after the id
         raise InputError(f"--transitions-per-behaviour must be at least 1, got {args.transitions_per_behaviour}")
     if args.minari_id is not None:
@@ -644,6 +619,20 @@ def main(args: Args) -> None:
         check_writable(args.figure, [args.out])
         if os.path.splitext(args.figure)[1].lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
             raise InputError(f"--figure {args.figure} must end in .png, .pdf, .svg or .jpg (the image format)")
+    return routes
+
+
+def write_figure(path: str, data: dict, routes: tuple) -> None:
+    """The paper's Figure 1a: five trajectories of each behaviour on the map, with its subgoals."""
+    trajs, labels = episodes_of(data, max_per_label=5)
+    plot_map(trajs, labels, subgoals=list(routes), path=path,
+             label_names=[f"behaviour {i}" for i in range(len(routes))],
+             title="Offline data set: 5 trajectories of each behaviour")
+    print(f"wrote {path}")
+
+
+def main(args: Args) -> None:
+    routes = validate_args(args)
     start = time.perf_counter()
     data = generate_dataset(args.seed, args.transitions_per_behaviour, routes)
     validate_dataset(args.out, data)
@@ -651,11 +640,7 @@ def main(args: Args) -> None:
     print(f"wrote {args.out}: {len(data['rewards'])} transitions, {data['episode_ids'][-1] + 1} episodes "
           f"in {time.perf_counter() - start:.1f} s")
     if args.figure:
-        trajs, labels = episodes_of(data, max_per_label=5)
-        plot_map(trajs, labels, subgoals=list(routes), path=args.figure,
-                 label_names=[f"behaviour {i}" for i in range(len(routes))],
-                 title="Offline data set: 5 trajectories of each behaviour")
-        print(f"wrote {args.figure}")
+        write_figure(args.figure, data, routes)
     if args.minari_id:
         print(f"wrote Minari data set {args.minari_id} to {write_minari(args.minari_id, data)}")
 

@@ -21,7 +21,7 @@ controllers (the default, on ``InvertedPendulum-v5``)
     behaviour 1 drops it in some episodes (a termination). This is the kind of data stage 1 must
     separate: at a shared state the two behaviours' actions differ, as medium and expert SAC policies
     do on D4RL. Stage 1 at the D4RL preset (hidden 256) separates them: rand index 0.9928 and
-    1.0000 on two seeds (README).
+    1.0000 on two seeds (docs/d4rl.md).
 
 gaits (``--behaviours gaits``, on ``HalfCheetah-v5``)
     Behaviour b is an open-loop periodic gait with Gaussian action noise, per joint j:

@@ -7,9 +7,9 @@
 # Data per task, from the folder D4RL_DIR (D4RL's own download folder, ~/.d4rl/datasets, works too):
 #   {task}_medium-v2.hdf5 and {task}_expert-v2.hdf5, comma-joined: medium-expert with each row labelled by its
 #   file, so stage 1's rand index is known; else {task}_medium_expert-v2.hdf5 alone (no labels: no rand index).
-# SOURCE=minari reads Minari's mujoco/{task}/medium-v0 + expert-v0 instead (a different benchmark: README).
-# The SEEDS seeds of a stage run in one vmapped call (10 fit one 80 GB GPU: README, memory per stage). On a smaller
-# one, run the seeds as groups in separate folders and join them: SEED=1 SEEDS=5 RUN=runs/table2a, then SEED=6
+# SOURCE=minari reads Minari's mujoco/{task}/medium-v0 + expert-v0 instead (a different benchmark: docs/d4rl.md).
+# The SEEDS seeds of a stage run in one vmapped call (10 fit one 80 GB GPU: docs/d4rl.md, "Memory on one GPU"). On
+# a smaller one, run the seeds as groups in separate folders and join them: SEED=1 SEEDS=5 RUN=runs/table2a, then SEED=6
 # SEEDS=5 RUN=runs/table2b, then python scripts/table2.py --runs runs/table2a,runs/table2b.
 # Run again after an interruption: finished steps (their output exists) are skipped and the interrupted one
 # resumes from its checkpoint. Extra flags per stage (e.g. a short schedule for a smoke test) go in

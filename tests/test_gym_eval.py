@@ -1,4 +1,4 @@
-"""nav_env's evaluation in a Gymnasium (MuJoCo) environment: Minari env info, normalised score, vector rollouts.
+"""gym_eval.py: evaluation in a Gymnasium (MuJoCo) environment: Minari env info, normalised score, vector rollouts.
 
 The reference for ``gym_rollout`` is a plain single-env loop (``gym.make`` of the same spec, reset
 with the same seed, stepped until its episode ends). Minari data sets are built here, small, in a
