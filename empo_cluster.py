@@ -45,27 +45,15 @@ import numpy as np
 import optax
 from flax import struct
 
-from empo_io import (
-    DATASET_SCHEMA,
-    InputError,
-    Progress,
-    check_fits,
-    check_flags,
-    check_writable,
-    checkpoint_path,
-    cli,
-    flatten_params,
-    load_dataset,
-    load_npz,
-    make_writer,
-    resume_checkpoint,
-    run,
-    run_identity,
-    save_checkpoint,
-    save_npz,
-    seed_shardings,
-    unflatten_params,
-)
+import nav_env
+
+# The plumbing, by purpose: files and data sets, checkpoints, the command line.
+# isort: off
+from empo_io import InputError, DATASET_SCHEMA, load_dataset, load_npz, observation_stats, save_npz, flatten_params
+from empo_io import unflatten_params
+from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, remove_checkpoint
+from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
+# isort: on
 
 
 @dataclass
@@ -370,8 +358,6 @@ def rand_scores(labels, assignments) -> tuple[np.ndarray, np.ndarray]:
 def draw_figures(inp: Inputs, state: TrainState, classifier, assignments, seeds, k: int, writer, step: int,
                  run_dir: str) -> None:
     """The navigation task's clusters (first seed, clusters.png) and classifier q(z = 0 | s) (classifier.png)."""
-    import nav_env
-
     trajs, traj_labels = nav_env.episodes_of(inp.data_np, max_per_label=10, labels=assignments[0])
     image = nav_env.plot_map(trajs, traj_labels, title=f"Clusters (seed {seeds[0]})",
                              label_names=[f"cluster {z}" for z in range(k)],
@@ -650,16 +636,6 @@ class Inputs:
     estep_chunk: int  # rows per E-step chunk, at most N
 
 
-def observation_stats(name: str, observations):
-    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
-    x = np.asarray(observations, np.float64)
-    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
-        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
-                         f"{np.abs(x).max():.3g})")
-    return mean, std
-
-
 def prepare_inputs(args: Args) -> Inputs:
     """Read and check the data set; standardise the states; put the data on the device, padded to whole E-step
     chunks (padding rows belong to no trajectory)."""
@@ -821,8 +797,7 @@ def write_outputs(args: Args, inp: Inputs, state: TrainState, log_post, history,
             arrays["rand_index_history"] = history[..., 0]  # [S, N_E]
         summary.update(rand_index=ri.tolist(), adjusted_rand_index=ari.tolist())
     save_npz(args.out, arrays, "empo/cluster/v1", asdict(args), {"dataset": inp.sha})
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
+    remove_checkpoint(ckpt_path)
     return summary, assignments
 
 

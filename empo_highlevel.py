@@ -31,7 +31,6 @@ Example
         --out runs/nav/highlevel.npz
 """
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -42,34 +41,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct, traverse_util
+from flax import struct
 
 import gym_eval
-from empo_io import (
-    InputError,
-    Progress,
-    check_arrays,
-    check_fits,
-    check_flags,
-    check_writable,
-    checkpoint_path,
-    cli,
-    flatten_params,
-    load_dataset,
-    load_npz,
-    make_writer,
-    resume_checkpoint,
-    run,
-    run_identity,
-    save_checkpoint,
-    save_npz,
-    seed_shardings,
-    unflatten_params,
-)
+import nav_env
+
+# The plumbing, by purpose: files and data sets, checkpoints, the command line.
+# isort: off
+from empo_io import InputError, load_dataset, load_npz, check_arrays, check_arch, check_param_shapes, param_shapes
+from empo_io import check_made_from, made_from, save_npz, flatten_params, unflatten_params
+from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, remove_checkpoint
+from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
+# isort: on
 
 
 @dataclass
-class Args:
+class Args(gym_eval.EvalEnvFlags):
     """Stage 3 of EMPO: high-level IQL over the clusters, the ID(s) filter and the final policy (§3.3)."""
     # --- experiment ---
     preset: Literal["nav", "d4rl"] = "nav"
@@ -95,16 +82,6 @@ class Args:
     eval_episodes: int = 10
     """episodes of the final policy pi per run: JAX rollouts from s_0 (navigation task) or episodes in the
     Minari data set's Gymnasium environment (MuJoCo); 0 skips the evaluation"""
-    ref_min_score: Optional[float] = None
-    """reference return of score 0 for the normalised score (default: D4RL's random return for a D4RL task's
-    environment, else the Minari data set's ref_min_score)"""
-    ref_max_score: Optional[float] = None
-    """reference return of score 100 for the normalised score (default: D4RL's expert return for a D4RL task's
-    environment, else the Minari data set's ref_max_score)"""
-    eval_env: str = ""
-    """Gymnasium environment to evaluate in (default: for D4RL files the task's -v4 environment from the file
-    names, e.g. halfcheetah_*.hdf5 -> HalfCheetah-v4; for Minari ids the recorded one; an .npz of a MuJoCo task
-    needs it)"""
     sample: bool = False
     """actions drawn from pi_L(.|s, pi_H(s)) instead of its mean action: in Gymnasium environments the evaluation
     itself; on the navigation task, where both protocols are always evaluated and stored, the rollouts the figures
@@ -347,8 +324,6 @@ def make_train_chunk(args: Args, nets: dict, tx, num_rows: int):
 def make_evaluate(nets: dict, obs_mean, obs_std, b: float, episodes: int, sample: bool):
     """Rollouts of the final policy pi from s_0 (nav_env.rollout), vmapped over runs, with the cluster pi_H chose at
     every step (-1 after the episode's end)."""
-    import nav_env
-
     def evaluate(run: RunParams, key):
         act = lambda key_t, pos: final_action(nets, run, (pos - obs_mean) / obs_std, key_t, b, sample)[0]
         out = nav_env.rollout(key, act, episodes)
@@ -364,35 +339,26 @@ def make_evaluate(nets: dict, obs_mean, obs_std, b: float, episodes: int, sample
 def evaluate_final_policy(args: Args, nets, obs_mean, obs_std, run: RunParams, key_eval, writer, seeds):
     """Rollouts of pi per run on the navigation task, a table and TensorBoard scalars; returns (eval/* arrays,
     summary, the rollouts the figures show)."""
-    import nav_env
-
     k = nets["qh"].out_dim
-    # Both protocols of Appendix C from the same start states: eval/* with the mean action of pi_L, eval/sampled_*
-    # with actions drawn from pi_L(.|s, pi_H(s)) (the paper's); --sample only picks the rollouts the figures show.
-    outs, arrays, summaries = {}, {}, {}
-    for sample in (False, True):
-        evaluate = make_evaluate(nets, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.b, args.eval_episodes,
-                                 sample)
-        out = {name: np.asarray(x) for name, x in jax.device_get(evaluate(run, key_eval)).items()}  # [S, E, ...]
+
+    def cluster_share(out) -> tuple:  # the share of steps per cluster: the table's last column, eval/*cluster_steps
         cluster_steps = np.stack([(out["chosen"] == z).sum(-1) for z in range(k)], -1)  # [S, E, K]
 
-        def share(runs, cluster_steps=cluster_steps) -> tuple[dict, str]:  # the share of steps per cluster
+        def share(runs) -> tuple[dict, str]:
             steps_per_z = cluster_steps[runs].reshape(-1, k).sum(0)  # [K]
             fractions = (steps_per_z / max(steps_per_z.sum(), 1)).tolist()
             return {"cluster_share": fractions}, "z: " + " ".join(f"{x:.2f}" for x in fractions)
+        return share, {"cluster_steps": cluster_steps}
 
-        prefix = "sampled_" if sample else ""
-        part, part_summary = nav_env.report_rollouts(
-            out, seeds, f"[highlevel] final policy pi ({'sampled' if sample else 'mean'} actions), "
-                        f"{args.eval_episodes} rollouts per run (last column: share of steps per cluster):", share,
-            prefix=prefix)
-        part[f"eval/{prefix}cluster_steps"] = cluster_steps
-        arrays.update(part)
-        outs[sample], summaries[sample] = out, part_summary
-    summary = {**summaries[False], "sampled": summaries[True]}
-    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
-        writer.add_scalar(f"eval/{name}", summary[name], args.steps)
-        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], args.steps)
+    # Both protocols of Appendix C from the same start states: eval/* with the mean action of pi_L, eval/sampled_*
+    # with actions drawn from pi_L(.|s, pi_H(s)) (the paper's); --sample only picks the rollouts the figures show.
+    make_eval = lambda sample: make_evaluate(nets, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.b,
+                                             args.eval_episodes, sample)
+    headers = {sample: f"[highlevel] final policy pi ({'sampled' if sample else 'mean'} actions), "
+                       f"{args.eval_episodes} rollouts per run (last column: share of steps per cluster):"
+               for sample in (False, True)}
+    outs, arrays, summary = nav_env.evaluate_protocols(make_eval, run, key_eval, seeds, headers, writer, args.steps,
+                                                       cluster_share)
     return arrays, summary, outs[args.sample]
 
 
@@ -525,14 +491,6 @@ def load_inputs(args: Args) -> Inputs:
                   shas={"dataset": data_sha, "cluster": cluster_sha, "ppo": ppo_sha}, env=env)
 
 
-def made_from(arrays: dict, name: str):
-    """The sha256 recorded under ``name`` in a file's inputs JSON (None when absent or unreadable)."""
-    try:
-        return json.loads(str(arrays["inputs"])).get(name)
-    except (KeyError, ValueError, AttributeError):
-        return None
-
-
 def load_cluster(path: str, data_sha: str, data_sizes: dict) -> tuple[dict, dict, str]:
     """Read and validate cluster.npz against the data set (sizes N, obs_dim, act_dim); returns (arrays, sizes with S
     and K, sha256 of the file as read)."""
@@ -551,9 +509,7 @@ def load_cluster(path: str, data_sha: str, data_sizes: dict) -> tuple[dict, dict
                                 if key.startswith("classifier/params/")}, sizes)
     if arrays["assignments"].min() < 0 or arrays["assignments"].max() >= sizes["K"]:
         raise InputError(f"{path}: 'assignments' holds cluster numbers outside 0..{sizes['K'] - 1} (arch/k)")
-    if made_from(arrays, "dataset") != data_sha:
-        raise InputError(f"{path} was made from another data set (sha256 {str(made_from(arrays, 'dataset'))[:12]}"
-                         f"..., this one is {data_sha[:12]}...)")
+    check_made_from(path, arrays, data_sha)
     return arrays, sizes, digest
 
 
@@ -577,43 +533,13 @@ def load_ppo(path: str, data_sha: str, cluster_path: str, cluster_sha: str, clus
     hidden = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])
     policy = GaussianPolicy(sizes["act_dim"], (1.0,) * sizes["act_dim"], *hidden)
     check_param_shapes(path, arrays, "pi/params", param_shapes(policy, cluster_sizes["obs_dim"]), 2)
-    if made_from(arrays, "dataset") != data_sha:
-        raise InputError(f"{path} was made from another data set (sha256 {str(made_from(arrays, 'dataset'))[:12]}"
-                         f"..., this one is {data_sha[:12]}...)")
+    check_made_from(path, arrays, data_sha)
     if made_from(arrays, "cluster") != cluster_sha:
         raise InputError(f"{path} was made from another cluster file than {cluster_path} (its inputs.cluster "
                          f"sha256 differs)")
     if arrays["cluster_run"].min() < 0 or arrays["cluster_run"].max() >= cluster_sizes["S"]:
         raise InputError(f"{path}: 'cluster_run' names runs outside the {cluster_sizes['S']} of {cluster_path}")
     return arrays, sizes, digest
-
-
-def check_arch(name: str, arrays: dict) -> None:
-    """The arch/* entries of a handoff file rebuild a network: sizes at least 1, scales positive."""
-    for key in ("arch/k", "arch/hidden_dim", "arch/hidden_layers"):
-        if key in arrays and int(arrays[key]) < 1:
-            raise InputError(f"{name}: '{key}' must be at least 1, got {int(arrays[key])}")
-    for key in ("arch/obs_std", "arch/action_scale", "arch/value_scale"):
-        if key in arrays and not np.all(arrays[key] > 0):
-            raise InputError(f"{name}: '{key}' must be positive, got {arrays[key]}")
-
-
-def param_shapes(net, in_dim: int):
-    """The parameters of ``net`` on inputs of ``in_dim`` features, as shapes only (nothing is computed)."""
-    return jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, in_dim), jnp.float32))["params"]
-
-
-def check_param_shapes(name: str, arrays: dict, prefix: str, template, lead: int) -> None:
-    """The parameters under ``prefix`` have, after ``lead`` leading axes (seeds, clusters), the shapes of
-    ``template`` (one network built from the file's arch/* entries)."""
-    want = {f"{prefix}/{k}": tuple(v.shape) for k, v in traverse_util.flatten_dict(template, sep="/").items()}
-    have = {k: a.shape[lead:] for k, a in arrays.items() if k.startswith(prefix + "/")}
-    for key in sorted(set(want) | set(have)):
-        if key not in have:
-            raise InputError(f"{name} has no key '{key}', which its arch/* entries call for")
-        if key not in want or have[key] != want[key]:
-            raise InputError(f"{name}: '{key}' has shape {have[key]} per run, but its arch/* entries give "
-                             f"{want.get(key, 'no such parameter')}")
 
 
 def write_outputs(args: Args, state: TrainState, run: RunParams, seeds, inp: Inputs, arrays_eval: dict,
@@ -627,16 +553,13 @@ def write_outputs(args: Args, state: TrainState, run: RunParams, seeds, inp: Inp
         "seeds": seeds.astype(np.int64), **inp.entries, **arrays_eval,
     }
     save_npz(args.out, arrays, "empo/highlevel/v1", asdict(args), inp.shas)
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
+    remove_checkpoint(ckpt_path)
 
 
 def draw_figures(args: Args, nets, entries: dict, run: RunParams, vh, out: dict, writer, run_dir: str,
                  seeds) -> None:
     """The rollouts of run 0 cut by the cluster pi_H ran, every run's rollouts, and maps of pi_H, |ID(s)| and V_H
     over S (navigation task): PNG files beside --out and TensorBoard images."""
-    import nav_env
-
     k, value_scale = nets["qh"].out_dim, float(entries["arch/value_scale"])
     names = [f"z = {z}" for z in range(k)]
     trajs, labels = cluster_segments(out["positions"][0], out["chosen"][0], out["length"][0])

@@ -179,6 +179,78 @@ def check_arrays(name: str, arrays: dict, spec: dict, sizes: Optional[dict] = No
     return sizes
 
 
+def made_from(arrays: dict, name: str):
+    """The sha256 recorded under ``name`` in a file's inputs JSON (None when absent or unreadable)."""
+    try:
+        return json.loads(str(arrays["inputs"])).get(name)
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def check_made_from(path: str, arrays: dict, data_sha: str) -> None:
+    """A stage's output was made from the data set of sha256 ``data_sha`` (as its inputs JSON records)."""
+    found = made_from(arrays, "dataset")
+    if found != data_sha:
+        raise InputError(f"{path} was made from another data set (sha256 {str(found)[:12]}..., this one is "
+                         f"{data_sha[:12]}...)")
+
+
+def check_arch(name: str, arrays: dict) -> None:
+    """The arch/* entries of a handoff file rebuild a network: sizes at least 1, scales positive."""
+    for key in ("arch/k", "arch/hidden_dim", "arch/hidden_layers"):
+        if key in arrays and int(arrays[key]) < 1:
+            raise InputError(f"{name}: '{key}' must be at least 1, got {int(arrays[key])}")
+    for key in ("arch/obs_std", "arch/action_scale", "arch/value_scale"):
+        if key in arrays and not np.all(arrays[key] > 0):
+            raise InputError(f"{name}: '{key}' must be positive, got {arrays[key]}")
+
+
+def param_shapes(net, in_dim: int):
+    """The parameters of ``net`` on inputs of ``in_dim`` features, as shapes only (nothing is computed)."""
+    return jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, in_dim), jnp.float32))["params"]
+
+
+def check_param_shapes(name: str, arrays: dict, prefix: str, template, lead: int) -> None:
+    """The parameters under ``prefix`` have, after ``lead`` leading axes (seeds, clusters), the shapes of
+    ``template`` (one network built from the file's arch/* entries)."""
+    want = {f"{prefix}/{k}": tuple(v.shape) for k, v in traverse_util.flatten_dict(template, sep="/").items()}
+    have = {k: a.shape[lead:] for k, a in arrays.items() if k.startswith(prefix + "/")}
+    for key in sorted(set(want) | set(have)):
+        if key not in have:
+            raise InputError(f"{name} has no key '{key}', which its arch/* entries call for")
+        if key not in want or have[key] != want[key]:
+            raise InputError(f"{name}: '{key}' has shape {have[key]} per run, but its arch/* entries give "
+                             f"{want.get(key, 'no such parameter')}")
+
+def load_cluster(path: str, data_sha: str, data_sizes: dict, networks) -> tuple[dict, dict, str]:
+    """Read and validate a stage-1 output (schema empo/cluster/v1) against the data set (sizes N, E, obs_dim,
+    act_dim): keys, dtypes, shapes, arch/*, the parameters' shapes against ``networks(hidden_dim, hidden_layers, K)``
+    -> {"policy/params": net, "classifier/params": net} and the data set it was made from. Returns (arrays, sizes
+    with S and K, sha256 of the file as read)."""
+    arrays, digest = load_npz(path, "empo/cluster/v1", digest=True)
+    spec = {"posterior": ("float32", ("S", "E", "K")), "assignments": ("int32", ("S", "N")),
+            "arch/k": ("int64", ()), "arch/hidden_dim": ("int64", ()), "arch/hidden_layers": ("int64", ()),
+            "arch/obs_mean": ("float32", ("obs_dim",)), "arch/obs_std": ("float32", ("obs_dim",)),
+            "arch/action_scale": ("float32", ("act_dim",))}
+    if not any(key.startswith("policy/params/") for key in arrays):
+        raise InputError(f"{path} has no key 'policy/params/...'")
+    sizes = check_arrays(path, arrays, spec, data_sizes)
+    check_arch(path, arrays)
+    if int(arrays["arch/k"]) != sizes["K"]:
+        raise InputError(f"{path}: 'arch/k' is {int(arrays['arch/k'])} but its arrays hold K={sizes['K']} clusters")
+    nets = networks(int(arrays["arch/hidden_dim"]), int(arrays["arch/hidden_layers"]), sizes["K"])
+    check_param_shapes(path, arrays, "policy/params", param_shapes(nets["policy/params"], sizes["obs_dim"]), 2)
+    if any(key.startswith("classifier/params/") for key in arrays):  # stage 3 reads it
+        check_param_shapes(path, arrays, "classifier/params", param_shapes(nets["classifier/params"],
+                                                                           sizes["obs_dim"]), 1)
+    check_arrays(path, arrays, {key: ("float32", ("S", "K") + a.shape[2:] if key.startswith("policy/") else ("S",)
+                                      + a.shape[1:]) for key, a in arrays.items() if "/params/" in key}, sizes)
+    if arrays["assignments"].min() < 0 or arrays["assignments"].max() >= sizes["K"]:
+        raise InputError(f"{path}: 'assignments' holds cluster numbers outside 0..{sizes['K'] - 1}")
+    check_made_from(path, arrays, data_sha)
+    return arrays, sizes, digest
+
+
 # ----------------------------------------------------------------------------------------------
 # Data sets: .npz, D4RL HDF5 files, Minari ids
 # ----------------------------------------------------------------------------------------------
@@ -380,6 +452,16 @@ def _read_d4rl_file(path: str) -> dict:
     return arrays
 
 
+def observation_stats(name: str, observations):
+    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
+    x = np.asarray(observations, np.float64)
+    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
+                         f"{np.abs(x).max():.3g})")
+    return mean, std
+
+
 # ----------------------------------------------------------------------------------------------
 # The command line: flags, errors, progress, TensorBoard, devices
 # ----------------------------------------------------------------------------------------------
@@ -534,6 +616,11 @@ def save_checkpoint(path: str, state, unit: int, schema: str, identity: dict) ->
     arrays.update(unit=np.int64(unit), identity=np.array(json.dumps(identity, sort_keys=True)))
     save_npz(path, arrays, schema, {})
 
+
+def remove_checkpoint(path: str) -> None:
+    """The checkpoint of a run whose output is written: it has served."""
+    if os.path.exists(path):
+        os.remove(path)
 
 def resume_checkpoint(args, state_template, schema: str, identity: dict, total: int):
     """(checkpoint path, state, finished units): with --resume and a checkpoint of this run, its state and progress;

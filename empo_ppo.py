@@ -1,104 +1,51 @@
-"""Stage 2 of EMPO: improve each behaviour cluster with SARSA Q, Monte-Carlo V and full-batch PPO.
+"""Stage 2 of EMPO: SARSA Q, Monte-Carlo V and full-batch PPO improve every cluster (empo/cluster/v1 -> empo/ppo/v1).
 
-Paper: §3.2 (Algorithm 2, Eq. 10-14), §4.3.2 and Figure 4 (full batch against minibatches), Table 4.
+Example: python empo_ppo.py --dataset data/nav.npz --cluster runs/nav/cluster.npz --out runs/nav/ppo.npz
+Equation map (paper §3.2, Algorithm 2; full batch against minibatches: §4.3.2, Figure 4; defaults: Table 4)
+    Eq. (10)  R(s_i) = r_i + gamma R(s_{i+1}) (item 8)                      -> mc_returns
+    Eq. (11)  l_Q = [Q(s,a)_A(s,a) - (r + gamma Q_bar(s',a')_A(s',a'))]^2   -> sarsa_target, q_loss
+    Eq. (12)  l_V = [V(s)_A(s,a) - R(s)]^2                                   -> v_loss
+    Eq. (13)  psi_bar <- (1 - tau_Q) psi_bar + tau_Q psi, every n_Q          -> make_q_chunk
+    Eq. (14)  l_pi = min(rho A, clip(rho, 1-eps, 1+eps) A), maximised        -> ppo_surrogate
 
-Input   a data set (``--dataset``, as stage 1) and ``--cluster cluster.npz`` (schema empo/cluster/v1,
-        made from that data set: its sha256 is checked).
-Output  ``ppo.npz`` (schema empo/ppo/v1) and TensorBoard logs in ``<out folder>/ppo``:
-        pi/params/... [S, K, ...] the improved policies pi_L(.|s, z; Theta'), q/params/... [S, ...]
-        Q(s, a; psi) -> R^K, v/params/... [S, ...] V(s; phi) -> R^K, arch/* (what rebuilds them),
-        cluster_run [S] (the stage-1 run each run improved), eval/* (rollouts of beta_z and pi_L
-        per cluster on the navigation task), plus args, producer and inputs.
-
-Equation map
-    Eq. (10)  R(s_i) = sum_t gamma^t r_{i+t} (interpretation 8)     -> mc_returns
-    Eq. (11)  l_Q = [Q(s,a)_A(s,a) - (r + gamma Q_bar(s',a')_A(s',a'))]^2 -> sarsa_target, q_loss
-    Eq. (12)  l_V = [V(s)_A(s,a) - R(s)]^2                          -> v_loss
-    Eq. (13)  psi_bar <- (1 - tau_Q) psi_bar + tau_Q psi, every n_Q -> make_q_chunk
-    Eq. (14)  l_pi = min(rho A, clip(rho, 1-eps, 1+eps) A), maximised -> ppo_surrogate
-
-Interpretations and deviations
-    1. Networks: the stage-1 architecture (hidden layers and width from cluster.npz). Q takes the
-       standardised state and the action divided by the action scale; Q and V have K linear heads.
-       pi_L starts from the stage-1 policies Theta_hat* (Algorithm 2, line 2).
-    2. Value scale: Q and V are trained in units of c = std of the Monte-Carlo returns R(s) over the
-       data set (rewards divided by c), so that targets are O(1) for Adam; c is stored in
-       arch/value_scale and every logged value or advantage is multiplied back into reward units.
-       The PPO step is unchanged by a constant scale of the advantage, up to Adam's epsilon.
-    3. Trajectory ends: after a terminal (goal reached) the SARSA target is r alone. The data set
-       holds no next action after a timeout, so there a' is drawn once, before training, from
-       beta(.|s', A(s,a); Theta_hat*), the stage-1 policy of the trajectory's cluster, and the target
-       bootstraps through it. A(s', a') = A(s, a) inside a trajectory because assignments are per
-       trajectory (Eq. 9). Monte-Carlo returns (Eq. 10) stop at every trajectory end.
-    4. PPO: a' ~ beta(.|s, A(s,a); Theta_hat*) is drawn afresh every epoch for every transition
-       (noise fixed per row and epoch, so chunking never changes the gradient). rho and the
-       advantage use the unclipped a' (the density it was drawn from), Q is evaluated at the
-       action the environment would execute, clip(a', -max|a|, max|a|). The advantage is
-       (Q(s,a') - V(s))_A(s,a) without normalisation (the paper mentions none). eps_c = 0.2
-       (PPO's usual value; not in Table 4). One epoch of full-batch PPO is one Adam step on the
-       mean over all N transitions, the gradient accumulated over chunks of rows inside jit.
-       --ppo-minibatch B instead takes ceil(N / B) Adam steps per epoch over a shuffled pass.
-    5. Q is trained with minibatches drawn uniformly with replacement, N_Q steps; V for N_V epochs
-       of ceil(N / B) such steps; one Adam optimiser per network.
-    6. Seeds: run i uses seed --seed + i and clustering run --first-run + i of cluster.npz (all runs
-       share run 0 when cluster.npz holds one). Runs are vmapped and sharded over the visible devices.
-       --seed 3 --first-run 2 --num-seeds 8 adds seeds 3..10 to an earlier run of seeds 1 and 2.
-    7. Evaluation (navigation task only, never used for selection): beta_z and pi_L(.|s, z) run
-       alone from s_0 with their mean action (eval/{beta,pi}_*) and with actions drawn from them
-       (eval/{beta,pi}_sampled_*, the paper's protocol), --eval-episodes rollouts each; --eval-at adds pi_L
-       at chosen PPO epochs (eval/sweep_*, Figure 4).
-    8. Eq. (10) as printed, R(s_i) = sum_{t=0}^{T-i} gamma^t r_t, indexes the rewards from the start of
-       the trajectory whatever i is; read as the return from s_i, R(s_i) = sum_{t=0}^{T-i} gamma^t r_{i+t}
-       (the sample return of §3.2 that V(s) regresses on, Eq. 12), i.e. R_i = r_i + gamma R_{i+1}.
-
-Example
-    python empo_ppo.py --dataset data/nav.npz --cluster runs/nav/cluster.npz --out runs/nav/ppo.npz
+Interpretations and deviations (each at length under its number in docs/empo_ppo.md)
+    1. Networks: stage 1's; Q on [standardised s, a / action scale]; Q, V with K linear heads; pi_L starts at beta.
+    2. Q and V learn in units of c = std of R(s) (arch/value_scale); logged values are in reward units.
+    3. SARSA target: r alone after a terminal; after a timeout a' is drawn once from beta(.|s', A(s,a)).
+    4. PPO: a' ~ beta(.|s, A(s,a)) anew per row and epoch, Q at the clipped a', raw advantage, eps_c 0.2, full batch.
+    5. Q: N_Q minibatch steps with replacement; V: N_V epochs of ceil(N / B) such steps; one Adam per network.
+    6. Run i: seed --seed + i, clustering run --first-run + i; the runs are vmapped and sharded over the devices.
+    7. Evaluation, never for selection: beta_z and pi_L alone; --eval-at adds pi_L at chosen epochs (Figure 4).
+    8. Eq. (10) read as the return from s_i (R_i = r_i + gamma R_{i+1}), not the rewards from the trajectory start.
 """
 
-from __future__ import annotations
-
-import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct, traverse_util
+from flax import struct
 
 import gym_eval
-from empo_io import (
-    InputError,
-    Progress,
-    check_arrays,
-    check_fits,
-    check_flags,
-    check_writable,
-    checkpoint_path,
-    cli,
-    flatten_params,
-    load_dataset,
-    load_npz,
-    make_writer,
-    resume_checkpoint,
-    run,
-    run_identity,
-    save_checkpoint,
-    save_npz,
-    seed_shardings,
-    unflatten_params,
-)
+import nav_env
+
+# The plumbing, by purpose: files and data sets, checkpoints, the command line.
+# isort: off
+from empo_io import InputError, load_dataset, load_cluster, save_npz, flatten_params, unflatten_params
+from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, remove_checkpoint
+from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
+# isort: on
 
 
 @dataclass
-class Args:
+class Args(gym_eval.EvalEnvFlags):
     """Stage 2 of EMPO: SARSA Q, Monte-Carlo V and full-batch PPO for every cluster (Algorithm 2)."""
-
     # --- experiment ---
     preset: Literal["nav", "d4rl"] = "nav"
     """the defaults of every other flag: 'nav' = Table 4's didactic column (the navigation task), 'd4rl' = its D4RL
@@ -121,19 +68,9 @@ class Args:
     eval_episodes: int = 100
     """episodes of each beta_z and pi_L(.|s, z): JAX rollouts from s_0 (navigation task) or episodes in the
     Minari data set's Gymnasium environment (MuJoCo); 0 skips the evaluation"""
-    ref_min_score: Optional[float] = None
-    """reference return of score 0 for the normalised score (default: D4RL's random return for a D4RL task's
-    environment, else the Minari data set's ref_min_score)"""
-    ref_max_score: Optional[float] = None
-    """reference return of score 100 for the normalised score (default: D4RL's expert return for a D4RL task's
-    environment, else the Minari data set's ref_max_score)"""
     eval_at: str = ""
     """PPO epochs at which to evaluate pi_L as well (comma-separated, e.g. 1,2,5,10,20,50,100; 0 = the stage-1
     policies): both protocols, stored in eval/sweep_* (Figure 4 from one run; navigation task only)"""
-    eval_env: str = ""
-    """Gymnasium environment to evaluate in (default: for D4RL files the task's -v4 environment from the file
-    names, e.g. halfcheetah_*.hdf5 -> HalfCheetah-v4; for Minari ids the recorded one; an .npz of a MuJoCo task
-    needs it)"""
     # --- algorithm (Table 4, didactic column) ---
     gamma: float = 0.999
     """gamma: discount factor"""
@@ -163,23 +100,7 @@ class Args:
     """rows per chunk of the full-batch passes (gradient accumulation inside jit; the same gradient)"""
 
 
-PRESETS = {  # Table 4: the didactic column and the D4RL column
-    "nav": Args(),
-    "d4rl": Args(preset="d4rl", dataset="data/d4rl/halfcheetah_medium-v2.hdf5,data/d4rl/halfcheetah_expert-v2.hdf5",
-                 cluster="runs/halfcheetah-medium-expert/cluster.npz", out="runs/halfcheetah-medium-expert/ppo.npz",
-                 eval_episodes=10, gamma=0.99, q_steps=1_500_000, v_epochs=40, pi_epochs=100),
-}
-
-# Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood
-# for by their sha256, so that moved files still resume).
-NEUTRAL_FLAGS = ('out', 'resume', 'preset', 'eval_episodes', 'eval_env', 'eval_at', 'ref_min_score',
-                 'ref_max_score', 'dataset', 'cluster')
-
-
-# ----------------------------------------------------------------------------------------------
-# Containers
-# ----------------------------------------------------------------------------------------------
-
+# --- containers ---
 @struct.dataclass
 class TrainState:
     q: Any  # Q(s, a; psi) -> R^K
@@ -195,7 +116,6 @@ class TrainState:
 @struct.dataclass
 class Data:
     """The data set on the device (shared by all runs), padded to a whole number of chunks."""
-
     obs: jax.Array  # [N_pad, obs_dim], standardised
     actions: jax.Array  # [N_pad, act_dim]
     rewards: jax.Array  # [N_pad], divided by the value scale
@@ -210,20 +130,17 @@ class Data:
 @struct.dataclass
 class RunInputs:
     """What differs between runs: the stage-1 policies, the assignments and the SARSA next actions."""
-
     beta: Any  # Theta_hat*, stacked [K, ...]
     assign: jax.Array  # [N_pad] int32, A(s, a)
     next_actions: jax.Array  # [N_pad, act_dim], a' with the timeout rows filled from beta
 
 
-# --- shared block: networks (keep identical across stages) ---
+# --- networks ---
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 0.0
 
 
 class MLP(nn.Module):
-    """hidden_layers x (Dense(hidden_dim) + ReLU), then a linear Dense(out_dim) (linear heads:
-    rewards can be negative)."""
-
+    """hidden_layers x (Dense(hidden_dim) + ReLU), then a linear Dense(out_dim) (linear: rewards can be negative)."""
     hidden_dim: int
     hidden_layers: int
     out_dim: int
@@ -237,7 +154,6 @@ class MLP(nn.Module):
 
 class GaussianPolicy(nn.Module):
     """beta(a|s; theta): mean = action_scale * tanh(.), log-std squashed into [LOG_STD_MIN, LOG_STD_MAX]."""
-
     act_dim: int
     action_scale: tuple
     hidden_dim: int
@@ -252,52 +168,7 @@ class GaussianPolicy(nn.Module):
         return mean, log_std
 
 
-def gaussian_log_prob(mean, log_std, action):
-    """log N(action; mean, exp(log_std)^2), summed over the last (action) axis."""
-    z = (action - mean) * jnp.exp(-log_std)
-    return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
-
-
-def stacked_apply(policy, params, obs, z):
-    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
-    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
-    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
-    return pick(mean), pick(log_std)
-
-
-def check_arch(name: str, arrays: dict) -> None:
-    """The arch/* entries of a handoff file rebuild a network: sizes at least 1, scales positive."""
-    for key in ("arch/k", "arch/hidden_dim", "arch/hidden_layers"):
-        if key in arrays and int(arrays[key]) < 1:
-            raise InputError(f"{name}: '{key}' must be at least 1, got {int(arrays[key])}")
-    for key in ("arch/obs_std", "arch/action_scale", "arch/value_scale"):
-        if key in arrays and not np.all(arrays[key] > 0):
-            raise InputError(f"{name}: '{key}' must be positive, got {arrays[key]}")
-
-
-def param_shapes(net, in_dim: int):
-    """The parameters of ``net`` on inputs of ``in_dim`` features, as shapes only (nothing is computed)."""
-    return jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, in_dim), jnp.float32))["params"]
-
-
-def check_param_shapes(name: str, arrays: dict, prefix: str, template, lead: int) -> None:
-    """The parameters under ``prefix`` have, after ``lead`` leading axes (seeds, clusters), the shapes of
-    ``template`` (one network built from the file's arch/* entries)."""
-    want = {f"{prefix}/{k}": tuple(v.shape) for k, v in traverse_util.flatten_dict(template, sep="/").items()}
-    have = {k: a.shape[lead:] for k, a in arrays.items() if k.startswith(prefix + "/")}
-    for key in sorted(set(want) | set(have)):
-        if key not in have:
-            raise InputError(f"{name} has no key '{key}', which its arch/* entries call for")
-        if key not in want or have[key] != want[key]:
-            raise InputError(f"{name}: '{key}' has shape {have[key]} per run, but its arch/* entries give "
-                             f"{want.get(key, 'no such parameter')}")
-# --- end shared block: networks ---
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses (one function per equation)
-# ----------------------------------------------------------------------------------------------
-
+# --- losses (one function per equation) ---
 @jax.jit
 def mc_returns(rewards, last, gamma: float):
     """Eq. (10): R(s_i) = r_i + gamma R(s_{i+1}) inside a trajectory, R = r on its last row.
@@ -336,6 +207,19 @@ def v_loss(v_s, returns):
     return jnp.mean((v_s - returns) ** 2)  # Eq. (12)
 
 
+def gaussian_log_prob(mean, log_std, action):
+    """log N(action; mean, exp(log_std)^2), summed over the last (action) axis."""
+    z = (action - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+
+
+def stacked_apply(policy, params, obs, z):
+    """(mean, log_std) of policy z_b at obs_b for every row: all K heads, then the row's one. [B, act_dim]."""
+    mean, log_std = jax.vmap(policy.apply, in_axes=(0, None))(params, obs)  # [K, B, act_dim]
+    pick = lambda x: jnp.take_along_axis(x, z[None, :, None], axis=0)[0]
+    return pick(mean), pick(log_std)
+
+
 def ppo_surrogate(log_pi, log_beta, advantage, clip: float):
     """Eq. (14): min(rho A, clip(rho, 1 - eps_c, 1 + eps_c) A) per row, rho = pi_L(a'|s,z) / beta(a'|s,z)."""
     ratio = jnp.exp(log_pi - log_beta)
@@ -348,10 +232,7 @@ def gaussian_kl(mean_p, log_std_p, mean_q, log_std_q):
     return jnp.sum(log_std_q - log_std_p + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5, axis=-1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training functions
-# ----------------------------------------------------------------------------------------------
-
+# --- training factories (lax.scan inside jit) ---
 def make_networks(hidden_dim: int, hidden_layers: int, k: int, act_dim: int, action_scale: tuple):
     policy = GaussianPolicy(act_dim, action_scale, hidden_dim, hidden_layers)
     q_net = MLP(hidden_dim, hidden_layers, k)  # Q(s, a) on [s, a / action_scale]
@@ -451,6 +332,10 @@ def make_ppo_epoch(args: Args, policy, q_net, v_net, tx, num_rows: int, k: int, 
     def chunked(x):
         return x.reshape((-1, args.chunk) + x.shape[1:])
 
+    def totals(stats):  # sums over the chunks or minibatches, the ratio's min and max over them
+        reduce = {"ratio_min": jnp.min, "ratio_max": jnp.max}
+        return {name: reduce.get(name, lambda x: jnp.sum(x, 0))(x) for name, x in stats.items()}
+
     def full_batch(state: TrainState, key, run: RunInputs, data: Data):
         noise = jax.random.normal(key, data.actions.shape)  # one a' per row and epoch
 
@@ -463,9 +348,7 @@ def make_ppo_epoch(args: Args, policy, q_net, v_net, tx, num_rows: int, k: int, 
         grads, stats = jax.lax.scan(accumulate, zeros, (chunked(data.obs), chunked(run.assign), chunked(noise),
                                                         chunked(data.valid)))
         updates, pi_opt = tx.update(grads, state.pi_opt, state.pi)
-        state = state.replace(pi=optax.apply_updates(state.pi, updates), pi_opt=pi_opt)
-        reduce = {"ratio_min": jnp.min, "ratio_max": jnp.max}
-        return state, {name: reduce.get(name, lambda x: jnp.sum(x, 0))(x) for name, x in stats.items()}
+        return state.replace(pi=optax.apply_updates(state.pi, updates), pi_opt=pi_opt), totals(stats)
 
     def minibatch(state: TrainState, key, run: RunInputs, data: Data):
         key_noise, key_perm = jax.random.split(key)
@@ -482,8 +365,7 @@ def make_ppo_epoch(args: Args, policy, q_net, v_net, tx, num_rows: int, k: int, 
             return state.replace(pi=optax.apply_updates(state.pi, updates), pi_opt=pi_opt), stats
 
         state, stats = jax.lax.scan(update, state, perm)
-        reduce = {"ratio_min": jnp.min, "ratio_max": jnp.max}
-        return state, {name: reduce.get(name, lambda x: jnp.sum(x, 0))(x) for name, x in stats.items()}
+        return state, totals(stats)
 
     return minibatch if args.ppo_minibatch > 0 else full_batch
 
@@ -510,66 +392,42 @@ def make_next_actions(policy, action_scale, chunk: int):
     return fill
 
 
-# ----------------------------------------------------------------------------------------------
-# Inputs, evaluation and checkpoints
-# ----------------------------------------------------------------------------------------------
-
-def load_cluster(path: str, data_sha: str, data_sizes: dict) -> tuple[dict, dict, str]:
-    """Read and validate cluster.npz against the data set (sizes N, E, obs_dim, act_dim); returns (arrays, sizes with
-    S and K, sha256 of the file as read)."""
-    arrays, digest = load_npz(path, "empo/cluster/v1", digest=True)
-    spec = {"posterior": ("float32", ("S", "E", "K")), "assignments": ("int32", ("S", "N")),
-            "arch/k": ("int64", ()), "arch/hidden_dim": ("int64", ()), "arch/hidden_layers": ("int64", ()),
-            "arch/obs_mean": ("float32", ("obs_dim",)), "arch/obs_std": ("float32", ("obs_dim",)),
-            "arch/action_scale": ("float32", ("act_dim",))}
-    if not any(key.startswith("policy/params/") for key in arrays):
-        raise InputError(f"{path} has no key 'policy/params/...'")
-    sizes = check_arrays(path, arrays, spec, data_sizes)
-    check_arch(path, arrays)
-    if int(arrays["arch/k"]) != sizes["K"]:
-        raise InputError(f"{path}: 'arch/k' is {int(arrays['arch/k'])} but its arrays hold K={sizes['K']} clusters")
-    hidden = int(arrays["arch/hidden_dim"]), int(arrays["arch/hidden_layers"])
-    policy = GaussianPolicy(sizes["act_dim"], (1.0,) * sizes["act_dim"], *hidden)
-    check_param_shapes(path, arrays, "policy/params", param_shapes(policy, sizes["obs_dim"]), 2)
-    if any(key.startswith("classifier/params/") for key in arrays):  # not used here; stage 3 reads it
-        check_param_shapes(path, arrays, "classifier/params", param_shapes(MLP(*hidden, sizes["K"]), sizes["obs_dim"]),
-                           1)
-    check_arrays(path, arrays, {key: ("float32", ("S", "K") + a.shape[2:] if key.startswith("policy/") else ("S",)
-                                      + a.shape[1:]) for key, a in arrays.items() if "/params/" in key}, sizes)
-    if arrays["assignments"].min() < 0 or arrays["assignments"].max() >= sizes["K"]:
-        raise InputError(f"{path}: 'assignments' holds cluster numbers outside 0..{sizes['K'] - 1}")
-    try:
-        made_from = json.loads(str(arrays["inputs"])).get("dataset")
-    except (KeyError, ValueError, AttributeError):
-        made_from = None
-    if made_from != data_sha:
-        raise InputError(f"{path} was made from another data set (sha256 {str(made_from)[:12]}..., "
-                         f"this one is {data_sha[:12]}...)")
-    return arrays, sizes, digest
+# --- evaluation (for insight, never for selection) ---
+def evaluate_policies(args: Args, evaluate, beta, pi, key_eval, writer, run_dir, seeds, k):
+    """Rollouts of every beta_z and pi_L(.|s, z) from s_0, with the mean action (eval/{beta,pi}_*) and sampled
+    (eval/{beta,pi}_sampled_*, the paper's protocol): arrays, TensorBoard scalars, a table and a map each."""
+    arrays, summary = {}, {}
+    titles = {"beta": "Stage-1 policies beta_z", "pi": "Improved policies pi_L(.|s, z)"}
+    for policy_name, params in (("beta", beta), ("pi", pi)):
+        for prefix, out in evaluate(params, key_eval).items():  # [S, K, E, ...]
+            name = f"{policy_name}_sampled" if prefix else policy_name
+            title = f"{titles[policy_name]} (seed {seeds[0]}, {'sampled' if prefix else 'mean'} action)"
+            part, part_summary = nav_env.report_cluster_rollouts(out, name, k, writer, args.pi_epochs, title,
+                                                                 os.path.join(run_dir, f"ppo_{name}.png"), "[ppo]")
+            arrays.update(part)
+            summary.update(part_summary)
+    return arrays, summary
 
 
-def make_evaluate(policy, obs_mean, obs_std, episodes: int, sample: bool = False):
-    """Rollouts of one Gaussian policy from s_0 (nav_env.rollout) with its mean action, or with actions drawn from
-    it (``sample``); vmap over seeds and K."""
-    import nav_env
+# --- the command line: presets, inputs, the schedule, outputs ---
+PRESETS = {  # Table 4: the didactic column and the D4RL column
+    "nav": Args(),
+    "d4rl": Args(preset="d4rl", dataset="data/d4rl/halfcheetah_medium-v2.hdf5,data/d4rl/halfcheetah_expert-v2.hdf5",
+                 cluster="runs/halfcheetah-medium-expert/cluster.npz", out="runs/halfcheetah-medium-expert/ppo.npz",
+                 eval_episodes=10, gamma=0.99, q_steps=1_500_000, v_epochs=40, pi_epochs=100),
+}
 
-    def evaluate(params, key):
-        def act(key_t, pos):
-            mean, log_std = policy.apply(params, (pos - obs_mean) / obs_std)
-            if sample:
-                return mean + jnp.exp(log_std) * jax.random.normal(key_t, mean.shape)
-            return mean
+# Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood
+# for by their sha256, so that moved files still resume).
+NEUTRAL_FLAGS = ('out', 'resume', 'preset', 'eval_episodes', 'eval_env', 'ref_min_score', 'ref_max_score',
+                 'dataset', 'cluster')
 
-        out = nav_env.rollout(key, act, episodes)
-        return {name: out[name] for name in ("return", "goal", "penalty_steps", "optimal_route", "positions",
-                                             "length")}
+# Figure 4's sweep: {,sampled_}{return,goal,route} [S, K, P, E] of pi_L at the P epochs of --eval-at. The entries
+# so far are part of the checkpoint (with --eval-at, and then --eval-episodes, in the run's identity), written
+# after each epoch's evaluation, so that a resumed run has every epoch it passed.
+SWEEP_FIELDS = {prefix + field: dtype for prefix in ("", "sampled_")
+                for field, dtype in (("return", np.float32), ("goal", bool), ("route", np.int32))}
 
-    return jax.jit(jax.vmap(jax.vmap(evaluate, in_axes=(0, None)), in_axes=(0, 0)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
 
 def validate_args(args: Args) -> None:
     """The flags alone, before anything is read: one sentence for the first one out of range."""
@@ -599,24 +457,21 @@ def sweep_epochs(args: Args) -> list:
     return epochs
 
 
-def main(args: Args) -> dict:
-    validate_args(args)
-    for path in (args.out, checkpoint_path(args.out)):
-        check_writable(path, [args.dataset, args.cluster])
+def load_inputs(args: Args):
+    """The data set, cluster.npz and the evaluation environment, checked before any training: (data set arrays, its
+    sha256, cluster.npz arrays, its sha256, the environment or None, K, the clustering run of each run [S])."""
     data_np, data_sha = load_dataset(args.dataset)
     n = len(data_np["rewards"])
     num_episodes = int(data_np["episode_ids"][-1]) + 1
     obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
+    networks = lambda hidden_dim, hidden_layers, k: {  # rebuilt from arch/*, to check the parameters' shapes
+        "policy/params": GaussianPolicy(act_dim, (1.0,) * act_dim, hidden_dim, hidden_layers),
+        "classifier/params": MLP(hidden_dim, hidden_layers, k)}
     cluster, sizes, cluster_sha = load_cluster(args.cluster, data_sha,
-                                               dict(N=n, E=num_episodes, obs_dim=obs_dim, act_dim=act_dim))
+                                               dict(N=n, E=num_episodes, obs_dim=obs_dim, act_dim=act_dim), networks)
     env = None  # where the policies are evaluated; checked before training, not after it
     if args.eval_episodes > 0:
-
-        try:
-            env = gym_eval.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score,
-                                         args.eval_env)
-        except InputError as e:  # nav_env's own class: this script reports only its own in one sentence
-            raise InputError(str(e)) from None
+        env = gym_eval.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score, args.eval_env)
     k, cluster_seeds = sizes["K"], sizes["S"]
     check_fits(f"--eval-episodes {args.eval_episodes}",  # the rollouts' paths
                2 * args.num_seeds * k * args.eval_episodes * 1001 * 2 * 4)
@@ -624,20 +479,18 @@ def main(args: Args) -> dict:
         raise InputError(f"--first-run {args.first_run} plus --num-seeds {args.num_seeds} is more than the "
                          f"{cluster_seeds} clustering runs in {args.cluster}")
     cluster_run = args.first_run + np.arange(args.num_seeds) if cluster_seeds > 1 else np.zeros(args.num_seeds, int)
-    hidden_dim, hidden_layers = int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"])
-    obs_mean, obs_std = cluster["arch/obs_mean"], cluster["arch/obs_std"]
-    action_scale = tuple(float(x) for x in cluster["arch/action_scale"])
+    return data_np, data_sha, cluster, cluster_sha, env, k, cluster_run
 
+
+def device_data(args: Args, data_np: dict, obs_mean, obs_std) -> tuple[Data, float]:
+    """(the data set as Data, padded to whole chunks of args.chunk rows; the value scale c of item 2)."""
     # Eq. (10) once, in reward units, to fix the value scale c (interpretation 2).
-    ids = data_np["episode_ids"]
-    last = np.r_[np.diff(ids) != 0, True]
+    last = np.r_[np.diff(data_np["episode_ids"]) != 0, True]  # the last row of each trajectory
     returns = np.asarray(mc_returns(jnp.asarray(data_np["rewards"]), jnp.asarray(last), args.gamma))
     value_scale = float(max(returns.std(), 1e-3))
     next_actions = np.where(last[:, None], 0.0, np.roll(data_np["actions"], -1, axis=0)).astype(np.float32)
-
-    chunk = min(args.chunk, n)
-    pad = (-n) % chunk
-    run_args = Args(**{**asdict(args), "chunk": chunk})
+    n = len(data_np["rewards"])
+    pad = (-n) % args.chunk
     padded = lambda x, value=0: jnp.asarray(np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value))
     norm = lambda x: (x - obs_mean) / obs_std
     data = Data(obs=padded(norm(data_np["observations"])), actions=padded(data_np["actions"]),
@@ -645,150 +498,38 @@ def main(args: Args) -> dict:
                 next_actions=padded(next_actions), bootstrap=padded((~data_np["terminals"]).astype(np.float32)),
                 timeout_end=padded(data_np["timeouts"] & ~data_np["terminals"]),
                 returns=padded((returns / value_scale).astype(np.float32)), valid=padded(np.ones(n, np.float32)))
+    return data, value_scale
 
-    policy, q_net, v_net = make_networks(hidden_dim, hidden_layers, k, act_dim, action_scale)
-    init, tx = make_init(run_args, q_net, v_net, obs_dim, act_dim)
-    seed_sharding, replicated = seed_shardings(args.num_seeds)
-    data = jax.device_put(data, replicated)
-    beta = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x[cluster_run]),
-                                       unflatten_params("policy/params", cluster)), seed_sharding)
-    beta = {"params": beta}
-    assign = jnp.asarray(np.pad(cluster["assignments"][cluster_run], ((0, 0), (0, pad))))
-    seeds = np.arange(args.seed, args.seed + args.num_seeds)
-    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-    key_init, key_next, key_train, key_eval = (
-        jax.device_put(x, seed_sharding) for x in jax.vmap(lambda s: jax.random.split(s, 4), out_axes=1)(seed_keys))
-    fill = jax.jit(jax.vmap(make_next_actions(policy, action_scale, chunk), in_axes=(0, 0, 0, None)))
-    run = RunInputs(beta=beta, assign=jax.device_put(assign, seed_sharding),
-                    next_actions=fill(key_next, beta, jax.device_put(assign, seed_sharding), data))
-    state = jax.jit(jax.vmap(init), out_shardings=seed_sharding)(key_init, beta)
 
-    # The schedule: SARSA calls, V epochs, PPO epochs; a checkpoint after each unit.
-    q_calls = [min(args.steps_per_call, args.q_steps - i) for i in range(0, args.q_steps, args.steps_per_call)]
-    schedule = [("q", s) for s in q_calls] + [("v", 0)] * args.v_epochs + [("pi", 0)] * args.pi_epochs
-    run_dir = os.path.dirname(os.path.abspath(args.out))
-    identity = run_identity(args, NEUTRAL_FLAGS, {"dataset": data_sha, "cluster": cluster_sha})
-    ckpt_path, state, first = resume_checkpoint(args, state, "empo/ppo-checkpoint/v2", identity, len(schedule))
-    state = jax.device_put(state, seed_sharding)
-    writer = make_writer(os.path.join(run_dir, "ppo"), args)
+def make_schedule(args: Args) -> list:
+    """The units between checkpoints, each (part, SARSA steps, the step it is logged at): the SARSA calls
+    (Algorithm 2, lines 3-9), the V epochs (lines 11-14), the PPO epochs (lines 15-17)."""
+    starts = range(0, args.q_steps, args.steps_per_call)
+    q_calls = [min(args.steps_per_call, args.q_steps - i) for i in starts]
+    return ([("q", s, i + s) for i, s in zip(starts, q_calls)] + [("v", 0, e + 1) for e in range(args.v_epochs)]
+            + [("pi", 0, e + 1) for e in range(args.pi_epochs)])
 
+
+def make_units(args: Args, schedule: list, policy, q_net, v_net, tx, n: int, k: int, action_scale) -> dict:
+    """{(part, steps): unit(state, key, run, data) -> (state, metrics)}, jitted and vmapped over the runs."""
     vmapped = lambda f: jax.jit(jax.vmap(f, in_axes=(0, 0, 0, None)))
-    q_chunk = make_q_chunk(run_args, q_net, tx, n, action_scale)
-    q_calls_jit = {s: jax.jit(jax.vmap(lambda st, key, r, d, s=s: q_chunk(st, key, r, d, s), in_axes=(0, 0, 0, None)))
-                   for s in set(q_calls)}
-    v_epoch = vmapped(make_v_epoch(run_args, v_net, tx, n))
-    ppo_epoch = vmapped(make_ppo_epoch(run_args, policy, q_net, v_net, tx, n, k, action_scale))
-    unit_key = lambda unit: jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, unit),
-                                           seed_sharding)
-    print(f"[ppo] N={n} K={k} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
-          f"value scale c={value_scale:.1f}; {len(schedule)} units", flush=True)
-
-    # Figure 4's sweep: pi_L evaluated at the --eval-at epochs, kept beside the checkpoint so that a resumed run
-    # keeps the epochs it passed (a fresh run starts the file anew).
-    sweep, sweep_file = {}, os.path.splitext(os.path.abspath(args.out))[0] + ".sweep.npz"
-    sweep_at = set(sweep_epochs(args)) if env is not None and env["kind"] == "nav" else set()
-    if sweep_at and first > 0 and os.path.exists(sweep_file):
-        with np.load(sweep_file) as f:
-            sweep = {int(name.split("_")[1]): {key.split("/", 1)[1]: f[key] for key in f.files
-                                               if key.startswith(name + "/")}
-                     for name in {key.split("/")[0] for key in f.files}}
-    evaluate_sweep = (make_sweep_evaluate(policy, obs_mean, obs_std, args.eval_episodes) if sweep_at else None)
-
-    progress = Progress(len(schedule), "ppo", kinds=[part for part, _ in schedule], first=first)
-    timings = {"q": 0.0, "v": 0.0, "pi": 0.0}
-    q_done = sum(s for part, s in schedule[:first] if part == "q")
-    # Gradient steps per unit (charts/SPS, against the steps done so far): a SARSA call, a V epoch of minibatches,
-    # a PPO epoch (one full-batch Adam step, or ceil(N / B) minibatch steps).
-    epoch_steps = {"v": math.ceil(n / args.batch_size),
-                   "pi": math.ceil(n / args.ppo_minibatch) if args.ppo_minibatch else 1}
-    steps_done = sum(epoch_steps.get(part, s) for part, s in schedule[:first])
-    for unit in range(first, len(schedule)):
-        part, steps = schedule[unit]
-        t0 = time.perf_counter()
-        if part == "q":
-            state, metrics = q_calls_jit[steps](state, unit_key(unit), run, data)
-            q_done += steps
-            log_step = q_done
-        elif part == "v":
-            state, metrics = v_epoch(state, unit_key(unit), run, data)
-            log_step = unit - len(q_calls) + 1
-        else:
-            state, metrics = ppo_epoch(state, unit_key(unit), run, data)
-            log_step = unit - len(q_calls) - args.v_epochs + 1
-        metrics = jax.device_get(metrics)
-        timings[part] += time.perf_counter() - t0
-        unit_steps = epoch_steps.get(part, steps)
-        steps_done += unit_steps
-        writer.add_scalar("charts/SPS", unit_steps / (time.perf_counter() - t0), steps_done)
-        save_checkpoint(ckpt_path, state, unit + 1, "empo/ppo-checkpoint/v2", identity)
-        fields = {"part": part, "took": time.perf_counter() - t0}
-        if part == "q":
-            writer.add_scalar("losses/q", float(np.mean(metrics["losses/q"])), log_step)
-            writer.add_scalar("charts/q_target_mean", float(np.mean(metrics["charts/q_target_mean"])) * value_scale,
-                              log_step)
-            fields["q_loss"] = float(np.mean(metrics["losses/q"]))
-        elif part == "v":
-            writer.add_scalar("losses/v", float(np.mean(metrics["losses/v"])), log_step)
-            fields["v_loss"] = float(np.mean(metrics["losses/v"]))
-        else:
-            fields.update(log_ppo(writer, metrics, n, value_scale, log_step))
-            if log_step in sweep_at:
-                sweep[log_step] = evaluate_sweep(state.pi, key_eval)
-                np.savez(sweep_file + ".tmp.npz", **{f"epoch_{e}/{key}": x for e, out in sweep.items()
-                                                     for key, x in out.items()})
-                os.replace(sweep_file + ".tmp.npz", sweep_file)
-                fields["sweep_return"] = float(sweep[log_step]["sampled_return"].mean())
-                for key in ("return", "sampled_return"):
-                    writer.add_scalar(f"eval/sweep_{key}", float(sweep[log_step][key].mean()), log_step)
-        progress(unit + 1, **fields)
-    if 0 in sweep_at:
-        sweep[0] = evaluate_sweep(beta, key_eval)  # pi_L starts from the stage-1 policies (Algorithm 2, line 2)
-
-    # Evaluation for insight: beta_z and pi_L(.|s, z) alone, from s_0 (navigation) or in the Gymnasium env.
-    arrays_eval, summary_eval = {}, {}
-    if env is not None and env["kind"] == "nav":
-        arrays_eval, summary_eval = evaluate_policies(args, policy, obs_mean, obs_std, beta, state.pi, key_eval,
-                                                      writer, run_dir, seeds, k)
-    elif env is not None:
-        arrays_eval, summary_eval = evaluate_policies_gym(args, policy, obs_mean, obs_std, beta, state.pi, env,
-                                                          writer, seeds, k)
-
-    if sweep_at:
-        missing = sorted(sweep_at - set(sweep))
-        if missing:
-            print(f"[ppo] --eval-at: epochs {missing} were passed before this run resumed; their entries are NaN")
-        epochs = sorted(sweep_at)
-        template = next(iter(sweep.values()), None)
-        arrays_eval["eval/sweep_epochs"] = np.asarray(epochs, np.int64)
-        for key in (template or {}):
-            arrays_eval[f"eval/sweep_{key}"] = np.stack(
-                [sweep[e][key].astype(np.float32) if e in sweep else np.full_like(template[key], np.nan, np.float32)
-                 for e in epochs], axis=2)  # [S, K, P, E]
-        summary_eval["sweep"] = {int(e): {key: float(np.nanmean(sweep[e][key])) for key in ("return", "sampled_return")}
-                                 for e in epochs if e in sweep}
-
-    state = jax.device_get(state)
-    arrays = {
-        **flatten_params("pi/params", state.pi["params"]), **flatten_params("q/params", state.q["params"]),
-        **flatten_params("v/params", state.v["params"]), **arrays_eval,
-        "seeds": seeds.astype(np.int64), "cluster_run": cluster_run.astype(np.int64),
-        "arch/k": np.int64(k), "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
-        "arch/hidden_dim": np.int64(hidden_dim), "arch/hidden_layers": np.int64(hidden_layers),
-        "arch/obs_mean": obs_mean, "arch/obs_std": obs_std, "arch/action_scale": np.asarray(action_scale, np.float32),
-        "arch/value_scale": np.float32(value_scale), "arch/gamma": np.float32(args.gamma),
-    }
-    save_npz(args.out, arrays, "empo/ppo/v1", asdict(args),
-             {"dataset": data_sha, "cluster": cluster_sha})
-    for path in (ckpt_path, sweep_file):
-        if os.path.exists(path):
-            os.remove(path)
-    writer.close()
-    print(f"[ppo] wrote {args.out}: SARSA {timings['q']:.1f}s, V {timings['v']:.1f}s, PPO {timings['pi']:.1f}s")
-    return {"timings": timings, "value_scale": value_scale, **summary_eval}
+    q_chunk = make_q_chunk(args, q_net, tx, n, action_scale)
+    units = {("q", s): vmapped(lambda st, key, r, d, s=s: q_chunk(st, key, r, d, s))
+             for s in {s for part, s, _ in schedule if part == "q"}}
+    units["v", 0] = vmapped(make_v_epoch(args, v_net, tx, n))
+    units["pi", 0] = vmapped(make_ppo_epoch(args, policy, q_net, v_net, tx, n, k, action_scale))
+    return units
 
 
-def log_ppo(writer, metrics, n: int, value_scale: float, step: int) -> dict:
-    """TensorBoard scalars of one PPO epoch (sums over rows -> means); returns the status-line fields."""
+def log_unit(writer, part: str, metrics: dict, step: int, n: int, value_scale: float) -> dict:
+    """TensorBoard scalars of one unit (chunk means; PPO's sums over rows -> means); returns the status-line fields."""
+    if part == "q":
+        writer.add_scalar("losses/q", float(np.mean(metrics["losses/q"])), step)
+        writer.add_scalar("charts/q_target_mean", float(np.mean(metrics["charts/q_target_mean"])) * value_scale, step)
+        return {"q_loss": float(np.mean(metrics["losses/q"]))}
+    if part == "v":
+        writer.add_scalar("losses/v", float(np.mean(metrics["losses/v"])), step)
+        return {"v_loss": float(np.mean(metrics["losses/v"]))}
     m = {name: np.asarray(x) for name, x in metrics.items()}  # leading axis: seeds
     writer.add_scalar("losses/ppo_surrogate", float(m["surrogate"].mean() / n * value_scale), step)
     writer.add_scalar("charts/ratio_mean", float(m["ratio"].mean() / n), step)
@@ -806,92 +547,152 @@ def log_ppo(writer, metrics, n: int, value_scale: float, step: int) -> dict:
             "clip_frac": float(m["clipped"].mean() / n), "kl": float(m["kl_z"].sum() / count.sum())}
 
 
-def make_sweep_evaluate(policy, obs_mean, obs_std, episodes: int):
-    """evaluate(params, key) -> {return, goal, route, sampled_return, sampled_goal, sampled_route} [S, K, E] (NumPy):
-    pi_L(.|s, z) alone, mean action and sampled, as at the end of the run (Figure 4's measured quantity)."""
-    import nav_env
-
-    fns = {sample: make_evaluate(policy, jnp.asarray(obs_mean), jnp.asarray(obs_std), episodes, sample)
-           for sample in (False, True)}
-
-    def evaluate(params, key) -> dict:
-        result = {}
-        for sample, fn in fns.items():
-            out = jax.device_get(fn(params, key))
-            prefix = "sampled_" if sample else ""
-            result[prefix + "return"] = np.asarray(out["return"])
-            result[prefix + "goal"] = np.asarray(out["goal"])
-            result[prefix + "route"] = nav_env.route_classes(out["positions"], out["length"], out["goal"])
-        return result
-
-    return evaluate
+def new_sweep(num_seeds: int, k: int, epochs: list, episodes: int) -> dict:
+    """Figure 4's sweep before any epoch: zeros [S, K, P, E] per field."""
+    return {key: np.zeros((num_seeds, k, len(epochs), episodes), dtype) for key, dtype in SWEEP_FIELDS.items()}
 
 
-def evaluate_policies(args: Args, policy, obs_mean, obs_std, beta, pi, key_eval, writer, run_dir, seeds, k):
-    """Rollouts of every beta_z and pi_L(.|s, z), with the mean action (eval/{beta,pi}_*) and sampled
-    (eval/{beta,pi}_sampled_*, the paper's protocol); TensorBoard scalars, a figure, arrays."""
-    import nav_env
+def add_to_sweep(sweep: dict, p: int, outs: dict) -> dict:
+    """The sweep with entry p filled from the rollouts of nav_env.make_cluster_evaluate ([S, K, E] per field)."""
+    sweep = {key: np.array(x) for key, x in sweep.items()}
+    for key in SWEEP_FIELDS:
+        prefix, field = ("sampled_", key[8:]) if key.startswith("sampled_") else ("", key)
+        sweep[key][:, :, p] = outs[prefix][field]
+    return sweep
 
-    arrays, summary = {}, {}
-    for (name, params), sample in ((x, sample) for x in (("beta", beta), ("pi", pi)) for sample in (False, True)):
-        evaluate = make_evaluate(policy, jnp.asarray(obs_mean), jnp.asarray(obs_std), args.eval_episodes, sample)
-        out = jax.device_get(evaluate(params, key_eval))  # [S, K, E, ...]
-        name = f"{name}_sampled" if sample else name
-        for field in ("return", "goal", "penalty_steps", "optimal_route", "length"):
-            arrays[f"eval/{name}_{field}"] = np.asarray(out[field])
-        arrays[f"eval/{name}_route"] = nav_env.route_classes(out["positions"], out["length"], out["goal"])
-        # The paths of the first 10 rollouts per policy, for maps drawn later: [S, K, min(E, 10), T+1, 2].
-        arrays[f"eval/{name}_positions"] = np.asarray(out["positions"][:, :, :10], np.float16)
-        for z in range(k):
-            writer.add_scalar(f"eval/{name}_return/{z}", float(out["return"][:, z].mean()), args.pi_epochs)
-            writer.add_scalar(f"eval/{name}_goal_rate/{z}", float(out["goal"][:, z].mean()), args.pi_epochs)
-            writer.add_scalar(f"eval/{name}_penalty_steps/{z}", float(out["penalty_steps"][:, z].mean()),
-                              args.pi_epochs)
-        summary[f"{name}_return"] = out["return"].mean(axis=(0, 2)).tolist()  # per cluster
-        summary[f"{name}_goal_rate"] = out["goal"].mean(axis=(0, 2)).tolist()
-        summary[f"{name}_optimal_route"] = out["optimal_route"].mean(axis=(0, 2)).tolist()
-        trajs, labels = [], []
-        for z in range(k):
-            for e in range(min(10, args.eval_episodes)):
-                trajs.append(out["positions"][0, z, e, : out["length"][0, z, e] + 1])
-                labels.append(z)
-        title = {"beta": "Stage-1 policies beta_z", "pi": "Improved policies pi_L(.|s, z)"}[name.split("_")[0]]
-        image = nav_env.plot_map(trajs, labels, title=f"{title} (seed {seeds[0]}, "
-                                                       f"{'sampled' if sample else 'mean'} action)",
-                                 label_names=[f"z = {z}" for z in range(k)],
-                                 path=os.path.join(run_dir, f"ppo_{name}.png"))
-        writer.add_image(f"eval/{name}_rollouts", image, args.pi_epochs, dataformats="HWC")
-        for z in range(k):
-            print(f"[ppo] {name}_{z}: return {out['return'][:, z].mean():.1f} +- {out['return'][:, z].std():.1f}, "
-                  f"goal {out['goal'][:, z].mean():.2f}, penalty steps {out['penalty_steps'][:, z].mean():.1f}, "
-                  f"optimal route {out['optimal_route'][:, z].mean():.2f}")
+
+def sweep_arrays(sweep: dict, epochs: list) -> tuple[dict, dict]:
+    """eval/sweep_* [S, K, P, E] over the P epochs of --eval-at, and their mean returns for the summary."""
+    arrays = {"eval/sweep_epochs": np.asarray(epochs, np.int64),
+              **{f"eval/sweep_{key}": sweep[key].astype(np.float32) for key in SWEEP_FIELDS}}
+    summary = {int(e): {key: float(np.mean(sweep[key][:, :, p])) for key in ("return", "sampled_return")}
+               for p, e in enumerate(epochs)}
     return arrays, summary
 
 
-def evaluate_policies_gym(args: Args, policy, obs_mean, obs_std, beta, pi, env: dict, writer, seeds, k: int):
-    """Episodes of every beta_z and pi_L(.|s, z) (mean actions) in the data set's Gymnasium environment, all
-    S x K x E at once in one vector env; returns, normalised scores, TensorBoard scalars and a table."""
+def init_runs(args: Args, cluster: dict, cluster_run, seeds, data: Data, policy, init, action_scale, sharding):
+    """Algorithm 2, lines 1-2, for every run: beta = Theta_hat* of its clustering run, A(s, a), SARSA's a' (drawn
+    from beta after a timeout), the state with pi_L = beta. Returns (beta, run inputs, state, key_train, key_eval)."""
+    beta = {"params": jax.device_put(jax.tree.map(lambda x: jnp.asarray(x[cluster_run]),
+                                                  unflatten_params("policy/params", cluster)), sharding)}
+    pad = len(data.valid) - cluster["assignments"].shape[1]
+    assign = jnp.asarray(np.pad(cluster["assignments"][cluster_run], ((0, 0), (0, pad))))
+    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    key_init, key_next, key_train, key_eval = (
+        jax.device_put(x, sharding) for x in jax.vmap(lambda s: jax.random.split(s, 4), out_axes=1)(seed_keys))
+    fill = jax.jit(jax.vmap(make_next_actions(policy, action_scale, args.chunk), in_axes=(0, 0, 0, None)))
+    runs = RunInputs(beta=beta, assign=jax.device_put(assign, sharding),
+                     next_actions=fill(key_next, beta, jax.device_put(assign, sharding), data))
+    state = jax.jit(jax.vmap(init), out_shardings=sharding)(key_init, beta)
+    return beta, runs, state, key_train, key_eval
 
-    shape = (len(seeds), k, args.eval_episodes)
 
-    @jax.jit
-    def act(params, obs):  # obs [S*K*E, obs_dim] -> the mean action of each episode's policy [S*K*E, act_dim]
-        obs = ((obs - obs_mean) / obs_std).reshape(shape + obs.shape[-1:])  # [S, K, E, obs_dim]
-        mean = jax.vmap(jax.vmap(lambda p, o: policy.apply(p, o)[0]))(params, obs)  # [S, K, E, act_dim]
-        return mean.reshape(-1, mean.shape[-1])
+def write_outputs(args: Args, state: TrainState, arrays_eval: dict, seeds, cluster_run, cluster: dict, k: int,
+                  value_scale: float, inputs: dict) -> None:
+    """ppo.npz (schema empo/ppo/v1): the three networks of every run, the evaluation, the runs' seeds and clustering
+    runs, and arch/*: stage 1's architecture, the value scale c (item 2) and gamma; then the checkpoint goes."""
+    state = jax.device_get(state)
+    obs_dim, act_dim = len(cluster["arch/obs_mean"]), len(cluster["arch/action_scale"])
+    arrays = {
+        **flatten_params("pi/params", state.pi["params"]), **flatten_params("q/params", state.q["params"]),
+        **flatten_params("v/params", state.v["params"]), **arrays_eval,
+        "seeds": seeds.astype(np.int64), "cluster_run": cluster_run.astype(np.int64),
+        "arch/k": np.int64(k), "arch/obs_dim": np.int64(obs_dim), "arch/act_dim": np.int64(act_dim),
+        "arch/hidden_dim": np.int64(int(cluster["arch/hidden_dim"])),
+        "arch/hidden_layers": np.int64(int(cluster["arch/hidden_layers"])),
+        "arch/obs_mean": cluster["arch/obs_mean"], "arch/obs_std": cluster["arch/obs_std"],
+        "arch/action_scale": np.asarray(tuple(float(x) for x in cluster["arch/action_scale"]), np.float32),
+        "arch/value_scale": np.float32(value_scale), "arch/gamma": np.float32(args.gamma),
+    }
+    save_npz(args.out, arrays, "empo/ppo/v1", asdict(args), inputs)
+    remove_checkpoint(checkpoint_path(args.out))
 
-    arrays, summary = {}, {}
-    for name, params in (("beta", beta), ("pi", pi)):
-        out = gym_eval.gym_evaluate(env, lambda obs, params=params: act(params, obs), shape, args.seed)
-        arrays.update({f"eval/{name}_{field}": x for field, x in out.items()})
-        for field in ("return", "normalized_score"):
-            if field in out:
-                summary[f"{name}_{field}"] = out[field].mean(axis=(0, 2)).tolist()  # per cluster
-                for z in range(k):
-                    writer.add_scalar(f"eval/{name}_{field}/{z}", float(out[field][:, z].mean()), args.pi_epochs)
-        for z in range(k):
-            print(f"[ppo] {name}_{z} in {env['env_id']}: {gym_eval.describe_episodes(out, (slice(None), z))}")
-    return arrays, summary
+
+def main(args: Args) -> dict:
+    validate_args(args)
+    for path in (args.out, checkpoint_path(args.out)):
+        check_writable(path, [args.dataset, args.cluster])
+    data_np, data_sha, cluster, cluster_sha, env, k, cluster_run = load_inputs(args)
+    n, obs_dim, act_dim = len(data_np["rewards"]), data_np["observations"].shape[1], data_np["actions"].shape[1]
+    obs_mean, obs_std = cluster["arch/obs_mean"], cluster["arch/obs_std"]
+    action_scale = tuple(float(x) for x in cluster["arch/action_scale"])
+    run_args = Args(**{**asdict(args), "chunk": min(args.chunk, n)})  # chunks of at most N rows
+    data, value_scale = device_data(run_args, data_np, obs_mean, obs_std)
+
+    # Algorithm 2, lines 1-2: Q, V and pi_L = beta of every run, sharded over the devices by run.
+    policy, q_net, v_net = make_networks(int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"]), k,
+                                         act_dim, action_scale)
+    init, tx = make_init(run_args, q_net, v_net, obs_dim, act_dim)
+    seed_sharding, replicated = seed_shardings(args.num_seeds)
+    data = jax.device_put(data, replicated)
+    seeds = np.arange(args.seed, args.seed + args.num_seeds)
+    beta, runs, state, key_train, key_eval = init_runs(run_args, cluster, cluster_run, seeds, data, policy, init,
+                                                       action_scale, seed_sharding)
+
+    # The schedule: SARSA calls, V epochs, PPO epochs; a checkpoint after each unit.
+    schedule = make_schedule(args)
+    nav = env is not None and env["kind"] == "nav"
+    evaluate = nav_env.make_cluster_evaluate(policy, obs_mean, obs_std, args.eval_episodes) if nav else None
+    epochs = sweep_epochs(args) if nav else []  # Figure 4's sweep: pi_L at the --eval-at epochs
+    neutral = NEUTRAL_FLAGS if not epochs else tuple(f for f in NEUTRAL_FLAGS if f != "eval_episodes")
+    identity = run_identity(args, neutral, {"dataset": data_sha, "cluster": cluster_sha})
+    sweep = new_sweep(args.num_seeds, k, epochs, args.eval_episodes)
+    ckpt_path, (state, sweep), first = resume_checkpoint(args, (state, sweep), "empo/ppo-checkpoint/v3", identity,
+                                                         len(schedule))
+    state = jax.device_put(state, seed_sharding)
+    run_dir = os.path.dirname(os.path.abspath(args.out))
+    writer = make_writer(os.path.join(run_dir, "ppo"), args)
+    units = make_units(run_args, schedule, policy, q_net, v_net, tx, n, k, action_scale)
+    unit_key = lambda unit: jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, unit),
+                                           seed_sharding)
+    print(f"[ppo] N={n} K={k} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
+          f"value scale c={value_scale:.1f}; {len(schedule)} units", flush=True)
+
+    progress = Progress(len(schedule), "ppo", kinds=[part for part, _, _ in schedule], first=first)
+    timings = {"q": 0.0, "v": 0.0, "pi": 0.0}
+    # Gradient steps per unit (charts/SPS, against the steps done so far): a SARSA call, a V epoch of minibatches,
+    # a PPO epoch (one full-batch Adam step, or ceil(N / B) minibatch steps).
+    epoch_steps = {"v": math.ceil(n / args.batch_size),
+                   "pi": math.ceil(n / args.ppo_minibatch) if args.ppo_minibatch else 1}
+    steps_done = sum(epoch_steps.get(part, s) for part, s, _ in schedule[:first])
+    for unit in range(first, len(schedule)):
+        part, steps, log_step = schedule[unit]
+        t0 = time.perf_counter()
+        state, metrics = units[part, steps](state, unit_key(unit), runs, data)
+        metrics = jax.device_get(metrics)
+        timings[part] += time.perf_counter() - t0
+        steps_done += epoch_steps.get(part, steps)
+        writer.add_scalar("charts/SPS", epoch_steps.get(part, steps) / (time.perf_counter() - t0), steps_done)
+        fields = {"part": part, "took": time.perf_counter() - t0,
+                  **log_unit(writer, part, metrics, log_step, n, value_scale)}
+        if part == "pi" and log_step in epochs:  # evaluated before the checkpoint, which then holds it
+            p = epochs.index(log_step)
+            sweep = add_to_sweep(sweep, p, evaluate(state.pi, key_eval))
+            fields["sweep_return"] = float(sweep["sampled_return"][:, :, p].mean())
+            for key in ("return", "sampled_return"):
+                writer.add_scalar(f"eval/sweep_{key}", float(sweep[key][:, :, p].mean()), log_step)
+        save_checkpoint(ckpt_path, (state, sweep), unit + 1, "empo/ppo-checkpoint/v3", identity)
+        progress(unit + 1, **fields)
+    if 0 in epochs:  # pi_L starts from the stage-1 policies (Algorithm 2, line 2)
+        sweep = add_to_sweep(sweep, 0, evaluate(beta, key_eval))
+
+    # Evaluation for insight: beta_z and pi_L(.|s, z) alone, from s_0 (navigation) or in the Gymnasium env.
+    arrays_eval, summary_eval = {}, {}
+    if nav:
+        arrays_eval, summary_eval = evaluate_policies(args, evaluate, beta, state.pi, key_eval, writer, run_dir, seeds,
+                                                      k)
+    elif env is not None:
+        arrays_eval, summary_eval = gym_eval.evaluate_clusters(
+            env, policy, obs_mean, obs_std, {"beta": beta, "pi": state.pi}, (len(seeds), k, args.eval_episodes),
+            args.seed, writer, args.pi_epochs, "[ppo]")
+    if epochs:
+        arrays_sweep, summary_eval["sweep"] = sweep_arrays(sweep, epochs)
+        arrays_eval.update(arrays_sweep)
+    write_outputs(args, state, arrays_eval, seeds, cluster_run, cluster, k, value_scale,
+                  {"dataset": data_sha, "cluster": cluster_sha})
+    writer.close()
+    print(f"[ppo] wrote {args.out}: SARSA {timings['q']:.1f}s, V {timings['v']:.1f}s, PPO {timings['pi']:.1f}s")
+    return {"timings": timings, "value_scale": value_scale, **summary_eval}
 
 
 if __name__ == "__main__":

@@ -11,13 +11,30 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import gymnasium as gym
+import jax
 import numpy as np
 
 from empo_io import InputError, open_minari
 
+
+@dataclass
+class EvalEnvFlags:
+    """The evaluation-environment flags of a stage that can evaluate in Gymnasium (its Args inherit them)."""
+
+    ref_min_score: Optional[float] = None
+    """reference return of score 0 for the normalised score (default: D4RL's random return for a D4RL task's
+    environment, else the Minari data set's ref_min_score)"""
+    ref_max_score: Optional[float] = None
+    """reference return of score 100 for the normalised score (default: D4RL's expert return for a D4RL task's
+    environment, else the Minari data set's ref_max_score)"""
+    eval_env: str = ""
+    """Gymnasium environment to evaluate in (default: for D4RL files the task's -v4 environment from the file
+    names, e.g. halfcheetah_*.hdf5 -> HalfCheetah-v4; for Minari ids the recorded one; an .npz of a MuJoCo task
+    needs it)"""
 
 def minari_env_info(source: str) -> dict:
     """The environment to evaluate in and the reference scores of comma-separated Minari ids.
@@ -213,3 +230,30 @@ def describe_episodes(out: dict, index=...) -> str:
              if "normalized_score" in out else "")
     length = pick("length").mean()
     return f"return {pick('return').mean():.1f} +- {pick('return').std():.1f}{score}, length {length:.0f}"
+
+
+def evaluate_clusters(env: dict, policy, obs_mean, obs_std, params: dict, shape: tuple, seed: int, writer, step: int,
+                      tag: str):
+    """Episodes of K Gaussian policies per run (the mean action of ``policy.apply(p, obs) -> (mean, log_std)`` on the
+    standardised observation), all S x K x E = ``shape`` at once in one vector env, for each entry of ``params``
+    ({name: [S, K, ...]}). Returns (eval/<name>_* arrays, per-cluster means of the return and normalised score);
+    TensorBoard scalars and a line per cluster."""
+
+    @jax.jit
+    def act(p, obs):  # obs [S*K*E, obs_dim] -> the mean action of each episode's policy [S*K*E, act_dim]
+        obs = ((obs - obs_mean) / obs_std).reshape(shape + obs.shape[-1:])  # [S, K, E, obs_dim]
+        mean = jax.vmap(jax.vmap(lambda q, o: policy.apply(q, o)[0]))(p, obs)  # [S, K, E, act_dim]
+        return mean.reshape(-1, mean.shape[-1])
+
+    arrays, summary = {}, {}
+    for name, p in params.items():
+        out = gym_evaluate(env, lambda obs, p=p: act(p, obs), shape, seed)
+        arrays.update({f"eval/{name}_{field}": x for field, x in out.items()})
+        for field in ("return", "normalized_score"):
+            if field in out:
+                summary[f"{name}_{field}"] = out[field].mean(axis=(0, 2)).tolist()  # per cluster
+                for z in range(shape[1]):
+                    writer.add_scalar(f"eval/{name}_{field}/{z}", float(out[field][:, z].mean()), step)
+        for z in range(shape[1]):
+            print(f"{tag} {name}_{z} in {env['env_id']}: {describe_episodes(out, (slice(None), z))}")
+    return arrays, summary

@@ -568,6 +568,88 @@ def report_rollouts(out: dict, seeds, header: str, extra: Optional[Callable] = N
     return arrays, {**overall[0], "per_run": [r for r, _ in per_run]}
 
 
+def evaluate_protocols(make_eval, params, key_eval, seeds, headers: dict, writer, step: int, extra=None):
+    """Both protocols of Appendix C from the same start states: eval/* (the policy's deterministic action) and
+    eval/sampled_* (a stochastic one), a table each (report_rollouts) and their TensorBoard scalars.
+
+    make_eval(sample) -> evaluate(params, key), vmapped over runs; headers[sample] heads each table;
+    extra(out) -> (column, arrays) adds report_rollouts' last column and arrays stored as eval/<prefix><name>.
+    Returns (rollouts {sample: [S, E, ...]}, eval/* arrays, summary).
+    """
+    outs, arrays, summaries = {}, {}, {}
+    for sample in (False, True):
+        prefix = "sampled_" if sample else ""
+        outs[sample] = out = jax.device_get(make_eval(sample)(params, key_eval))  # [S, E, ...]
+        column, more = extra(out) if extra else (None, {})
+        part, summaries[sample] = report_rollouts(out, seeds, headers[sample], column, prefix=prefix)
+        arrays.update(part, **{f"eval/{prefix}{name}": a for name, a in more.items()})
+    summary = {**summaries[False], "sampled": summaries[True]}
+    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
+        writer.add_scalar(f"eval/{name}", summary[name], step)
+        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], step)
+    return outs, arrays, summary
+
+
+def make_policy_rollouts(policy, obs_mean, obs_std, episodes: int, sample: bool = False):
+    """Rollouts from s_0 of a Gaussian policy (``policy.apply(params, obs) -> (mean, log_std)``) with its mean action,
+    or with actions drawn from it (``sample``); vmapped over runs and clusters of params [S, K, ...] (keys [S])."""
+
+    def evaluate(params, key):
+        def act(key_t, pos):
+            mean, log_std = policy.apply(params, (pos - obs_mean) / obs_std)
+            if sample:
+                return mean + jnp.exp(log_std) * jax.random.normal(key_t, mean.shape)
+            return mean
+
+        out = rollout(key, act, episodes)
+        return {name: out[name] for name in ("return", "goal", "penalty_steps", "optimal_route", "positions",
+                                             "length")}
+
+    return jax.jit(jax.vmap(jax.vmap(evaluate, in_axes=(0, None)), in_axes=(0, 0)))
+
+
+def make_cluster_evaluate(policy, obs_mean, obs_std, episodes: int):
+    """evaluate(params, key) -> {"": rollouts with the mean action, "sampled_": with actions drawn (the paper's
+    protocol)}, each make_policy_rollouts' fields and the route class [S, K, E, ...] (NumPy), from the same start
+    states."""
+
+    fns = {prefix: make_policy_rollouts(policy, jnp.asarray(obs_mean), jnp.asarray(obs_std), episodes, sample)
+           for prefix, sample in (("", False), ("sampled_", True))}
+
+    def evaluate(params, key) -> dict:
+        outs = {prefix: jax.device_get(fn(params, key)) for prefix, fn in fns.items()}
+        for out in outs.values():
+            out["route"] = route_classes(out["positions"], out["length"], out["goal"])
+        return outs
+
+    return evaluate
+
+
+def report_cluster_rollouts(out: dict, name: str, k: int, writer, step: int, title: str, path: str,
+                            tag: str) -> tuple[dict, dict]:
+    """The rollouts of K policies per run (``out[...]`` [S, K, E, ...], make_cluster_evaluate's): eval/<name>_* arrays
+    (the paths of the first 10 rollouts per policy as float16), TensorBoard scalars per cluster, a map of run 0's
+    rollouts coloured by cluster and a line per cluster. Returns (arrays, summary of per-cluster means)."""
+    arrays, summary = {}, {}
+    for field in ("return", "goal", "penalty_steps", "optimal_route", "length", "route"):
+        arrays[f"eval/{name}_{field}"] = np.asarray(out[field])
+    arrays[f"eval/{name}_positions"] = np.asarray(out["positions"][:, :, :10], np.float16)  # [S, K, <=10, T+1, 2]
+    for z in range(k):
+        for field, label in (("return", "return"), ("goal", "goal_rate"), ("penalty_steps", "penalty_steps")):
+            writer.add_scalar(f"eval/{name}_{label}/{z}", float(out[field][:, z].mean()), step)
+    for field, label in (("return", "return"), ("goal", "goal_rate"), ("optimal_route", "optimal_route")):
+        summary[f"{name}_{label}"] = out[field].mean(axis=(0, 2)).tolist()  # per cluster
+    shown = min(10, out["return"].shape[2])
+    trajs = [out["positions"][0, z, e, : out["length"][0, z, e] + 1] for z in range(k) for e in range(shown)]
+    image = plot_map(trajs, [z for z in range(k) for _ in range(shown)], title=title,
+                     label_names=[f"z = {z}" for z in range(k)], path=path)
+    writer.add_image(f"eval/{name}_rollouts", image, step, dataformats="HWC")
+    for z in range(k):
+        print(f"{tag} {name}_{z}: return {out['return'][:, z].mean():.1f} +- {out['return'][:, z].std():.1f}, goal "
+              f"{out['goal'][:, z].mean():.2f}, penalty steps {out['penalty_steps'][:, z].mean():.1f}, optimal route "
+              f"{out['optimal_route'][:, z].mean():.2f}")
+    return arrays, summary
+
 def plot_runs(out: dict, seeds, title: str, path: Optional[str] = None) -> np.ndarray:
     """Every rollout of every run on the map, coloured by run (``out`` as in ``report_rollouts``)."""
     positions, lengths = np.asarray(out["positions"]), np.asarray(out["length"])

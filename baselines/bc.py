@@ -51,24 +51,14 @@ import numpy as np
 import optax
 from flax import struct
 
-from empo_io import (
-    InputError,
-    Progress,
-    check_fits,
-    check_flags,
-    check_writable,
-    checkpoint_path,
-    cli,
-    flatten_params,
-    load_dataset,
-    make_writer,
-    resume_checkpoint,
-    run,
-    run_identity,
-    save_checkpoint,
-    save_npz,
-    seed_shardings,
-)
+import nav_env
+
+# The plumbing, by purpose: files and data sets, checkpoints, the command line.
+# isort: off
+from empo_io import InputError, load_dataset, observation_stats, save_npz, flatten_params
+from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, remove_checkpoint
+from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
+# isort: on
 
 
 @dataclass
@@ -227,8 +217,6 @@ def make_train_chunk(args: Args, policy, tx, num_rows: int):
 
 def make_evaluate(policy, obs_mean, obs_std, episodes: int, sample: bool):
     """Rollouts of pi from s_0 (nav_env.rollout) with its mean action (or a draw), vmapped over runs."""
-    import nav_env
-
     def evaluate(params, key):
         def act(key_t, pos):
             mean, log_std = policy.apply(params, (pos - obs_mean) / obs_std)  # [E, act_dim]
@@ -241,32 +229,8 @@ def make_evaluate(policy, obs_mean, obs_std, episodes: int, sample: bool):
     return jax.jit(jax.vmap(evaluate))
 
 
-def evaluate_protocols(make_eval, params, key_eval, seeds, headers: dict, writer, step: int):
-    """Both protocols of Appendix C from the same start states: eval/* (the policy's deterministic action) and
-    eval/sampled_* (a stochastic one), a table each (nav_env.report_rollouts) and their TensorBoard scalars.
-
-    make_eval(sample) -> evaluate(params, key), vmapped over runs; headers[sample] heads each table.
-    Returns (rollouts {sample: [S, E, ...]}, eval/* arrays, summary).
-    """
-    import nav_env
-
-    outs, arrays, summaries = {}, {}, {}
-    for sample in (False, True):
-        outs[sample] = jax.device_get(make_eval(sample)(params, key_eval))  # [S, E, ...]
-        part, summaries[sample] = nav_env.report_rollouts(outs[sample], seeds, headers[sample],
-                                                          prefix="sampled_" if sample else "")
-        arrays.update(part)
-    summary = {**summaries[False], "sampled": summaries[True]}
-    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
-        writer.add_scalar(f"eval/{name}", summary[name], step)
-        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], step)
-    return outs, arrays, summary
-
-
 def evaluate_policy(args: Args, policy, inp: Inputs, policy_params, key_eval, writer, run_dir, seeds):
     """Rollouts of every run, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
-    import nav_env
-
     obs_mean, obs_std = inp.obs_mean, inp.obs_std
     # Both protocols: eval/* with the mean action, eval/sampled_* with actions drawn from pi (the paper's "sampled 10
     # trajectories"); --sample only picks the one the figures show.
@@ -274,7 +238,8 @@ def evaluate_policy(args: Args, policy, inp: Inputs, policy_params, key_eval, wr
                                              sample)
     headers = {sample: f"[bc] policy pi ({'sampled' if sample else 'mean'} actions), {args.eval_episodes} rollouts "
                        f"per run:" for sample in (False, True)}
-    outs, arrays, summary = evaluate_protocols(make_eval, policy_params, key_eval, seeds, headers, writer, args.steps)
+    outs, arrays, summary = nav_env.evaluate_protocols(make_eval, policy_params, key_eval, seeds, headers, writer,
+                                                       args.steps)
     out, actions = outs[args.sample], "sampled" if args.sample else "mean"
 
     # Figures: every run's rollouts, and Figure 1b (run 0's mean action over the length of the mean action).
@@ -305,16 +270,6 @@ def validate_args(args: Args) -> None:
     check_fits(f"--hidden-dim {args.hidden_dim} with --hidden-layers {args.hidden_layers}",  # params, grads, Adam
                16.0 * args.num_seeds * args.hidden_layers * args.hidden_dim ** 2)
     check_fits(f"--eval-episodes {args.eval_episodes}", 2 * args.num_seeds * args.eval_episodes * 1001 * 2 * 4)
-
-
-def observation_stats(name: str, observations):
-    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
-    x = np.asarray(observations, np.float64)
-    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
-        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
-                         f"{np.abs(x).max():.3g})")
-    return mean, std
 
 
 @dataclass
@@ -356,8 +311,7 @@ def output_arrays(args: Args, state: TrainState, inp: Inputs, seeds) -> dict:
 def write_outputs(args, arrays: dict, schema: str, inputs: dict, ckpt_path: str, writer) -> None:
     """The output file (empo_io.save_npz: atomic), then the checkpoint it completes is removed and the logs closed."""
     save_npz(args.out, arrays, schema, asdict(args), inputs)
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
+    remove_checkpoint(ckpt_path)
     writer.close()
 
 

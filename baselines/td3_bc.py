@@ -56,24 +56,14 @@ import numpy as np
 import optax
 from flax import struct
 
-from empo_io import (
-    InputError,
-    Progress,
-    check_fits,
-    check_flags,
-    check_writable,
-    checkpoint_path,
-    cli,
-    flatten_params,
-    load_dataset,
-    make_writer,
-    resume_checkpoint,
-    run,
-    run_identity,
-    save_checkpoint,
-    save_npz,
-    seed_shardings,
-)
+import nav_env
+
+# The plumbing, by purpose: files and data sets, checkpoints, the command line.
+# isort: off
+from empo_io import InputError, load_dataset, observation_stats, save_npz, flatten_params
+from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, remove_checkpoint
+from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
+# isort: on
 
 
 @dataclass
@@ -354,8 +344,6 @@ def make_evaluate(actor_net, obs_mean, obs_std, episodes: int, sample: bool = Fa
     exploration noise, a = clip(pi(s) + N(0, (EXPL_NOISE a_max)^2), -a_max, a_max), the only stochastic version
     of this policy its authors define (TD3+BC itself evaluates the deterministic actor).
     """
-    import nav_env
-
     scale = jnp.asarray(action_scale, jnp.float32)
 
     def evaluate(params, key):
@@ -371,32 +359,8 @@ def make_evaluate(actor_net, obs_mean, obs_std, episodes: int, sample: bool = Fa
     return jax.jit(jax.vmap(evaluate))
 
 
-def evaluate_protocols(make_eval, params, key_eval, seeds, headers: dict, writer, step: int):
-    """Both protocols of Appendix C from the same start states: eval/* (the policy's deterministic action) and
-    eval/sampled_* (a stochastic one), a table each (nav_env.report_rollouts) and their TensorBoard scalars.
-
-    make_eval(sample) -> evaluate(params, key), vmapped over runs; headers[sample] heads each table.
-    Returns (rollouts {sample: [S, E, ...]}, eval/* arrays, summary).
-    """
-    import nav_env
-
-    outs, arrays, summaries = {}, {}, {}
-    for sample in (False, True):
-        outs[sample] = jax.device_get(make_eval(sample)(params, key_eval))  # [S, E, ...]
-        part, summaries[sample] = nav_env.report_rollouts(outs[sample], seeds, headers[sample],
-                                                          prefix="sampled_" if sample else "")
-        arrays.update(part)
-    summary = {**summaries[False], "sampled": summaries[True]}
-    for name in ("return_mean", "goal_rate", "length", "penalty_steps", "optimal_route"):
-        writer.add_scalar(f"eval/{name}", summary[name], step)
-        writer.add_scalar(f"eval/sampled_{name}", summary["sampled"][name], step)
-    return outs, arrays, summary
-
-
 def evaluate_actor(args: Args, nets, inp: Inputs, state: TrainState, key_eval, writer, run_dir, seeds):
     """Rollouts of every run's actor, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
-    import nav_env
-
     obs_mean, obs_std, action_scale = inp.obs_mean, inp.obs_std, inp.action_scale
     # Both protocols: eval/* with the deterministic actor (TD3+BC's own evaluation), eval/sampled_* with the original
     # TD3's exploration noise added (make_evaluate).
@@ -404,7 +368,8 @@ def evaluate_actor(args: Args, nets, inp: Inputs, state: TrainState, key_eval, w
                                              args.eval_episodes, sample, action_scale)
     what = {False: "deterministic actor pi(s)", True: f"actor pi(s) + N(0, ({EXPL_NOISE} a_max)^2)"}
     headers = {sample: f"[td3_bc] {what[sample]}, {args.eval_episodes} rollouts per run:" for sample in what}
-    outs, arrays, summary = evaluate_protocols(make_eval, state.actor, key_eval, seeds, headers, writer, args.steps)
+    outs, arrays, summary = nav_env.evaluate_protocols(make_eval, state.actor, key_eval, seeds, headers, writer,
+                                                       args.steps)
     out = outs[False]
 
     # Figures: every run's rollouts, and run 0's action field over V-like Q1(s, pi(s)).
@@ -445,16 +410,6 @@ def validate_args(args: Args) -> None:
     check_fits(f"--hidden-dim {args.hidden_dim} with --hidden-layers {args.hidden_layers}",  # 6 nets: params, Adam
                16.0 * 6 * args.num_seeds * args.hidden_layers * args.hidden_dim ** 2)
     check_fits(f"--eval-episodes {args.eval_episodes}", 2 * args.num_seeds * args.eval_episodes * 1001 * 2 * 4)
-
-
-def observation_stats(name: str, observations):
-    """(mean, std + 1e-3) per observation dimension, computed in float64 and checked to fit float32."""
-    x = np.asarray(observations, np.float64)
-    mean, std = x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
-        raise InputError(f"{name}: 'observations' are too large to standardise in float32 (largest |value| "
-                         f"{np.abs(x).max():.3g})")
-    return mean, std
 
 
 @dataclass
@@ -501,8 +456,7 @@ def output_arrays(args: Args, state: TrainState, inp: Inputs, seeds) -> dict:
 def write_outputs(args, arrays: dict, schema: str, inputs: dict, ckpt_path: str, writer) -> None:
     """The output file (empo_io.save_npz: atomic), then the checkpoint it completes is removed and the logs closed."""
     save_npz(args.out, arrays, schema, asdict(args), inputs)
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
+    remove_checkpoint(ckpt_path)
     writer.close()
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -242,6 +243,35 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, tmp_path, monkeypatch)
     full, cut = np.load(tmp_path / "full" / "ppo.npz"), np.load(tmp_path / "cut" / "ppo.npz")
     for key in [k for k in full.files if k.startswith(("pi/", "q/", "v/"))]:
         np.testing.assert_allclose(full[key], cut[key], atol=1e-6, err_msg=key)
+
+
+def test_a_run_with_a_figure4_sweep_resumes_to_the_uninterrupted_result_and_keeps_its_eval_at(tiny, tmp_path,
+                                                                                              monkeypatch):
+    """The --eval-at entries a run has passed are part of its checkpoint, written after each epoch's evaluation:
+    interrupted right after PPO epoch 1 (and its entry), --resume gives the uninterrupted run's arrays; another
+    --eval-at or --eval-episodes on resume is refused in one sentence that names the flag, before any work."""
+    full = _args(tiny, tmp_path / "full" / "ppo.npz", eval_at="0,1,2")
+    ep.main(full)
+    args = _args(tiny, tmp_path / "cut" / "ppo.npz", eval_at="0,1,2")
+
+    def interrupt(self, done, **fields):
+        if done == 5:  # 3 SARSA calls, 1 V epoch, PPO epoch 1 and its sweep entry
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(empo_io.Progress, "__call__", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ep.main(args)
+    monkeypatch.undo()
+    for flag, value in (("eval_at", "1,2"), ("eval_episodes", 4)):
+        with pytest.raises(empo_io.InputError, match=f"belongs to another run \\(flags.{flag} is "):
+            ep.main(dataclasses.replace(args, resume=True, **{flag: value}))
+    assert int(np.load(tmp_path / "cut" / "ppo.checkpoint.npz")["unit"]) == 5 and not os.path.exists(args.out)
+    ep.main(dataclasses.replace(args, resume=True))
+    want, got = np.load(full.out), np.load(args.out)
+    for key in [k for k in want.files if k.startswith(("eval/", "pi/", "q/", "v/"))]:
+        np.testing.assert_array_equal(want[key], got[key], err_msg=key)
+    assert want["eval/sweep_return"].shape == (1, 2, 3, 3)  # [S, K, P, E]
+    assert not os.path.exists(tmp_path / "cut" / "ppo.checkpoint.npz")
 
 
 @pytest.mark.parametrize("case, message", [

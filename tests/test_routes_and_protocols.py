@@ -96,7 +96,7 @@ def gaussian():
 def test_sampled_evaluation_differs_from_the_mean_action_and_repeats_with_its_seed(gaussian):
     policy, params = gaussian
     keys = jax.random.split(jax.random.key(1), 1)
-    run = {s: empo_ppo.make_evaluate(policy, jnp.zeros(2), jnp.full(2, 10.0), 3, s) for s in (False, True)}
+    run = {s: nav_env.make_policy_rollouts(policy, jnp.zeros(2), jnp.full(2, 10.0), 3, s) for s in (False, True)}
     mean, sampled = (jax.device_get(run[s](params, keys)) for s in (False, True))
     again = jax.device_get(run[True](params, keys))
     assert np.array_equal(mean["positions"][..., 0, :], sampled["positions"][..., 0, :])  # the same s_0
@@ -144,7 +144,7 @@ def test_eval_at_out_of_range_is_one_sentence(eval_at, pi_epochs, episodes, mess
     with pytest.raises(empo_io.InputError, match=message):
         empo_ppo.validate_args(args)
     assert empo_ppo.sweep_epochs(empo_ppo.Args(eval_at="100, 1,5,1", pi_epochs=100)) == [1, 5, 100]
-    assert "eval_at" in empo_ppo.NEUTRAL_FLAGS  # evaluation only: a checkpoint resumes whatever --eval-at is
+    assert "eval_at" not in empo_ppo.NEUTRAL_FLAGS  # a checkpoint holds the sweep so far: --eval-at is its own
 
 
 def start_off_grid(*corners):
