@@ -51,7 +51,7 @@ import nav_env
 # isort: off
 from empo_io import InputError, DATASET_SCHEMA, load_dataset, load_npz, observation_stats, save_npz, flatten_params
 from empo_io import unflatten_params
-from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, remove_checkpoint
+from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output
 from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
 # isort: on
 
@@ -727,7 +727,7 @@ def main(args: Args) -> dict:
     # Algorithm 1, lines 20-22: Q_Theta* (Eq. 3) and the assignments A(s, a) (Eq. 9).
     log_post, _ = jax.device_get(compiled["e"](state.policy, data))
     state = jax.device_get(state)
-    summary, assignments = write_outputs(args, inp, state, log_post, history, seeds, ckpt_path,
+    summary, assignments = write_outputs(args, inp, state, log_post, history, seeds,
                                          {"compile_s": compile_s, "train_s": train_s, "seeds": seeds.tolist()})
     if inp.obs_dim == 2:  # the navigation task: draw the clusters and the classifier
         draw_figures(inp, state, classifier, assignments, seeds, args.k, writer, total, run_dir)
@@ -773,8 +773,7 @@ def log_em_epoch(writer, inp: Inputs, log_post, loglik, history, seeds, step: in
     return {"rand_index": float(scores[:, 0].mean())}
 
 
-def write_outputs(args: Args, inp: Inputs, state: TrainState, log_post, history, seeds, ckpt_path: str,
-                  summary: dict):
+def write_outputs(args: Args, inp: Inputs, state: TrainState, log_post, history, seeds, summary: dict):
     """cluster.npz: the parameters, Q_Theta* (Eq. 3), the assignments (Eq. 9), arch/* and the rand indices; then the
     checkpoint, which the finished run no longer needs, is removed. Returns the summary with the rand indices added,
     and the assignments [S, N]."""
@@ -796,8 +795,7 @@ def write_outputs(args: Args, inp: Inputs, state: TrainState, log_post, history,
         if args.em_epochs:
             arrays["rand_index_history"] = history[..., 0]  # [S, N_E]
         summary.update(rand_index=ri.tolist(), adjusted_rand_index=ari.tolist())
-    save_npz(args.out, arrays, "empo/cluster/v1", asdict(args), {"dataset": inp.sha})
-    remove_checkpoint(ckpt_path)
+    save_output(args, arrays, "empo/cluster/v1", {"dataset": inp.sha})
     return summary, assignments
 
 

@@ -33,7 +33,7 @@ Example
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import flax.linen as nn
@@ -49,8 +49,8 @@ import nav_env
 # The plumbing, by purpose: files and data sets, checkpoints, the command line.
 # isort: off
 from empo_io import InputError, load_dataset, load_npz, check_arrays, check_arch, check_param_shapes, param_shapes
-from empo_io import check_made_from, made_from, save_npz, flatten_params, unflatten_params
-from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, remove_checkpoint
+from empo_io import check_made_from, made_from, flatten_params, unflatten_params
+from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output
 from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
 # isort: on
 
@@ -542,8 +542,7 @@ def load_ppo(path: str, data_sha: str, cluster_path: str, cluster_sha: str, clus
     return arrays, sizes, digest
 
 
-def write_outputs(args: Args, state: TrainState, run: RunParams, seeds, inp: Inputs, arrays_eval: dict,
-                  ckpt_path: str) -> None:
+def write_outputs(args: Args, state: TrainState, run: RunParams, seeds, inp: Inputs, arrays_eval: dict) -> None:
     """highlevel.npz (schema empo/highlevel/v1): Q_H, V_H, copies of pi_L and the classifier (the whole final policy
     pi of every run), seeds, the runs used, arch/* and the evaluation; then the checkpoint goes."""
     arrays = {
@@ -552,8 +551,7 @@ def write_outputs(args: Args, state: TrainState, run: RunParams, seeds, inp: Inp
         **flatten_params("classifier/params", run.classifier["params"]),
         "seeds": seeds.astype(np.int64), **inp.entries, **arrays_eval,
     }
-    save_npz(args.out, arrays, "empo/highlevel/v1", asdict(args), inp.shas)
-    remove_checkpoint(ckpt_path)
+    save_output(args, arrays, "empo/highlevel/v1", inp.shas)
 
 
 def draw_figures(args: Args, nets, entries: dict, run: RunParams, vh, out: dict, writer, run_dir: str,
@@ -665,7 +663,7 @@ def main(args: Args) -> dict:
             arrays_eval, summary_eval = evaluate_final_policy_gym(args, nets, obs_mean, obs_std, run_on_devices,
                                                                   inp.env, key_eval, writer, seeds)
         summary.update(summary_eval)
-    write_outputs(args, state, run, seeds, inp, arrays_eval, ckpt_path)
+    write_outputs(args, state, run, seeds, inp, arrays_eval)
     writer.close()
     print(f"[highlevel] wrote {args.out}: IQL {train_s:.1f}s")
     return summary

@@ -617,8 +617,11 @@ def save_checkpoint(path: str, state, unit: int, schema: str, identity: dict) ->
     save_npz(path, arrays, schema, {})
 
 
-def remove_checkpoint(path: str) -> None:
-    """The checkpoint of a run whose output is written: it has served."""
+def save_output(args, arrays: dict, schema: str, inputs: dict) -> None:
+    """A run's output: ``arrays`` written to ``args.out`` (save_npz, with the run's flags and inputs), then the
+    checkpoint beside it, which has served, removed."""
+    save_npz(args.out, arrays, schema, asdict(args), inputs)
+    path = checkpoint_path(args.out)
     if os.path.exists(path):
         os.remove(path)
 

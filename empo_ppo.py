@@ -37,8 +37,8 @@ import nav_env
 
 # The plumbing, by purpose: files and data sets, checkpoints, the command line.
 # isort: off
-from empo_io import InputError, load_dataset, load_cluster, save_npz, flatten_params, unflatten_params
-from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, remove_checkpoint
+from empo_io import InputError, load_dataset, load_cluster, flatten_params, unflatten_params
+from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output
 from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
 # isort: on
 
@@ -604,8 +604,7 @@ def write_outputs(args: Args, state: TrainState, arrays_eval: dict, seeds, clust
         "arch/action_scale": np.asarray(tuple(float(x) for x in cluster["arch/action_scale"]), np.float32),
         "arch/value_scale": np.float32(value_scale), "arch/gamma": np.float32(args.gamma),
     }
-    save_npz(args.out, arrays, "empo/ppo/v1", asdict(args), inputs)
-    remove_checkpoint(checkpoint_path(args.out))
+    save_output(args, arrays, "empo/ppo/v1", inputs)
 
 
 def main(args: Args) -> dict:

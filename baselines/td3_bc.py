@@ -46,7 +46,7 @@ if ROOT not in sys.path:
     sys.path.append(ROOT)  # empo_io and nav_env live in the repository root
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -60,8 +60,8 @@ import nav_env
 
 # The plumbing, by purpose: files and data sets, checkpoints, the command line.
 # isort: off
-from empo_io import InputError, load_dataset, observation_stats, save_npz, flatten_params
-from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, remove_checkpoint
+from empo_io import InputError, load_dataset, observation_stats, flatten_params
+from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output
 from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
 # isort: on
 
@@ -453,13 +453,6 @@ def output_arrays(args: Args, state: TrainState, inp: Inputs, seeds) -> dict:
     }
 
 
-def write_outputs(args, arrays: dict, schema: str, inputs: dict, ckpt_path: str, writer) -> None:
-    """The output file (empo_io.save_npz: atomic), then the checkpoint it completes is removed and the logs closed."""
-    save_npz(args.out, arrays, schema, asdict(args), inputs)
-    remove_checkpoint(ckpt_path)
-    writer.close()
-
-
 def main(args: Args) -> dict:
     validate_args(args)
     for path in (args.out, checkpoint_path(args.out)):
@@ -521,7 +514,8 @@ def main(args: Args) -> dict:
         eval_arrays, eval_summary = evaluate_actor(args, nets, inp, state, key_eval, writer, run_dir, seeds)
         arrays.update(eval_arrays)
         summary.update(eval_summary)
-    write_outputs(args, arrays, "empo/td3_bc/v1", {"dataset": inp.sha}, ckpt_path, writer)
+    save_output(args, arrays, "empo/td3_bc/v1", {"dataset": inp.sha})
+    writer.close()
     print(f"[td3_bc] wrote {args.out}: training {train_s:.1f}s, {steps_per_s:.0f} steps/s per run")
     return summary
 

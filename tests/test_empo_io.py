@@ -445,6 +445,21 @@ def test_run_identity_keeps_the_output_the_inputs_and_every_flag_that_changes_th
                         "flags": {"seed": 0, "learning_rate": 3e-4, "hidden": [8, 8]}}  # as JSON gives it back
 
 
+def test_the_output_replaces_the_checkpoint_only_once_it_is_written(tmp_path):
+    """save_output writes args.out with the run's flags and removes the checkpoint beside it; a refused write (NaN)
+    leaves the checkpoint, so that --resume still has the run's work."""
+    args = dataclasses.make_dataclass("Args", [("out", str)])(str(tmp_path / "run.npz"))
+    ckpt = empo_io.checkpoint_path(args.out)
+    empo_io.save_checkpoint(ckpt, {"x": np.zeros(2, np.float32)}, 3, "test/checkpoint/v1", {})
+    with pytest.raises(empo_io.InputError, match="NaN"):
+        empo_io.save_output(args, {"x": np.array([np.nan], np.float32)}, "test/v1", {})
+    assert os.path.exists(ckpt) and not os.path.exists(args.out)
+    empo_io.save_output(args, {"x": np.ones(2, np.float32)}, "test/v1", {"dataset": "abc"})
+    out = empo_io.load_npz(args.out, "test/v1")
+    assert out["x"].tolist() == [1.0, 1.0] and json.loads(str(out["inputs"])) == {"dataset": "abc"}
+    assert json.loads(str(out["args"])) == {"out": args.out} and not os.path.exists(ckpt)
+
+
 def test_a_checkpoint_resumes_its_own_run_and_refuses_another_in_one_sentence(tmp_path, capsys):
     args = RunFlags(out=str(tmp_path / "x.npz"))
     identity = lambda a, digest="ab" * 32: empo_io.run_identity(a, NEUTRAL, {"dataset": digest})
