@@ -24,7 +24,8 @@ Interpretations and deviations (item N is discussed as item N of docs/empo_clust
     6. The rand index is per transition (sklearn at the end, a trajectory contingency table during training).
     7. Run i uses seed --seed + i; seeds are vmapped and sharded over the visible devices.
     8. Heuristics off: --momentum 0 (I), --pretrain-epochs 0 (II), --bias-epochs 0 (III).
-    9. --k auto (select_k): the smallest K of 1..--k-max within --k-tolerance of the best held-out likelihood.
+    9. --k auto (select_k): the smallest K of 1..--k-max within --k-se standard errors of the best K's held-out
+       log-likelihood (paired per held-out trajectory), every run of every K pooled as EM restarts.
 
 Example: python empo_cluster.py --dataset data/nav.npz --out runs/nav/cluster.npz --num-seeds 2
 """
@@ -50,7 +51,7 @@ import nav_env
 # The plumbing, by purpose: files and data sets, checkpoints, the command line.
 # isort: off
 from empo_io import InputError, DATASET_SCHEMA, load_dataset, load_npz, observation_stats, save_npz, flatten_params
-from empo_io import unflatten_params
+from empo_io import unflatten_params, folder_lock
 from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output
 from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
 # isort: on
@@ -83,15 +84,19 @@ class Args:
     # --- algorithm (Table 4, didactic column) ---
     k: Union[int, Literal["auto"]] = 2
     """K: the number of clusters (behaviour policies), or 'auto': fit K = 1..--k-max on a training split of the
-    trajectories and keep the smallest K whose held-out log-likelihood is within --k-tolerance of the best"""
+    trajectories and keep the smallest K whose held-out log-likelihood is within --k-se standard errors of the best
+    (docs/select_k.md)"""
     k_max: int = 5
     """with --k auto: the largest K tried"""
     k_holdout: float = 0.2
     """with --k auto: the fraction of trajectories held out to score each K (a split by trajectory, drawn with
     --seed)"""
-    k_tolerance: float = 0.02
-    """with --k auto: nats per held-out transition by which a smaller K may fall short of the best K and still be
-    chosen"""
+    k_restarts: int = 5
+    """with --k auto: EM runs per K at least (the seeds, and more restarts when --num-seeds is smaller), pooled to
+    choose K, so that one collapsed run cannot decide"""
+    k_se: float = 1.0
+    """with --k auto: standard errors (of the paired per-trajectory difference of held-out log-likelihoods) by which
+    a smaller K may fall short of the best K and still be chosen"""
     bias_epochs: int = 3
     """N_b: epochs biased to a random split of trajectories (heuristic III, Eq. 8); 0 switches it off"""
     pretrain_epochs: int = 20
@@ -405,72 +410,106 @@ def trajectory_log_likelihoods(run: dict, data: dict, chunk: int = 65_536) -> np
     return total
 
 
-def heldout_score(loglik: np.ndarray, train_posterior: np.ndarray, num_rows: int) -> np.ndarray:
-    """Held-out log-likelihood of the trajectory mixture per transition, per seed [S]:
-    sum_tau log sum_z p(z) prod_t beta(a_t|s_t, z) / (rows held out), with p(z) the mean posterior over the
-    training trajectories (the cluster weights the training run found). loglik [S, E_heldout, K]."""
+def mixture_log_likelihoods(loglik: np.ndarray, train_posterior: np.ndarray) -> np.ndarray:
+    """log sum_z p(z) prod_t beta(a_t|s_t, z) per run and trajectory [S, E], with p(z) the mean posterior over the
+    training trajectories (the cluster weights the training run found). loglik [S, E, K]."""
     log_weights = np.log(np.maximum(train_posterior.mean(1), 1e-12))  # [S, K]
     mixture = log_weights[:, None, :] + loglik  # [S, E, K]
     peak = mixture.max(-1, keepdims=True)
-    return (peak[..., 0] + np.log(np.exp(mixture - peak).sum(-1))).sum(1) / num_rows
+    return peak[..., 0] + np.log(np.exp(mixture - peak).sum(-1))
 
 
-def best_by_clusters(scores: np.ndarray, empty: np.ndarray) -> np.ndarray:
-    """Each seed's best held-out score of a fit with k = 1..K_max clusters [K_max, S] (-inf where it has none),
-    from the scores [K_max, S] of its runs (row i: the run with K = i + 1) and the number of each run's clusters
-    left without any training trajectory [K_max, S]. A run with K clusters of which some are empty is a fit with
-    K - empty clusters, and is counted there."""
-    used = np.arange(1, len(scores) + 1)[:, None] - empty  # [K_max, S] clusters each run uses
-    return np.stack([np.where(used == k, scores, -np.inf).max(0) for k in range(1, len(scores) + 1)])
+def heldout_score(loglik: np.ndarray, train_posterior: np.ndarray, num_rows: int) -> np.ndarray:
+    """Held-out log-likelihood of the trajectory mixture per transition, per run [S]:
+    sum_tau log sum_z p(z) prod_t beta(a_t|s_t, z) / (rows held out). loglik [S, E_heldout, K]."""
+    return mixture_log_likelihoods(loglik, train_posterior).sum(1) / num_rows
 
 
-def smallest_within(best: np.ndarray, tolerance: float) -> np.ndarray:
-    """The smallest k (1-based, per column) whose score is within ``tolerance`` of the column's best."""
-    return (best >= best.max(0) - tolerance).argmax(0) + 1
+def best_fits(per_trajectory: np.ndarray, empty: np.ndarray, pool: np.ndarray) -> dict:
+    """{k: (K index, run)} of the best run that uses k clusters, for every k some run in ``pool`` uses; the runs
+    are scored by their total held-out log-likelihood. per_trajectory [K_max, N, E_heldout]; empty [K_max, N]: the
+    clusters each run left without any training trajectory (a run with K clusters of which some are empty is a
+    fit with K - empty clusters, and is counted there); pool [N] bool: the runs that count."""
+    used = np.arange(1, len(empty) + 1)[:, None] - empty  # [K_max, N]
+    totals = per_trajectory.sum(-1)
+    fits = {}
+    for k in range(1, len(empty) + 1):
+        candidates = (used == k) & pool[None]
+        if candidates.any():
+            fits[k] = np.unravel_index(np.argmax(np.where(candidates, totals, -np.inf)), totals.shape)
+    return fits
 
 
-def choose_k(scores: np.ndarray, empty: np.ndarray, tolerance: float) -> tuple[int, np.ndarray]:
-    """The chosen K of the data set, and the K each seed's own runs would choose [S], from held-out scores
-    [K_max, S] and empty clusters [K_max, S] (best_by_clusters).
+def one_standard_error_k(per_trajectory: np.ndarray, empty: np.ndarray, pool: np.ndarray,
+                         standard_errors: float) -> tuple[int, np.ndarray, np.ndarray]:
+    """(chosen K, gap [K_max], standard error of the gap [K_max]) from the runs in ``pool`` (best_fits): the smallest
+    k whose held-out log-likelihood falls short of the best k's by at most ``standard_errors`` standard errors.
 
-    The rule: the smallest k whose score is within ``tolerance`` of the best k's. Why: a trajectory is drawn by
-    one policy, so more clusters than behaviours cannot explain held-out trajectories better than the true
-    number except by the capacity of the extra networks (a split of one behaviour's trajectories adds
-    parameters, not likelihood), while fewer clusters pay on every trajectory of the behaviours they merge; the
-    smallest k within a tolerance of the best does not pay for clusters the data do not need.
+    The gap of k is the mean over held-out trajectories of L_best(tau) - L_k(tau), in nats per trajectory, where
+    L_k(tau) is the mixture log-likelihood of trajectory tau under the best fit with k clusters; its standard
+    error is the standard deviation of those differences over sqrt(number of held-out trajectories). The
+    differences are paired (every k scores the same trajectories), so what varies between trajectories (length,
+    noise) cancels, and the scale of "worse" comes from the data instead of a fixed tolerance. NaN where no run
+    uses k."""
+    fits = best_fits(per_trajectory, empty, pool)
+    scores = {k: per_trajectory[index] for k, index in fits.items()}  # [E_heldout] each
+    best = max(scores, key=lambda k: scores[k].sum())
+    gap, error = np.full(len(empty), np.nan), np.full(len(empty), np.nan)
+    for k, score in scores.items():
+        diff = scores[best] - score
+        gap[k - 1], error[k - 1] = diff.mean(), diff.std(ddof=1) / np.sqrt(len(diff))
+    chosen = min(k for k in scores if gap[k - 1] <= standard_errors * error[k - 1])
+    return chosen, gap, error
 
-    The data set's K pools the seeds: the score of k clusters is the best over every seed's runs that use k.
-    The seeds and the K's are EM restarts of the same mixture on the same training trajectories, scored on the
-    same held-out ones, and a fit of k clusters that EM did not find in one restart (it collapsed) is not
-    evidence against k; a fit it found in another is evidence for it, as in any EM with restarts (the best of
-    n_init). A vote over the seeds' own choices would count EM's failures as evidence: on the four-behaviour
-    navigation set, 5 of 10 seeds never fit four clusters at any K and chose 3. Counting a collapsed run at the
-    clusters it uses lets a K = 4 run that found three behaviours with one cluster empty count for three."""
-    best = best_by_clusters(scores, empty)
-    return int(smallest_within(best.max(1, keepdims=True), tolerance)[0]), smallest_within(best, tolerance)
+
+def choose_k(per_trajectory: np.ndarray, empty: np.ndarray, owners: np.ndarray,
+             standard_errors: float = 1.0) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """The chosen K of the data set, the K each seed's own runs would choose [S], and the gap and its standard
+    error per K [K_max] (one_standard_error_k), from the held-out log-likelihood of every run per trajectory
+    [K_max, N, E_heldout], the clusters each run left empty [K_max, N] and the seed that owns each run [N].
+
+    The rule: the smallest k whose held-out log-likelihood is not worse than the best k's by more than one
+    standard error of the paired per-trajectory difference (the one-standard-error rule of cross-validation,
+    Breiman et al. 1984; Hastie et al., Elements of Statistical Learning, §7.10). Why: a trajectory is drawn by one
+    policy, so more clusters than behaviours cannot explain held-out trajectories better than the true number
+    except by the capacity of the extra networks, while fewer clusters pay on every trajectory of the behaviours
+    they merge. A behaviour that differs from another in a few states of each trajectory gains a few nats on each
+    of its trajectories, consistently: small per transition, but many standard errors.
+
+    The data set's K pools every run: the seeds, their restarts and the K's are EM restarts of the same mixture on
+    the same training trajectories, scored on the same held-out ones, and a fit of k clusters that EM did not find
+    in one restart (it collapsed) is not evidence against k; a fit it found in another is evidence for it (the best
+    of n_init restarts). Counting a collapsed run at the clusters it uses lets a K = 4 run that found three
+    behaviours with one cluster empty count for three."""
+    everyone = np.ones(len(owners), bool)
+    chosen, gap, error = one_standard_error_k(per_trajectory, empty, everyone, standard_errors)
+    per_seed = np.array([one_standard_error_k(per_trajectory, empty, owners == seed, standard_errors)[0]
+                         for seed in range(owners.max() + 1)])
+    return chosen, per_seed, gap, error
 
 
-def chosen_runs(folder: str, chosen: int, scores: np.ndarray, empty: np.ndarray) -> dict:
-    """The written run with ``chosen`` clusters, seed by seed: the best-scoring run of that seed that uses exactly
-    ``chosen`` clusters, its empty clusters dropped (policy heads, classifier logits); a seed with no such run
-    keeps its run with K = ``chosen`` as it is. Returns the arrays of cluster.npz less posterior and assignments,
-    and select_k/source_k [S]: the K each seed's clusters come from."""
-    used = np.arange(1, len(scores) + 1)[:, None] - empty
+def chosen_runs(folder: str, chosen: int, per_trajectory: np.ndarray, empty: np.ndarray, owners: np.ndarray,
+                seeds: np.ndarray) -> dict:
+    """The written run with ``chosen`` clusters, seed by seed: the best-scoring of the seed's runs (its restarts at
+    every K) that uses exactly ``chosen`` clusters, its empty clusters dropped (policy heads, classifier logits); a
+    seed with no such run keeps its first run with K = ``chosen`` as it is. Returns the arrays of cluster.npz less
+    posterior and assignments, with select_k/source_k and select_k/source_seed [S]: the K and the run seed each
+    seed's clusters come from."""
     runs, parts = {}, []
-    for seed in range(scores.shape[1]):
-        fits = np.flatnonzero(used[:, seed] == chosen)
-        k = int(fits[np.argmax(scores[fits, seed])]) + 1 if len(fits) else chosen
+    for owner, seed in enumerate(seeds):
+        fit = best_fits(per_trajectory, empty, owners == owner).get(chosen)
+        k, j = (int(fit[0]) + 1, int(fit[1])) if fit else (chosen, owner)
         run = runs.setdefault(k, load_npz(os.path.join(folder, f"k{k}", "cluster.npz"), "empo/cluster/v1"))
-        keep = np.unique(run["posterior"][seed].argmax(-1)) if len(fits) else np.arange(k)
+        keep = np.unique(run["posterior"][j].argmax(-1)) if fit else np.arange(k)
         last = f"classifier/params/Dense_{int(run['arch/hidden_layers'])}/"
-        part = {"select_k/source_k": np.int64(k)}
+        part = {"select_k/source_k": np.int64(k), "select_k/source_seed": run["seeds"][j], "seeds": np.int64(seed)}
         for key, value in run.items():
             if key.startswith("policy/params/") or key == last + "bias":
-                part[key] = value[seed][keep]
+                part[key] = value[j][keep]
             elif key == last + "kernel":
-                part[key] = value[seed][:, keep]
-            elif key.startswith("classifier/params/") or key == "seeds":
-                part[key] = value[seed]
+                part[key] = value[j][:, keep]
+            elif key.startswith("classifier/params/"):
+                part[key] = value[j]
         parts.append(part)
     arrays = {key: np.stack([part[key] for part in parts]) for key in parts[0]}
     first = runs[int(arrays["select_k/source_k"][0])]
@@ -480,60 +519,83 @@ def chosen_runs(folder: str, chosen: int, scores: np.ndarray, empty: np.ndarray)
 
 
 def select_k(args: Args) -> dict:
-    """--k auto: stage 1 for K = 1..--k-max on a training split of the trajectories (Algorithm 1 unchanged,
-    seeds vmapped, the K's in turn), each scored on the held-out trajectories; the chosen K's run is kept and its
-    posterior (Eq. 3) and assignments (Eq. 9) computed on the whole data set, written as cluster.npz with the
-    score of every K (select_k/*). Each K's run has its own folder and checkpoint (select_k/k<K>/), so --resume
-    continues the K that was cut and reuses the finished ones; no refit on all trajectories (it would cost one
-    more run)."""
+    """--k auto: stage 1 for K = 1..--k-max on a training split of the trajectories (Algorithm 1 unchanged; the
+    seeds and their restarts vmapped, the K's in turn), each run scored on every held-out trajectory; the chosen
+    K's runs are kept and their posterior (Eq. 3) and assignments (Eq. 9) computed on the whole data set, written
+    as cluster.npz with the scores of every K (select_k/*). The runs live in a folder of this output's own
+    (<out>.select_k/, e.g. cluster.select_k/ for cluster.npz), held by one run at a time; each K's run has its own
+    folder and checkpoint there (k<K>/), so --resume continues the K that was cut and reuses the finished ones."""
     check_writable(args.out, [args.dataset])
     data_np, data_sha = load_dataset(args.dataset)
     train, heldout = split_for_k(args, data_np)
-    folder = os.path.join(os.path.dirname(os.path.abspath(args.out)), "select_k")
+    folder = os.path.splitext(os.path.abspath(args.out))[0] + ".select_k"
     train_path = os.path.join(folder, "train.npz")
-    train_data, heldout_data = subset_trajectories(data_np, train), subset_trajectories(data_np, heldout)
-    save_npz(train_path, train_data, DATASET_SCHEMA, {"split_of": data_sha, "heldout": heldout.tolist()})
-    writer = make_writer(folder, args)
-    fits = [fit_k(args, k, folder, train_path, train_data, heldout_data, writer) for k in range(1, args.k_max + 1)]
-    scores, train_scores, empty, seconds = (np.array(x) for x in zip(*fits))  # [K_max, S] (seconds [K_max])
-    chosen, per_seed = choose_k(scores, empty, args.k_tolerance)
-    print(f"[select_k] K = {chosen} (the seeds pooled as restarts); each seed's own runs would choose "
-          f"{per_seed.tolist()}", flush=True)
+    for path in [train_path] + [os.path.join(folder, f"k{k}", "cluster.npz") for k in range(1, args.k_max + 1)]:
+        check_writable(path, [args.dataset])
+    with folder_lock(folder):
+        train_data, heldout_data = subset_trajectories(data_np, train), subset_trajectories(data_np, heldout)
+        save_npz(train_path, train_data, DATASET_SCHEMA, {"split_of": data_sha, "heldout": heldout.tolist()})
+        writer = make_writer(folder, args)
+        fits = [fit_k(args, k, folder, train_path, train_data, heldout_data, writer) for k in range(1, args.k_max + 1)]
+        per_trajectory, scores, train_scores, empty, seconds = (np.array(x) for x in zip(*fits))
+        runs = restarts(args)
+        owners = np.arange(runs) % args.num_seeds  # run j is a restart of seed j mod S
+        chosen, per_seed, gap, error = choose_k(per_trajectory, empty, owners, args.k_se)
+        print(f"[select_k] K = {chosen} (every run pooled); gap to the best K per held-out trajectory, nats: "
+              + " ".join(f"K={k} {g:.2f}±{e:.2f}" for k, (g, e) in enumerate(zip(gap, error), 1) if np.isfinite(g))
+              + f"; each seed's own runs would choose {per_seed.tolist()}", flush=True)
 
-    # The chosen K's clusters: their parameters, with Eq. (3) and Eq. (9) on every trajectory of the data set.
-    arrays = chosen_runs(folder, chosen, scores, empty)
-    posterior, assignments = posterior_on_all(arrays, data_np)
-    arrays.update({"posterior": posterior, "assignments": assignments,
-                   "select_k/k": np.arange(1, args.k_max + 1, dtype=np.int64), "select_k/chosen": np.int64(chosen),
-                   "select_k/chosen_per_seed": per_seed.astype(np.int64),
-                   "select_k/heldout_log_likelihood": scores, "select_k/train_log_likelihood": train_scores,
-                   "select_k/empty_clusters": empty.astype(np.int64),
-                   "select_k/seconds": np.asarray(seconds), "select_k/heldout_trajectories": heldout.astype(np.int64),
-                   "select_k/tolerance": np.float64(args.k_tolerance)})
-    summary = {"k": chosen, "chosen_per_seed": per_seed.tolist(), "heldout_log_likelihood": scores.tolist(),
-               "seconds": seconds.tolist(), "seeds": arrays["seeds"].tolist()}
-    if np.all(data_np["behaviour"] >= 0):
-        arrays["rand_index"], arrays["adjusted_rand_index"] = rand_scores(data_np["behaviour"], arrays["assignments"])
-        summary.update(rand_index=arrays["rand_index"].tolist(),
-                       adjusted_rand_index=arrays["adjusted_rand_index"].tolist())
-        print("[select_k] rand index of the chosen run per seed: "
-              + " ".join(f"{x:.4f}" for x in arrays["rand_index"]), flush=True)
-    save_npz(args.out, arrays, "empo/cluster/v1", asdict(args), {"dataset": data_sha})
-    writer.add_scalar("select_k/chosen", chosen, args.k_max)
-    writer.close()
-    print(f"[select_k] wrote {args.out} (K = {chosen}) in {sum(seconds):.0f}s for {args.k_max} K's", flush=True)
+        # The chosen K's clusters: their parameters, with Eq. (3) and Eq. (9) on every trajectory of the data set.
+        seeds = np.arange(args.seed, args.seed + args.num_seeds)
+        arrays = chosen_runs(folder, chosen, per_trajectory, empty, owners, seeds)
+        posterior, assignments = posterior_on_all(arrays, data_np)
+        arrays.update({"posterior": posterior, "assignments": assignments,
+                       "select_k/k": np.arange(1, args.k_max + 1, dtype=np.int64), "select_k/chosen": np.int64(chosen),
+                       "select_k/chosen_per_seed": per_seed.astype(np.int64),
+                       "select_k/run_seeds": np.arange(args.seed, args.seed + runs, dtype=np.int64),
+                       "select_k/heldout_log_likelihood": scores, "select_k/train_log_likelihood": train_scores,
+                       "select_k/heldout_trajectory_log_likelihood": per_trajectory,
+                       "select_k/fitted": np.isfinite(gap),  # some run used exactly k clusters
+                       "select_k/gap": np.nan_to_num(gap), "select_k/gap_standard_error": np.nan_to_num(error),
+                       "select_k/empty_clusters": empty.astype(np.int64),
+                       "select_k/seconds": np.asarray(seconds),
+                       "select_k/heldout_trajectories": heldout.astype(np.int64),
+                       "select_k/standard_errors": np.float64(args.k_se)})
+        summary = {"k": chosen, "chosen_per_seed": per_seed.tolist(), "heldout_log_likelihood": scores.tolist(),
+                   "gap": gap.tolist(), "gap_standard_error": error.tolist(), "seconds": seconds.tolist(),
+                   "seeds": arrays["seeds"].tolist()}
+        if np.all(data_np["behaviour"] >= 0):
+            arrays["rand_index"], arrays["adjusted_rand_index"] = rand_scores(data_np["behaviour"],
+                                                                              arrays["assignments"])
+            summary.update(rand_index=arrays["rand_index"].tolist(),
+                           adjusted_rand_index=arrays["adjusted_rand_index"].tolist())
+            print("[select_k] rand index of the chosen run per seed: "
+                  + " ".join(f"{x:.4f}" for x in arrays["rand_index"]), flush=True)
+        save_npz(args.out, arrays, "empo/cluster/v1", asdict(args), {"dataset": data_sha})
+        writer.add_scalar("select_k/chosen", chosen, args.k_max)
+        writer.close()
+    print(f"[select_k] wrote {args.out} (K = {chosen}) in {sum(seconds):.0f}s for {args.k_max} K's x {runs} runs",
+          flush=True)
     return summary
+
+
+def restarts(args: Args) -> int:
+    """Runs per K with --k auto: the seeds, and more restarts when there are fewer seeds than --k-restarts."""
+    return max(args.num_seeds, args.k_restarts)
 
 
 def split_for_k(args: Args, data_np: dict) -> tuple[np.ndarray, np.ndarray]:
     """The training and the held-out trajectory ids of --k auto (split_trajectories), once the data set is known to
-    leave at least one trajectory held out and --k-max training ones."""
+    leave at least two trajectories held out (a standard error needs two) and --k-max training ones."""
     num_episodes = int(data_np["episode_ids"][-1]) + 1
-    if args.k_max >= num_episodes:  # at least one trajectory is held out, and every K needs K training ones
+    if args.k_max + 2 > num_episodes:  # two trajectories held out, and every K needs K training ones
         raise InputError(f"--k-max {args.k_max} is larger than the {num_episodes} trajectories of {args.dataset} "
-                         f"less the held-out ones")
+                         f"less the two or more held out")
     heldout = split_trajectories(num_episodes, args.k_holdout, args.seed)
     train = np.setdiff1d(np.arange(num_episodes), heldout)
+    if len(heldout) < 2:
+        raise InputError(f"--k-holdout {args.k_holdout} holds out {len(heldout)} of the {num_episodes} trajectories "
+                         f"of {args.dataset}; the choice of K needs at least 2 (raise --k-holdout)")
     if args.k_max > len(train):
         raise InputError(f"--k-max {args.k_max} is larger than the {len(train)} training trajectories of "
                          f"{args.dataset} ({num_episodes} trajectories, {len(heldout)} held out by --k-holdout)")
@@ -541,10 +603,11 @@ def split_for_k(args: Args, data_np: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_k(args: Args, k: int, folder: str, train_path: str, train_data: dict, heldout_data: dict, writer) -> tuple:
-    """Stage 1 with K = k on the training trajectories, in ``folder``/k<k>/ (with --resume, a finished run there is
-    reused), scored on the held-out and on the training trajectories. Returns (held-out score [S], training score
-    [S], clusters left empty [S], seconds)."""
-    k_args = Args(**{**asdict(args), "k": k, "dataset": train_path,
+    """Stage 1 with K = k on the training trajectories, restarts(args) runs vmapped, in ``folder``/k<k>/ (with
+    --resume, a finished run there is reused), scored on the held-out and on the training trajectories. Returns
+    (held-out log-likelihood per run and trajectory [N, E_heldout], held-out score per transition [N], training
+    score [N], clusters left empty [N], seconds)."""
+    k_args = Args(**{**asdict(args), "k": k, "dataset": train_path, "num_seeds": restarts(args),
                      "out": os.path.join(folder, f"k{k}", "cluster.npz")})
     t0 = time.perf_counter()
     if not (args.resume and finished_run(k_args)):
@@ -555,19 +618,20 @@ def fit_k(args: Args, k: int, folder: str, train_path: str, train_data: dict, he
                              f"{folder}; run the same command with --resume to continue") from None
     seconds = time.perf_counter() - t0
     run = load_npz(k_args.out, "empo/cluster/v1")
-    score = heldout_score(trajectory_log_likelihoods(run, heldout_data), run["posterior"], len(heldout_data["rewards"]))
+    per_trajectory = mixture_log_likelihoods(trajectory_log_likelihoods(run, heldout_data), run["posterior"])
+    score = per_trajectory.sum(1) / len(heldout_data["rewards"])
     train_score = heldout_score(trajectory_log_likelihoods(run, train_data), run["posterior"],
                                 len(train_data["rewards"]))
     empty = np.array([k - len(np.unique(a)) for a in run["posterior"].argmax(-1)])
-    writer.add_scalar("select_k/heldout_log_likelihood", float(score.mean()), k)
-    writer.add_scalar("select_k/train_log_likelihood", float(train_score.mean()), k)
+    writer.add_scalar("select_k/heldout_log_likelihood", float(score.max()), k)
+    writer.add_scalar("select_k/train_log_likelihood", float(train_score.max()), k)
     writer.add_scalar("select_k/empty_clusters", float(empty.mean()), k)
     writer.add_scalar("select_k/seconds", seconds, k)
     for seed, value in zip(run["seeds"], score):
         writer.add_scalar(f"select_k/heldout_log_likelihood_seed/{seed}", float(value), k)
     print(f"[select_k] K={k}: held-out log-likelihood per transition " + " ".join(f"{x:.4f}" for x in score)
           + f", empty clusters {empty.tolist()}, {seconds:.0f}s", flush=True)
-    return score, train_score, empty, seconds
+    return per_trajectory, score, train_score, empty, seconds
 
 
 def posterior_on_all(run: dict, data: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -597,7 +661,7 @@ def finished_run(args: Args) -> bool:
 # --- main: the schedule of Algorithm 1 ---
 def validate_args(args: Args) -> None:
     """The flags alone, before anything is read: one sentence for the first one out of range."""
-    at_least = dict(k=1, k_max=1, num_seeds=1, batch_size=1, estep_chunk=1, hidden_dim=1, hidden_layers=1,
+    at_least = dict(k=1, k_max=1, k_restarts=1, num_seeds=1, batch_size=1, estep_chunk=1, hidden_dim=1, hidden_layers=1,
                     log_every=1, bias_epochs=0, pretrain_epochs=0, em_epochs=0, checkpoint_every=0)
     if args.k == "auto":
         del at_least["k"]
@@ -607,12 +671,13 @@ def validate_args(args: Args) -> None:
     if not args.learning_rate > 0:
         raise InputError(f"--learning-rate must be positive, got {args.learning_rate}")
     heads = (args.k_max if args.k == "auto" else args.k) + 1  # K policies and the classifier
+    runs = restarts(args) if args.k == "auto" else args.num_seeds
     check_fits(f"--hidden-dim {args.hidden_dim} with --hidden-layers {args.hidden_layers}",  # params, grads, Adam
-               16.0 * args.num_seeds * heads * args.hidden_layers * args.hidden_dim ** 2)
+               16.0 * runs * heads * args.hidden_layers * args.hidden_dim ** 2)
     if not 0.0 < args.k_holdout < 1.0:
         raise InputError(f"--k-holdout must be in (0, 1), got {args.k_holdout}")
-    if not args.k_tolerance >= 0.0:
-        raise InputError(f"--k-tolerance must be at least 0, got {args.k_tolerance}")
+    if not args.k_se >= 0.0:
+        raise InputError(f"--k-se must be at least 0, got {args.k_se}")
 
 
 @dataclass

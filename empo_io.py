@@ -19,12 +19,14 @@ every script (tests/test_empo_io.py checks each):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
 import os
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -665,3 +667,49 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         else:
             out[prefix + key] = value
     return out
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str):
+    """Hold ``folder`` for this process while the block runs: a file ``lock`` in it names this host and pid. It is
+    made whole and then linked into place (a link fails if the name exists), so that two runs never both hold
+    it and no one reads a half-written lock; a lock left by a process of this host that is gone is taken over. One
+    sentence when another run holds it."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "lock")
+    with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".lock-", delete=False) as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}")
+    try:
+        for _ in range(2):
+            try:
+                os.link(f.name, path)
+                break
+            except FileExistsError:
+                try:
+                    host, pid = open(path).read().split()
+                    alive = host != socket.gethostname() or pid_alive(int(pid))
+                except FileNotFoundError:  # released in between: try again
+                    continue
+                if alive:
+                    raise InputError(f"{folder} is in use by another run ({host}, pid {pid}); wait for it to end, or "
+                                     f"give this run another --out (remove {path} if no such run is going)") from None
+                os.remove(path)
+        else:
+            raise InputError(f"cannot take the lock {path}: another run took it at the same time")
+    finally:
+        os.remove(f.name)
+    try:
+        yield
+    finally:
+        os.remove(path)
+
+
+def pid_alive(pid: int) -> bool:
+    """A process with this id runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

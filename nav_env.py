@@ -59,8 +59,12 @@ class Args:
     subgoals: str = "paper"
     """the behaviours' subgoal lists (one behaviour each): a name from SUBGOAL_SETS ('paper': the paper's two, 'one':
     its behaviour 0 alone, 'three' and 'four': the paper's behaviour 0 and two or three routes of the same length
-    or longer that meet it and each other going opposite ways), or a JSON list of
+    or longer that meet it and each other going opposite ways; 'start3', 'segment', 'five': sets that stress --k auto,
+    see SUBGOAL_SETS), or a JSON list of
     lists of [x, y] subgoals, e.g. '[[[0, 30]], [[30, 0]]]'"""
+    shares: tuple[float, ...] = ()
+    """the behaviours' shares of the data set's transitions, one per behaviour (e.g. '0.9 0.1'; empty: equal):
+    behaviour i gets about share_i x (number of behaviours) x --transitions-per-behaviour rows (whole episodes)"""
     minari_id: Optional[str] = None
     """also write the data set as a local Minari data set with this id (HDF5; the behaviour label
     is stored in each episode's metadata), e.g. 'empo/nav/mixed-v0'"""
@@ -235,6 +239,13 @@ SUBGOAL_SETS = {  # named subgoal lists for --subgoals: data sets with a known n
     "one": SUBGOALS[:1],
     "three": (SUBGOALS[0], ROUTE_UD, ROUTE_UU),  # SUBGOALS[0] runs x = 10 down and x = 20 up
     "four": (SUBGOALS[0], ROUTE_UD, ROUTE_UU, ROUTE_DD),
+    # Sets that stress --k auto: behaviours that share only the start (up, right, diagonal first, then states of
+    # their own), two that differ in one short segment (a 5 x 5 jog off y = 0 at x = 15..20, otherwise the paper's
+    # behaviour 0), and five behaviours (the four above and the paper's behaviour 1).
+    "start3": (((0.0, 30.0),), ((30.0, 0.0),), ((15.0, 15.0),)),
+    "segment": (SUBGOALS[0], ((0.0, 30.0), (10.0, 30.0), (10.0, 0.0), (15.0, 0.0), (15.0, 5.0), (20.0, 5.0),
+                              (20.0, 30.0))),
+    "five": (SUBGOALS[0], ROUTE_UD, ROUTE_UU, ROUTE_DD, SUBGOALS[1]),
 }
 
 
@@ -300,13 +311,18 @@ _generate_batch = jax.jit(generate_behaviour, static_argnames=("num_episodes", "
 
 def generate_dataset(seed: int = 0, transitions_per_behaviour: int = 1_000_000,
                      subgoal_lists=SUBGOALS, params: NavParams = NavParams(),
-                     log: Callable[[str], None] = print) -> dict:
-    """Run Algorithm 3 once per subgoal list and concatenate; returns the data set arrays (NumPy)."""
+                     log: Callable[[str], None] = print, shares: tuple = ()) -> dict:
+    """Run Algorithm 3 once per subgoal list and concatenate; returns the data set arrays (NumPy). ``shares``
+    (one per list, summing to 1) divides len(subgoal_lists) * transitions_per_behaviour rows among the behaviours;
+    empty: each gets transitions_per_behaviour."""
     if transitions_per_behaviour < 1:
         raise InputError(f"--transitions-per-behaviour must be at least 1, got {transitions_per_behaviour}")
+    targets = [transitions_per_behaviour] * len(subgoal_lists)
+    if shares:
+        targets = [max(1, round(s * len(subgoal_lists) * transitions_per_behaviour)) for s in shares]
     key = jax.random.key(seed)
     parts, first_episode = [], 0
-    for label, subgoals in enumerate(subgoal_lists):
+    for label, (subgoals, transitions_per_behaviour) in enumerate(zip(subgoal_lists, targets)):
         waypoints = np.asarray(list(subgoals) + [params.goal], np.float32)
         gaps = np.linalg.norm(np.diff(waypoints, axis=0), axis=1)
         assert np.all(gaps > 0.4), "consecutive subgoals must be more than 0.4 apart (interpretation 3)"
@@ -690,6 +706,10 @@ def validate_args(args: Args) -> tuple:
     if args.minari_id is not None:
         check_minari_id(args.minari_id)
     routes = parse_subgoals(args.subgoals)
+    if args.shares and (len(args.shares) != len(routes) or not all(0 < x <= 1 for x in args.shares)
+                        or abs(sum(args.shares) - 1) > 1e-6):
+        raise InputError(f"--shares {' '.join(map(str, args.shares))} must be {len(routes)} numbers in (0, 1] that "
+                         f"sum to 1, one per behaviour of --subgoals {args.subgoals}")
     row_bytes = 38  # obs, action, next obs: 2 float32 each; reward, episode id, label: 4 bytes; two flags
     need = len(routes) * args.transitions_per_behaviour * row_bytes
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -716,7 +736,7 @@ def write_figure(path: str, data: dict, routes: tuple) -> None:
 def main(args: Args) -> None:
     routes = validate_args(args)
     start = time.perf_counter()
-    data = generate_dataset(args.seed, args.transitions_per_behaviour, routes)
+    data = generate_dataset(args.seed, args.transitions_per_behaviour, routes, shares=args.shares)
     validate_dataset(args.out, data)
     save_npz(args.out, data, DATASET_SCHEMA, asdict(args))
     print(f"wrote {args.out}: {len(data['rewards'])} transitions, {data['episode_ids'][-1] + 1} episodes "
