@@ -530,9 +530,9 @@ def select_k(args: Args) -> dict:
     train, heldout = split_for_k(args, data_np)
     folder = os.path.splitext(os.path.abspath(args.out))[0] + ".select_k"
     train_path = os.path.join(folder, "train.npz")
-    for path in [train_path] + [os.path.join(folder, f"k{k}", "cluster.npz") for k in range(1, args.k_max + 1)]:
-        check_writable(path, [args.dataset])
     with folder_lock(folder):
+        for path in [train_path] + [os.path.join(folder, f"k{k}", "cluster.npz") for k in range(1, args.k_max + 1)]:
+            check_writable(path, [args.dataset])
         train_data, heldout_data = subset_trajectories(data_np, train), subset_trajectories(data_np, heldout)
         save_npz(train_path, train_data, DATASET_SCHEMA, {"split_of": data_sha, "heldout": heldout.tolist()})
         writer = make_writer(folder, args)

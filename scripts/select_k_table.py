@@ -2,14 +2,13 @@
 
 Reads ``{run}/{name}/cluster.npz`` (stage 1 with ``--k auto``) for every data set ``name`` and writes a
 markdown file with, per data set: the number of behaviours it was generated with, its transitions and
-trajectories, K_max, how many seeds chose each K, the K written, the K a vote of the seeds' own choices would give
-(the smaller on a tie; an analysis, not what ``--k auto`` does), the rand index of the
-written run (mean, min and max over seeds, every transition against the behaviour labels) beside that of stage 1
-run with the true K on all rows (``{run}/{name}/fixed_k/cluster.npz``), the held-out score of every K (mean
-over seeds, nats per transition), the mean number of empty clusters of every K, the time of every K's run (0 for
-a K that --resume reused), and
-the cost of ``--k auto``: its command's wall time over that of the true-K command (``{run}/times.txt``, lines
-``NAME auto|fixed SECONDS`` written by the script).
+trajectories (held out), K_max and the runs per K, the K written, each seed's own choice, the rand index of the
+written run (mean, min and max over seeds, every transition against the behaviour labels), beside it that of
+stage 1 run with the true K on all rows where it was run (``{run}/{name}/fixed_k/cluster.npz``), and the wall time
+of the command (``{run}/times.txt``, lines ``NAME auto|fixed SECONDS`` written by the script). A second table
+gives, per number of clusters k, the gap to the best k (mean over held-out trajectories of the paired
+difference, nats per trajectory) and its standard error, how many runs fitted k clusters, and the seconds of
+every K's runs.
 
 Example
     python scripts/select_k_table.py --run runs/select_k --out runs/select_k/select_k.md
@@ -26,7 +25,8 @@ import tyro
 
 # The number of behaviours each data set of scripts/reproduce_select_k.sh is generated with (nav_env.py
 # --subgoals NAME; the MuJoCo set is make_mujoco_set.py's two controllers).
-BEHAVIOURS = {"paper": 2, "one": 1, "three": 3, "four": 4, "controllers": 2}
+BEHAVIOURS = {"paper": 2, "one": 1, "three": 3, "four": 4, "controllers": 2, "start3": 3, "segment": 2,
+              "unequal": 2, "five": 5}
 
 
 @dataclass
@@ -57,16 +57,16 @@ def read_times(path: str) -> dict:
 
 
 def row(name: str, folder: str, times: dict) -> tuple[str, str]:
-    """One line of the main table and one of the scores table for the runs in ``folder``."""
+    """One line of the main table and one of the gaps table for the runs in ``folder``."""
     truth = BEHAVIOURS.get(name, "?")
     path, fixed_path = os.path.join(folder, "cluster.npz"), os.path.join(folder, "fixed_k", "cluster.npz")
     if not os.path.isfile(path):
-        return f"| `{name}` | {truth} | | | | not run | | | | | |", f"| `{name}` | not run | | |"
+        return f"| `{name}` | {truth} | | | | | not run | | | | |", f"| `{name}` | not run | | |"
     z = np.load(path, allow_pickle=False)
     seeds, trajectories = z["posterior"].shape[:2]
     transitions = z["assignments"].shape[1]
     chosen, per_seed = int(z["select_k/chosen"]), z["select_k/chosen_per_seed"]
-    ks = z["select_k/k"]
+    ks, runs = z["select_k/k"], len(z["select_k/run_seeds"])
     mark = "" if chosen == truth else " (wrong)"
     rand = z["rand_index"] if "rand_index" in z else np.full(seeds, np.nan)
     seconds = z["select_k/seconds"]
@@ -74,16 +74,15 @@ def row(name: str, folder: str, times: dict) -> tuple[str, str]:
     if os.path.isfile(fixed_path):
         f = np.load(fixed_path, allow_pickle=False)["rand_index"]
         fixed = f"{f.mean():.4f} ({f.min():.4f}-{f.max():.4f})"
-    auto_s, fixed_s = times.get((name, "auto")), times.get((name, "fixed"))
-    cost = f"{auto_s:.0f} s / {fixed_s:.0f} s = {auto_s / fixed_s:.1f}×" if auto_s and fixed_s else "–"
-    vote = int(np.bincount(per_seed).argmax())  # the K most seeds chose, the smaller on a tie
-    main = (f"| `{name}` | {truth} | {transitions:,} | {trajectories} | {int(ks[-1])} | {counts(per_seed)} | "
-            f"**{chosen}**{mark} | {vote} | {rand.mean():.4f} ({rand.min():.4f}-{rand.max():.4f}) | {fixed} "
-            f"| {cost} |")
-    scores = z["select_k/heldout_log_likelihood"].mean(1)
-    empty = z["select_k/empty_clusters"].mean(1)
-    detail = (f"| `{name}` | " + " / ".join(f"{s:.3f}" for s in scores) + " | "
-              + " / ".join(f"{e:.1f}" for e in empty) + " | "
+    auto_s = times.get((name, "auto"))
+    main = (f"| `{name}` | {truth} | {transitions:,} | {trajectories} ({len(z['select_k/heldout_trajectories'])}) | "
+            f"{int(ks[-1])} | {seeds} × {runs // seeds if runs % seeds == 0 else runs / seeds:g} = {runs} | "
+            f"**{chosen}**{mark} | {counts(per_seed)} | {rand.mean():.4f} ({rand.min():.4f}-{rand.max():.4f}) | "
+            f"{fixed} | {f'{auto_s:.0f} s' if auto_s else '–'} |")
+    gap, error, fitted = z["select_k/gap"], z["select_k/gap_standard_error"], z["select_k/fitted"]
+    used = ks[:, None] - z["select_k/empty_clusters"]  # [K_max, N] clusters each run uses
+    detail = (f"| `{name}` | " + " / ".join(f"{g:.1f} ± {e:.1f}" if ok else "–" for g, e, ok in zip(gap, error, fitted))
+              + " | " + " / ".join(str(int((used == k).sum())) for k in ks) + " | "
               + (" / ".join(f"{s:.0f}" for s in seconds) + f" (sum {seconds.sum():.0f})" if seconds.any()
                  else "every K reused by --resume") + " |")
     return main, detail
@@ -95,15 +94,14 @@ def main(args: Args) -> None:
     times = read_times(os.path.join(args.run, "times.txt"))
     lines = [row(name, os.path.join(args.run, name), times) for name in args.sets]
     text = "\n".join([
-        "| data set | behaviours | transitions | trajectories | K_max | seeds choosing each K | written K "
-        "| K by a vote of the seeds' own choices "
-        "| rand index of the written run, mean (min-max) over seeds | rand index with the true K, all rows "
-        "| wall time, --k auto / true K |",
+        "| data set | behaviours | transitions | trajectories (held out) | K_max | runs per K (seeds × restarts) "
+        "| written K | each seed's own choice (K × seeds) | rand index of the written run, mean (min-max) over seeds "
+        "| rand index with the true K, all rows | wall time |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *[main for main, _ in lines],
         "",
-        "| data set | held-out score per K = 1.., mean over seeds (nats per transition) | empty clusters per K, "
-        "mean over seeds | seconds per K |",
+        "| data set | gap to the best k ± its standard error, k = 1, 2, ... (nats per held-out trajectory) "
+        "| runs that fitted k clusters | seconds per K |",
         "|---|---|---|---|",
         *[detail for _, detail in lines],
         "",
