@@ -426,10 +426,9 @@ def heldout_score(loglik: np.ndarray, train_posterior: np.ndarray, num_rows: int
 
 
 def best_fits(per_trajectory: np.ndarray, empty: np.ndarray, pool: np.ndarray) -> dict:
-    """{k: (K index, run)} of the best run that uses k clusters, for every k some run in ``pool`` uses; the runs
-    are scored by their total held-out log-likelihood. per_trajectory [K_max, N, E_heldout]; empty [K_max, N]: the
-    clusters each run left without any training trajectory (a run with K clusters of which some are empty is a
-    fit with K - empty clusters, and is counted there); pool [N] bool: the runs that count."""
+    """{k: (K index, run)} of the run in ``pool`` [N] with the best total held-out log-likelihood among those that use
+    k clusters (K - empty [K_max, N]: a run with empty clusters counts as a fit with fewer), per_trajectory
+    [K_max, N, E_heldout]."""
     used = np.arange(1, len(empty) + 1)[:, None] - empty  # [K_max, N]
     totals = per_trajectory.sum(-1)
     fits = {}
@@ -442,47 +441,30 @@ def best_fits(per_trajectory: np.ndarray, empty: np.ndarray, pool: np.ndarray) -
 
 def one_standard_error_k(per_trajectory: np.ndarray, empty: np.ndarray, pool: np.ndarray,
                          standard_errors: float) -> tuple[int, np.ndarray, np.ndarray]:
-    """(chosen K, gap [K_max], standard error of the gap [K_max]) from the runs in ``pool`` (best_fits): the smallest
-    k whose held-out log-likelihood falls short of the best k's by at most ``standard_errors`` standard errors.
-
-    The gap of k is the mean over held-out trajectories of L_best(tau) - L_k(tau), in nats per trajectory, where
-    L_k(tau) is the mixture log-likelihood of trajectory tau under the best fit with k clusters; its standard
-    error is the standard deviation of those differences over sqrt(number of held-out trajectories). The
-    differences are paired (every k scores the same trajectories), so what varies between trajectories (length,
-    noise) cancels, and the scale of "worse" comes from the data instead of a fixed tolerance. NaN where no run
-    uses k."""
-    fits = best_fits(per_trajectory, empty, pool)
-    scores = {k: per_trajectory[index] for k, index in fits.items()}  # [E_heldout] each
+    """(chosen K, gap [K_max], its standard error [K_max]; NaN where no run uses k) from the runs in ``pool``: the
+    smallest k whose best fit (best_fits) falls short of the best k's by at most ``standard_errors`` standard
+    errors. The gap of k: the mean over held-out trajectories of L_best(tau) - L_k(tau), nats per trajectory; its
+    standard error: their standard deviation / sqrt(trajectories). Paired: every k scores the same trajectories,
+    so what varies between trajectories (length, noise) cancels, and the scale of "worse" comes from the data."""
+    scores = {k: per_trajectory[index] for k, index in best_fits(per_trajectory, empty, pool).items()}  # [E] each
     best = max(scores, key=lambda k: scores[k].sum())
     gap, error = np.full(len(empty), np.nan), np.full(len(empty), np.nan)
     for k, score in scores.items():
         diff = scores[best] - score
         gap[k - 1], error[k - 1] = diff.mean(), diff.std(ddof=1) / np.sqrt(len(diff))
-    chosen = min(k for k in scores if gap[k - 1] <= standard_errors * error[k - 1])
-    return chosen, gap, error
+    return min(k for k in scores if gap[k - 1] <= standard_errors * error[k - 1]), gap, error
 
 
 def choose_k(per_trajectory: np.ndarray, empty: np.ndarray, owners: np.ndarray,
              standard_errors: float = 1.0) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-    """The chosen K of the data set, the K each seed's own runs would choose [S], and the gap and its standard
-    error per K [K_max] (one_standard_error_k), from the held-out log-likelihood of every run per trajectory
-    [K_max, N, E_heldout], the clusters each run left empty [K_max, N] and the seed that owns each run [N].
-
-    The rule: the smallest k whose held-out log-likelihood is not worse than the best k's by more than one
-    standard error of the paired per-trajectory difference (the one-standard-error rule of cross-validation,
-    Breiman et al. 1984; Hastie et al., Elements of Statistical Learning, §7.10). Why: a trajectory is drawn by one
-    policy, so more clusters than behaviours cannot explain held-out trajectories better than the true number
-    except by the capacity of the extra networks, while fewer clusters pay on every trajectory of the behaviours
-    they merge. A behaviour that differs from another in a few states of each trajectory gains a few nats on each
-    of its trajectories, consistently: small per transition, but many standard errors.
-
-    The data set's K pools every run: the seeds, their restarts and the K's are EM restarts of the same mixture on
-    the same training trajectories, scored on the same held-out ones, and a fit of k clusters that EM did not find
-    in one restart (it collapsed) is not evidence against k; a fit it found in another is evidence for it (the best
-    of n_init restarts). Counting a collapsed run at the clusters it uses lets a K = 4 run that found three
-    behaviours with one cluster empty count for three."""
-    everyone = np.ones(len(owners), bool)
-    chosen, gap, error = one_standard_error_k(per_trajectory, empty, everyone, standard_errors)
+    """(the data set's K, each seed's own choice [S], gap [K_max], its standard error [K_max]) from the held-out
+    log-likelihood of every run per trajectory [K_max, N, E_heldout], the clusters each run left empty [K_max, N]
+    and the seed that owns each run [N]: the one-standard-error rule of cross-validation (Breiman et al. 1984;
+    Hastie et al., ESL §7.10) on the paired per-trajectory differences (one_standard_error_k). The data set's K
+    pools every run, the seeds, their restarts and the K's, as EM restarts of one mixture: a fit of k clusters
+    that one restart missed (it collapsed) is no evidence against k, one that another found is evidence for it.
+    Why this rule, and what it was measured against: docs/select_k.md."""
+    chosen, gap, error = one_standard_error_k(per_trajectory, empty, np.ones(len(owners), bool), standard_errors)
     per_seed = np.array([one_standard_error_k(per_trajectory, empty, owners == seed, standard_errors)[0]
                          for seed in range(owners.max() + 1)])
     return chosen, per_seed, gap, error
@@ -519,12 +501,10 @@ def chosen_runs(folder: str, chosen: int, per_trajectory: np.ndarray, empty: np.
 
 
 def select_k(args: Args) -> dict:
-    """--k auto: stage 1 for K = 1..--k-max on a training split of the trajectories (Algorithm 1 unchanged; the
-    seeds and their restarts vmapped, the K's in turn), each run scored on every held-out trajectory; the chosen
-    K's runs are kept and their posterior (Eq. 3) and assignments (Eq. 9) computed on the whole data set, written
-    as cluster.npz with the scores of every K (select_k/*). The runs live in a folder of this output's own
-    (<out>.select_k/, e.g. cluster.select_k/ for cluster.npz), held by one run at a time; each K's run has its own
-    folder and checkpoint there (k<K>/), so --resume continues the K that was cut and reuses the finished ones."""
+    """--k auto: stage 1 for K = 1..--k-max on a training split of the trajectories (seeds and restarts vmapped),
+    every run scored on each held-out trajectory; the chosen K's runs, with Eq. (3) and (9) on the whole data set,
+    written as cluster.npz with the scores of every K (select_k/*). The runs live in <out>.select_k/, held by one
+    run at a time, each K in k<K>/ with its checkpoint (--resume continues the K that was cut)."""
     check_writable(args.out, [args.dataset])
     data_np, data_sha = load_dataset(args.dataset)
     train, heldout = split_for_k(args, data_np)
