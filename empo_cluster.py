@@ -34,9 +34,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Union
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load: one sentence and no traceback, until empo_io.run
+    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"interrupted while starting; nothing was saved\n"),
+                                             os._exit(130)))
 
 import flax.linen as nn
 import jax

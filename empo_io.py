@@ -14,7 +14,10 @@ every script (tests/test_empo_io.py checks each):
    records the run it belongs to (output path, inputs' sha256, every flag that changes the result) and
    ``--resume`` refuses one of another run in one sentence.
 4. The command line (``cli`` / ``run``): tyro flags over a preset (a column of Table 4); bad input, a full memory
-   and Ctrl-C end in one ``error: ...`` sentence (``InputError``), not a traceback; one XLA host device per core.
+   end in one ``error: ...`` sentence (``InputError``), not a traceback; Ctrl-C and SIGTERM at any instant (even
+   while the libraries load, inside a callback that swallows the interrupt, or during an XLA compile) end in one
+   sentence and status 128 + the signal, leaving without the interpreter's finalisation, which races XLA's
+   threads; one XLA host device per core.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ import json
 import math
 import os
 import re
+import select
+import signal
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import asdict
@@ -571,22 +577,105 @@ def host_devices() -> None:
 
 
 def run(main, args) -> None:
-    """``main(args)`` as a command: bad input, a full memory and Ctrl-C end in one sentence, not a traceback."""
+    """``main(args)`` as a command: bad input, a full memory, Ctrl-C and SIGTERM end in one sentence, not a traceback.
+
+    A signal (SIGINT, SIGTERM) stops the run at the next Python instruction of the main thread (a KeyboardInterrupt)
+    and the process leaves with ``os._exit`` (status 128 + the signal's number) after printing the sentence: a
+    ``sys.exit`` would run the interpreter's finalisation while XLA's compile and execution threads still run, which
+    ends in a segmentation fault. A watcher thread, woken by the signal itself (``signal.set_wakeup_fd``), leaves in
+    the same way when the main thread has not left within ``SIGNAL_GRACE_S`` seconds: when the interrupt was raised
+    inside a callback that swallows it (JAX's ``_xla_gc_callback``: "Exception ignored in ..."), or the main thread
+    is inside a long XLA compile, where no Python instruction runs. A second signal leaves at once. Checkpoints and
+    outputs are renamed into place whole, so leaving at any instant keeps the last checkpoint intact."""
     host_devices()
+    watcher = _SignalWatcher(args)
     try:
         main(args)
     except InputError as e:
-        sys.exit(f"error: {e}")
+        watcher.exit(f"error: {e}")
     except KeyboardInterrupt:
-        path = checkpoint_path(args.out)
-        if os.path.exists(path):
-            sys.exit(f"interrupted: progress is saved in {path}; run the same command with --resume to continue")
-        sys.exit("interrupted before the first checkpoint; nothing was saved")
+        watcher.exit(interrupted_message(args))
     except Exception as e:  # XLA's allocation failures and NumPy's MemoryError
         if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
             sys.exit(f"error: out of memory ({type(e).__name__}); lower the flags that size the run (--num-seeds, "
                      f"--batch-size, the chunk sizes, the schedule's lengths)")
         raise
+    finally:
+        watcher.stop()
+
+
+SIGNAL_GRACE_S = 2.0
+_LEAVING = threading.Lock()
+
+
+def interrupted_message(args) -> str:
+    """What an interrupted run says: where its checkpoint is, or that there is none."""
+    path = checkpoint_path(args.out)
+    if os.path.exists(path):
+        return f"interrupted: progress is saved in {path}; run the same command with --resume to continue"
+    return "interrupted before the first checkpoint; nothing was saved"
+
+
+def _leave(message: str, status: int) -> None:
+    """Print ``message`` and end the process at once, from any thread (the first caller wins)."""
+    _LEAVING.acquire()  # never released: the process ends here
+    try:
+        sys.stdout.flush()
+    except Exception:  # a closed or full stdout must not keep the sentence from being printed
+        pass
+    os.write(2, (message + "\n").encode())
+    os._exit(status)
+
+
+class _SignalWatcher:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread; a thread woken by the signal leaves the
+    process (``_leave``) when the main thread has not within ``SIGNAL_GRACE_S``, or at a second signal. Installed
+    only in the main thread; ``stop`` puts back the handlers it found (a run called from Python, e.g. a test)."""
+
+    def __init__(self, args):
+        self.args, self.signum, self.thread = args, None, None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.old_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        self.thread = threading.Thread(target=self._watch, name="empo-signal-watcher", daemon=True)
+        self.thread.start()
+
+    def _on_signal(self, signum, frame):
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def _watch(self) -> None:
+        first = None
+        while True:
+            ready = select.select([self.read_fd], [], [], None if first is None else SIGNAL_GRACE_S)[0]
+            data = os.read(self.read_fd, 64) if ready else b""
+            if b"\0" in data:  # stop(): the run is over
+                return
+            signums = [b for b in data if b in (signal.SIGINT, signal.SIGTERM)]
+            if first is not None and (signums or not ready):  # a second signal, or the grace period is over
+                _leave(interrupted_message(self.args), 128 + first)
+            if signums:
+                first = signums[0]
+
+    def exit(self, message: str) -> None:
+        """sys.exit(message), or after a real signal ``_leave`` (no interpreter finalisation, status 128 + signal)."""
+        if self.signum is not None:
+            _leave(message, 128 + self.signum)
+        sys.exit(message)
+
+    def stop(self) -> None:
+        if self.thread is None:
+            return
+        signal.set_wakeup_fd(self.old_wakeup)
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        os.write(self.write_fd, b"\0")
+        self.thread.join()
+        os.close(self.read_fd)
+        os.close(self.write_fd)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,9 +21,14 @@ Interpretations and deviations (each at length under its number in docs/empo_ppo
 
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load: one sentence and no traceback, until empo_io.run
+    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"interrupted while starting; nothing was saved\n"),
+                                             os._exit(130)))
 
 import flax.linen as nn
 import jax

@@ -39,11 +39,16 @@ Example
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.append(ROOT)  # empo_io and nav_env live in the repository root
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load: one sentence and no traceback, until empo_io.run
+    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"interrupted while starting; nothing was saved\n"),
+                                             os._exit(130)))
 
 import time
 from dataclasses import dataclass

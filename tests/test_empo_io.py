@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -417,6 +418,71 @@ def test_ctrl_c_names_the_checkpoint(tmp_path, no_host_devices):
     empo_io.save_checkpoint(path, {"w": np.zeros(2, np.float32)}, 1, "s", {})
     assert ended(raising(KeyboardInterrupt()), args) == (
         f"interrupted: progress is saved in {path}; run the same command with --resume to continue")
+
+
+SWALLOWING_MAIN = """
+import sys, time
+sys.path.insert(0, {root!r})
+import empo_io
+
+class Args:
+    out = {out!r}
+
+def main(args):
+    while True:
+        try:
+            print("ready", flush=True)
+            time.sleep(60)
+        except KeyboardInterrupt:  # swallowed, as an exception raised inside JAX's gc callback is
+            pass
+
+empo_io.run(main, Args())
+"""
+
+
+def signalled(command: list, ready, signum=signal.SIGINT, timeout: float = 60.0) -> tuple:
+    """Start ``command``, send ``signum`` once ``ready(process)`` is true, return (exit status, stderr lines)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        while not ready(process):
+            assert process.poll() is None, process.stderr.read()
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=timeout)
+    finally:
+        process.kill()
+    return process.returncode, [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_whose_interrupt_is_swallowed_still_ends_the_run_in_one_sentence(tmp_path, signum):
+    """The KeyboardInterrupt never reaches run(); the process still leaves, after the grace period, with the
+    sentence and status 128 + the signal (before: it ran on)."""
+    script = tmp_path / "swallow.py"
+    script.write_text(SWALLOWING_MAIN.format(root=str(ROOT), out=str(tmp_path / "x.npz")))
+    status, err = signalled([sys.executable, str(script)], lambda p: p.stdout.readline() == "ready\n", signum,
+                            timeout=empo_io.SIGNAL_GRACE_S + 20)
+    assert status == 128 + signum
+    assert err == ["interrupted before the first checkpoint; nothing was saved"]
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_sentence(tmp_path):
+    """Ctrl-C while nav_env.py imports JAX (before run() is called): one sentence, status 130 (before: a traceback
+    from inside an import, or an interrupt swallowed and the run going on)."""
+    def loading_jax(process) -> bool:
+        try:
+            return "jaxlib" in Path(f"/proc/{process.pid}/maps").read_text()
+        except OSError:
+            pytest.skip("needs /proc to see when the process loads JAX")
+
+    status, err = signalled([sys.executable, "nav_env.py", "--out", str(tmp_path / "d.npz")], loading_jax)
+    assert status == 130 and err == ["interrupted while starting; nothing was saved"]
+    assert not (tmp_path / "d.npz").exists()
+
+
+def test_run_puts_back_the_signal_handlers_it_found(no_host_devices):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    ended(raising(KeyboardInterrupt()), Flags())
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 # ----------------------------------------------------------------------------------------------
