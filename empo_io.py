@@ -8,6 +8,8 @@ every script (tests/test_empo_io.py checks each):
    strings (schema, args JSON, producer, inputs' sha256); written to a temporary file beside the target and
    renamed over it only when complete, so a crash or a full disk leaves an earlier file as it was; NaN or
    infinite arrays are never written; an output that is one of the run's inputs is refused before any work.
+   Figures (``save_figure``) are written whole or not at all; a write error of the TensorBoard events
+   (``make_writer``) ends the run in one sentence when the writer is closed, not in a thread's traceback.
 2. Data sets (``load_dataset``): an .npz (schema empo/dataset/v1), D4RL v2 HDF5 files or Minari ids from the
    local store, validated (keys, dtypes, shapes, finiteness, trajectory structure); never downloaded.
 3. Checkpoints (``resume_checkpoint`` / ``save_checkpoint``): beside the output and named after it; a checkpoint
@@ -100,6 +102,13 @@ def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] 
     meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
                 producer=np.array(os.path.basename(sys.argv[0]) or "python"),
                 inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
+    write_atomically(path, lambda f: np.savez(f, **arrays, **meta), "an earlier file there is left as it was")
+
+
+def write_atomically(path: str, write, kept: str) -> None:
+    """``write(file)`` into a temporary file beside ``path`` (named with the writer's pid, so that one left by a
+    killed writer is removed by the next), renamed over ``path`` only when complete, with the permissions the umask
+    gives. An OSError (a full disk) removes the temporary file and becomes one sentence that ends with ``kept``."""
     folder, name = os.path.split(os.path.abspath(path))
     for old in os.listdir(folder):  # temporaries of this file left by writers that no longer run
         pid = old[len(name) + 2:].split(".")[0]
@@ -109,7 +118,7 @@ def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] 
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays, **meta)
+            write(f)
         umask = os.umask(0o022)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -118,9 +127,16 @@ def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] 
         if tmp and os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise InputError(f"cannot write {path}: {e.strerror or e}; an earlier file there is left as "
-                             f"it was") from None
+            raise InputError(f"cannot write {path}: {e.strerror or e}; {kept}") from None
         raise
+
+
+def save_figure(fig, path: str) -> None:
+    """A matplotlib figure written whole or not at all (``write_atomically``), in the format its suffix names: a
+    full disk leaves no partial image, in one sentence."""
+    check_writable(path)
+    image_format = os.path.splitext(path)[1][1:].lower() or "png"
+    write_atomically(path, lambda f: fig.savefig(f, format=image_format), "no partial image was left")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -473,13 +489,59 @@ def observation_stats(name: str, observations):
 # ----------------------------------------------------------------------------------------------
 
 def make_writer(log_dir: str, args):
-    """A tensorboardX writer with the hyperparameters logged as a text table."""
+    """A tensorboardX writer with the hyperparameters logged as a text table.
+
+    tensorboardX writes its event file in a thread of its own, where a write error (a full disk) only prints a
+    traceback, and the thread's death then blocks the run at its next ten events; here the error is kept, later
+    events are dropped, and the writer's ``close`` raises it as one sentence (the events written before it stay in
+    the file: TensorBoard reads a log up to its last whole record)."""
     from tensorboardX import SummaryWriter
 
-    writer = SummaryWriter(log_dir)
+    try:
+        writer = SummaryWriter(log_dir)
+        events = writer._get_file_writer().event_writer._ev_writer  # tensorboardX 2.6: the file the thread writes
+    except OSError as e:
+        raise InputError(f"cannot write the TensorBoard events in {log_dir}: {e.strerror or e}") from None
+    records = events._py_recordio_writer = _KeptErrors(events._py_recordio_writer)
+    close = writer.close
+
+    def close_and_check() -> None:
+        close()
+        if records.error is not None:
+            raise InputError(f"cannot write the TensorBoard events {events._file_name}: "
+                             f"{records.error.strerror or records.error}; the events before the error are kept")
+
+    writer.close = close_and_check
     rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(asdict(args).items()))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
     return writer
+
+
+class _KeptErrors:
+    """tensorboardX's record file whose first OSError is kept (``error``) instead of raised; later writes are
+    dropped, and the file is still closed."""
+
+    def __init__(self, records):
+        self.records, self.error = records, None
+
+    def write(self, data) -> None:
+        self._call(self.records.write, data)
+
+    def flush(self) -> None:
+        self._call(self.records.flush)
+
+    def close(self) -> None:
+        try:
+            self.records.close()
+        except OSError as e:
+            self.error = self.error or e
+
+    def _call(self, method, *args) -> None:
+        if self.error is None:
+            try:
+                method(*args)
+            except OSError as e:
+                self.error = e
 
 
 def seed_shardings(num_seeds: int):

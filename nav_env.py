@@ -48,7 +48,10 @@ import numpy as np
 import tyro
 from flax import struct
 
-from empo_io import DATASET_SCHEMA, InputError, check_minari_id, check_writable, run, save_npz, validate_dataset
+# isort: off
+from empo_io import DATASET_SCHEMA, InputError, check_minari_id, check_writable, save_npz, save_figure
+from empo_io import run, validate_dataset
+# isort: on
 
 
 @dataclass
@@ -440,8 +443,7 @@ def plot_map(trajectories=(), labels=None, subgoals=None, title: Optional[str] =
     canvas.draw()
     pixels = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     if path:
-        check_writable(path)
-        fig.savefig(path)
+        save_figure(fig, path)
     return pixels
 
 

@@ -5,6 +5,7 @@ inputs to check_writable, refusing its flags before any work, resuming to the re
 tested with the stage, in its own test file and in test_bad_input.py.
 """
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -174,6 +175,45 @@ def test_a_full_disk_at_the_final_write_leaves_the_earlier_file(tmp_path, monkey
             empo_io.save_npz, str(out), {"x": np.zeros(3, np.float32)}, "s", {"good": False})
     monkeypatch.undo()
     assert out.read_bytes() == before and listing(tmp_path) == ["good.npz"]  # no temporary left behind
+
+
+def test_a_full_disk_while_a_figure_is_written_leaves_no_partial_image(tmp_path, monkeypatch):
+    """The figure's bytes go to a temporary file renamed into place only when complete (before: a 0-byte PNG and a
+    traceback)."""
+    from matplotlib.figure import Figure
+
+    import nav_env
+
+    path = tmp_path / "map.png"
+    nav_env.plot_map(path=str(path))
+    before = path.read_bytes()
+
+    def disk_full(self, file, **kwargs):
+        with open(file, "wb") if isinstance(file, (str, os.PathLike)) else contextlib.nullcontext(file) as f:
+            f.write(b"\x89PNG half an image")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    refused(f"cannot write {path}: No space left on device; no partial image was left", nav_env.plot_map,
+            path=str(path))
+    assert path.read_bytes() == before and listing(tmp_path) == ["map.png"]
+
+
+def test_a_full_disk_under_the_tensorboard_events_ends_in_one_sentence_at_close(tmp_path, monkeypatch):
+    """tensorboardX's thread keeps the error instead of dying with a traceback; close() says it (before: the run
+    went on and ended with exit status 0)."""
+    from tensorboardX import record_writer
+
+    def disk_full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(record_writer.RecordWriter, "flush", disk_full)
+    writer = empo_io.make_writer(str(tmp_path / "tb"), Flags())
+    for step in range(30):  # more events than tensorboardX's queue holds: the thread must keep taking them
+        writer.add_scalar("charts/x", float(step), step)
+    message = refused("cannot write the TensorBoard events .*events.out.tfevents.*: No space left on device; the "
+                      "events before the error are kept", writer.close)
+    assert str(tmp_path / "tb") in message
 
 
 def test_an_output_path_that_names_no_file_or_cannot_be_written_is_refused(tmp_path, monkeypatch):
