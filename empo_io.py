@@ -296,9 +296,11 @@ def load_dataset(source: str) -> tuple[dict, str]:
     D4RL files (``*.hdf5``, read with h5py) and Minari ids (read from the local store, ``MINARI_DATASETS_PATH``
     or ~/.minari) are never downloaded. Several files or ids are concatenated and labelled by their index, the
     way D4RL medium-expert is medium + expert; a single Minari id takes ``behaviour`` from each episode's
-    metadata where present, a single D4RL file has none (-1). Returns (arrays, sha256 of the arrays' bytes).
+    metadata where present, a single D4RL file has none (-1). A ``source`` that exists as a whole is one file even
+    when its name holds commas. Returns (arrays, sha256 of the arrays' bytes).
     """
-    parts = [s.strip() for s in source.split(",") if s.strip()]
+    # a path that exists as a whole is one file, commas and all; otherwise commas separate files or ids
+    parts = [source] if os.path.exists(source) else [s.strip() for s in source.split(",") if s.strip()]
     hdf5 = [p.endswith((".hdf5", ".h5")) for p in parts]
     if any(hdf5) and not all(hdf5):
         raise InputError(f"--dataset {source} mixes D4RL .hdf5 files with other sources; give one kind")
@@ -318,8 +320,16 @@ def load_dataset(source: str) -> tuple[dict, str]:
     return data, digest.hexdigest()
 
 
+# The largest magnitude a data set's observations, actions and rewards may hold. Real data sets stay far below it
+# (D4RL's MuJoCo observations below 1e3, rewards per step below 1e2, actions in [-1, 1]); above it float32
+# training overflows: a return over the 1000-step horizon of gamma = 0.999 is 1e3 times a reward, and the value
+# losses square it, so 1e6 gives (1e9)^2 = 1e18, far below float32's 3.4e38, while 1e20 already overflows.
+LARGEST_DATA_VALUE = 1e6
+
+
 def validate_dataset(name: str, data: dict) -> dict:
-    """Schema, shapes, finiteness and trajectory structure; returns the sizes (N, obs_dim, act_dim)."""
+    """Schema, shapes, finiteness, magnitudes (at most LARGEST_DATA_VALUE) and trajectory structure; returns the
+    sizes (N, obs_dim, act_dim)."""
     sizes = check_arrays(name, data, DATASET_SPEC)
     ids = data["episode_ids"]
     if sizes["N"] == 0:
@@ -327,6 +337,13 @@ def validate_dataset(name: str, data: dict) -> dict:
     for key, dim in (("observations", "obs_dim"), ("actions", "act_dim")):
         if sizes[dim] == 0:
             raise InputError(f"{name}: '{key}' has no features (shape {data[key].shape})")
+    for key in ("observations", "next_observations", "actions", "rewards"):
+        large = np.abs(data[key].reshape(len(data[key]), -1)).max(axis=1) > LARGEST_DATA_VALUE
+        if large.any():
+            row = int(np.flatnonzero(large)[0])
+            value = data[key][row].flat[np.abs(data[key][row]).argmax()]
+            raise InputError(f"{name}: '{key}' holds {value:.3g} at row {row}, beyond +-{LARGEST_DATA_VALUE:.0e}, "
+                             f"where float32 training overflows; rescale the data set")
     steps = np.diff(ids)
     if ids[0] != 0 or np.any((steps != 0) & (steps != 1)):
         raise InputError(f"{name}: 'episode_ids' must start at 0 and count up by one, trajectories contiguous")
@@ -431,6 +448,8 @@ def _read_d4rl_file(path: str) -> dict:
     """The six D4RL keys of one HDF5 file as float32 [N, ...] / bool [N] arrays, checked."""
     import h5py
 
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder, not a D4RL HDF5 file")
     if not os.path.isfile(path):
         name = os.path.basename(path)
         url = ("; D4RL's copy: http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/" + name
@@ -803,6 +822,10 @@ def resume_checkpoint(args, state_template, schema: str, identity: dict, total: 
     if sum(k.startswith("leaf_") for k in arrays) != len(leaves) or any(
             a.shape != np.shape(b) for a, b in zip(restored, leaves)):
         raise InputError(f"{path} was written by a run with other sizes; delete it or drop --resume")
+    for i, a in enumerate(restored):
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{path} holds NaN or infinite values ('leaf_{i:04d}'), which a run never saves: the "
+                             f"file was changed or damaged; delete it and run without --resume to start over")
     print(f"resumed from {path} at unit {unit}/{total}")
     return path, jax.tree.unflatten(treedef, restored), unit
 

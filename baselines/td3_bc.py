@@ -80,7 +80,7 @@ class Args:
     """the defaults of every other flag: 'nav' = the navigation task; flags given on the command line override it"""
     dataset: str = "data/nav.npz"
     """data set: an .npz (schema empo/dataset/v1), or comma-separated D4RL .hdf5 files or Minari ids, as the EMPO
-    stages take"""
+    stages take (a path that exists is one file even if its name holds commas)"""
     out: str = "runs/nav/td3_bc.npz"
     """output file (schema empo/td3_bc/v1); figures go beside it, TensorBoard logs to the folder 'td3_bc' beside it"""
     seed: int = 1

@@ -346,6 +346,11 @@ def set_row(row, value):
     (changed("terminals", set_row(2, False)), "a trajectory ends with neither a terminal nor a timeout"),
     (changed("timeouts", set_row(1, True)), "a terminal or timeout flag stands inside a trajectory"),
     (changed("timeouts", set_row(2, True)), "both a terminal and a timeout flag"),
+    # finite but absurd: float32 training would overflow (before: "did the run diverge?" at the end of the run)
+    (changed("actions", set_row((2, 1), 1e20)),
+     r"'actions' holds 1e\+20 at row 2, beyond \+-1e\+06, where float32 training overflows; rescale the data set"),
+    (changed("rewards", set_row(4, -1e38)), r"'rewards' holds -1e\+38 at row 4"),
+    (changed("next_observations", set_row((5, 0), 2e6)), r"'next_observations' holds 2e\+06 at row 5"),
 ])
 def test_a_bad_data_set_gets_one_sentence_naming_the_file(tmp_path, change, message):
     path = tmp_path / "d.npz"
@@ -542,6 +547,23 @@ class RunFlags:
 
 NEUTRAL = ("out", "dataset", "resume", "log_every")
 CKPT = "empo/test-checkpoint/v1"
+
+
+def test_a_checkpoint_edited_to_hold_nan_is_refused_on_resume_with_how_to_start_over(tmp_path):
+    """Before: the run resumed from it and ended in "did the run diverge?"."""
+    args = RunFlags(out=str(tmp_path / "x.npz"))
+    identity = empo_io.run_identity(args, NEUTRAL, {"dataset": "ab" * 32})
+    template = {"w": np.zeros((2, 3), np.float32), "step": np.int32(0)}
+    path = empo_io.checkpoint_path(args.out)
+    empo_io.save_checkpoint(path, {"w": np.ones((2, 3), np.float32), "step": np.int32(7)}, 4, CKPT, identity)
+    with np.load(path) as f:
+        arrays = dict(f)
+    arrays["leaf_0001"][1, 2] = np.nan  # the leaves in tree order: step, w
+    np.savez(path, **arrays)
+    message = refused(r"holds NaN or infinite values \('leaf_0001'\), which a run never saves: the file was changed "
+                      r"or damaged; delete it and run without --resume to start over",
+                      empo_io.resume_checkpoint, args, template, CKPT, identity, 9)
+    assert message.startswith(path)
 
 
 def test_run_identity_keeps_the_output_the_inputs_and_every_flag_that_changes_the_result(tmp_path, monkeypatch):
