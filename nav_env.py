@@ -37,9 +37,10 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-if __name__ == "__main__":  # Ctrl-C while the libraries load: one sentence and no traceback, until empo_io.run
-    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"interrupted while starting; nothing was saved\n"),
-                                             os._exit(130)))
+if __name__ == "__main__":  # Ctrl-C, SIGTERM while the libraries load: one sentence, no traceback (until empo_io.run)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda n, _: (os.write(2, b"interrupted while starting; nothing was saved\n"),
+                                            os._exit(128 + n)))
 
 import gymnasium as gym
 import jax

@@ -41,9 +41,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.append(ROOT)  # empo_io and nav_env live in the repository root
 
-if __name__ == "__main__":  # Ctrl-C while the libraries load: one sentence and no traceback, until empo_io.run
-    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"interrupted while starting; nothing was saved\n"),
-                                             os._exit(130)))
+if __name__ == "__main__":  # Ctrl-C, SIGTERM while the libraries load: one sentence, no traceback (until empo_io.run)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda n, _: (os.write(2, b"interrupted while starting; nothing was saved\n"),
+                                            os._exit(128 + n)))
 
 import time
 from dataclasses import dataclass
