@@ -273,7 +273,7 @@ def fault_cases():
                        lambda w, t, s=script, g=sig, n=when: signal_case(w, t, s, g, n))
     for size in ("60k", "100k", "165k"):
         yield f"disk full ({size} tmpfs) empo_cluster.py", lambda w, t, z=size: disk_case(w, t, "empo_cluster.py", z)
-    yield "disk full (100k tmpfs) nav_env.py --figure", lambda w, t: disk_case(w, t, "nav_env.py", "100k")
+    yield "disk full (200k tmpfs) nav_env.py --figure", lambda w, t: disk_case(w, t, "nav_env.py", "200k")
     for key, value in (("actions", 1e20), ("rewards", 1e38), ("observations", 1e7)):
         for script in ("empo_cluster.py", "baselines/bc.py"):
             yield f"absurd {key} {value:g} {script}", lambda w, t, s=script, k=key, v=value: absurd_case(w, t, s, k, v)
@@ -291,7 +291,7 @@ def _scratch(work: pathlib.Path) -> pathlib.Path:
 
 def _result(label: str, outcome: str, status, inputs_kept: bool, out_ok: bool, seconds: float, message: str):
     return dict(script="faults", case=label, outcome=outcome, status=status, inputs_kept=inputs_kept, out_ok=out_ok,
-                seconds=round(seconds, 1), message=message[:160])
+                seconds=round(seconds, 1), message=message[:400])
 
 
 def _lines(stderr: str) -> list:
@@ -342,15 +342,32 @@ def signal_case(work: pathlib.Path, timeout: float, script: str, sig: str, when:
                                                              else " from the start")
         if done.returncode != 0 or "Traceback" in done.stderr:
             outcome = "bad"
+        else:
+            differ = differing_arrays(case_dir / "out.npz", work / OUTPUTS[script])
+            resumed += ", output equal to the uninterrupted run's" if not differ else f", output differs in {differ}"
     out_ok = output_valid(case_dir / "out.npz", SCHEMA[script]) if (case_dir / "out.npz").exists() or \
         script != "nav_env.py" else True
     leftovers = [p.name for p in case_dir.iterdir() if p.name.endswith(".tmp")]
     inputs_kept = all(sha(case_dir / name) == digest for name, digest in before.items())
-    message = (lines[-1] if lines else f"(no message, status {status})") + resumed + (
+    message = (lines[-1] if lines else f"(no message, status {status})").replace(str(case_dir) + "/", "") + resumed + (
         f"; temporaries left {leftovers}" if leftovers else "")
     shutil.rmtree(case_dir, ignore_errors=True)
     return _result(f"signal {sig} at {when} {script}", outcome, status, inputs_kept, out_ok,
                    time.perf_counter() - start, message)
+
+
+OUTPUTS = {"empo_cluster.py": "cluster.npz", "empo_ppo.py": "ppo.npz", "empo_highlevel.py": "highlevel.npz",
+           "baselines/bc.py": "bc.npz", "baselines/td3_bc.py": "td3_bc.npz"}
+
+
+def differing_arrays(path: pathlib.Path, reference: pathlib.Path) -> list:
+    """The arrays of two outputs of one command that differ (metadata and timings left out)."""
+    import numpy as np
+
+    with np.load(path) as a, np.load(reference) as b:
+        keys = [k for k in a.files if k not in ("args", "inputs", "producer", "summary") and "seconds" not in k
+                and not k.endswith("_s")]
+        return [k for k in keys if k not in b.files or a[k].shape != b[k].shape or not np.array_equal(a[k], b[k])]
 
 
 def disk_case(work: pathlib.Path, timeout: float, script: str, size: str) -> dict:
@@ -479,10 +496,9 @@ def concurrent_same_out_case(work: pathlib.Path, timeout: float) -> dict:
 
 
 def concurrent_k_auto_case(work: pathlib.Path, timeout: float) -> dict:
-    """Two `--k auto` runs with different --out in one folder, started together: reports what it sees (each output
-    valid and chosen from its own fits, or the fits of one mixed into the other's, which shares select_k/)."""
-    import numpy as np
-
+    """Two `--k auto` runs with different --out in one folder, started together, then the first alone in a folder
+    of its own: reports what it sees. Unmixed, the first run's output equals its lone run's (the fits of K = 1..k_max
+    under select_k/ are its own); "mixed" when the other run's fits, which share that folder, changed it."""
     case_dir = _scratch(work)
     start = time.perf_counter()
     before = {p.name: sha(p) for p in case_dir.iterdir() if p.is_file()}
@@ -493,18 +509,17 @@ def concurrent_k_auto_case(work: pathlib.Path, timeout: float) -> dict:
     statuses = [status for status, _ in ends]
     clean = not any("Traceback" in err for _, err in ends)
     valid = [output_valid(case_dir / name, SCHEMA["empo_cluster.py"]) for name in ("a.npz", "b.npz")]
-    seeds = []
-    for name in ("a.npz", "b.npz"):
-        try:
-            with np.load(case_dir / name) as f:
-                seeds.append(json.loads(str(f["args"])).get("seed"))
-        except Exception:
-            seeds.append(None)
-    mixed = seeds != [1, 2] or not all(valid)
+    alone = case_dir / "alone"
+    alone.mkdir()
+    shutil.copy2(case_dir / "data.npz", alone / "data.npz")
+    subprocess.run(commands[0], cwd=alone, capture_output=True, timeout=timeout)
+    differ = differing_arrays(case_dir / "a.npz", alone / "a.npz") if all(valid) else ["(no valid output)"]
+    fits = sorted(str(p.relative_to(case_dir)) for p in case_dir.glob("select_k/**/*.npz"))
+    mixed = bool(differ) or not all(valid)
     outcome = "traceback" if not clean else ("mixed" if mixed else ("ran" if statuses == [0, 0] else "sentence"))
     inputs_kept = all(sha(case_dir / name) == digest for name, digest in before.items())
-    message = f"statuses {statuses}, outputs valid {valid}, their seeds {seeds}; " + " / ".join(
-        (_lines(err) or ["-"])[-1] for _, err in ends)
+    message = (f"statuses {statuses}, outputs valid {valid}; a.npz differs from its lone run in {differ or 'nothing'}"
+               f"; shared fits {fits}; " + " / ".join((_lines(err) or ["-"])[-1] for _, err in ends))
     shutil.rmtree(case_dir, ignore_errors=True)
     return _result("concurrent two --k auto runs, one folder", outcome, statuses, inputs_kept, not mixed,
                    time.perf_counter() - start, message)
