@@ -711,7 +711,8 @@ def _leave(message: str, status: int) -> None:
 class _SignalWatcher:
     """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread; a thread woken by the signal leaves the
     process (``_leave``) when the main thread has not within ``SIGNAL_GRACE_S``, or at a second signal. Installed
-    only in the main thread; ``stop`` puts back the handlers it found (a run called from Python, e.g. a test)."""
+    only in the main thread, and not over a signal that is ignored (a job started in the background by a shell
+    script ignores SIGINT); ``stop`` puts back the handlers it found (a run called from Python, e.g. a test)."""
 
     def __init__(self, args):
         self.args, self.signum, self.thread = args, None, None
@@ -719,7 +720,8 @@ class _SignalWatcher:
             return
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.write_fd, False)
-        self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+                    if signal.getsignal(s) is not signal.SIG_IGN}  # ignored by whoever started us: stays ignored
         self.old_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
         self.thread = threading.Thread(target=self._watch, name="empo-signal-watcher", daemon=True)
         self.thread.start()

@@ -28,8 +28,9 @@ from typing import Any, Literal
 
 if __name__ == "__main__":  # Ctrl-C, SIGTERM while the libraries load: one sentence, no traceback (until empo_io.run)
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda n, _: (os.write(2, b"interrupted while starting; nothing was saved\n"),
-                                            os._exit(128 + n)))
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored by whoever started the script: stays ignored
+            signal.signal(signum, lambda n, _: (os.write(2, b"interrupted while starting; nothing was saved\n"),
+                                                os._exit(128 + n)))
 
 import flax.linen as nn
 import jax

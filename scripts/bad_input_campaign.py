@@ -313,7 +313,8 @@ def signal_case(work: pathlib.Path, timeout: float, script: str, sig: str, when:
     if script == "nav_env.py":  # a data set that takes a few seconds
         command += ["--transitions-per-behaviour", "200000"]
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=case_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=case_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     ckpt = case_dir / "out.checkpoint.npz"
     while process.poll() is None and time.perf_counter() - start < timeout:
         if (when == "checkpoint" and ckpt.exists()) or (when != "checkpoint"

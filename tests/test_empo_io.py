@@ -485,9 +485,11 @@ empo_io.run(main, Args())
 """
 
 
-def signalled(command: list, ready, signum=signal.SIGINT, timeout: float = 60.0) -> tuple:
-    """Start ``command``, send ``signum`` once ``ready(process)`` is true, return (exit status, stderr lines)."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+def signalled(command: list, ready, signum=signal.SIGINT, timeout: float = 60.0, sigint=signal.SIG_DFL) -> tuple:
+    """Start ``command`` (SIGINT set to ``sigint``: pytest may run as a background job, which ignores it), send
+    ``signum`` once ``ready(process)`` is true, return (exit status, stderr lines)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     try:
         while not ready(process):
             assert process.poll() is None, process.stderr.read()
@@ -508,6 +510,15 @@ def test_a_signal_whose_interrupt_is_swallowed_still_ends_the_run_in_one_sentenc
                             timeout=empo_io.SIGNAL_GRACE_S + 20)
     assert status == 128 + signum
     assert err == ["interrupted before the first checkpoint; nothing was saved"]
+
+
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path):
+    """A job a shell script starts in the background ignores Ctrl-C (the terminal's is for the script)."""
+    script = tmp_path / "swallow.py"
+    script.write_text(SWALLOWING_MAIN.format(root=str(ROOT), out=str(tmp_path / "x.npz")))
+    with pytest.raises(subprocess.TimeoutExpired):
+        signalled([sys.executable, str(script)], lambda p: p.stdout.readline() == "ready\n",
+                  timeout=empo_io.SIGNAL_GRACE_S + 2, sigint=signal.SIG_IGN)
 
 
 def test_ctrl_c_while_the_libraries_load_is_one_sentence(tmp_path):
