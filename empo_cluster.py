@@ -39,6 +39,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Union
 
+import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
+
+# isort: split
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -67,7 +71,8 @@ class Args:
     column (N_E 100, hidden 256; halfcheetah medium + expert, D4RL v2 files in data/d4rl); flags given on the
     command line override it"""
     dataset: str = "data/nav.npz"
-    """data set: an .npz (schema empo/dataset/v1), or comma-separated D4RL .hdf5 files or Minari ids (index = label)"""
+    """data set: an .npz (schema empo/dataset/v1), or comma-separated D4RL .hdf5 files or Minari ids (index = label);
+    a path that exists is one file even if its name holds commas"""
     out: str = "runs/nav/cluster.npz"
     """output file (schema empo/cluster/v1); TensorBoard logs go to the folder 'cluster' beside it"""
     seed: int = 1

@@ -36,6 +36,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
+import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
+
+# isort: split
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -64,7 +68,8 @@ class Args(gym_eval.EvalEnvFlags):
     column (gamma 0.99, tau 0.7; halfcheetah medium + expert, D4RL v2 files in data/d4rl); flags given on the
     command line override it"""
     dataset: str = "data/nav.npz"
-    """data set: an .npz, D4RL .hdf5 files or Minari ids (as stage 1), the one stages 1 and 2 used"""
+    """data set: an .npz, D4RL .hdf5 files or Minari ids (as stage 1: a path that
+    exists is one file even if its name holds commas), the one stages 1 and 2 used"""
     cluster: str = "runs/nav/cluster.npz"
     """stage-1 output (schema empo/cluster/v1): the classifier q(z|s; phi) and the assignments A(s, a)"""
     ppo: str = "runs/nav/ppo.npz"

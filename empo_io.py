@@ -8,13 +8,18 @@ every script (tests/test_empo_io.py checks each):
    strings (schema, args JSON, producer, inputs' sha256); written to a temporary file beside the target and
    renamed over it only when complete, so a crash or a full disk leaves an earlier file as it was; NaN or
    infinite arrays are never written; an output that is one of the run's inputs is refused before any work.
+   Figures (``save_figure``) are written whole or not at all; a write error of the TensorBoard events
+   (``make_writer``) ends the run in one sentence when the writer is closed, not in a thread's traceback.
 2. Data sets (``load_dataset``): an .npz (schema empo/dataset/v1), D4RL v2 HDF5 files or Minari ids from the
    local store, validated (keys, dtypes, shapes, finiteness, trajectory structure); never downloaded.
 3. Checkpoints (``resume_checkpoint`` / ``save_checkpoint``): beside the output and named after it; a checkpoint
    records the run it belongs to (output path, inputs' sha256, every flag that changes the result) and
    ``--resume`` refuses one of another run in one sentence.
 4. The command line (``cli`` / ``run``): tyro flags over a preset (a column of Table 4); bad input, a full memory
-   and Ctrl-C end in one ``error: ...`` sentence (``InputError``), not a traceback; one XLA host device per core.
+   end in one ``error: ...`` sentence (``InputError``), not a traceback; Ctrl-C and SIGTERM at any instant (even
+   while the libraries load, inside a callback that swallows the interrupt, or during an XLA compile) end in one
+   sentence and status 128 + the signal, leaving without the interpreter's finalisation, which races XLA's
+   threads; one XLA host device per core.
 """
 
 from __future__ import annotations
@@ -26,13 +31,32 @@ import json
 import math
 import os
 import re
+import select
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import asdict
 from typing import Optional
+
+# The scripts that import this module first, so that Ctrl-C while the libraries load is one sentence (guard_start_up).
+SCRIPTS = ("nav_env.py", "empo_cluster.py", "empo_ppo.py", "empo_highlevel.py", "bc.py", "td3_bc.py")
+
+
+def guard_start_up() -> None:
+    """Ctrl-C or SIGTERM while the libraries load, before ``run`` takes over: one sentence and status 128 + the
+    signal, no traceback (a signal that whoever started the script ignores stays ignored)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, lambda n, _: (os.write(2, b"interrupted while starting; nothing was saved\n"),
+                                                os._exit(128 + n)))
+
+
+if os.path.basename(getattr(sys.modules.get("__main__"), "__file__", None) or "") in SCRIPTS:
+    guard_start_up()  # before the libraries below: a script run as a command imports this module first
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +120,13 @@ def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] 
     meta = dict(schema=np.array(schema), args=np.array(json.dumps(args, default=str, sort_keys=True)),
                 producer=np.array(os.path.basename(sys.argv[0]) or "python"),
                 inputs=np.array(json.dumps(inputs or {}, sort_keys=True)))
+    write_atomically(path, lambda f: np.savez(f, **arrays, **meta), "an earlier file there is left as it was")
+
+
+def write_atomically(path: str, write, kept: str) -> None:
+    """``write(file)`` into a temporary file beside ``path`` (named with the writer's pid, so that one left by a
+    killed writer is removed by the next), renamed over ``path`` only when complete, with the permissions the umask
+    gives. An OSError (a full disk) removes the temporary file and becomes one sentence that ends with ``kept``."""
     folder, name = os.path.split(os.path.abspath(path))
     for old in os.listdir(folder):  # temporaries of this file left by writers that no longer run
         pid = old[len(name) + 2:].split(".")[0]
@@ -105,7 +136,7 @@ def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] 
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays, **meta)
+            write(f)
         umask = os.umask(0o022)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -114,9 +145,16 @@ def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] 
         if tmp and os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise InputError(f"cannot write {path}: {e.strerror or e}; an earlier file there is left as "
-                             f"it was") from None
+            raise InputError(f"cannot write {path}: {e.strerror or e}; {kept}") from None
         raise
+
+
+def save_figure(fig, path: str) -> None:
+    """A matplotlib figure written whole or not at all (``write_atomically``), in the format its suffix names: a
+    full disk leaves no partial image, in one sentence."""
+    check_writable(path)
+    image_format = os.path.splitext(path)[1][1:].lower() or "png"
+    write_atomically(path, lambda f: fig.savefig(f, format=image_format), "no partial image was left")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -276,9 +314,11 @@ def load_dataset(source: str) -> tuple[dict, str]:
     D4RL files (``*.hdf5``, read with h5py) and Minari ids (read from the local store, ``MINARI_DATASETS_PATH``
     or ~/.minari) are never downloaded. Several files or ids are concatenated and labelled by their index, the
     way D4RL medium-expert is medium + expert; a single Minari id takes ``behaviour`` from each episode's
-    metadata where present, a single D4RL file has none (-1). Returns (arrays, sha256 of the arrays' bytes).
+    metadata where present, a single D4RL file has none (-1). A ``source`` that exists as a whole is one file even
+    when its name holds commas. Returns (arrays, sha256 of the arrays' bytes).
     """
-    parts = [s.strip() for s in source.split(",") if s.strip()]
+    # a path that exists as a whole is one file, commas and all; otherwise commas separate files or ids
+    parts = [source] if os.path.exists(source) else [s.strip() for s in source.split(",") if s.strip()]
     hdf5 = [p.endswith((".hdf5", ".h5")) for p in parts]
     if any(hdf5) and not all(hdf5):
         raise InputError(f"--dataset {source} mixes D4RL .hdf5 files with other sources; give one kind")
@@ -298,8 +338,16 @@ def load_dataset(source: str) -> tuple[dict, str]:
     return data, digest.hexdigest()
 
 
+# The largest magnitude a data set's observations, actions and rewards may hold. Real data sets stay far below it
+# (D4RL's MuJoCo observations below 1e3, rewards per step below 1e2, actions in [-1, 1]); above it float32
+# training overflows: a return over the 1000-step horizon of gamma = 0.999 is 1e3 times a reward, and the value
+# losses square it, so 1e6 gives (1e9)^2 = 1e18, far below float32's 3.4e38, while 1e20 already overflows.
+LARGEST_DATA_VALUE = 1e6
+
+
 def validate_dataset(name: str, data: dict) -> dict:
-    """Schema, shapes, finiteness and trajectory structure; returns the sizes (N, obs_dim, act_dim)."""
+    """Schema, shapes, finiteness, magnitudes (at most LARGEST_DATA_VALUE) and trajectory structure; returns the
+    sizes (N, obs_dim, act_dim)."""
     sizes = check_arrays(name, data, DATASET_SPEC)
     ids = data["episode_ids"]
     if sizes["N"] == 0:
@@ -307,6 +355,13 @@ def validate_dataset(name: str, data: dict) -> dict:
     for key, dim in (("observations", "obs_dim"), ("actions", "act_dim")):
         if sizes[dim] == 0:
             raise InputError(f"{name}: '{key}' has no features (shape {data[key].shape})")
+    for key in ("observations", "next_observations", "actions", "rewards"):
+        large = np.abs(data[key].reshape(len(data[key]), -1)).max(axis=1) > LARGEST_DATA_VALUE
+        if large.any():
+            row = int(np.flatnonzero(large)[0])
+            value = data[key][row].flat[np.abs(data[key][row]).argmax()]
+            raise InputError(f"{name}: '{key}' holds {value:.3g} at row {row}, beyond +-{LARGEST_DATA_VALUE:.0e}, "
+                             f"where float32 training overflows; rescale the data set")
     steps = np.diff(ids)
     if ids[0] != 0 or np.any((steps != 0) & (steps != 1)):
         raise InputError(f"{name}: 'episode_ids' must start at 0 and count up by one, trajectories contiguous")
@@ -411,6 +466,8 @@ def _read_d4rl_file(path: str) -> dict:
     """The six D4RL keys of one HDF5 file as float32 [N, ...] / bool [N] arrays, checked."""
     import h5py
 
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder, not a D4RL HDF5 file")
     if not os.path.isfile(path):
         name = os.path.basename(path)
         url = ("; D4RL's copy: http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/" + name
@@ -469,13 +526,59 @@ def observation_stats(name: str, observations):
 # ----------------------------------------------------------------------------------------------
 
 def make_writer(log_dir: str, args):
-    """A tensorboardX writer with the hyperparameters logged as a text table."""
+    """A tensorboardX writer with the hyperparameters logged as a text table.
+
+    tensorboardX writes its event file in a thread of its own, where a write error (a full disk) only prints a
+    traceback, and the thread's death then blocks the run at its next ten events; here the error is kept, later
+    events are dropped, and the writer's ``close`` raises it as one sentence (the events written before it stay in
+    the file: TensorBoard reads a log up to its last whole record)."""
     from tensorboardX import SummaryWriter
 
-    writer = SummaryWriter(log_dir)
+    try:
+        writer = SummaryWriter(log_dir)
+        events = writer._get_file_writer().event_writer._ev_writer  # tensorboardX 2.6: the file the thread writes
+    except OSError as e:
+        raise InputError(f"cannot write the TensorBoard events in {log_dir}: {e.strerror or e}") from None
+    records = events._py_recordio_writer = _KeptErrors(events._py_recordio_writer)
+    close = writer.close
+
+    def close_and_check() -> None:
+        close()
+        if records.error is not None:
+            raise InputError(f"cannot write the TensorBoard events {events._file_name}: "
+                             f"{records.error.strerror or records.error}; the events before the error are kept")
+
+    writer.close = close_and_check
     rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(asdict(args).items()))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
     return writer
+
+
+class _KeptErrors:
+    """tensorboardX's record file whose first OSError is kept (``error``) instead of raised; later writes are
+    dropped, and the file is still closed."""
+
+    def __init__(self, records):
+        self.records, self.error = records, None
+
+    def write(self, data) -> None:
+        self._call(self.records.write, data)
+
+    def flush(self) -> None:
+        self._call(self.records.flush)
+
+    def close(self) -> None:
+        try:
+            self.records.close()
+        except OSError as e:
+            self.error = self.error or e
+
+    def _call(self, method, *args) -> None:
+        if self.error is None:
+            try:
+                method(*args)
+            except OSError as e:
+                self.error = e
 
 
 def seed_shardings(num_seeds: int):
@@ -573,22 +676,107 @@ def host_devices() -> None:
 
 
 def run(main, args) -> None:
-    """``main(args)`` as a command: bad input, a full memory and Ctrl-C end in one sentence, not a traceback."""
+    """``main(args)`` as a command: bad input, a full memory, Ctrl-C and SIGTERM end in one sentence, not a traceback.
+
+    A signal (SIGINT, SIGTERM) stops the run at the next Python instruction of the main thread (a KeyboardInterrupt)
+    and the process leaves with ``os._exit`` (status 128 + the signal's number) after printing the sentence: a
+    ``sys.exit`` would run the interpreter's finalisation while XLA's compile and execution threads still run, which
+    ends in a segmentation fault. A watcher thread, woken by the signal itself (``signal.set_wakeup_fd``), leaves in
+    the same way when the main thread has not left within ``SIGNAL_GRACE_S`` seconds: when the interrupt was raised
+    inside a callback that swallows it (JAX's ``_xla_gc_callback``: "Exception ignored in ..."), or the main thread
+    is inside a long XLA compile, where no Python instruction runs. A second signal leaves at once. Checkpoints and
+    outputs are renamed into place whole, so leaving at any instant keeps the last checkpoint intact."""
     host_devices()
+    watcher = _SignalWatcher(args)
     try:
         main(args)
     except InputError as e:
-        sys.exit(f"error: {e}")
+        watcher.exit(f"error: {e}")
     except KeyboardInterrupt:
-        path = checkpoint_path(args.out)
-        if os.path.exists(path):
-            sys.exit(f"interrupted: progress is saved in {path}; run the same command with --resume to continue")
-        sys.exit("interrupted before the first checkpoint; nothing was saved")
+        watcher.exit(interrupted_message(args))
     except Exception as e:  # XLA's allocation failures and NumPy's MemoryError
         if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
             sys.exit(f"error: out of memory ({type(e).__name__}); lower the flags that size the run (--num-seeds, "
                      f"--batch-size, the chunk sizes, the schedule's lengths)")
         raise
+    finally:
+        watcher.stop()
+
+
+SIGNAL_GRACE_S = 2.0
+_LEAVING = threading.Lock()
+
+
+def interrupted_message(args) -> str:
+    """What an interrupted run says: where its checkpoint is, or that there is none."""
+    path = checkpoint_path(args.out)
+    if os.path.exists(path):
+        return f"interrupted: progress is saved in {path}; run the same command with --resume to continue"
+    return "interrupted before the first checkpoint; nothing was saved"
+
+
+def _leave(message: str, status: int) -> None:
+    """Print ``message`` and end the process at once, from any thread (the first caller wins)."""
+    _LEAVING.acquire()  # never released: the process ends here
+    try:
+        sys.stdout.flush()
+    except Exception:  # a closed or full stdout must not keep the sentence from being printed
+        pass
+    os.write(2, (message + "\n").encode())
+    os._exit(status)
+
+
+class _SignalWatcher:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread; a thread woken by the signal leaves the
+    process (``_leave``) when the main thread has not within ``SIGNAL_GRACE_S``, or at a second signal. Installed
+    only in the main thread, and not over a signal that is ignored (a job started in the background by a shell
+    script ignores SIGINT); ``stop`` puts back the handlers it found (a run called from Python, e.g. a test)."""
+
+    def __init__(self, args):
+        self.args, self.signum, self.thread = args, None, None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+                    if signal.getsignal(s) is not signal.SIG_IGN}  # ignored by whoever started us: stays ignored
+        self.old_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        self.thread = threading.Thread(target=self._watch, name="empo-signal-watcher", daemon=True)
+        self.thread.start()
+
+    def _on_signal(self, signum, frame):
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def _watch(self) -> None:
+        first = None
+        while True:
+            ready = select.select([self.read_fd], [], [], None if first is None else SIGNAL_GRACE_S)[0]
+            data = os.read(self.read_fd, 64) if ready else b""
+            if b"\0" in data:  # stop(): the run is over
+                return
+            signums = [b for b in data if b in (signal.SIGINT, signal.SIGTERM)]
+            if first is not None and (signums or not ready):  # a second signal, or the grace period is over
+                _leave(interrupted_message(self.args), 128 + first)
+            if signums:
+                first = signums[0]
+
+    def exit(self, message: str) -> None:
+        """sys.exit(message), or after a real signal ``_leave`` (no interpreter finalisation, status 128 + signal)."""
+        if self.signum is not None:
+            _leave(message, 128 + self.signum)
+        sys.exit(message)
+
+    def stop(self) -> None:
+        if self.thread is None:
+            return
+        signal.set_wakeup_fd(self.old_wakeup)
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        os.write(self.write_fd, b"\0")
+        self.thread.join()
+        os.close(self.read_fd)
+        os.close(self.write_fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -654,6 +842,10 @@ def resume_checkpoint(args, state_template, schema: str, identity: dict, total: 
     if sum(k.startswith("leaf_") for k in arrays) != len(leaves) or any(
             a.shape != np.shape(b) for a, b in zip(restored, leaves)):
         raise InputError(f"{path} was written by a run with other sizes; delete it or drop --resume")
+    for i, a in enumerate(restored):
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise InputError(f"{path} holds NaN or infinite values ('leaf_{i:04d}'), which a run never saves: the "
+                             f"file was changed or damaged; delete it and run without --resume to start over")
     print(f"resumed from {path} at unit {unit}/{total}")
     return path, jax.tree.unflatten(treedef, restored), unit
 
@@ -687,7 +879,7 @@ def folder_lock(folder: str):
             except FileExistsError:
                 try:
                     host, pid = open(path).read().split()
-                    alive = host != socket.gethostname() or pid_alive(int(pid))
+                    alive = host != socket.gethostname() or _pid_alive(int(pid))
                 except FileNotFoundError:  # released in between: try again
                     continue
                 if alive:
@@ -702,14 +894,3 @@ def folder_lock(folder: str):
         yield
     finally:
         os.remove(path)
-
-
-def pid_alive(pid: int) -> bool:
-    """A process with this id runs on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True

@@ -25,6 +25,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
+
+# isort: split
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -52,7 +56,8 @@ class Args(gym_eval.EvalEnvFlags):
     column (gamma 0.99, N_Q 1.5M, N_V 40, N_pi 100; halfcheetah medium + expert, D4RL v2 files in data/d4rl);
     flags given on the command line override it"""
     dataset: str = "data/nav.npz"
-    """data set: an .npz, D4RL .hdf5 files or Minari ids (as stage 1), the one stage 1 used"""
+    """data set: an .npz, D4RL .hdf5 files or Minari ids (as stage 1: a path that exists
+    is one file even if its name holds commas), the one stage 1 used"""
     cluster: str = "runs/nav/cluster.npz"
     """stage-1 output (schema empo/cluster/v1): the policies Theta_hat* and the assignments A(s, a)"""
     out: str = "runs/nav/ppo.npz"

@@ -36,6 +36,10 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
+import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
+
+# isort: split
+
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
@@ -43,7 +47,10 @@ import numpy as np
 import tyro
 from flax import struct
 
-from empo_io import DATASET_SCHEMA, InputError, check_minari_id, check_writable, run, save_npz, validate_dataset
+# isort: off
+from empo_io import DATASET_SCHEMA, InputError, check_minari_id, check_writable, save_npz, save_figure
+from empo_io import run, validate_dataset
+# isort: on
 
 
 @dataclass
@@ -451,8 +458,7 @@ def plot_map(trajectories=(), labels=None, subgoals=None, title: Optional[str] =
     canvas.draw()
     pixels = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     if path:
-        check_writable(path)
-        fig.savefig(path)
+        save_figure(fig, path)
     return pixels
 
 

@@ -45,6 +45,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.append(ROOT)  # empo_io and nav_env live in the repository root
 
+import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
+
+# isort: split
+
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -75,7 +79,7 @@ class Args:
     """the defaults of every other flag: 'nav' = the navigation task; flags given on the command line override it"""
     dataset: str = "data/nav.npz"
     """data set: an .npz (schema empo/dataset/v1), or comma-separated D4RL .hdf5 files or Minari ids, as the EMPO
-    stages take"""
+    stages take (a path that exists is one file even if its name holds commas)"""
     out: str = "runs/nav/td3_bc.npz"
     """output file (schema empo/td3_bc/v1); figures go beside it, TensorBoard logs to the folder 'td3_bc' beside it"""
     seed: int = 1

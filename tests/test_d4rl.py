@@ -122,6 +122,17 @@ def test_missing_unreadable_mixed_and_mismatched_sources(tmp_path):
         empo_io.load_dataset(f"{tmp_path}/a.hdf5,{tmp_path}/b.hdf5")
 
 
+def test_a_folder_named_like_a_file_is_called_a_folder_and_a_path_with_commas_is_one_file(tmp_path):
+    """Before: the folder was reported as missing, and the path was split at its comma."""
+    (tmp_path / "x.hdf5").mkdir()
+    with pytest.raises(empo_io.InputError, match=r"x.hdf5 is a folder, not a D4RL HDF5 file"):
+        empo_io.load_dataset(str(tmp_path / "x.hdf5"))
+    written = write_d4rl(tmp_path / "hopper,medium.hdf5", 4, timeout_rows=[3])
+    data, _ = empo_io.load_dataset(str(tmp_path / "hopper,medium.hdf5"))
+    np.testing.assert_array_equal(data["actions"], written["actions"])
+    assert (data["behaviour"] == -1).all()  # one file, not two
+
+
 # ----------------------------------------------------------------------------------------------
 # The evaluation environment and the reference scores
 # ----------------------------------------------------------------------------------------------

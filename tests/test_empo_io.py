@@ -5,12 +5,14 @@ inputs to check_writable, refusing its flags before any work, resuming to the re
 tested with the stage, in its own test file and in test_bad_input.py.
 """
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -175,6 +177,45 @@ def test_a_full_disk_at_the_final_write_leaves_the_earlier_file(tmp_path, monkey
     assert out.read_bytes() == before and listing(tmp_path) == ["good.npz"]  # no temporary left behind
 
 
+def test_a_full_disk_while_a_figure_is_written_leaves_no_partial_image(tmp_path, monkeypatch):
+    """The figure's bytes go to a temporary file renamed into place only when complete (before: a 0-byte PNG and a
+    traceback)."""
+    from matplotlib.figure import Figure
+
+    import nav_env
+
+    path = tmp_path / "map.png"
+    nav_env.plot_map(path=str(path))
+    before = path.read_bytes()
+
+    def disk_full(self, file, **kwargs):
+        with open(file, "wb") if isinstance(file, (str, os.PathLike)) else contextlib.nullcontext(file) as f:
+            f.write(b"\x89PNG half an image")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    refused(f"cannot write {path}: No space left on device; no partial image was left", nav_env.plot_map,
+            path=str(path))
+    assert path.read_bytes() == before and listing(tmp_path) == ["map.png"]
+
+
+def test_a_full_disk_under_the_tensorboard_events_ends_in_one_sentence_at_close(tmp_path, monkeypatch):
+    """tensorboardX's thread keeps the error instead of dying with a traceback; close() says it (before: the run
+    went on and ended with exit status 0)."""
+    from tensorboardX import record_writer
+
+    def disk_full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(record_writer.RecordWriter, "flush", disk_full)
+    writer = empo_io.make_writer(str(tmp_path / "tb"), Flags())
+    for step in range(30):  # more events than tensorboardX's queue holds: the thread must keep taking them
+        writer.add_scalar("charts/x", float(step), step)
+    message = refused("cannot write the TensorBoard events .*events.out.tfevents.*: No space left on device; the "
+                      "events before the error are kept", writer.close)
+    assert str(tmp_path / "tb") in message
+
+
 def test_an_output_path_that_names_no_file_or_cannot_be_written_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a_file = tmp_path / "a_file"
@@ -305,6 +346,11 @@ def set_row(row, value):
     (changed("terminals", set_row(2, False)), "a trajectory ends with neither a terminal nor a timeout"),
     (changed("timeouts", set_row(1, True)), "a terminal or timeout flag stands inside a trajectory"),
     (changed("timeouts", set_row(2, True)), "both a terminal and a timeout flag"),
+    # finite but absurd: float32 training would overflow (before: "did the run diverge?" at the end of the run)
+    (changed("actions", set_row((2, 1), 1e20)),
+     r"'actions' holds 1e\+20 at row 2, beyond \+-1e\+06, where float32 training overflows; rescale the data set"),
+    (changed("rewards", set_row(4, -1e38)), r"'rewards' holds -1e\+38 at row 4"),
+    (changed("next_observations", set_row((5, 0), 2e6)), r"'next_observations' holds 2e\+06 at row 5"),
 ])
 def test_a_bad_data_set_gets_one_sentence_naming_the_file(tmp_path, change, message):
     path = tmp_path / "d.npz"
@@ -419,6 +465,82 @@ def test_ctrl_c_names_the_checkpoint(tmp_path, no_host_devices):
         f"interrupted: progress is saved in {path}; run the same command with --resume to continue")
 
 
+SWALLOWING_MAIN = """
+import sys, time
+sys.path.insert(0, {root!r})
+import empo_io
+
+class Args:
+    out = {out!r}
+
+def main(args):
+    while True:
+        try:
+            print("ready", flush=True)
+            time.sleep(60)
+        except KeyboardInterrupt:  # swallowed, as an exception raised inside JAX's gc callback is
+            pass
+
+empo_io.run(main, Args())
+"""
+
+
+def signalled(command: list, ready, signum=signal.SIGINT, timeout: float = 60.0, sigint=signal.SIG_DFL) -> tuple:
+    """Start ``command`` (SIGINT set to ``sigint``: pytest may run as a background job, which ignores it), send
+    ``signum`` once ``ready(process)`` is true, return (exit status, stderr lines)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+    try:
+        while not ready(process):
+            assert process.poll() is None, process.stderr.read()
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=timeout)
+    finally:
+        process.kill()
+    return process.returncode, [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_whose_interrupt_is_swallowed_still_ends_the_run_in_one_sentence(tmp_path, signum):
+    """The KeyboardInterrupt never reaches run(); the process still leaves, after the grace period, with the
+    sentence and status 128 + the signal (before: it ran on)."""
+    script = tmp_path / "swallow.py"
+    script.write_text(SWALLOWING_MAIN.format(root=str(ROOT), out=str(tmp_path / "x.npz")))
+    status, err = signalled([sys.executable, str(script)], lambda p: p.stdout.readline() == "ready\n", signum,
+                            timeout=empo_io.SIGNAL_GRACE_S + 20)
+    assert status == 128 + signum
+    assert err == ["interrupted before the first checkpoint; nothing was saved"]
+
+
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path):
+    """A job a shell script starts in the background ignores Ctrl-C (the terminal's is for the script)."""
+    script = tmp_path / "swallow.py"
+    script.write_text(SWALLOWING_MAIN.format(root=str(ROOT), out=str(tmp_path / "x.npz")))
+    with pytest.raises(subprocess.TimeoutExpired):
+        signalled([sys.executable, str(script)], lambda p: p.stdout.readline() == "ready\n",
+                  timeout=empo_io.SIGNAL_GRACE_S + 2, sigint=signal.SIG_IGN)
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_sentence(tmp_path):
+    """Ctrl-C while nav_env.py imports JAX (before run() is called): one sentence, status 130 (before: a traceback
+    from inside an import, or an interrupt swallowed and the run going on)."""
+    def loading_jax(process) -> bool:
+        try:
+            return "jaxlib" in Path(f"/proc/{process.pid}/maps").read_text()
+        except OSError:
+            pytest.skip("needs /proc to see when the process loads JAX")
+
+    status, err = signalled([sys.executable, "nav_env.py", "--out", str(tmp_path / "d.npz")], loading_jax)
+    assert status == 130 and err == ["interrupted while starting; nothing was saved"]
+    assert not (tmp_path / "d.npz").exists()
+
+
+def test_run_puts_back_the_signal_handlers_it_found(no_host_devices):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    ended(raising(KeyboardInterrupt()), Flags())
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: a checkpoint belongs to one run
 # ----------------------------------------------------------------------------------------------
@@ -436,6 +558,23 @@ class RunFlags:
 
 NEUTRAL = ("out", "dataset", "resume", "log_every")
 CKPT = "empo/test-checkpoint/v1"
+
+
+def test_a_checkpoint_edited_to_hold_nan_is_refused_on_resume_with_how_to_start_over(tmp_path):
+    """Before: the run resumed from it and ended in "did the run diverge?"."""
+    args = RunFlags(out=str(tmp_path / "x.npz"))
+    identity = empo_io.run_identity(args, NEUTRAL, {"dataset": "ab" * 32})
+    template = {"w": np.zeros((2, 3), np.float32), "step": np.int32(0)}
+    path = empo_io.checkpoint_path(args.out)
+    empo_io.save_checkpoint(path, {"w": np.ones((2, 3), np.float32), "step": np.int32(7)}, 4, CKPT, identity)
+    with np.load(path) as f:
+        arrays = dict(f)
+    arrays["leaf_0001"][1, 2] = np.nan  # the leaves in tree order: step, w
+    np.savez(path, **arrays)
+    message = refused(r"holds NaN or infinite values \('leaf_0001'\), which a run never saves: the file was changed "
+                      r"or damaged; delete it and run without --resume to start over",
+                      empo_io.resume_checkpoint, args, template, CKPT, identity, 9)
+    assert message.startswith(path)
 
 
 def test_run_identity_keeps_the_output_the_inputs_and_every_flag_that_changes_the_result(tmp_path, monkeypatch):
