@@ -215,8 +215,8 @@ def gaussian_log_prob(mean, log_std, action):
 
 
 def own_head_apply(policy, params, obs, z):
-    """(mean, log_std) of policy z at every row of ``obs`` (rows of one cluster z): that head's parameters alone."""
-    return policy.apply(jax.tree.map(lambda p: p[z], params), obs)
+    """(mean, log_std) of policy z_b at obs_b for rows of one cluster (z [B] all equal): that head alone."""
+    return policy.apply(jax.tree.map(lambda p: p[z[0]], params), obs)
 
 
 def stacked_apply(policy, params, obs, z):
@@ -315,14 +315,14 @@ def make_ppo_epoch(args: Args, policy, q_net, v_net, tx, num_rows: int, k: int, 
 
     def rows_loss(pi_params, state: TrainState, run: RunInputs, obs, z, noise, valid, apply=stacked_apply):
         """-(sum of the surrogate over the rows) / N, and the rows' statistics (sums). ``apply`` gives each row's
-        policy: stacked_apply (rows of any clusters), or own_head_apply with z one cluster (rows of that cluster)."""
+        policy: stacked_apply (rows of any clusters), or own_head_apply (rows of one cluster)."""
+        z = jnp.broadcast_to(z, valid.shape)  # [rows]
         beta_mean, beta_log_std = apply(policy, run.beta, obs, z)
         a_new = beta_mean + jnp.exp(beta_log_std) * noise  # a' ~ beta(.|s, A(s,a); Theta_hat*)
         log_beta = gaussian_log_prob(beta_mean, beta_log_std, a_new)
         a_env = jnp.clip(a_new, -scale, scale)
         adv = select(q_net.apply(state.q, jnp.concatenate([obs, a_env / scale], 1)) - v_net.apply(state.v, obs), z)
-        z = jnp.broadcast_to(z, valid.shape)  # [rows]
-        pi_mean, pi_log_std = apply(policy, pi_params, obs, z[0] if apply is own_head_apply else z)
+        pi_mean, pi_log_std = apply(policy, pi_params, obs, z)
         log_pi = gaussian_log_prob(pi_mean, pi_log_std, a_new)
         surrogate = ppo_surrogate(log_pi, log_beta, adv, args.clip)  # [rows]
         ratio = jnp.exp(log_pi - log_beta)
@@ -389,13 +389,17 @@ def make_next_actions(policy, action_scale, timeout_rows: np.ndarray):
     return fill
 
 
+def group_size(chunk: int, n: int, k: int) -> int:
+    """Rows per chunk of one cluster: at most --chunk, and at most N / 16K, so that the part-filled last chunk of
+    each cluster (K of them) costs about 1/16 of the rows."""
+    return min(chunk, -(-n // (16 * k)))
+
+
 def cluster_chunks(assign: np.ndarray, valid: np.ndarray, k: int, chunk: int) -> tuple:
-    """The rows of every run grouped by cluster in chunks, so that a chunk needs one policy head: (rows [S, M, C]
-    int32, cluster [S, M] int32, live [S, M, C] float32). C = min(``chunk``, ceil(N / 16K)) and M = ceil(N / C) +
-    K - 1 for every run (each cluster's last chunk is part-filled, live marks the rows that count), so the padding
-    costs at most K chunks, about 1/16 of the rows. assign [S, N_pad]; valid [N_pad]."""
+    """The rows of every run grouped by cluster in chunks of ``chunk`` rows, so that a chunk needs one policy head:
+    (rows [S, M, C] int32, cluster [S, M] int32, live [S, M, C] float32), M = ceil(N / C) + K - 1 for every run
+    (each cluster's last chunk is part-filled; live marks the rows that count). assign [S, N_pad]; valid [N_pad]."""
     real = np.flatnonzero(valid > 0)
-    chunk = min(chunk, -(-len(real) // (16 * k)))
     count = -(-len(real) // chunk) + k - 1
     rows, cluster, live = (np.zeros((len(assign), count, chunk), np.int32), np.zeros((len(assign), count), np.int32),
                            np.zeros((len(assign), count, chunk), np.float32))
@@ -600,7 +604,9 @@ def init_runs(args: Args, cluster: dict, cluster_run, seeds, data: Data, policy,
         jax.device_put(x, sharding) for x in jax.vmap(lambda s: jax.random.split(s, 4), out_axes=1)(seed_keys))
     timeout_rows = np.flatnonzero(np.asarray(data.timeout_end))
     fill = jax.jit(jax.vmap(make_next_actions(policy, action_scale, timeout_rows), in_axes=(0, 0, 0, None)))
-    groups = cluster_chunks(np.asarray(assign), np.asarray(data.valid), int(cluster["arch/k"]), args.chunk)
+    valid = np.asarray(data.valid)
+    k = int(cluster["arch/k"])
+    groups = cluster_chunks(np.asarray(assign), valid, k, group_size(args.chunk, int(valid.sum()), k))
     runs = RunInputs(beta=beta, assign=jax.device_put(assign, sharding),
                      next_actions=fill(key_next, beta, jax.device_put(assign, sharding), data),
                      groups=tuple(jax.device_put(jnp.asarray(x), sharding) for x in groups))
