@@ -138,6 +138,7 @@ class RunInputs:
     beta: Any  # Theta_hat*, stacked [K, ...]
     assign: jax.Array  # [N_pad] int32, A(s, a)
     next_actions: jax.Array  # [N_pad, act_dim], a' with the timeout rows filled from beta
+    groups: Any = None  # (rows [M, C] int32, cluster [M] int32, live [M, C] f32): cluster_chunks, for one head per row
 
 
 # --- networks ---
@@ -216,6 +217,11 @@ def gaussian_log_prob(mean, log_std, action):
     """log N(action; mean, exp(log_std)^2), summed over the last (action) axis."""
     z = (action - mean) * jnp.exp(-log_std)
     return jnp.sum(-0.5 * z * z - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+
+
+def own_head_apply(policy, params, obs, z):
+    """(mean, log_std) of policy z_b at obs_b for rows of one cluster (z [B] all equal): that head alone."""
+    return policy.apply(jax.tree.map(lambda p: p[z[0]], params), obs)
 
 
 def stacked_apply(policy, params, obs, z):
@@ -312,14 +318,16 @@ def make_ppo_epoch(args: Args, policy, q_net, v_net, tx, num_rows: int, k: int, 
     """
     scale = jnp.asarray(action_scale, jnp.float32)
 
-    def rows_loss(pi_params, state: TrainState, run: RunInputs, obs, z, noise, valid):
-        """-(sum of the surrogate over the rows) / N, and the rows' statistics (sums)."""
-        beta_mean, beta_log_std = stacked_apply(policy, run.beta, obs, z)
+    def rows_loss(pi_params, state: TrainState, run: RunInputs, obs, z, noise, valid, apply=stacked_apply):
+        """-(sum of the surrogate over the rows) / N, and the rows' statistics (sums). ``apply`` gives each row's
+        policy: stacked_apply (rows of any clusters), or own_head_apply (rows of one cluster)."""
+        z = jnp.broadcast_to(z, valid.shape)  # [rows]
+        beta_mean, beta_log_std = apply(policy, run.beta, obs, z)
         a_new = beta_mean + jnp.exp(beta_log_std) * noise  # a' ~ beta(.|s, A(s,a); Theta_hat*)
         log_beta = gaussian_log_prob(beta_mean, beta_log_std, a_new)
         a_env = jnp.clip(a_new, -scale, scale)
         adv = select(q_net.apply(state.q, jnp.concatenate([obs, a_env / scale], 1)) - v_net.apply(state.v, obs), z)
-        pi_mean, pi_log_std = stacked_apply(policy, pi_params, obs, z)
+        pi_mean, pi_log_std = apply(policy, pi_params, obs, z)
         log_pi = gaussian_log_prob(pi_mean, pi_log_std, a_new)
         surrogate = ppo_surrogate(log_pi, log_beta, adv, args.clip)  # [rows]
         ratio = jnp.exp(log_pi - log_beta)
@@ -334,9 +342,6 @@ def make_ppo_epoch(args: Args, policy, q_net, v_net, tx, num_rows: int, k: int, 
         }
         return -stats["surrogate"] / num_rows, stats
 
-    def chunked(x):
-        return x.reshape((-1, args.chunk) + x.shape[1:])
-
     def totals(stats):  # sums over the chunks or minibatches, the ratio's min and max over them
         reduce = {"ratio_min": jnp.min, "ratio_max": jnp.max}
         return {name: reduce.get(name, lambda x: jnp.sum(x, 0))(x) for name, x in stats.items()}
@@ -344,14 +349,14 @@ def make_ppo_epoch(args: Args, policy, q_net, v_net, tx, num_rows: int, k: int, 
     def full_batch(state: TrainState, key, run: RunInputs, data: Data):
         noise = jax.random.normal(key, data.actions.shape)  # one a' per row and epoch
 
-        def accumulate(grads, rows):
-            obs, z, eps, valid = rows
-            g, stats = jax.grad(rows_loss, has_aux=True)(state.pi, state, run, obs, z, eps, valid)
+        def accumulate(grads, group):  # one chunk of rows of one cluster z: only head z is computed
+            rows, z, live = group
+            g, stats = jax.grad(rows_loss, has_aux=True)(state.pi, state, run, data.obs[rows], z, noise[rows],
+                                                         live * data.valid[rows], own_head_apply)
             return jax.tree.map(jnp.add, grads, g), stats
 
         zeros = jax.tree.map(jnp.zeros_like, state.pi)
-        grads, stats = jax.lax.scan(accumulate, zeros, (chunked(data.obs), chunked(run.assign), chunked(noise),
-                                                        chunked(data.valid)))
+        grads, stats = jax.lax.scan(accumulate, zeros, run.groups)
         updates, pi_opt = tx.update(grads, state.pi_opt, state.pi)
         return state.replace(pi=optax.apply_updates(state.pi, updates), pi_opt=pi_opt), totals(stats)
 
@@ -375,26 +380,43 @@ def make_ppo_epoch(args: Args, policy, q_net, v_net, tx, num_rows: int, k: int, 
     return minibatch if args.ppo_minibatch > 0 else full_batch
 
 
-def make_next_actions(policy, action_scale, chunk: int):
-    """Fill a' on the last row of every timeout-cut trajectory with a draw from beta(.|s', A(s,a)).
-
-    Chunks of ``chunk`` rows (lax.map) bound the memory of the pass over the data set.
-    """
+def make_next_actions(policy, action_scale, timeout_rows: np.ndarray):
+    """Fill a' on the last row of every timeout-cut trajectory (``timeout_rows``, the same in every run) with a draw
+    from beta(.|s', A(s,a)); only those rows are computed."""
     scale = jnp.asarray(action_scale, jnp.float32)
 
     def fill(key, beta, assign, data: Data):
-        chunked = lambda x: x.reshape((-1, chunk) + x.shape[1:])
-
-        def rows(inputs):
-            next_obs, z, noise = inputs
-            mean, log_std = stacked_apply(policy, beta, next_obs, z)
-            return jnp.clip(mean + jnp.exp(log_std) * noise, -scale, scale)
-
-        noise = jax.random.normal(key, data.next_actions.shape)
-        drawn = jax.lax.map(rows, (chunked(data.next_obs), chunked(assign), chunked(noise)))
-        return jnp.where(data.timeout_end[:, None], drawn.reshape(data.next_actions.shape), data.next_actions)
+        noise = jax.random.normal(key, data.next_actions.shape)[timeout_rows]  # the draws of those rows
+        mean, log_std = stacked_apply(policy, beta, data.next_obs[timeout_rows], assign[timeout_rows])
+        drawn = jnp.clip(mean + jnp.exp(log_std) * noise, -scale, scale)
+        return data.next_actions.at[timeout_rows].set(drawn)
 
     return fill
+
+
+def group_size(chunk: int, n: int, k: int) -> int:
+    """Rows per chunk of one cluster: at most --chunk, and at most N / 16K, so that the part-filled last chunk of
+    each cluster (K of them) costs about 1/16 of the rows."""
+    return min(chunk, -(-n // (16 * k)))
+
+
+def cluster_chunks(assign: np.ndarray, valid: np.ndarray, k: int, chunk: int) -> tuple:
+    """The rows of every run grouped by cluster in chunks of ``chunk`` rows, so that a chunk needs one policy head:
+    (rows [S, M, C] int32, cluster [S, M] int32, live [S, M, C] float32), M = ceil(N / C) + K - 1 for every run
+    (each cluster's last chunk is part-filled; live marks the rows that count). assign [S, N_pad]; valid [N_pad]."""
+    real = np.flatnonzero(valid > 0)
+    count = -(-len(real) // chunk) + k - 1
+    rows, cluster, live = (np.zeros((len(assign), count, chunk), np.int32), np.zeros((len(assign), count), np.int32),
+                           np.zeros((len(assign), count, chunk), np.float32))
+    for i, a in enumerate(assign):
+        m = 0
+        for z in range(k):
+            members = real[a[real] == z]
+            for start in range(0, len(members), chunk):
+                part = members[start:start + chunk]
+                rows[i, m, :len(part)], live[i, m, :len(part)], cluster[i, m] = part, 1.0, z
+                m += 1
+    return rows, cluster, live
 
 
 # --- evaluation (for insight, never for selection) ---
@@ -585,9 +607,14 @@ def init_runs(args: Args, cluster: dict, cluster_run, seeds, data: Data, policy,
     seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
     key_init, key_next, key_train, key_eval = (
         jax.device_put(x, sharding) for x in jax.vmap(lambda s: jax.random.split(s, 4), out_axes=1)(seed_keys))
-    fill = jax.jit(jax.vmap(make_next_actions(policy, action_scale, args.chunk), in_axes=(0, 0, 0, None)))
+    timeout_rows = np.flatnonzero(np.asarray(data.timeout_end))
+    fill = jax.jit(jax.vmap(make_next_actions(policy, action_scale, timeout_rows), in_axes=(0, 0, 0, None)))
+    valid = np.asarray(data.valid)
+    k = int(cluster["arch/k"])
+    groups = cluster_chunks(np.asarray(assign), valid, k, group_size(args.chunk, int(valid.sum()), k))
     runs = RunInputs(beta=beta, assign=jax.device_put(assign, sharding),
-                     next_actions=fill(key_next, beta, jax.device_put(assign, sharding), data))
+                     next_actions=fill(key_next, beta, jax.device_put(assign, sharding), data),
+                     groups=tuple(jax.device_put(jnp.asarray(x), sharding) for x in groups))
     state = jax.jit(jax.vmap(init), out_shardings=sharding)(key_init, beta)
     return beta, runs, state, key_train, key_eval
 

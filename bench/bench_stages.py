@@ -8,15 +8,15 @@ optax.adam with the same learning rate, the same number of gradient steps, vmapp
 no masks and no padding. The two are timed interleaved in one process (stage, floor, stage, floor, ...; compilation
 and ``--warmup`` calls excluded, every call wrapped in jax.block_until_ready) and the best time of each is reported
 (the least disturbed by other work on the cores; every time is in the --json file). The floor evaluates the networks
-the stage evaluates, all K policies included where the stage runs all K and keeps each row's one (PPO), so the ratio
-measures the implementation (metrics, masks, padding, gathers, library layers), not that algorithmic choice.
+the stage evaluates (PPO: each row's own policy head, the rows sorted by cluster), so the ratio measures the
+implementation (metrics, masks, padding, gathers, library layers), not an algorithmic choice.
 
 Units (steps = gradient steps per call):
     m_epoch    stage 1 M-only epoch (bias / pre-training phases): ceil(N / B) M-steps           make_m_epoch
     em_epoch   stage 1 EM epoch: E-step over all N rows, momentum, ceil(N / B) M + classifier steps  make_em_epoch
     sarsa      stage 2 chunk of --steps-per-call SARSA steps with the target update             make_q_chunk
     v_epoch    stage 2 V epoch: ceil(N / B) Monte-Carlo regression steps                        make_v_epoch
-    ppo_epoch  stage 2 full-batch PPO epoch: one Adam step on all N rows (1 step)               make_ppo_epoch
+    ppo_epoch  stage 2 full-batch PPO epoch: one Adam step on all N rows, own heads (1 step)    make_ppo_epoch
     iql        stage 3 chunk of --steps-per-call IQL steps (Q_H and V_H)                         make_train_chunk
     bc         baselines/bc.py chunk of --steps-per-call steps                                   make_train_chunk
     td3_bc     baselines/td3_bc.py chunk of --steps-per-call critic steps (actor every 2nd)      make_train_chunk
@@ -469,29 +469,33 @@ def floor_v_epoch(cfg: Config, tx, rows: int, steps: int):
     return epoch
 
 
-def floor_ppo_epoch(cfg: Config, tx, rows: int, chunk: int, clip: float):
-    """Full-batch PPO: the clipped surrogate's gradient summed over chunks of all rows (frozen beta, Q, V), Adam."""
+def floor_ppo_epoch(cfg: Config, tx, rows: int, chunk: int, clip: float, bounds: tuple):
+    """Full-batch PPO: the clipped surrogate's gradient summed over chunks of all rows (frozen beta, Q, V), Adam.
+    The rows are sorted by cluster (rows bounds[z]..bounds[z + 1] are cluster z's), and each row's own policy head
+    alone is evaluated, as the stage does."""
     scale = cfg.action_max
 
     def epoch(carry, key, run, data):
         noise = jax.random.normal(key, data["actions"].shape)
 
-        def add_chunk(grads, obs, z, eps):
-            beta_mean, beta_log_std = (pick(x, z) for x in all_heads(run["beta"], obs, scale))
+        def add_chunk(grads, obs, eps, z):
+            own = lambda params: jax.tree.map(lambda x: x[z], params)
+            beta_mean, beta_log_std = gaussian(own(run["beta"]), obs, scale)
             a_new = beta_mean + jnp.exp(beta_log_std) * eps
             log_beta = log_prob(beta_mean, beta_log_std, a_new)
             q_in = jnp.concatenate([obs, jnp.clip(a_new, -scale, scale) / scale], 1)
-            adv = select(mlp(carry["q"], q_in) - mlp(carry["v"], obs), z)
+            adv = (mlp(carry["q"], q_in) - mlp(carry["v"], obs))[:, z]
 
             def loss(pi):
-                pi_mean, pi_log_std = (pick(x, z) for x in all_heads(pi, obs, scale))
-                ratio = jnp.exp(log_prob(pi_mean, pi_log_std, a_new) - log_beta)
+                ratio = jnp.exp(log_prob(*gaussian(own(pi), obs, scale), a_new) - log_beta)
                 return -jnp.sum(jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - clip, 1 + clip) * adv)) / rows
 
             return jax.tree.map(jnp.add, grads, jax.grad(loss)(carry["pi"]))
 
-        zeros = jax.tree.map(jnp.zeros_like, carry["pi"])
-        grads = row_chunks(rows, chunk, add_chunk, zeros, data["obs"], run["assign"], noise)
+        grads = jax.tree.map(jnp.zeros_like, carry["pi"])
+        for z, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            grads = row_chunks(hi - lo, chunk, lambda g, o, e, z=z: add_chunk(g, o, e, z), grads, data["obs"][lo:hi],
+                               noise[lo:hi])
         pi, opt = adam(tx, grads, carry["pi"], carry["opt"])
         return dict(carry, pi=pi, opt=opt)
 
@@ -520,7 +524,9 @@ def stage2_units(cfg: Config, wanted: list) -> dict:
     beta = jax.vmap(lambda k: jax.vmap(policy.init, in_axes=(0, None))(jax.random.split(k, K), dummy))(beta_keys)
     assign = jnp.broadcast_to(padded(raw["cluster"]), (cfg.seeds, n + pad))
     per_seed_next = jnp.broadcast_to(data.next_actions, (cfg.seeds,) + data.next_actions.shape)  # main fills timeouts
-    run = mod.RunInputs(beta=beta, assign=assign, next_actions=per_seed_next)
+    size = mod.group_size(args.chunk, n, K)
+    groups = mod.cluster_chunks(np.asarray(assign), np.asarray(data.valid), K, size)
+    run = mod.RunInputs(beta=beta, assign=assign, next_actions=per_seed_next, groups=tuple(map(jnp.asarray, groups)))
     state = jax.vmap(init)(keys, beta)
 
     ftx = optax.adam(args.learning_rate)
@@ -562,16 +568,18 @@ def stage2_units(cfg: Config, wanted: list) -> dict:
         # Probes: the epoch over the first chunk of rows alone, times the number of chunks (as for the E-step: a
         # probe over all rows as one chunk would hold [seeds, K, N, hidden] activations, 40 GB at the D4RL size
         # with 10 seeds). The Adam step is counted once per chunk too, a negligible excess.
-        chunk = args.chunk
+        # The floor's rows sorted by cluster, each cluster's rows in chunks of the stage's size.
+        order = np.argsort(raw["cluster"], kind="stable")
+        bounds = tuple(int(b) for b in np.searchsorted(raw["cluster"][order], np.arange(K + 1)))
+        fsorted = jax.tree.map(lambda x: x[order], fdata)
         ppo_epoch = lambda: vmapped(mod.make_ppo_epoch(args, policy, q_net, v_net, tx, n, K, cfg.scale), 3)
-        ppo_floor = lambda rows: vmapped(floor_ppo_epoch(cfg, ftx, rows, chunk, args.clip), 3)
-        first, ffirst = head(data, chunk), head(fdata, chunk)
-        run_first = mod.RunInputs(beta=run.beta, assign=run.assign[:, :chunk], next_actions=run.next_actions[:, :chunk])
-        frun_first = dict(frun, assign=frun["assign"][:, :chunk], next_actions=frun["next_actions"][:, :chunk])
+        ppo_floor = lambda b: vmapped(floor_ppo_epoch(cfg, ftx, n, size, args.clip, b), 3)
+        run_first = run.replace(groups=tuple(g[:, :1] for g in run.groups))  # one chunk of the M
+        one = tuple(min(b, size) for b in (0,) + (size,) * K)  # one chunk of the first cluster alone
         units["ppo_epoch"] = Unit(
-            "ppo_epoch", 1, ppo_epoch(), (state, keys, run, data), ppo_floor(n), (carry_pi, keys, frun, fdata),
-            stage_flops=lambda: data.obs.shape[0] / chunk * xla_flops(ppo_epoch(), state, keys, run_first, first),
-            floor_flops=lambda: n / chunk * xla_flops(ppo_floor(chunk), carry_pi, keys, frun_first, ffirst))
+            "ppo_epoch", 1, ppo_epoch(), (state, keys, run, data), ppo_floor(bounds), (carry_pi, keys, frun, fsorted),
+            stage_flops=lambda: groups[0].shape[1] * xla_flops(ppo_epoch(), state, keys, run_first, data),
+            floor_flops=lambda: n / size * xla_flops(ppo_floor(one), carry_pi, keys, frun, fsorted))
     return units
 
 

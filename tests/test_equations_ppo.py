@@ -16,13 +16,14 @@ SCALE = (0.2, 0.2)
 K = 2
 
 
-def _problem(n=40, pad=0, seed=0):
-    """Random networks of stage 2's shapes (K = 2 heads, hidden 8 x 2), a data set of n rows (+ pad padding rows)
-    and the run's inputs. The target network and pi_L are drawn apart from Q and beta."""
+def _problem(n=40, pad=0, seed=0, k=K, chunk=16):
+    """Random networks of stage 2's shapes (k heads, hidden 8 x 2), a data set of n rows (+ pad padding rows)
+    and the run's inputs (its rows grouped by cluster in chunks of ``chunk``). The target network and pi_L are
+    drawn apart from Q and beta."""
     rng = np.random.default_rng(seed)
-    policy, q_net, v_net = ep.make_networks(8, 2, K, 2, SCALE)
+    policy, q_net, v_net = ep.make_networks(8, 2, k, 2, SCALE)
     init, _ = ep.make_init(ep.Args(), q_net, v_net, 2, 2)
-    stacked_init = lambda key: jax.vmap(policy.init, in_axes=(0, None))(jax.random.split(key, K), jnp.zeros((1, 2)))
+    stacked_init = lambda key: jax.vmap(policy.init, in_axes=(0, None))(jax.random.split(key, k), jnp.zeros((1, 2)))
     beta_shapes = jax.eval_shape(stacked_init, jax.random.key(0))
     shapes = jax.eval_shape(init, jax.random.key(0), beta_shapes)
     draw = lambda tree, s=0.5: jax.tree.map(lambda x: jnp.asarray(rng.normal(0, s, x.shape), x.dtype), tree)
@@ -36,8 +37,10 @@ def _problem(n=40, pad=0, seed=0):
                    rewards=f32(rng.normal(-1, 0.5, total)), next_obs=f32(rng.normal(size=(total, 2))),
                    next_actions=jnp.zeros((total, 2)), bootstrap=f32(rng.random(total) < 0.7),
                    timeout_end=jnp.zeros(total, bool), returns=f32(rng.normal(-3, 1, total)), valid=f32(valid))
-    run = ep.RunInputs(beta=beta, assign=jnp.asarray(rng.integers(0, K, total), jnp.int32),
-                       next_actions=f32(rng.uniform(-0.2, 0.2, (total, 2))))
+    assign = rng.choice(k, total, p=np.arange(1, k + 1) / np.arange(1, k + 1).sum()).astype(np.int32)  # unequal
+    groups = ep.cluster_chunks(assign[None], valid, k, chunk)
+    run = ep.RunInputs(beta=beta, assign=jnp.asarray(assign), next_actions=f32(rng.uniform(-0.2, 0.2, (total, 2))),
+                       groups=tuple(jnp.asarray(x[0]) for x in groups))
     return (policy, q_net, v_net), nets, data, run
 
 
@@ -170,3 +173,42 @@ def test_full_batch_ppo_step_uses_each_rows_cluster_and_the_clipped_ratio():
     # Head 0 for every row would give another advantage: the case tells the heads apart.
     assert np.abs(adv - (q_all - v_all)[:, 0])[valid * (z == 1) > 0].max() > 0.1
     ref.assert_gradient_step(lambda pi: -np.sum(valid * surrogate(pi)[0]) / 40, nets["pi"], new.pi, lr)
+
+
+def test_one_head_per_row_equals_every_head_then_the_rows_own():
+    """The full-batch PPO epoch computes each row's own policy head only (rows grouped by cluster, chunks of 16).
+    On K = 3 clusters of unequal sizes with padding rows, its surrogate, statistics and gradient equal those of
+    every head on every row, then the row's own (stacked_apply, the formulation it replaces), to float rounding:
+    only the order of the sums differs."""
+    k, n = 3, 100
+    (policy, q_net, v_net), nets, data, run = _problem(n=n, pad=12, seed=3, k=k)
+    tx = optax.sgd(1.0)  # the parameter change is minus the gradient
+    args = ep.Args(chunk=16, clip=0.2)
+    key = jax.random.key(7)
+    state = _state(nets, tx)
+    new, stats = jax.jit(ep.make_ppo_epoch(args, policy, q_net, v_net, tx, n, k, SCALE))(state, key, run, data)
+    assert run.groups[0].shape == (ep.math.ceil(n / 16) + k - 1, 16)
+
+    noise = jax.random.normal(key, data.actions.shape)
+    scale = jnp.asarray(SCALE)
+
+    def every_head(pi):
+        z, valid = run.assign, data.valid
+        beta_mean, beta_log_std = ep.stacked_apply(policy, run.beta, data.obs, z)
+        a_new = beta_mean + jnp.exp(beta_log_std) * noise
+        log_beta = ep.gaussian_log_prob(beta_mean, beta_log_std, a_new)
+        q = q_net.apply(state.q, jnp.concatenate([data.obs, jnp.clip(a_new, -scale, scale) / scale], 1))
+        adv = ep.select(q - v_net.apply(state.v, data.obs), z)
+        log_pi = ep.gaussian_log_prob(*ep.stacked_apply(policy, pi, data.obs, z), a_new)
+        surrogate = jnp.sum(valid * ep.ppo_surrogate(log_pi, log_beta, adv, args.clip))
+        return -surrogate / n, (surrogate, jax.nn.one_hot(z, k).T @ (valid * adv))
+
+    grad, (surrogate, adv_z) = jax.grad(every_head, has_aux=True)(state.pi)
+    assert float(stats["surrogate"]) == pytest.approx(float(surrogate), rel=1e-5)
+    np.testing.assert_allclose(stats["adv_z"], adv_z, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["count_z"], [np.sum(np.asarray(data.valid) * (np.asarray(run.assign) == c))
+                                                  for c in range(k)])
+    step = jax.tree.map(lambda before, after: before - after, state.pi, new.pi)
+    for a, b in zip(jax.tree.leaves(step), jax.tree.leaves(grad)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert all(float(jnp.abs(g[c]).max()) > 0 for g in jax.tree.leaves(grad) for c in range(k))  # every head moves

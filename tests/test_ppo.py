@@ -70,7 +70,7 @@ def test_timeout_rows_get_a_next_action_from_their_clusters_policy():
                    timeout_end=jnp.asarray([False, False, True, False, False, True]), returns=jnp.zeros(n),
                    valid=jnp.ones(n))
     assign = jnp.asarray([0, 0, 0, 1, 1, 1])
-    fill = jax.jit(ep.make_next_actions(policy, (0.2, 0.2), 3))
+    fill = jax.jit(ep.make_next_actions(policy, (0.2, 0.2), np.flatnonzero(np.asarray(data.timeout_end))))
     filled = np.asarray(fill(jax.random.key(2), beta, assign, data))
     np.testing.assert_array_equal(filled[[0, 1, 3, 4]], np.float32(0.05))
     assert np.all(np.abs(filled[[2, 5]]) <= 0.2) and not np.any(filled[[2, 5]] == np.float32(0.05))
@@ -103,8 +103,15 @@ def _ppo_problem(n=1000, k=2):
     data = ep.Data(obs=obs, actions=jnp.zeros((n, 2)), rewards=jnp.zeros(n), next_obs=obs,
                    next_actions=jnp.zeros((n, 2)), bootstrap=jnp.ones(n), timeout_end=jnp.zeros(n, bool),
                    returns=jnp.zeros(n), valid=jnp.ones(n))
-    run = ep.RunInputs(beta=beta, assign=jnp.asarray(rng.integers(0, k, n), jnp.int32), next_actions=data.actions)
+    run = with_groups(ep.RunInputs(beta=beta, assign=jnp.asarray(rng.integers(0, k, n), jnp.int32),
+                                   next_actions=data.actions), data, k, n)
     return policy, q_net, v_net, state, data, run
+
+
+def with_groups(run, data, k: int, chunk: int):
+    """``run`` with its rows grouped by cluster in chunks of ``chunk`` (ep.cluster_chunks for one run)."""
+    groups = ep.cluster_chunks(np.asarray(run.assign)[None], np.asarray(data.valid), k, chunk)
+    return run.replace(groups=tuple(jnp.asarray(x[0]) for x in groups))
 
 
 def test_chunked_full_batch_gradient_equals_the_one_shot_gradient():
@@ -118,7 +125,7 @@ def test_chunked_full_batch_gradient_equals_the_one_shot_gradient():
     for chunk in (1000, 250, 100):
         args = ep.Args(chunk=chunk)
         epoch = jax.jit(ep.make_ppo_epoch(args, policy, q_net, v_net, tx, 1000, 2, (0.2, 0.2)))
-        new, stats = epoch(state, jax.random.key(6), run, data)
+        new, stats = epoch(state, jax.random.key(6), with_groups(run, data, 2, chunk), data)
         results[chunk] = (jax.tree.map(lambda a, b: a - b, new.pi, state.pi), stats)
     one_shot_grad, one_shot_stats = results[1000]
     assert float(one_shot_stats["clipped"]) > 0  # the clip is active in this problem
