@@ -32,16 +32,16 @@ Example: python empo_cluster.py --dataset data/nav.npz --out runs/nav/cluster.np
 
 from __future__ import annotations
 
+import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
+
+# isort: split
+
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Union
-
-import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
-
-# isort: split
 
 import flax.linen as nn
 import jax

@@ -31,14 +31,14 @@ Example
         --out runs/nav/highlevel.npz
 """
 
+import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
+
+# isort: split
+
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
-
-import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
-
-# isort: split
 
 import flax.linen as nn
 import jax

@@ -24,23 +24,9 @@ every script (tests/test_empo_io.py checks each):
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
-import json
-import math
 import os
-import re
-import select
 import signal
-import socket
 import sys
-import tempfile
-import threading
-import time
-import zipfile
-from dataclasses import asdict
-from typing import Optional
 
 # The scripts that import this module first, so that Ctrl-C while the libraries load is one sentence (guard_start_up).
 SCRIPTS = ("nav_env.py", "empo_cluster.py", "empo_ppo.py", "empo_highlevel.py", "bc.py", "td3_bc.py")
@@ -57,6 +43,23 @@ def guard_start_up() -> None:
 
 if os.path.basename(getattr(sys.modules.get("__main__"), "__file__", None) or "") in SCRIPTS:
     guard_start_up()  # before the libraries below: a script run as a command imports this module first
+
+# isort: split
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import re
+import select
+import socket
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import asdict
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -19,15 +19,15 @@ Interpretations and deviations (each at length under its number in docs/empo_ppo
     8. Eq. (10) read as the return from s_i (R_i = r_i + gamma R_{i+1}), not the rewards from the trajectory start.
 """
 
+import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
+
+# isort: split
+
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
-
-import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
-
-# isort: split
 
 import flax.linen as nn
 import jax

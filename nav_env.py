@@ -29,16 +29,16 @@ Example: python nav_env.py --out data/nav.npz --figure docs/dataset.png
 
 from __future__ import annotations
 
+import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
+
+# isort: split
+
 import json
 import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
-
-import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
-
-# isort: split
 
 import gymnasium as gym
 import jax
