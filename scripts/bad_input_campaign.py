@@ -499,12 +499,13 @@ def concurrent_same_out_case(work: pathlib.Path, timeout: float) -> dict:
 def concurrent_k_auto_case(work: pathlib.Path, timeout: float) -> dict:
     """Two `--k auto` runs with different --out in one folder, started together, then the first alone in a folder
     of its own: reports what it sees. Unmixed, the first run's output equals its lone run's (the fits of K = 1..k_max
-    under select_k/ are its own); "mixed" when the other run's fits, which share that folder, changed it."""
+    under a.select_k/ are its own); "mixed" when the other run's fits changed it (they shared select_k/ before each
+    output had a folder of its own)."""
     case_dir = _scratch(work)
     start = time.perf_counter()
     before = {p.name: sha(p) for p in case_dir.iterdir() if p.is_file()}
     base = [sys.executable, str(ROOT / "empo_cluster.py"), *base_args("empo_cluster.py"), "--k", "auto",
-            "--k-max", "2"]
+            "--k-max", "2", "--k-holdout", "0.3"]  # two of the tiny set's seven trajectories held out
     commands = [base + ["--out", "a.npz", "--seed", "1"], base + ["--out", "b.npz", "--seed", "2"]]
     ends = _together(case_dir, commands, timeout)
     statuses = [status for status, _ in ends]
@@ -515,7 +516,7 @@ def concurrent_k_auto_case(work: pathlib.Path, timeout: float) -> dict:
     shutil.copy2(case_dir / "data.npz", alone / "data.npz")
     subprocess.run(commands[0], cwd=alone, capture_output=True, timeout=timeout)
     differ = differing_arrays(case_dir / "a.npz", alone / "a.npz") if all(valid) else ["(no valid output)"]
-    fits = sorted(str(p.relative_to(case_dir)) for p in case_dir.glob("select_k/**/*.npz"))
+    fits = sorted(str(p.relative_to(case_dir)) for p in case_dir.glob("*select_k/**/*.npz"))
     mixed = bool(differ) or not all(valid)
     outcome = "traceback" if not clean else ("mixed" if mixed else ("ran" if statuses == [0, 0] else "sentence"))
     inputs_kept = all(sha(case_dir / name) == digest for name, digest in before.items())
