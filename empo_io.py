@@ -620,9 +620,10 @@ def start_processes() -> None:
 
     - ``JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=P JAX_PROCESS_ID=i`` (any launcher; the same address
       and P in every process, i = 0..P-1);
-    - a SLURM job step of several tasks (``srun``; SLURM_NTASKS > 1), or an Open MPI launch of several ranks
-      (``mpirun``; OMPI_COMM_WORLD_SIZE > 1): JAX reads its cluster from the environment.
-    One process (the default) starts nothing."""
+    - a SLURM job step of several tasks (``srun``; SLURM_STEP_NUM_TASKS > 1, which a batch script outside ``srun``
+      does not set), or an Open MPI launch of several ranks (``mpirun``; OMPI_COMM_WORLD_SIZE > 1): JAX reads its
+      cluster from the environment.
+    One process (the default) starts nothing. The other processes print only errors (to stderr)."""
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if address:
         try:
@@ -633,8 +634,13 @@ def start_processes() -> None:
         if not 0 <= index < count:
             raise InputError(f"JAX_PROCESS_ID {index} must be in 0..{count - 1} (JAX_NUM_PROCESSES is {count})")
         jax.distributed.initialize(address, num_processes=count, process_id=index)
-    elif any(int(os.environ.get(name, "1") or 1) > 1 for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")):
+    elif any(os.environ.get(name, "1") not in ("", "0", "1") for name in ("SLURM_STEP_NUM_TASKS",
+                                                                           "OMPI_COMM_WORLD_SIZE")):
         jax.distributed.initialize()
+    else:
+        return  # (asking JAX for the process index here would start its backends before host_devices)
+    if jax.process_index() != 0:  # process 0 prints the progress and what it wrote; the others only their errors
+        sys.stdout = open(os.devnull, "w")
 
 
 def writes_files() -> bool:
