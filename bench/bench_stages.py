@@ -921,7 +921,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps-per-call", type=int, default=1000,
                         help="gradient steps per call of the chunked units (sarsa, iql, bc, td3_bc)")
     parser.add_argument("--no-floor", action="store_true",
-                        help="time the stage alone: no floor is compiled or run (its columns show '–')")
+                        help="time the stage alone: no floor is compiled or run (its columns show '–'; with "
+                             "--flops-only, the stage's FLOPs alone)")
     parser.add_argument("--flops-from", default=None, metavar="FILE",
                         help="FLOPs per call from FILE (a --json or --flops-only file of this script, e.g. made on a "
                              "CPU) instead of compiling probes here: entries at the same size, rows and steps per "
@@ -972,7 +973,8 @@ def write_json(path: str, report: dict) -> None:
 
 
 def count_flops(args, info: dict) -> None:
-    """--flops-only: every unit's FLOPs per call from its probes, written to --json as --flops-from reads them."""
+    """--flops-only: every unit's FLOPs per call from its probes (the stage's alone with --no-floor), written to
+    --json as --flops-from reads them."""
     results = []
     for size in args.size:
         cfg = Config(size=size, **SIZES[size], rows=args.rows, seeds=args.seeds, steps_per_call=args.steps_per_call)
@@ -980,10 +982,12 @@ def count_flops(args, info: dict) -> None:
             units = build(cfg, [u for u in names if u in args.units])
             for name in [u for u in names if u in units]:
                 unit = units.pop(name)
+                floor = None if args.no_floor else unit.floor_flops()
                 results.append({"size": size, "unit": name, "steps_per_call": unit.steps, "seeds": cfg.seeds,
-                                "rows": cfg.rows, "stage_flops": unit.stage_flops(), "floor_flops": unit.floor_flops()})
+                                "rows": cfg.rows, "stage_flops": unit.stage_flops(), "floor_flops": floor})
                 print(f"[{size}] {name}: FLOPs/call stage {results[-1]['stage_flops']:.4g}, floor "
-                      f"{results[-1]['floor_flops']:.4g} ({unit.steps:,} steps, {cfg.seeds} seed(s))", flush=True)
+                      f"{'not counted (--no-floor)' if floor is None else format(floor, '.4g')} ({unit.steps:,} "
+                      f"steps, {cfg.seeds} seed(s))", flush=True)
     write_json(args.json, {"machine": info, "args": vars(args), "results": results, "probes_compiled":
                            PROBES["compiled"], "flops_only": True})
     print(f"wrote {args.json}: FLOPs per call of {len(results)} units from {PROBES['compiled']} probes")
