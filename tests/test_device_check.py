@@ -46,7 +46,7 @@ def test_device_check_runs_every_step_with_tiny_sizes(tmp_path):
         bench[seeds] = json.loads((out / f"bench_stages_nav_seeds{seeds}.json").read_text())
         assert bench[seeds]["probes_compiled"] == 0 and bench[seeds]["complete"], seeds
         assert bench[seeds]["flops_source"].startswith("--flops-from ")
-        assert sorted(r["unit"] for r in bench[seeds]["results"]) == ["iql", "m_epoch", "sarsa"]
+        assert sorted(r["unit"] for r in bench[seeds]["results"]) == ["iql", "sarsa"]
         assert all(r["floor_s"] is None and r["stage_s"] > 0 for r in bench[seeds]["results"])
     for one, four in zip(bench[1]["results"], bench[4]["results"]):
         assert four["stage_flops"] == pytest.approx(4 * one["stage_flops"], rel=1e-12)
@@ -58,8 +58,8 @@ def test_device_check_runs_every_step_with_tiny_sizes(tmp_path):
     # The seeds scaling: seconds per call with 1, 2 and 4 seeds, per seed, and where the time per call grows.
     assert "## Seeds scaling, nav: seconds per call of the stage with 1 to 4 vmapped seeds" in report
     scaling = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
-               for line in lines if line.startswith(("| m_epoch |", "| sarsa |", "| iql |"))}
-    assert sorted(scaling) == ["iql", "m_epoch", "sarsa"]
+               for line in lines if line.startswith(("| sarsa |", "| iql |"))}
+    assert sorted(scaling) == ["iql", "sarsa"]
     for unit, cells in scaling.items():
         per_call = {s: next(r["stage_s"] for r in bench[s]["results"] if r["unit"] == unit) for s in (1, 2, 4)}
         assert [float(c) for c in cells[2:5]] == pytest.approx([per_call[s] for s in (1, 2, 4)], rel=1e-3)
