@@ -95,8 +95,8 @@ class Check:
 
     def run(self, name: str, cmd: list, timeout: float, env=None) -> tuple[str, float, str]:
         """(status, seconds, output) of one part, its output echoed and logged as it comes: 'ok', 'failed (exit N)'
-        or 'stopped after T s'. A part runs in its own process group, so that stopping it stops its children too
-        (run_nav.sh's stages), and the next part finds the device free."""
+        or 'stopped at the end of its share'. A part runs in its own process group, so that stopping it stops its
+        children too (run_nav.sh's stages), and the next part finds the device free."""
         if timeout < MIN_SHARE:
             status = f"not run: {timeout:.0f} s left of the budget"
             self.parts.append({"name": name, "status": status, "seconds": 0.0, "share_s": round(timeout)})
@@ -124,7 +124,7 @@ class Check:
         except subprocess.TimeoutExpired:
             stop(proc)
             proc.wait()
-            status = f"stopped after {timeout:.0f} s"
+            status = "stopped at the end of its share"
         reader.join(timeout=10)
         seconds = time.perf_counter() - t0
         self.parts.append({"name": name, "status": status, "seconds": round(seconds, 1), "share_s": round(timeout)})

@@ -119,7 +119,7 @@ def test_a_pipeline_stopped_by_its_share_says_how_far_each_stage_got():
         "=== data: python nav_env.py", "=== data took 8 s", "=== cluster: python empo_cluster.py",
         "[cluster] 83/83 (100%) elapsed 70s, left ~0s phase=em", "=== cluster took 95 s", "=== ppo: python empo_ppo.py",
         "[ppo] 1/60 (2%) elapsed 9s, left ~518s part=q", "[ppo] 12/60 (20%) elapsed 30s, left ~120s part=q"])
-    lines, stages = device_check.pipeline_report("full", "stopped after 150 s", 150.0, text, 150.0,
+    lines, stages = device_check.pipeline_report("full", "stopped at the end of its share", 150.0, text, 150.0,
                                                  {"stage 1": 60.0, "stage 2": 20.0, "stage 3": 100.0})
     report = "\n".join(lines)
     assert "## Navigation pipeline, 10 seeds, the paper's full schedules (run_nav.sh defaults): stopped" in report
