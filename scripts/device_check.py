@@ -149,10 +149,14 @@ def stop(proc: subprocess.Popen) -> None:
             return
 
 
-def tables(text: str) -> str:
-    """A benchmark's output without its blank lines: one line per unit as it finishes (kept when the part is
-    stopped before its tables), the tables and the extrapolated schedules."""
-    keep = [line for line in text.splitlines() if line.strip()]
+def tables(text: str, status: str) -> str:
+    """A benchmark's own lines: one per unit as it finishes (kept when the part is stopped before its tables), the
+    tables and the extrapolated schedules; the libraries' messages stay in device_check.log, but for the end of the
+    output of a part that did not end well."""
+    own = ("[", "|", "peak", "JAX ", "Extrapolated", "Not measured", "wrote ")
+    keep = [line for line in text.splitlines() if line.startswith(own)]
+    if status != "ok":
+        keep += ["", "The end of its output:", "", *[f"    {line[:300]}" for line in text.splitlines()[-15:]]]
     return "\n".join(keep) if keep else "(no output)"
 
 
@@ -372,7 +376,7 @@ def write_report(check: Check, size: str, out_dir: str, started: str, parts: dic
     for bench_size, seeds, name, status, seconds, text, share in parts["units"]:
         what = "Seeds scaling" if name == "scaling" else "Units"
         report += [f"## {what}, {bench_size}, {seeds} seed(s), {cfg['rows']:,} rows, the stage alone: {status}, "
-                   f"{seconds:.0f} s (share {share:.0f} s)", "", tables(text), ""]
+                   f"{seconds:.0f} s (share {share:.0f} s)", "", tables(text, status), ""]
     bench_size, seeds, scaled = cfg["scaling"]
     times = {s: stage_times(path) for (b, s), path in sorted(files.items()) if b == bench_size}
     steps = {r["unit"]: r["steps_per_call"] for path in files.values()
