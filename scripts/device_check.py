@@ -274,13 +274,6 @@ def pipeline_report(size: str, status: str, seconds: float, text: str, share: fl
 # The units and the seeds scaling
 # ----------------------------------------------------------------------------------------------
 
-def bench_command(size: str, seeds: int, units, check_size: str, out: str, flops: str, limit: float) -> list:
-    cfg = UNITS[check_size]
-    cmd = [sys.executable, BENCH, "--size", size, "--rows", str(cfg["rows"]), "--seeds", str(seeds), "--no-floor",
-           "--flops-from", flops, "--time-limit", f"{limit:.0f}", "--json", out, *cfg["flags"]]
-    return cmd + (["--units", *units] if units else [])
-
-
 def stage_times(path: str) -> dict:
     """{unit: stage seconds per call} of a bench_stages --json file ({} when it is missing)."""
     report = read_json(path) or {}
