@@ -32,7 +32,11 @@ FLOPs per call come from XLA (``jitted.lower(*args).compile().cost_analysis()``)
 body of a loop once whatever its trip count, so each unit is also compiled as a probe whose loops run once (one step
 per epoch or chunk; the E-step and the PPO pass over their first chunk of rows alone; a step index fixed so that a
 periodic update is in or out) and the probe's FLOPs are multiplied by the trip counts. The probes are compiled,
-never run.
+never run. Compiling them takes time that a short GPU session lacks, so ``--flops-only --json FILE``
+counts them alone, on any machine, and ``--flops-from FILE`` takes them from such a file (or any --json file) with
+no probe compiled: entries at the same size and N (and --steps-per-call for the chunked units); FLOPs scale
+linearly with the seeds (each vmapped seed runs the same program), so a 1-seed file serves 10 or 100 seeds
+multiplied by 10 or 100. docs/bench/flops_{nav,d4rl}.json hold them for 2M rows, 1 seed, 1,000 steps per call.
 
 Then, per size, the wall time of the full default schedules extrapolated from the per-call times (the presets of
 the stage files: stage 1 N_b + N_p M epochs and N_E EM epochs, stage 2 N_Q SARSA steps, N_V V epochs and N_pi PPO
@@ -45,11 +49,15 @@ floor alike are placed with a seed-axis sharding over D devices and the shared d
 the vmapped call. On a CPU, D > 1 makes this script expose one host device per core, as the stages do (unless
 XLA_FLAGS is set). With 10 seeds at the nav size on a 2-core CPU, two devices ran the stage-1 M epoch 2.1 times as
 fast as one (17.2 against 35.9 s), the EM epoch 1.5 times, and the full-batch PPO epoch no faster (80 GFLOP/s
-either way). Examples:
+either way). --no-floor times the stage alone; --time-limit starts no unit past a number of seconds (a part of
+scripts/device_check.py); a unit that fails (out of device memory, say) is reported and the others still run; each
+unit prints its line as it finishes and --json is rewritten after each. Examples:
     python bench/bench_stages.py                                             # the full measurement (long)
     python bench/bench_stages.py --size nav --rows 20000 --repeats 1          # a quick check
     python bench/bench_stages.py --size d4rl --units em_epoch ppo_epoch --json runs/bench_stages.json
     python bench/bench_stages.py --size nav --seeds 10 --devices 2 --units m_epoch em_epoch sarsa v_epoch ppo_epoch iql
+    python bench/bench_stages.py --size nav --flops-only --json docs/bench/flops_nav.json     # FLOPs alone (CPU)
+    python bench/bench_stages.py --size nav --seeds 10 --no-floor --flops-from docs/bench/flops_nav.json  # no probe
 """
 
 import argparse
@@ -64,6 +72,7 @@ import sys
 import time
 from typing import Callable
 
+STARTED = time.perf_counter()  # --time-limit counts from here, before JAX and the stages load
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "baselines")]
 
@@ -97,6 +106,7 @@ SIZES = {  # Appendix B: the didactic network and the D4RL one (HalfCheetah: 17-
     "d4rl": dict(obs_dim=17, act_dim=6, hidden=256, layers=3, action_max=1.0),
 }
 UNITS = ("m_epoch", "em_epoch", "sarsa", "v_epoch", "ppo_epoch", "iql", "bc", "td3_bc")
+CHUNKED = ("sarsa", "iql", "bc", "td3_bc")  # --steps-per-call steps per call; the others are epochs over the N rows
 K = 2  # clusters
 BATCH = 256
 EPISODE_ROWS = 650
@@ -138,11 +148,53 @@ class Unit:
 # Measuring
 # ----------------------------------------------------------------------------------------------
 
+PROBES = {"compiled": 0}  # programs compiled for their FLOPs in this process (none with --flops-from)
+
+
 def xla_flops(jitted, *args) -> float:
     """FLOPs of one call as XLA's cost analysis counts them (loop bodies once); a dict or a list of dicts."""
+    PROBES["compiled"] += 1
     cost = jitted.lower(*args).compile().cost_analysis()
     costs = cost if isinstance(cost, (list, tuple)) else [cost]
     return float(sum((c or {}).get("flops", 0.0) for c in costs))
+
+
+def read_flops(path: str, sizes, units, rows: int, steps_per_call: int, seeds: int, floor: bool = True) -> dict:
+    """FLOPs per call {(size, unit): (stage, floor)} at ``seeds`` seeds from a file that this script wrote (--json
+    or --flops-only, on any machine: FLOPs do not depend on it), so that no probe is compiled. Each unit needs an
+    entry at the same size and N (and, for the chunked units, the same --steps-per-call): an epoch's FLOPs follow N
+    in whole batches and chunks, not in exact proportion, so another N is refused. Seeds scale: each of S vmapped
+    seeds runs the same program, so an entry counted at S0 seeds is multiplied by S / S0 (an entry at S seeds is
+    preferred). Raises ValueError with one sentence."""
+    try:
+        with open(path) as f:
+            entries = [e for e in json.load(f)["results"] if isinstance(e, dict)]
+    except FileNotFoundError:
+        raise ValueError(f"--flops-from {path} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--flops-from {path} is not a --json or --flops-only file of this script ({e})") from None
+    known = {}
+    for size in sizes:
+        for unit in units:
+            match = [e for e in entries if e.get("size") == size and e.get("unit") == unit and e.get("rows") == rows
+                     and (unit not in CHUNKED or e.get("steps_per_call") == steps_per_call)
+                     and isinstance(e.get("seeds"), int) and e["seeds"] > 0
+                     and isinstance(e.get("stage_flops"), (int, float))
+                     and (not floor or isinstance(e.get("floor_flops"), (int, float)))]
+            if not match:
+                per_call = f" and {steps_per_call:,} steps per call" if unit in CHUNKED else ""
+                raise ValueError(f"--flops-from {path} has no FLOPs of {unit} at the {size} size with {rows:,} rows"
+                                 f"{per_call}{' for stage and floor' if floor else ''}; count them with "
+                                 f"--flops-only --json FILE at these sizes")
+            e = min(match, key=lambda e: e["seeds"] != seeds)
+            scale = seeds / e["seeds"]
+            known[size, unit] = (e["stage_flops"] * scale, e["floor_flops"] * scale if floor else None)
+    return known
+
+
+def with_flops(unit: Unit, stage: float, floor: float) -> Unit:
+    """The unit with known FLOPs per call in place of its probes."""
+    return dataclasses.replace(unit, stage_flops=lambda: stage, floor_flops=lambda: floor)
 
 
 def timed(fn, args) -> float:
@@ -175,35 +227,36 @@ def place(args: tuple, devices: int) -> tuple:
     return (*jax.device_put(args[:-1], per_seed), jax.device_put(args[-1], replicated))
 
 
-def measure(unit: Unit, cfg: Config, repeats: int, warmup: int, devices: int = 1) -> dict:
+def measure(unit: Unit, cfg: Config, repeats: int, warmup: int, devices: int = 1, floor: bool = True) -> dict:
     """Compile both, then (stage, floor) pairs: ``warmup`` pairs left out, ``repeats`` pairs timed. The FLOPs come
-    from the probes on unplaced inputs, so they count the whole call whatever ``devices``."""
+    from the probes on unplaced inputs, so they count the whole call whatever ``devices``. ``floor`` False: the
+    stage alone (the floor's fields are None)."""
     unit = dataclasses.replace(unit, stage_args=place(unit.stage_args, devices),
                                floor_args=place(unit.floor_args, devices))
-    t0 = time.perf_counter()
-    stage = unit.stage.lower(*unit.stage_args).compile()
-    compile_stage = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    floor = unit.floor.lower(*unit.floor_args).compile()
-    compile_floor = time.perf_counter() - t0
-    times = {"stage": [], "floor": []}
+    who = ("stage", "floor") if floor else ("stage",)
+    compiled, compile_s, times = {}, {"stage": None, "floor": None}, {"stage": [], "floor": []}
+    for w in who:
+        t0 = time.perf_counter()
+        compiled[w] = getattr(unit, w).lower(*getattr(unit, f"{w}_args")).compile()
+        compile_s[w] = time.perf_counter() - t0
     for i in range(warmup + repeats):
-        t_stage, t_floor = timed(stage, unit.stage_args), timed(floor, unit.floor_args)
+        pair = {w: timed(compiled[w], getattr(unit, f"{w}_args")) for w in who}
         if i >= warmup:
-            times["stage"].append(t_stage)
-            times["floor"].append(t_floor)
-    flops = {"stage": unit.stage_flops(), "floor": unit.floor_flops()}
-    best = {who: min(t) for who, t in times.items()}
-    return {"size": cfg.size, "unit": unit.name, "steps_per_call": unit.steps, "seeds": cfg.seeds, "rows": cfg.rows,
-            "devices": devices,
-            "stage_s": best["stage"], "floor_s": best["floor"], "ratio": best["floor"] / best["stage"],
-            "stage_steps_per_s": unit.steps / best["stage"], "floor_steps_per_s": unit.steps / best["floor"],
-            "stage_flops": flops["stage"], "floor_flops": flops["floor"],
-            "stage_gflops_per_s": flops["stage"] / best["stage"] / 1e9,
-            "floor_gflops_per_s": flops["floor"] / best["floor"] / 1e9,
-            "stage_times_s": times["stage"], "floor_times_s": times["floor"],
-            "stage_median_s": statistics.median(times["stage"]), "floor_median_s": statistics.median(times["floor"]),
-            "compile_stage_s": compile_stage, "compile_floor_s": compile_floor}
+            for w in who:
+                times[w].append(pair[w])
+    r = {"size": cfg.size, "unit": unit.name, "steps_per_call": unit.steps, "seeds": cfg.seeds, "rows": cfg.rows,
+         "devices": devices}
+    for w in ("stage", "floor"):
+        fields = ("s", "steps_per_s", "flops", "gflops_per_s", "times_s", "median_s")
+        if w not in who:
+            r.update({f"{w}_{field}": None for field in fields}, **{f"compile_{w}_s": None})
+            continue
+        best, flops = min(times[w]), getattr(unit, f"{w}_flops")()
+        r.update({f"{w}_s": best, f"{w}_steps_per_s": unit.steps / best, f"{w}_flops": flops,
+                  f"{w}_gflops_per_s": flops / best / 1e9, f"{w}_times_s": times[w],
+                  f"{w}_median_s": statistics.median(times[w]), f"compile_{w}_s": compile_s[w]})
+    r["ratio"] = r["floor_s"] / r["stage_s"] if floor else None
+    return r
 
 
 def vmapped(f, per_seed: int):
@@ -790,10 +843,11 @@ def schedules(size: str, per_call: dict, steps_per_call: int) -> list:
     ]
     out = []
     for name, what, calls in plans:
-        if all(unit in per_call for unit in calls):
-            out.append((name, what, *(sum(count * per_call[u][i] for u, count in calls.items()) for i in (0, 1))))
-        else:
-            out.append((name, what, None, None))
+        totals = [None, None]  # stage, floor: None where a unit of the plan was not measured
+        for i in (0, 1):
+            if all(per_call.get(u, (None, None))[i] is not None for u in calls):
+                totals[i] = sum(count * per_call[u][i] for u, count in calls.items())
+        out.append((name, what, *totals))
     return out
 
 
@@ -804,18 +858,34 @@ def hours(seconds) -> str:
 
 
 def table(results: list, peak: float) -> str:
+    """The markdown table of the measured units; a floor left out (--no-floor) shows as '–'."""
     lines = ["| size | unit | steps / call | stage s / call | floor s / call | stage steps/s | floor steps/s | "
              "ratio (floor/stage time) | stage GFLOP/s | floor GFLOP/s | % of peak (stage / floor) | "
              "FLOPs / call (stage / floor) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    cell = lambda r, key, spec: "–" if r[key] is None else format(r[key], spec)
+    pct = lambda r, who: "–" if r[f"{who}_gflops_per_s"] is None else f"{100 * r[f'{who}_gflops_per_s'] / peak:.1f}"
     for r in results:
+        vs = f" ({r['stage_flops'] / r['floor_flops']:.2f}x)" if r["floor_flops"] else ""
         lines.append(
-            f"| {r['size']} | {r['unit']} | {r['steps_per_call']:,} | {r['stage_s']:.4g} | {r['floor_s']:.4g} | "
-            f"{r['stage_steps_per_s']:,.0f} | {r['floor_steps_per_s']:,.0f} | {r['ratio']:.2f} | "
-            f"{r['stage_gflops_per_s']:.2f} | {r['floor_gflops_per_s']:.2f} | "
-            f"{100 * r['stage_gflops_per_s'] / peak:.1f} / {100 * r['floor_gflops_per_s'] / peak:.1f} | "
-            f"{r['stage_flops']:.3g} / {r['floor_flops']:.3g} ({r['stage_flops'] / r['floor_flops']:.2f}x) |")
+            f"| {r['size']} | {r['unit']} | {r['steps_per_call']:,} | {cell(r, 'stage_s', '.4g')} | "
+            f"{cell(r, 'floor_s', '.4g')} | {cell(r, 'stage_steps_per_s', ',.0f')} | "
+            f"{cell(r, 'floor_steps_per_s', ',.0f')} | {cell(r, 'ratio', '.2f')} | "
+            f"{cell(r, 'stage_gflops_per_s', '.2f')} | {cell(r, 'floor_gflops_per_s', '.2f')} | "
+            f"{pct(r, 'stage')} / {pct(r, 'floor')} | {cell(r, 'stage_flops', '.3g')} / "
+            f"{cell(r, 'floor_flops', '.3g')}{vs} |")
     return "\n".join(lines)
+
+
+def unit_line(r: dict) -> str:
+    """The line printed as a unit finishes (device_check.py keeps these when a run is stopped before its tables)."""
+    line = (f"[{r['size']}] {r['unit']}: stage {r['stage_s']:.4g} s/call ({r['stage_steps_per_s']:,.0f} steps/s, "
+            f"compile {r['compile_stage_s']:.1f} s), ")
+    if r["floor_s"] is None:
+        return line + f"floor not measured (--no-floor); FLOPs/call stage {r['stage_flops']:.3g}"
+    return line + (f"floor {r['floor_s']:.4g} s/call ({r['floor_steps_per_s']:,.0f} steps/s, compile "
+                   f"{r['compile_floor_s']:.1f} s), ratio {r['ratio']:.2f}; FLOPs/call stage {r['stage_flops']:.3g}, "
+                   f"floor {r['floor_flops']:.3g}")
 
 
 def machine() -> dict:
@@ -846,49 +916,140 @@ def parse_args() -> argparse.Namespace:
                         help="(stage, floor) pairs run after compiling and left out of the timings")
     parser.add_argument("--steps-per-call", type=int, default=1000,
                         help="gradient steps per call of the chunked units (sarsa, iql, bc, td3_bc)")
-    parser.add_argument("--json", default=None, help="also write every number and the machine to this JSON file")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="time the stage alone: no floor is compiled or run (its columns show '–'; with "
+                             "--flops-only, the stage's FLOPs alone)")
+    parser.add_argument("--flops-from", default=None, metavar="FILE",
+                        help="FLOPs per call from FILE (a --json or --flops-only file of this script, e.g. made on a "
+                             "CPU) instead of compiling probes here: entries at the same size, rows and steps per "
+                             "call; FLOPs scale linearly with the seeds, so a 1-seed file serves any --seeds")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="only count the FLOPs per call with the probes and write them to --json (the file "
+                             "--flops-from reads); the units are neither compiled nor timed")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="start no unit after this many seconds from the script's start (the rest are listed "
+                             "as skipped); the tables and --json still come out")
+    parser.add_argument("--json", default=None, help="also write every number and the machine to this JSON file "
+                                                     "(rewritten as each unit finishes)")
     args = parser.parse_args()
     for flag in ("rows", "seeds", "repeats", "steps_per_call"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
+    if args.time_limit is not None and not args.time_limit > 0:
+        parser.error("--time-limit must be a positive number of seconds")
     if args.devices < 1 or args.seeds % args.devices:
         parser.error(f"--devices {args.devices} must be at least 1 and divide --seeds {args.seeds}")
     if args.devices > jax.device_count():
         parser.error(f"--devices {args.devices} asks for more devices than JAX sees ({jax.device_count()}: "
                      f"{jax.devices()})")
+    if args.flops_only and (args.flops_from or not args.json):
+        parser.error("--flops-only writes the FLOPs it counts to --json FILE and takes no --flops-from")
+    args.known_flops = {}
+    if args.flops_from:
+        try:
+            args.known_flops = read_flops(args.flops_from, args.size, args.units, args.rows, args.steps_per_call,
+                                          args.seeds, floor=not args.no_floor)
+        except ValueError as e:
+            parser.error(str(e))
     return args
+
+
+BUILDERS = ((stage1_units, ("m_epoch", "em_epoch")), (stage2_units, ("sarsa", "v_epoch", "ppo_epoch")),
+            (stage3_units, ("iql",)), (bc_units, ("bc",)), (td3_bc_units, ("td3_bc",)))
+
+
+def write_json(path: str, report: dict) -> None:
+    """``report`` as JSON, through a temporary file: a run stopped while writing leaves the last whole file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def count_flops(args, info: dict) -> None:
+    """--flops-only: every unit's FLOPs per call from its probes (the stage's alone with --no-floor), written to
+    --json as --flops-from reads them."""
+    results = []
+    for size in args.size:
+        cfg = Config(size=size, **SIZES[size], rows=args.rows, seeds=args.seeds, steps_per_call=args.steps_per_call)
+        for build, names in BUILDERS:
+            units = build(cfg, [u for u in names if u in args.units])
+            for name in [u for u in names if u in units]:
+                unit = units.pop(name)
+                floor = None if args.no_floor else unit.floor_flops()
+                results.append({"size": size, "unit": name, "steps_per_call": unit.steps, "seeds": cfg.seeds,
+                                "rows": cfg.rows, "stage_flops": unit.stage_flops(), "floor_flops": floor})
+                print(f"[{size}] {name}: FLOPs/call stage {results[-1]['stage_flops']:.4g}, floor "
+                      f"{'not counted (--no-floor)' if floor is None else format(floor, '.4g')} ({unit.steps:,} "
+                      f"steps, {cfg.seeds} seed(s))", flush=True)
+    write_json(args.json, {"machine": info, "args": vars(args), "results": results, "probes_compiled":
+                           PROBES["compiled"], "flops_only": True})
+    print(f"wrote {args.json}: FLOPs per call of {len(results)} units from {PROBES['compiled']} probes")
 
 
 def main() -> None:
     args = parse_args()
+    known = vars(args).pop("known_flops")  # {(size, unit): (stage, floor)} from --flops-from, else empty
     info = machine()
     print(f"JAX {info['jax']} on {info['devices']}, {info['cpu_count']} CPU cores ({info['cpu']}), "
           f"load average {info['load_average']}", flush=True)
+    if args.flops_only:
+        count_flops(args, info)
+        return
     peaks = [peak_gflops()]
     print("peak: " + ", ".join(f"{dim}^3 {rate:.1f}" for dim, rate in peaks[0].items())
           + " GFLOP/s (best of repeated jitted f32 matmuls)", flush=True)
-    results = []
+    results, skipped, failed = [], [], []
+    source = (f"--flops-from {args.flops_from} (scaled to {args.seeds} seed(s))" if args.flops_from
+              else "probes compiled here")
+    report = lambda complete: {"machine": info, "args": vars(args),
+                               "flops_source": source, "probes_compiled": PROBES["compiled"], "complete": complete,
+                               "results": results, "skipped": skipped, "failed": failed}
+    late = lambda: args.time_limit is not None and time.perf_counter() - STARTED > args.time_limit
     for size in args.size:
         cfg = Config(size=size, **SIZES[size], rows=args.rows, seeds=args.seeds, steps_per_call=args.steps_per_call)
-        for build in (stage1_units, stage2_units, stage3_units, bc_units, td3_bc_units):
-            units = build(cfg, [u for u in UNITS if u in args.units])
-            for name in [u for u in UNITS if u in units]:
-                r = measure(units.pop(name), cfg, args.repeats, args.warmup, args.devices)
+        for build, names in BUILDERS:
+            names = [u for u in names if u in args.units]
+            units = {}
+            if names and not late():
+                try:
+                    units = build(cfg, names)
+                except Exception as e:  # one unit that fails (out of memory, say) leaves the others to run
+                    failed += [{"size": size, "unit": name, "error": f"{type(e).__name__}: {e}"} for name in names]
+                    print(f"[{size}] {', '.join(names)}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+            for name in names:
+                if late() or name not in units:
+                    skipped.append({"size": size, "unit": name})
+                    print(f"[{size}] {name}: skipped, past --time-limit {args.time_limit:.0f} s", flush=True)
+                    continue
+                unit = units.pop(name)
+                if known:  # no probe: the FLOPs from the file
+                    unit = with_flops(unit, *known[size, name])
+                try:
+                    r = measure(unit, cfg, args.repeats, args.warmup, args.devices, floor=not args.no_floor)
+                except Exception as e:  # as above
+                    failed.append({"size": size, "unit": name, "error": f"{type(e).__name__}: {e}"})
+                    print(f"[{size}] {name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
                 results.append(r)
-                print(f"[{size}] {name}: stage {r['stage_s']:.4g} s/call ({r['stage_steps_per_s']:,.0f} steps/s, "
-                      f"compile {r['compile_stage_s']:.1f} s), floor {r['floor_s']:.4g} s/call "
-                      f"({r['floor_steps_per_s']:,.0f} steps/s, compile {r['compile_floor_s']:.1f} s), ratio "
-                      f"{r['ratio']:.2f}; FLOPs/call stage {r['stage_flops']:.3g}, floor {r['floor_flops']:.3g}",
-                      flush=True)
+                print(unit_line(r), flush=True)
+                if args.json:
+                    write_json(args.json, report(False))
             del units
     peaks.append(peak_gflops())  # again at the end: the cores may have been busy at the start
     peak = max(max(p.values()) for p in peaks)
+    floors = "the stage alone (--no-floor)" if args.no_floor else f"best of {args.repeats} interleaved pairs"
     print("\npeak: " + ", ".join(f"{dim}^3 {rate:.1f}" for dim, rate in peaks[1].items())
           + f" GFLOP/s at the end; the peak used is the best at start or end: {peak:.1f} GFLOP/s. N = {args.rows:,} "
-          f"rows, {args.seeds} seed(s) on {args.devices} device(s), best of {args.repeats} interleaved pairs\n")
+          f"rows, {args.seeds} seed(s) on {args.devices} device(s), {floors}; FLOPs per call from {source}, "
+          f"{PROBES['compiled']} probe(s) compiled\n")
     print(table(results, peak))
+    if skipped or failed:
+        print("\nNot measured: " + "; ".join([f"{u['size']} {u['unit']} (skipped: time limit)" for u in skipped]
+                                             + [f"{u['size']} {u['unit']} (failed)" for u in failed]))
 
     plans = {}
     for size in args.size:
@@ -901,13 +1062,10 @@ def main() -> None:
             print(f"| {name} | {what} | {hours(stage_s)} | {hours(floor_s)} |")
 
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "peak_gflops_per_s": peak,
-                       "matmul_gflops_per_s": [{str(d): r for d, r in p.items()} for p in peaks],
-                       "args": vars(args), "results": results,
-                       "schedules": {size: [dict(zip(("stage", "schedule", "stage_s", "floor_s"), row))
-                                            for row in rows] for size, rows in plans.items()}}, f, indent=1)
+        write_json(args.json, dict(report(True), peak_gflops_per_s=peak,
+                                   matmul_gflops_per_s=[{str(d): r for d, r in p.items()} for p in peaks],
+                                   schedules={size: [dict(zip(("stage", "schedule", "stage_s", "floor_s"), row))
+                                                     for row in rows] for size, rows in plans.items()}))
         print(f"\nwrote {args.json}")
 
 

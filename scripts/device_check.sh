@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check of the project in one call: every stage's training units at the navigation and D4RL sizes with 1
-# and 10 vmapped seeds (bench/bench_stages.py; short runs extrapolated to the full schedules), and the whole
-# navigation pipeline with 10 seeds at reduced schedules. Writes REPORT_DIR/device_check.md (and the raw JSON).
-#   bash scripts/device_check.sh REPORT_DIR            # on the GPU machine, about 8 minutes
-#   TINY=1 bash scripts/device_check.sh REPORT_DIR     # the same steps with tiny sizes (a CPU smoke test, ~2 min)
+# The GPU check of the project in one call of under 10 minutes (scripts/device_check.py's --budget, 550 s, plus
+# the wheels): the README's main command with SEEDS=10 at the paper's full schedules (run_nav.sh's defaults), its
+# wall time per stage and Table 1's EMPO row; then every stage's 8 training units at the navigation and D4RL sizes
+# with 1 and 10 vmapped seeds (bench/bench_stages.py, the stage alone, FLOPs per call from docs/bench/flops_*.json
+# so that no probe is compiled here); then 3 units with 100 seeds (the seeds scaling). Writes REPORT_DIR/
+# device_check.md, device_check.json, device_check.log (every part's output) and the benchmarks' JSON: 8 files.
+#   bash scripts/device_check.sh REPORT_DIR            # on the GPU machine, about 9.5 minutes
+#   TINY=1 bash scripts/device_check.sh REPORT_DIR     # the same steps with tiny sizes (a CPU smoke test)
 #
 # The GPU machine may have no internet and only JAX (CUDA), flax, optax, chex, scikit-learn, matplotlib, h5py and
 # tensorboard. What the project needs beyond those travels as wheels in the ignored folder .whl/ (11 MB), made

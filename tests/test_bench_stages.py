@@ -64,3 +64,19 @@ def test_chunked_probes_count_the_flops_of_an_all_rows_probe(monkeypatch):
     chunked, whole = flops(1024), flops(4096)
     for key, count in chunked.items():
         assert abs(count / whole[key] - 1.0) < 0.01, (key, count, whole[key])
+
+
+def test_a_flops_file_that_cannot_serve_is_refused_in_one_sentence(tmp_path):
+    """--flops-from: a missing file, a file without the unit at these rows, and --flops-only without --json."""
+    other = tmp_path / "flops.json"
+    other.write_text(json.dumps({"results": [{"size": "nav", "unit": "sarsa", "rows": 8192, "seeds": 1,
+                                              "steps_per_call": 10, "stage_flops": 1e9, "floor_flops": 1e9}]}))
+    cases = [(["--flops-from", str(tmp_path / "missing.json")], f"--flops-from {tmp_path / 'missing.json'} does "
+                                                                 "not exist"),
+             (["--flops-from", str(other), "--rows", "4096"], f"--flops-from {other} has no FLOPs of sarsa at the nav "
+                                                              "size with 4,096 rows and 10 steps per call"),
+             (["--flops-only"], "--flops-only writes the FLOPs it counts to --json FILE")]
+    for flags, sentence in cases:
+        proc = run("--size", "nav", "--units", "sarsa", "--steps-per-call", "10", *flags)
+        assert proc.returncode == 2 and sentence in proc.stderr, (flags, proc.stderr[-500:])
+        assert "Traceback" not in proc.stderr
