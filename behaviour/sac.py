@@ -2,7 +2,7 @@
 
 D4RL made its Gym-MuJoCo data with SAC policies (rlkit's SAC, the version of "Soft Actor-Critic Algorithms and
 Applications", arXiv:1812.05905): "expert" = a policy trained to completion, "medium" = a policy of the same run
-stopped early at about a third of the expert's return (D4RL, §5 and Appendix C; the data sets record the sampled
+stopped early at about a third of the expert's return (Fu et al. 2020, D4RL; its data sets record the sampled
 actions of each). This script trains one such run and keeps what both choices need: the final actor and a
 snapshot of the actor, with its evaluated return, every --eval-every environment steps. The discussion behind each
 numbered item below is docs/sac.md, item N.
