@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train the SAC behaviour policies of D4RL's three locomotion tasks, one after another (docs/sac.md).
+# Train the SAC behaviour policies of D4RL's three locomotion tasks, one after another: hopper, walker2d,
+# halfcheetah (docs/sac.md).
 #
 #   behaviour/train_all.sh [extra flags for behaviour/sac.py, e.g. --total-steps 3000000]
 #
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/behaviour}
 PYTHON=${PYTHON:-python}
 
-for pair in halfcheetah:HalfCheetah-v4 hopper:Hopper-v4 walker2d:Walker2d-v4; do
+for pair in hopper:Hopper-v4 walker2d:Walker2d-v4 halfcheetah:HalfCheetah-v4; do  # the order
     task=${pair%%:*}
     env_id=${pair#*:}
     out="$RUNS/$task/sac.npz"
