@@ -56,7 +56,7 @@ import nav_env
 # isort: off
 from empo_io import InputError, DATASET_SCHEMA, load_dataset, load_npz, observation_stats, save_npz, flatten_params
 from empo_io import unflatten_params, folder_lock
-from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output
+from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output, fetch, place
 from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
 # isort: on
 
@@ -650,6 +650,8 @@ def validate_args(args: Args) -> None:
                     log_every=1, bias_epochs=0, pretrain_epochs=0, em_epochs=0, checkpoint_every=0)
     if args.k == "auto":
         del at_least["k"]
+        if jax.process_count() > 1:  # its fits are files in one folder, written and read back by the run
+            raise InputError("--k auto runs in one process; choose K there, then run the chosen K over several")
     check_flags(args, at_least)
     if not 0.0 <= args.momentum < 1.0:
         raise InputError(f"--momentum must be in [0, 1), got {args.momentum}")
@@ -724,19 +726,19 @@ def main(args: Args) -> dict:
     policy, classifier = make_networks(run_args, inp.act_dim, inp.action_scale)
     init, tx = make_init(run_args, policy, classifier, inp.obs_dim)
     seed_sharding, replicated = seed_shardings(args.num_seeds)
-    data = jax.device_put(inp.data, replicated)
+    data = place(inp.data, replicated)
     seeds = np.arange(args.seed, args.seed + args.num_seeds)
     seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-    key_init, key_split, key_train = (jax.device_put(k, seed_sharding)
+    key_init, key_split, key_train = (place(k, seed_sharding)
                                       for k in jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(seed_keys))
 
     def epoch_keys(epoch: int):  # one key per seed and epoch, so a resumed run draws the same batches
-        return jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, epoch), seed_sharding)
+        return place(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, epoch), seed_sharding)
 
     state = jax.jit(jax.vmap(init), out_shardings=seed_sharding)(key_init)
-    q_uniform = jax.device_put(jnp.full((args.num_seeds, inp.num_episodes, args.k), 1.0 / args.k), seed_sharding)
+    q_uniform = place(jnp.full((args.num_seeds, inp.num_episodes, args.k), 1.0 / args.k), seed_sharding)
     z_tau = jax.vmap(lambda k: jax.random.randint(k, (inp.num_episodes,), 0, args.k))(key_split)
-    q_bias = jax.device_put(jax.nn.one_hot(z_tau, args.k), seed_sharding)  # Eq. (8): Q^(-1), a random split
+    q_bias = place(jax.nn.one_hot(z_tau, args.k), seed_sharding)  # Eq. (8): Q^(-1), a random split
 
     schedule = ["bias"] * args.bias_epochs + ["pretrain"] * args.pretrain_epochs + ["em"] * args.em_epochs
     total, em_start = len(schedule), args.bias_epochs + args.pretrain_epochs
@@ -745,7 +747,7 @@ def main(args: Args) -> dict:
     identity = run_identity(args, NEUTRAL_FLAGS, {"dataset": inp.sha})
     ckpt_path, (state, q, history), first = resume_checkpoint(
         args, (state, q_uniform, history), "empo/cluster-checkpoint/v2", identity, total)
-    state, q = jax.device_put(state, seed_sharding), jax.device_put(jnp.asarray(q), seed_sharding)
+    state, q = place(state, seed_sharding), place(jnp.asarray(q), seed_sharding)
     run_dir = os.path.dirname(os.path.abspath(args.out))
     writer = make_writer(os.path.join(run_dir, "cluster"), args)
     compiled, compile_s = compile_epochs(run_args, policy, classifier, tx, inp, state, q_uniform, epoch_keys(0), data)
@@ -775,8 +777,8 @@ def main(args: Args) -> dict:
     train_s = time.perf_counter() - t_train
 
     # Algorithm 1, lines 20-22: Q_Theta* (Eq. 3) and the assignments A(s, a) (Eq. 9).
-    log_post, _ = jax.device_get(compiled["e"](state.policy, data))
-    state = jax.device_get(state)
+    log_post, _ = fetch(compiled["e"](state.policy, data))
+    state = fetch(state)
     summary, assignments = write_outputs(args, inp, state, log_post, history, seeds,
                                          {"compile_s": compile_s, "train_s": train_s, "seeds": seeds.tolist()})
     if inp.obs_dim == 2:  # the navigation task: draw the clusters and the classifier
@@ -794,7 +796,7 @@ def checkpoint_due(schedule: list, epoch: int, every: int) -> bool:
 
 def log_epoch(writer, phase: str, metrics, step: int) -> dict:
     """TensorBoard after an epoch: its mean losses. Returns the progress line's fields."""
-    metrics = jax.device_get(metrics)
+    metrics = fetch(metrics)
     for tag, value in metrics.items():
         writer.add_scalar(tag, float(np.mean(value)), step)
     return {"phase": phase, "m_loss": float(np.mean(metrics["losses/m_step"]))}
@@ -804,7 +806,7 @@ def log_em_epoch(writer, inp: Inputs, log_post, loglik, history, seeds, step: in
     """TensorBoard after an EM epoch: the posterior's entropy, the mean log-likelihood, the cluster sizes and, with
     labels, the rand index (also written into ``history`` [S, 2], this epoch's row). Returns the progress line's
     extra fields."""
-    log_post, loglik = np.asarray(jax.device_get(log_post)), np.asarray(jax.device_get(loglik))
+    log_post, loglik = np.asarray(fetch(log_post)), np.asarray(fetch(loglik))
     assign = log_post.argmax(-1)  # [S, E], Eq. (9) under the current parameters
     writer.add_scalar("charts/posterior_entropy", entropy(log_post), step)
     mean_ll = np.take_along_axis(loglik, assign[..., None], -1)[..., 0].sum(-1) / inp.n  # [S]

@@ -54,7 +54,7 @@ import nav_env
 # isort: off
 from empo_io import InputError, load_dataset, load_npz, check_arrays, check_arch, check_param_shapes, param_shapes
 from empo_io import check_made_from, made_from, flatten_params, unflatten_params
-from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output
+from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output, fetch, place
 from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
 # isort: on
 
@@ -573,7 +573,7 @@ def draw_figures(args: Args, nets, entries: dict, run: RunParams, vh, out: dict,
         images["rollouts_runs"] = nav_env.plot_runs(out, seeds, "Final policy pi, every run",
                                                     os.path.join(run_dir, "highlevel_rollouts_runs.png"))
     grid = jnp.asarray((nav_env.grid_states(61) - entries["arch/obs_mean"]) / entries["arch/obs_std"])
-    run0 = jax.tree.map(lambda x: x[0], jax.device_get(run))
+    run0 = jax.tree.map(lambda x: x[0], fetch(run))
     q_probs = jax.nn.softmax(nets["classifier"].apply(run0.classifier, grid), -1)  # [G*G, K]
     fields = {
         "pi_h": (choose_cluster(nets, run0, grid, args.b), "pi_H(s): the chosen cluster"),
@@ -612,12 +612,12 @@ def main(args: Args) -> dict:
                          int(entries["arch/act_dim"]), tuple(float(x) for x in entries["arch/action_scale"]))
     init, tx = make_init(args, nets, obs_dim)
     seed_sharding, replicated = seed_shardings(args.num_seeds)
-    data = jax.device_put(inp.data, replicated)
-    assign = jax.device_put(jnp.asarray(inp.assign), seed_sharding)  # [S, N]
+    data = place(inp.data, replicated)
+    assign = place(jnp.asarray(inp.assign), seed_sharding)  # [S, N]
     seeds = np.arange(args.seed, args.seed + args.num_seeds)
     seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
     key_init, key_train, key_eval = (
-        jax.device_put(x, seed_sharding) for x in jax.vmap(lambda s: jax.random.split(s, 3), out_axes=1)(seed_keys))
+        place(x, seed_sharding) for x in jax.vmap(lambda s: jax.random.split(s, 3), out_axes=1)(seed_keys))
     state = jax.jit(jax.vmap(init), out_shardings=seed_sharding)(key_init)
 
     # The schedule: chunks of IQL steps, a checkpoint after each.
@@ -625,12 +625,12 @@ def main(args: Args) -> dict:
     run_dir = os.path.dirname(os.path.abspath(args.out))
     identity = run_identity(args, NEUTRAL_FLAGS, inp.shas)
     ckpt_path, state, first = resume_checkpoint(args, state, CHECKPOINT_SCHEMA, identity, len(calls))
-    state = jax.device_put(state, seed_sharding)
+    state = place(state, seed_sharding)
     writer = make_writer(os.path.join(run_dir, "highlevel"), args)
     train_chunk = make_train_chunk(args, nets, tx, n)
     calls_jit = {s: jax.jit(jax.vmap(lambda st, key, a, d, s=s: train_chunk(st, key, a, d, s), in_axes=(0, 0, 0, None)))
                  for s in set(calls)}
-    chunk_key = lambda unit: jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, unit),
+    chunk_key = lambda unit: place(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, unit),
                                             seed_sharding)
     print(f"[highlevel] N={n} K={k} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
           f"value scale c={value_scale:.1f}; {args.steps} steps in {len(calls)} chunks", flush=True)
@@ -641,7 +641,7 @@ def main(args: Args) -> dict:
     for unit in range(first, len(calls)):
         t0 = time.perf_counter()
         state, metrics = calls_jit[calls[unit]](state, chunk_key(unit), assign, data)
-        metrics = {name: float(np.mean(x)) for name, x in jax.device_get(metrics).items()}
+        metrics = {name: float(np.mean(x)) for name, x in fetch(metrics).items()}
         done += calls[unit]
         writer.add_scalar("charts/SPS", calls[unit] / (time.perf_counter() - t0), done)
         save_checkpoint(ckpt_path, state, unit + 1, CHECKPOINT_SCHEMA, identity)
@@ -655,11 +655,11 @@ def main(args: Args) -> dict:
 
     # The final policy pi of every run, evaluated from s_0 with maps of pi_H and ID(s) (navigation task) or in the
     # data set's Gymnasium environment.
-    state = jax.device_get(state)
+    state = fetch(state)
     run = inp.run.replace(qh=state.qh)
     arrays_eval, summary = {}, {"train_s": train_s, "value_scale": value_scale, "seeds": seeds.tolist()}
     if inp.env is not None:
-        run_on_devices = jax.device_put(run, seed_sharding)
+        run_on_devices = place(run, seed_sharding)
         if inp.env["kind"] == "nav":
             arrays_eval, summary_eval, shown = evaluate_final_policy(args, nets, obs_mean, obs_std, run_on_devices,
                                                                      key_eval, writer, seeds)

@@ -130,7 +130,10 @@ def save_npz(path: str, arrays: dict, schema: str, args, inputs: Optional[dict] 
 def write_atomically(path: str, write, kept: str) -> None:
     """``write(file)`` into a temporary file beside ``path`` (named with the writer's pid, so that one left by a
     killed writer is removed by the next), renamed over ``path`` only when complete, with the permissions the umask
-    gives. An OSError (a full disk) removes the temporary file and becomes one sentence that ends with ``kept``."""
+    gives. An OSError (a full disk) removes the temporary file and becomes one sentence that ends with ``kept``.
+    In a run over several processes, only process 0 writes (``writes_files``)."""
+    if not writes_files():
+        return
     folder, name = os.path.split(os.path.abspath(path))
     for old in os.listdir(folder):  # temporaries of this file left by writers that no longer run
         pid = old[len(name) + 2:].split(".")[0]
@@ -538,6 +541,8 @@ def make_writer(log_dir: str, args):
     the file: TensorBoard reads a log up to its last whole record)."""
     from tensorboardX import SummaryWriter
 
+    if not writes_files():
+        return _NoWriter()
     try:
         writer = SummaryWriter(log_dir)
         events = writer._get_file_writer().event_writer._ev_writer  # tensorboardX 2.6: the file the thread writes
@@ -556,6 +561,13 @@ def make_writer(log_dir: str, args):
     rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(asdict(args).items()))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
     return writer
+
+
+class _NoWriter:
+    """The TensorBoard writer of a process other than 0 in a run over several processes: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 class _KeptErrors:
@@ -586,13 +598,85 @@ class _KeptErrors:
 
 
 def seed_shardings(num_seeds: int):
-    """(per-seed sharding, replicated sharding) over as many devices as evenly divide num_seeds."""
+    """(per-seed sharding, replicated sharding) over as many devices as evenly divide num_seeds. In a run over P
+    processes (``start_processes``) the devices are taken evenly from every process, so the count is a multiple of
+    P, and --num-seeds must be one too."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    devices = jax.devices()
-    count = max(d for d in range(1, len(devices) + 1) if num_seeds % d == 0)
-    mesh = Mesh(np.array(devices[:count]), ("seeds",))
+    processes = jax.process_count()
+    if num_seeds % processes:
+        raise InputError(f"--num-seeds {num_seeds} cannot be shared evenly by the run's {processes} processes; "
+                         f"give a multiple of {processes}")
+    own = [[d for d in jax.devices() if d.process_index == p] for p in range(processes)]
+    each = max(d for d in range(1, min(map(len, own)) + 1) if (num_seeds // processes) % d == 0)
+    mesh = Mesh(np.array([d for devices in own for d in devices[:each]]), ("seeds",))
     return NamedSharding(mesh, PartitionSpec("seeds")), NamedSharding(mesh, PartitionSpec())
+
+
+def start_processes() -> None:
+    """JAX's multi-process runtime (``jax.distributed.initialize``) when the environment names a run over several
+    processes, one per machine or per GPU: each process reads the inputs, the seeds are sharded over the devices of
+    every process (``seed_shardings``), and process 0 alone writes outputs, checkpoints, figures and logs from
+    arrays gathered across processes (``fetch``). Three ways to name the run:
+
+    - ``JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=P JAX_PROCESS_ID=i`` (any launcher; the same address
+      and P in every process, i = 0..P-1);
+    - a SLURM job step of several tasks (``srun``; SLURM_STEP_NUM_TASKS > 1, which a batch script outside ``srun``
+      does not set), or an Open MPI launch of several ranks (``mpirun``; OMPI_COMM_WORLD_SIZE > 1): JAX reads its
+      cluster from the environment.
+    One process (the default) starts nothing. The other processes print only errors (to stderr)."""
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        try:
+            count, index = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except (KeyError, ValueError):
+            raise InputError("JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID must be set "
+                             "to whole numbers too (the run's processes and this one's index, from 0)") from None
+        if not 0 <= index < count:
+            raise InputError(f"JAX_PROCESS_ID {index} must be in 0..{count - 1} (JAX_NUM_PROCESSES is {count})")
+        jax.distributed.initialize(address, num_processes=count, process_id=index)
+    elif any(os.environ.get(name, "1") not in ("", "0", "1") for name in ("SLURM_STEP_NUM_TASKS",
+                                                                           "OMPI_COMM_WORLD_SIZE")):
+        jax.distributed.initialize()
+    else:
+        return  # (asking JAX for the process index here would start its backends before host_devices)
+    if jax.process_index() != 0:  # process 0 prints the progress and what it wrote; the others only their errors
+        sys.stdout = open(os.devnull, "w")
+
+
+def writes_files() -> bool:
+    """Whether this process writes the run's files: always in one process, process 0's alone in several."""
+    return jax.process_index() == 0
+
+
+def place(tree, sharding):
+    """``jax.device_put(tree, sharding)``, also where the sharding spans the devices of other processes (a run over
+    several processes): there every process holds the whole value and keeps the shards of its own devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys: their data
+            return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        whole = fetch(x)
+        return jax.make_array_from_callback(np.shape(whole), sharding, lambda index: whole[index])
+
+    return jax.tree.map(one, tree)
+
+
+def fetch(tree):
+    """A pytree of (possibly sharded) arrays as NumPy arrays on the host, whole: ``jax.device_get`` where this process
+    holds every shard, else gathered across the run's processes (a collective: every process calls it)."""
+    from jax.experimental import multihost_utils
+
+    def whole(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x)) if isinstance(x, jax.Array) else x
+
+    return jax.tree.map(whole, tree)
 
 
 class Progress:
@@ -691,9 +775,10 @@ def run(main, args) -> None:
     inside a callback that swallows it (JAX's ``_xla_gc_callback``: "Exception ignored in ..."), or the main thread
     is inside a long XLA compile, where no Python instruction runs. A second signal leaves at once. Checkpoints and
     outputs are renamed into place whole, so leaving at any instant keeps the last checkpoint intact."""
-    host_devices()
     watcher = _SignalWatcher(args)
     try:
+        start_processes()
+        host_devices()
         main(args)
     except InputError as e:
         watcher.exit(f"error: {e}")
@@ -806,7 +891,7 @@ def run_identity(args, neutral: tuple, inputs: dict) -> dict:
 
 def save_checkpoint(path: str, state, unit: int, schema: str, identity: dict) -> None:
     """The leaves of a train state, the number of finished units of the schedule and the run's identity, atomically."""
-    leaves = jax.tree.leaves(jax.device_get(state))
+    leaves = jax.tree.leaves(fetch(state))  # gathered in every process, written by process 0
     arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
     arrays.update(unit=np.int64(unit), identity=np.array(json.dumps(identity, sort_keys=True)))
     save_npz(path, arrays, schema, {})
@@ -817,7 +902,7 @@ def save_output(args, arrays: dict, schema: str, inputs: dict) -> None:
     checkpoint beside it, which has served, removed."""
     save_npz(args.out, arrays, schema, asdict(args), inputs)
     path = checkpoint_path(args.out)
-    if os.path.exists(path):
+    if writes_files() and os.path.exists(path):
         os.remove(path)
 
 def resume_checkpoint(args, state_template, schema: str, identity: dict, total: int):

@@ -26,7 +26,7 @@ import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the l
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -42,7 +42,7 @@ import nav_env
 # The plumbing, by purpose: files and data sets, checkpoints, the command line.
 # isort: off
 from empo_io import InputError, load_dataset, load_cluster, flatten_params, unflatten_params
-from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output
+from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output, fetch, place
 from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
 # isort: on
 
@@ -120,24 +120,23 @@ class TrainState:
 
 @struct.dataclass
 class Data:
-    """The data set on the device (shared by all runs), padded to a whole number of chunks."""
-    obs: jax.Array  # [N_pad, obs_dim], standardised
-    actions: jax.Array  # [N_pad, act_dim]
-    rewards: jax.Array  # [N_pad], divided by the value scale
-    next_obs: jax.Array  # [N_pad, obs_dim], standardised
-    next_actions: jax.Array  # [N_pad, act_dim], a' of the same trajectory (0 after its last row)
-    bootstrap: jax.Array  # [N_pad] float, 0 after a terminal, 1 otherwise
-    timeout_end: jax.Array  # [N_pad] bool, the last row of a trajectory cut by a timeout
-    returns: jax.Array  # [N_pad] R(s) (Eq. 10), divided by the value scale
-    valid: jax.Array  # [N_pad] float, 0 on padding rows
+    """The data set on the device (shared by all runs)."""
+    obs: jax.Array  # [N, obs_dim], standardised
+    actions: jax.Array  # [N, act_dim]
+    rewards: jax.Array  # [N], divided by the value scale
+    next_obs: jax.Array  # [N, obs_dim], standardised
+    next_actions: jax.Array  # [N, act_dim], a' of the same trajectory (0 after its last row)
+    bootstrap: jax.Array  # [N] float, 0 after a terminal, 1 otherwise
+    timeout_end: jax.Array  # [N] bool, the last row of a trajectory cut by a timeout
+    returns: jax.Array  # [N] R(s) (Eq. 10), divided by the value scale
 
 
 @struct.dataclass
 class RunInputs:
     """What differs between runs: the stage-1 policies, the assignments and the SARSA next actions."""
     beta: Any  # Theta_hat*, stacked [K, ...]
-    assign: jax.Array  # [N_pad] int32, A(s, a)
-    next_actions: jax.Array  # [N_pad, act_dim], a' with the timeout rows filled from beta
+    assign: jax.Array  # [N] int32, A(s, a)
+    next_actions: jax.Array  # [N, act_dim], a' with the timeout rows filled from beta
     groups: Any = None  # (rows [M, C] int32, cluster [M] int32, live [M, C] f32): cluster_chunks, for one head per row
 
 
@@ -312,15 +311,16 @@ def make_v_epoch(args: Args, v_net, tx, num_rows: int):
 def make_ppo_epoch(args: Args, policy, q_net, v_net, tx, num_rows: int, k: int, action_scale):
     """Algorithm 2, lines 15-17: one PPO epoch (Eq. 14) over every transition of the data set.
 
-    Full batch: the gradient of the mean surrogate over all N rows, accumulated over chunks of
-    ``args.chunk`` rows in a lax.scan, then one Adam step. Minibatch: ceil(N / B) Adam steps over a
-    shuffled pass. Returns epoch(state, key, run, data) -> (state, metrics).
+    Full batch: the gradient of the mean surrogate over all N rows, accumulated in a lax.scan over chunks of one
+    cluster's rows (``run.groups``: cluster_chunks, at most --chunk rows each), then one Adam step. Minibatch:
+    ceil(N / B) Adam steps over a shuffled pass. Returns epoch(state, key, run, data) -> (state, metrics).
     """
     scale = jnp.asarray(action_scale, jnp.float32)
 
     def rows_loss(pi_params, state: TrainState, run: RunInputs, obs, z, noise, valid, apply=stacked_apply):
-        """-(sum of the surrogate over the rows) / N, and the rows' statistics (sums). ``apply`` gives each row's
-        policy: stacked_apply (rows of any clusters), or own_head_apply (rows of one cluster)."""
+        """-(sum of the surrogate over the rows) / N, and the rows' statistics (sums); ``valid`` is 0 on the unused
+        places of a part-filled chunk. ``apply`` gives each row's policy: stacked_apply (rows of any clusters), or
+        own_head_apply (rows of one cluster)."""
         z = jnp.broadcast_to(z, valid.shape)  # [rows]
         beta_mean, beta_log_std = apply(policy, run.beta, obs, z)
         a_new = beta_mean + jnp.exp(beta_log_std) * noise  # a' ~ beta(.|s, A(s,a); Theta_hat*)
@@ -351,8 +351,8 @@ def make_ppo_epoch(args: Args, policy, q_net, v_net, tx, num_rows: int, k: int, 
 
         def accumulate(grads, group):  # one chunk of rows of one cluster z: only head z is computed
             rows, z, live = group
-            g, stats = jax.grad(rows_loss, has_aux=True)(state.pi, state, run, data.obs[rows], z, noise[rows],
-                                                         live * data.valid[rows], own_head_apply)
+            g, stats = jax.grad(rows_loss, has_aux=True)(state.pi, state, run, data.obs[rows], z, noise[rows], live,
+                                                         own_head_apply)
             return jax.tree.map(jnp.add, grads, g), stats
 
         zeros = jax.tree.map(jnp.zeros_like, state.pi)
@@ -369,7 +369,7 @@ def make_ppo_epoch(args: Args, policy, q_net, v_net, tx, num_rows: int, k: int, 
 
         def update(state: TrainState, idx):
             g, stats = jax.grad(rows_loss, has_aux=True)(state.pi, state, run, data.obs[idx], run.assign[idx],
-                                                         noise[idx], data.valid[idx])
+                                                         noise[idx], jnp.ones(idx.shape))
             g = jax.tree.map(lambda x: x * num_rows / idx.shape[0], g)  # the minibatch mean
             updates, pi_opt = tx.update(g, state.pi_opt, state.pi)
             return state.replace(pi=optax.apply_updates(state.pi, updates), pi_opt=pi_opt), stats
@@ -400,11 +400,11 @@ def group_size(chunk: int, n: int, k: int) -> int:
     return min(chunk, -(-n // (16 * k)))
 
 
-def cluster_chunks(assign: np.ndarray, valid: np.ndarray, k: int, chunk: int) -> tuple:
+def cluster_chunks(assign: np.ndarray, k: int, chunk: int) -> tuple:
     """The rows of every run grouped by cluster in chunks of ``chunk`` rows, so that a chunk needs one policy head:
     (rows [S, M, C] int32, cluster [S, M] int32, live [S, M, C] float32), M = ceil(N / C) + K - 1 for every run
-    (each cluster's last chunk is part-filled; live marks the rows that count). assign [S, N_pad]; valid [N_pad]."""
-    real = np.flatnonzero(valid > 0)
+    (each cluster's last chunk is part-filled; live marks the rows that count). assign [S, N]."""
+    real = np.arange(assign.shape[1])
     count = -(-len(real) // chunk) + k - 1
     rows, cluster, live = (np.zeros((len(assign), count, chunk), np.int32), np.zeros((len(assign), count), np.int32),
                            np.zeros((len(assign), count, chunk), np.float32))
@@ -510,21 +510,18 @@ def load_inputs(args: Args):
 
 
 def device_data(args: Args, data_np: dict, obs_mean, obs_std) -> tuple[Data, float]:
-    """(the data set as Data, padded to whole chunks of args.chunk rows; the value scale c of item 2)."""
+    """(the data set as Data; the value scale c of item 2)."""
     # Eq. (10) once, in reward units, to fix the value scale c (interpretation 2).
     last = np.r_[np.diff(data_np["episode_ids"]) != 0, True]  # the last row of each trajectory
     returns = np.asarray(mc_returns(jnp.asarray(data_np["rewards"]), jnp.asarray(last), args.gamma))
     value_scale = float(max(returns.std(), 1e-3))
     next_actions = np.where(last[:, None], 0.0, np.roll(data_np["actions"], -1, axis=0)).astype(np.float32)
-    n = len(data_np["rewards"])
-    pad = (-n) % args.chunk
-    padded = lambda x, value=0: jnp.asarray(np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value))
-    norm = lambda x: (x - obs_mean) / obs_std
-    data = Data(obs=padded(norm(data_np["observations"])), actions=padded(data_np["actions"]),
-                rewards=padded(data_np["rewards"] / value_scale), next_obs=padded(norm(data_np["next_observations"])),
-                next_actions=padded(next_actions), bootstrap=padded((~data_np["terminals"]).astype(np.float32)),
-                timeout_end=padded(data_np["timeouts"] & ~data_np["terminals"]),
-                returns=padded((returns / value_scale).astype(np.float32)), valid=padded(np.ones(n, np.float32)))
+    norm = lambda x: jnp.asarray((x - obs_mean) / obs_std)
+    data = Data(obs=norm(data_np["observations"]), actions=jnp.asarray(data_np["actions"]),
+                rewards=jnp.asarray(data_np["rewards"] / value_scale), next_obs=norm(data_np["next_observations"]),
+                next_actions=jnp.asarray(next_actions), bootstrap=jnp.asarray(~data_np["terminals"], jnp.float32),
+                timeout_end=jnp.asarray(data_np["timeouts"] & ~data_np["terminals"]),
+                returns=jnp.asarray(returns / value_scale, jnp.float32))
     return data, value_scale
 
 
@@ -600,21 +597,19 @@ def sweep_arrays(sweep: dict, epochs: list) -> tuple[dict, dict]:
 def init_runs(args: Args, cluster: dict, cluster_run, seeds, data: Data, policy, init, action_scale, sharding):
     """Algorithm 2, lines 1-2, for every run: beta = Theta_hat* of its clustering run, A(s, a), SARSA's a' (drawn
     from beta after a timeout), the state with pi_L = beta. Returns (beta, run inputs, state, key_train, key_eval)."""
-    beta = {"params": jax.device_put(jax.tree.map(lambda x: jnp.asarray(x[cluster_run]),
+    beta = {"params": place(jax.tree.map(lambda x: jnp.asarray(x[cluster_run]),
                                                   unflatten_params("policy/params", cluster)), sharding)}
-    pad = len(data.valid) - cluster["assignments"].shape[1]
-    assign = jnp.asarray(np.pad(cluster["assignments"][cluster_run], ((0, 0), (0, pad))))
+    assign = jnp.asarray(cluster["assignments"][cluster_run])
     seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
     key_init, key_next, key_train, key_eval = (
-        jax.device_put(x, sharding) for x in jax.vmap(lambda s: jax.random.split(s, 4), out_axes=1)(seed_keys))
+        place(x, sharding) for x in jax.vmap(lambda s: jax.random.split(s, 4), out_axes=1)(seed_keys))
     timeout_rows = np.flatnonzero(np.asarray(data.timeout_end))
     fill = jax.jit(jax.vmap(make_next_actions(policy, action_scale, timeout_rows), in_axes=(0, 0, 0, None)))
-    valid = np.asarray(data.valid)
     k = int(cluster["arch/k"])
-    groups = cluster_chunks(np.asarray(assign), valid, k, group_size(args.chunk, int(valid.sum()), k))
-    runs = RunInputs(beta=beta, assign=jax.device_put(assign, sharding),
-                     next_actions=fill(key_next, beta, jax.device_put(assign, sharding), data),
-                     groups=tuple(jax.device_put(jnp.asarray(x), sharding) for x in groups))
+    groups = cluster_chunks(np.asarray(assign), k, group_size(args.chunk, assign.shape[1], k))
+    runs = RunInputs(beta=beta, assign=place(assign, sharding),
+                     next_actions=fill(key_next, beta, place(assign, sharding), data),
+                     groups=tuple(place(jnp.asarray(x), sharding) for x in groups))
     state = jax.jit(jax.vmap(init), out_shardings=sharding)(key_init, beta)
     return beta, runs, state, key_train, key_eval
 
@@ -623,7 +618,7 @@ def write_outputs(args: Args, state: TrainState, arrays_eval: dict, seeds, clust
                   value_scale: float, inputs: dict) -> None:
     """ppo.npz (schema empo/ppo/v1): the three networks of every run, the evaluation, the runs' seeds and clustering
     runs, and arch/*: stage 1's architecture, the value scale c (item 2) and gamma; then the checkpoint goes."""
-    state = jax.device_get(state)
+    state = fetch(state)
     obs_dim, act_dim = len(cluster["arch/obs_mean"]), len(cluster["arch/action_scale"])
     arrays = {
         **flatten_params("pi/params", state.pi["params"]), **flatten_params("q/params", state.q["params"]),
@@ -647,17 +642,16 @@ def main(args: Args) -> dict:
     n, obs_dim, act_dim = len(data_np["rewards"]), data_np["observations"].shape[1], data_np["actions"].shape[1]
     obs_mean, obs_std = cluster["arch/obs_mean"], cluster["arch/obs_std"]
     action_scale = tuple(float(x) for x in cluster["arch/action_scale"])
-    run_args = Args(**{**asdict(args), "chunk": min(args.chunk, n)})  # chunks of at most N rows
-    data, value_scale = device_data(run_args, data_np, obs_mean, obs_std)
+    data, value_scale = device_data(args, data_np, obs_mean, obs_std)
 
     # Algorithm 2, lines 1-2: Q, V and pi_L = beta of every run, sharded over the devices by run.
     policy, q_net, v_net = make_networks(int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"]), k,
                                          act_dim, action_scale)
-    init, tx = make_init(run_args, q_net, v_net, obs_dim, act_dim)
+    init, tx = make_init(args, q_net, v_net, obs_dim, act_dim)
     seed_sharding, replicated = seed_shardings(args.num_seeds)
-    data = jax.device_put(data, replicated)
+    data = place(data, replicated)
     seeds = np.arange(args.seed, args.seed + args.num_seeds)
-    beta, runs, state, key_train, key_eval = init_runs(run_args, cluster, cluster_run, seeds, data, policy, init,
+    beta, runs, state, key_train, key_eval = init_runs(args, cluster, cluster_run, seeds, data, policy, init,
                                                        action_scale, seed_sharding)
 
     # The schedule: SARSA calls, V epochs, PPO epochs; a checkpoint after each unit.
@@ -670,11 +664,11 @@ def main(args: Args) -> dict:
     sweep = new_sweep(args.num_seeds, k, epochs, args.eval_episodes)
     ckpt_path, (state, sweep), first = resume_checkpoint(args, (state, sweep), "empo/ppo-checkpoint/v3", identity,
                                                          len(schedule))
-    state = jax.device_put(state, seed_sharding)
+    state = place(state, seed_sharding)
     run_dir = os.path.dirname(os.path.abspath(args.out))
     writer = make_writer(os.path.join(run_dir, "ppo"), args)
-    units = make_units(run_args, schedule, policy, q_net, v_net, tx, n, k, action_scale)
-    unit_key = lambda unit: jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, unit),
+    units = make_units(args, schedule, policy, q_net, v_net, tx, n, k, action_scale)
+    unit_key = lambda unit: place(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, unit),
                                            seed_sharding)
     print(f"[ppo] N={n} K={k} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
           f"value scale c={value_scale:.1f}; {len(schedule)} units", flush=True)
@@ -690,7 +684,7 @@ def main(args: Args) -> dict:
         part, steps, log_step = schedule[unit]
         t0 = time.perf_counter()
         state, metrics = units[part, steps](state, unit_key(unit), runs, data)
-        metrics = jax.device_get(metrics)
+        metrics = fetch(metrics)
         timings[part] += time.perf_counter() - t0
         steps_done += epoch_steps.get(part, steps)
         writer.add_scalar("charts/SPS", epoch_steps.get(part, steps) / (time.perf_counter() - t0), steps_done)

@@ -49,7 +49,7 @@ from flax import struct
 
 # isort: off
 from empo_io import DATASET_SCHEMA, InputError, check_minari_id, check_writable, save_npz, save_figure
-from empo_io import run, validate_dataset
+from empo_io import fetch, run, validate_dataset
 # isort: on
 
 
@@ -601,7 +601,7 @@ def evaluate_protocols(make_eval, params, key_eval, seeds, headers: dict, writer
     outs, arrays, summaries = {}, {}, {}
     for sample in (False, True):
         prefix = "sampled_" if sample else ""
-        outs[sample] = out = jax.device_get(make_eval(sample)(params, key_eval))  # [S, E, ...]
+        outs[sample] = out = fetch(make_eval(sample)(params, key_eval))  # [S, E, ...]
         column, more = extra(out) if extra else (None, {})
         part, summaries[sample] = report_rollouts(out, seeds, headers[sample], column, prefix=prefix)
         arrays.update(part, **{f"eval/{prefix}{name}": a for name, a in more.items()})
@@ -639,7 +639,7 @@ def make_cluster_evaluate(policy, obs_mean, obs_std, episodes: int):
            for prefix, sample in (("", False), ("sampled_", True))}
 
     def evaluate(params, key) -> dict:
-        outs = {prefix: jax.device_get(fn(params, key)) for prefix, fn in fns.items()}
+        outs = {prefix: fetch(fn(params, key)) for prefix, fn in fns.items()}
         for out in outs.values():
             out["route"] = route_classes(out["positions"], out["length"], out["goal"])
         return outs

@@ -60,7 +60,7 @@ import nav_env
 # The plumbing, by purpose: files and data sets, checkpoints, the command line.
 # isort: off
 from empo_io import InputError, load_dataset, observation_stats, flatten_params
-from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output
+from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output, fetch, place
 from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
 # isort: on
 
@@ -249,7 +249,7 @@ def evaluate_policy(args: Args, policy, inp: Inputs, policy_params, key_eval, wr
     # Figures: every run's rollouts, and Figure 1b (run 0's mean action over the length of the mean action).
     title = f"BC: {args.eval_episodes} rollouts per run ({actions} actions)"
     images = {"rollouts": nav_env.plot_runs(out, seeds, title, os.path.join(run_dir, "bc_rollouts.png"))}
-    params0 = jax.tree.map(lambda x: x[0], jax.device_get(policy_params))
+    params0 = jax.tree.map(lambda x: x[0], fetch(policy_params))
     mean_action = lambda states: np.asarray(policy.apply(params0, jnp.asarray((states - obs_mean) / obs_std))[0])
     arrow_states = nav_env.grid_states(16)
     field = np.linalg.norm(mean_action(nav_env.grid_states(61)), axis=-1).reshape(61, 61)
@@ -320,26 +320,26 @@ def main(args: Args) -> dict:
     policy = GaussianPolicy(inp.act_dim, inp.action_scale, args.hidden_dim, args.hidden_layers)
     init, tx = make_init(args, policy, inp.obs_dim)
     seed_sharding, replicated = seed_shardings(args.num_seeds)
-    data = jax.device_put(inp.data, replicated)
+    data = place(inp.data, replicated)
     seeds = np.arange(args.seed, args.seed + args.num_seeds)
     seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
     key_init, key_train, key_eval = (
-        jax.device_put(x, seed_sharding) for x in jax.vmap(lambda s: jax.random.split(s, 3), out_axes=1)(seed_keys))
+        place(x, seed_sharding) for x in jax.vmap(lambda s: jax.random.split(s, 3), out_axes=1)(seed_keys))
     # Not jitted: XLA takes seconds over the initialisers of a fresh closure, while the eager ops are compiled once.
-    state = jax.device_put(jax.vmap(init)(key_init), seed_sharding)
+    state = place(jax.vmap(init)(key_init), seed_sharding)
 
     # The schedule: chunks of gradient steps, a checkpoint after each (interpretation 3).
     calls = [min(args.steps_per_call, args.steps - i) for i in range(0, args.steps, args.steps_per_call)]
     run_dir = os.path.dirname(os.path.abspath(args.out))
     identity = run_identity(args, NEUTRAL_FLAGS, {"dataset": inp.sha})
     ckpt_path, state, first = resume_checkpoint(args, state, "empo/bc-checkpoint/v2", identity, len(calls))
-    state = jax.device_put(state, seed_sharding)
+    state = place(state, seed_sharding)
     writer = make_writer(os.path.join(run_dir, "bc"), args)
 
     # Compile ahead of time, so that the reported speed leaves the compile time out.
     t0 = time.perf_counter()
     train_chunk = make_train_chunk(args, policy, tx, inp.n)
-    chunk_key = lambda unit: jax.device_put(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, unit),
+    chunk_key = lambda unit: place(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key_train, unit),
                                             seed_sharding)
     compiled = {s: jax.jit(jax.vmap(lambda st, key, d, s=s: train_chunk(st, key, d, s), in_axes=(0, 0, None)))
                 .lower(state, chunk_key(0), data).compile() for s in set(calls[first:])}
@@ -354,7 +354,7 @@ def main(args: Args) -> dict:
     for unit in range(first, len(calls)):
         t0 = time.perf_counter()
         state, metrics = compiled[calls[unit]](state, chunk_key(unit), data)
-        metrics = {name: float(np.mean(x)) for name, x in jax.device_get(metrics).items()}  # mean over runs
+        metrics = {name: float(np.mean(x)) for name, x in fetch(metrics).items()}  # mean over runs
         done += calls[unit]
         save_checkpoint(ckpt_path, state, unit + 1, "empo/bc-checkpoint/v2", identity)
         for tag, value in metrics.items():
@@ -366,13 +366,13 @@ def main(args: Args) -> dict:
     train_s = time.perf_counter() - t_train
     steps_run = args.steps - sum(calls[:first])
 
-    state = jax.device_get(state)
+    state = fetch(state)
     arrays = output_arrays(args, state, inp, seeds)
     summary = {"train_s": train_s, "compile_s": compile_s, "steps_per_s": steps_run / max(train_s, 1e-9),
                "nll": metrics.get("losses/nll"), "seeds": seeds.tolist()}
     # Evaluation for insight (navigation task only): rollouts from s_0 and the action field of Figure 1b.
     if inp.obs_dim == 2 and inp.act_dim == 2 and args.eval_episodes > 0:
-        policy_params = jax.device_put(state.policy, seed_sharding)
+        policy_params = place(state.policy, seed_sharding)
         eval_arrays, eval_summary = evaluate_policy(args, policy, inp, policy_params, key_eval, writer, run_dir, seeds)
         arrays.update(eval_arrays)
         summary.update(eval_summary)

@@ -65,7 +65,7 @@ import nav_env
 # The plumbing, by purpose: files and data sets, checkpoints, the command line.
 # isort: off
 from empo_io import InputError, load_dataset, observation_stats, flatten_params
-from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output
+from empo_io import checkpoint_path, run_identity, resume_checkpoint, save_checkpoint, save_output, fetch, place
 from empo_io import cli, run, check_flags, check_fits, check_writable, make_writer, Progress, seed_shardings
 # isort: on
 
@@ -387,7 +387,7 @@ def evaluate_actor(args: Args, nets, inp: Inputs, state: TrainState, key_eval, w
         field_pi = nets["actor"].apply(actor, field_obs)  # [61*61, act_dim]
         return nets["actor"].apply(actor, arrow_obs), q1_value(nets, critic, field_obs, field_pi, action_scale)
 
-    arrow_actions, q1_pi = jax.device_get(maps(*jax.tree.map(lambda x: x[0], (state.actor, state.critic))))
+    arrow_actions, q1_pi = fetch(maps(*jax.tree.map(lambda x: x[0], (state.actor, state.critic))))
     images["action_field"] = nav_env.plot_map(
         arrows=(arrow_states, arrow_actions), field=q1_pi.reshape(61, 61),
         field_label="Q1(s, pi(s))", title=f"TD3+BC: actor pi(s) over Q1(s, pi(s)) (seed {seeds[0]})",
@@ -465,10 +465,10 @@ def main(args: Args) -> dict:
     nets = make_networks(args.hidden_dim, args.hidden_layers, inp.act_dim, inp.action_scale)
     init, tx = make_init(args, nets, inp.obs_dim, inp.act_dim)
     seed_sharding, replicated = seed_shardings(args.num_seeds)
-    data = jax.device_put(inp.data, replicated)
+    data = place(inp.data, replicated)
     seeds = np.arange(args.seed, args.seed + args.num_seeds)
     split = jax.jit(jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3), out_axes=1))
-    key_init, key_train, key_eval = (jax.device_put(x, seed_sharding) for x in split(jnp.asarray(seeds)))
+    key_init, key_train, key_eval = (place(x, seed_sharding) for x in split(jnp.asarray(seeds)))
     state = jax.jit(jax.vmap(init), out_shardings=seed_sharding)(key_init)
 
     # The schedule: chunks of critic steps, a checkpoint after each (interpretation 8).
@@ -476,7 +476,7 @@ def main(args: Args) -> dict:
     run_dir = os.path.dirname(os.path.abspath(args.out))
     identity = run_identity(args, NEUTRAL_FLAGS, {"dataset": inp.sha})
     ckpt_path, state, first = resume_checkpoint(args, state, "empo/td3_bc-checkpoint/v2", identity, len(calls))
-    state = jax.device_put(state, seed_sharding)
+    state = place(state, seed_sharding)
     writer = make_writer(os.path.join(run_dir, "td3_bc"), args)
 
     train_chunk = make_train_chunk(args, nets, tx, inp.n, inp.action_scale)
@@ -484,7 +484,7 @@ def main(args: Args) -> dict:
                                      in_axes=(0, 0, None, None)))
                  for s in set(calls)}
     fold_in = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
-    chunk_key = lambda unit: jax.device_put(fold_in(key_train, unit), seed_sharding)
+    chunk_key = lambda unit: place(fold_in(key_train, unit), seed_sharding)
     print(f"[td3_bc] N={inp.n} seeds={args.num_seeds} on {seed_sharding.mesh.devices.size} device(s); "
           f"a_max={[round(a, 4) for a in inp.action_scale]}; {args.steps} steps in {len(calls)} chunks", flush=True)
 
@@ -494,7 +494,7 @@ def main(args: Args) -> dict:
     for unit in range(first, len(calls)):
         t0 = time.perf_counter()
         state, metrics = calls_jit[calls[unit]](state, chunk_key(unit), data, np.int32(done))
-        metrics = {name: float(np.mean(x)) for name, x in jax.device_get(metrics).items()}
+        metrics = {name: float(np.mean(x)) for name, x in fetch(metrics).items()}
         took = time.perf_counter() - t0
         timed.append((calls[unit], took))
         done += calls[unit]
@@ -510,7 +510,7 @@ def main(args: Args) -> dict:
     steady = timed[1:] or timed
     steps_per_s = sum(s for s, _ in steady) / max(sum(t for _, t in steady), 1e-9) if steady else float("nan")
 
-    state = jax.device_get(state)
+    state = fetch(state)
     arrays = output_arrays(args, state, inp, seeds)
     summary = {"train_s": train_s, "steps_per_s": steps_per_s, "seeds": seeds.tolist()}
     # Evaluation for insight (navigation task only): the deterministic actor from s_0, figures.

@@ -508,24 +508,20 @@ def stage2_units(cfg: Config, wanted: list) -> dict:
     n = cfg.rows
     args = dataclasses.replace(mod.PRESETS[cfg.size], steps_per_call=cfg.steps_per_call, batch_size=BATCH,
                                ppo_minibatch=0)
-    args = dataclasses.replace(args, chunk=min(args.chunk, n))  # run_args, as main makes them
-    pad = (-n) % args.chunk
-    padded = lambda x: jnp.asarray(np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)))
     next_actions = np.where(raw["last"][:, None], 0.0, np.roll(raw["actions"], -1, axis=0)).astype(np.float32)
     returns = raw["rewards"] * 10.0  # any numbers: the speed does not depend on them
-    data = mod.Data(obs=padded(raw["obs"]), actions=padded(raw["actions"]), rewards=padded(raw["rewards"]),
-                    next_obs=padded(raw["next_obs"]), next_actions=padded(next_actions),
-                    bootstrap=padded(np.ones(n, np.float32)), timeout_end=padded(raw["last"]),
-                    returns=padded(returns), valid=padded(np.ones(n, np.float32)))
+    data = mod.Data(**{name: jnp.asarray(x) for name, x in dict(
+        obs=raw["obs"], actions=raw["actions"], rewards=raw["rewards"], next_obs=raw["next_obs"],
+        next_actions=next_actions, bootstrap=np.ones(n, np.float32), timeout_end=raw["last"], returns=returns).items()})
     policy, q_net, v_net = mod.make_networks(cfg.hidden, cfg.layers, K, cfg.act_dim, cfg.scale)
     init, tx = mod.make_init(args, q_net, v_net, cfg.obs_dim, cfg.act_dim)
     keys, beta_keys = seed_keys(cfg, 0), seed_keys(cfg, 1)
     dummy = jnp.zeros((1, cfg.obs_dim))
     beta = jax.vmap(lambda k: jax.vmap(policy.init, in_axes=(0, None))(jax.random.split(k, K), dummy))(beta_keys)
-    assign = jnp.broadcast_to(padded(raw["cluster"]), (cfg.seeds, n + pad))
+    assign = jnp.broadcast_to(jnp.asarray(raw["cluster"]), (cfg.seeds, n))
     per_seed_next = jnp.broadcast_to(data.next_actions, (cfg.seeds,) + data.next_actions.shape)  # main fills timeouts
     size = mod.group_size(args.chunk, n, K)
-    groups = mod.cluster_chunks(np.asarray(assign), np.asarray(data.valid), K, size)
+    groups = mod.cluster_chunks(np.asarray(assign), K, size)
     run = mod.RunInputs(beta=beta, assign=assign, next_actions=per_seed_next, groups=tuple(map(jnp.asarray, groups)))
     state = jax.vmap(init)(keys, beta)
 

@@ -734,3 +734,34 @@ def test_cli_help_shows_the_defaults_of_the_preset(monkeypatch, capsys):
         empo_io.cli(Preset, PRESETS)
     text = capsys.readouterr().out
     assert "(default: 64)" in text and "(default: 0.01)" in text and "(default: 8)" not in text
+
+
+def test_a_run_over_several_processes_is_started_only_where_the_environment_names_one(monkeypatch):
+    """JAX's multi-process runtime starts for JAX_COORDINATOR_ADDRESS (with a count and an index), an srun step of
+    several tasks or an mpirun of several ranks; not in one process, nor in a batch script of a multi-task SLURM
+    job (no srun step: no peer would come); a half-named run is one sentence."""
+    import jax
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_STEP_NUM_TASKS",
+                 "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # sbatch's environment, outside srun
+    empo_io.start_processes()
+    assert calls == []
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    empo_io.start_processes()
+    assert calls == [((), {})]  # JAX reads SLURM's variables itself
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "node0:1234")
+    with pytest.raises(empo_io.InputError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID must be set"):
+        empo_io.start_processes()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(empo_io.InputError, match=r"JAX_PROCESS_ID 2 must be in 0..1"):
+        empo_io.start_processes()
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    empo_io.start_processes()
+    assert calls[-1] == (("node0:1234",), {"num_processes": 2, "process_id": 1})

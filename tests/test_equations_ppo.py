@@ -16,9 +16,9 @@ SCALE = (0.2, 0.2)
 K = 2
 
 
-def _problem(n=40, pad=0, seed=0, k=K, chunk=16):
-    """Random networks of stage 2's shapes (k heads, hidden 8 x 2), a data set of n rows (+ pad padding rows)
-    and the run's inputs (its rows grouped by cluster in chunks of ``chunk``). The target network and pi_L are
+def _problem(n=40, seed=0, k=K, chunk=16):
+    """Random networks of stage 2's shapes (k heads, hidden 8 x 2), a data set of n rows and the run's inputs (its
+    rows grouped by cluster in chunks of ``chunk``). The target network and pi_L are
     drawn apart from Q and beta."""
     rng = np.random.default_rng(seed)
     policy, q_net, v_net = ep.make_networks(8, 2, k, 2, SCALE)
@@ -30,15 +30,14 @@ def _problem(n=40, pad=0, seed=0, k=K, chunk=16):
     beta = draw(shapes.pi)
     nets = dict(q=draw(shapes.q), q_target=draw(shapes.q), v=draw(shapes.v), beta=beta,
                 pi=jax.tree.map(lambda x: x + jnp.asarray(rng.normal(0, 0.05, x.shape), x.dtype), beta))
-    total = n + pad
+    total = n
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    valid = np.r_[np.ones(n), np.zeros(pad)]
     data = ep.Data(obs=f32(rng.normal(size=(total, 2))), actions=f32(rng.uniform(-0.2, 0.2, (total, 2))),
                    rewards=f32(rng.normal(-1, 0.5, total)), next_obs=f32(rng.normal(size=(total, 2))),
                    next_actions=jnp.zeros((total, 2)), bootstrap=f32(rng.random(total) < 0.7),
-                   timeout_end=jnp.zeros(total, bool), returns=f32(rng.normal(-3, 1, total)), valid=f32(valid))
+                   timeout_end=jnp.zeros(total, bool), returns=f32(rng.normal(-3, 1, total)))
     assign = rng.choice(k, total, p=np.arange(1, k + 1) / np.arange(1, k + 1).sum()).astype(np.int32)  # unequal
-    groups = ep.cluster_chunks(assign[None], valid, k, chunk)
+    groups = ep.cluster_chunks(assign[None], k, chunk)
     run = ep.RunInputs(beta=beta, assign=jnp.asarray(assign), next_actions=f32(rng.uniform(-0.2, 0.2, (total, 2))),
                        groups=tuple(jnp.asarray(x[0]) for x in groups))
     return (policy, q_net, v_net), nets, data, run
@@ -132,10 +131,10 @@ def test_v_step_regresses_the_rows_cluster_head_on_the_return():
 
 
 def test_full_batch_ppo_step_uses_each_rows_cluster_and_the_clipped_ratio():
-    """One full-batch PPO epoch (Eq. 14) over 40 rows in chunks of 16 (8 padding rows): a' ~ beta(.|s, A(s,a)),
+    """One full-batch PPO epoch (Eq. 14) over 40 rows in chunks of 16 of one cluster each: a' ~ beta(.|s, A(s,a)),
     rho = pi_L / beta at a', A = (Q(s, a') - V(s))_A(s,a), surrogate min(rho A, clip(rho, 0.8, 1.2) A); the step is
     a gradient step on minus its mean."""
-    (policy, q_net, v_net), nets, data, run = _problem(n=40, pad=8)
+    (policy, q_net, v_net), nets, data, run = _problem(n=40)
     lr = 1.0
     tx = optax.sgd(lr)
     args = ep.Args(chunk=16, clip=0.2)
@@ -144,7 +143,7 @@ def test_full_batch_ppo_step_uses_each_rows_cluster_and_the_clipped_ratio():
         _state(nets, tx), key, run, data)
 
     noise = np.asarray(jax.random.normal(key, data.actions.shape), np.float64)  # one a' per row and epoch
-    obs, z, valid = np.asarray(data.obs), np.asarray(run.assign), np.asarray(data.valid)
+    obs, z = np.asarray(data.obs), np.asarray(run.assign)
     beta = ref.to_numpy(nets["beta"])
 
     def head(params, x):  # the (mean, log_std) of each row's own cluster
@@ -163,25 +162,25 @@ def test_full_batch_ppo_step_uses_each_rows_cluster_and_the_clipped_ratio():
         return np.minimum(ratio * adv, np.clip(ratio, 0.8, 1.2) * adv), ratio
 
     surr, ratio = surrogate(ref.to_numpy(nets["pi"]))
-    clipped = valid * (np.abs(ratio - 1) > 0.2)
+    clipped = np.abs(ratio - 1) > 0.2
     assert 3 <= clipped.sum() <= 37  # some rows clipped, most not
-    assert float(stats["surrogate"]) == pytest.approx(np.sum(valid * surr), rel=1e-4, abs=1e-5)
-    np.testing.assert_allclose(stats["adv_z"], [np.sum(valid * adv * (z == c)) for c in range(K)], rtol=1e-4)
-    np.testing.assert_allclose(stats["count_z"], [np.sum(valid * (z == c)) for c in range(K)])
+    assert float(stats["surrogate"]) == pytest.approx(np.sum(surr), rel=1e-4, abs=1e-5)
+    np.testing.assert_allclose(stats["adv_z"], [np.sum(adv * (z == c)) for c in range(K)], rtol=1e-4)
+    np.testing.assert_allclose(stats["count_z"], [np.sum((z == c)) for c in range(K)])
     assert float(stats["clipped"]) == clipped.sum()
-    assert float(stats["ratio"]) == pytest.approx(np.sum(valid * ratio), rel=1e-5)
+    assert float(stats["ratio"]) == pytest.approx(np.sum(ratio), rel=1e-5)
     # Head 0 for every row would give another advantage: the case tells the heads apart.
-    assert np.abs(adv - (q_all - v_all)[:, 0])[valid * (z == 1) > 0].max() > 0.1
-    ref.assert_gradient_step(lambda pi: -np.sum(valid * surrogate(pi)[0]) / 40, nets["pi"], new.pi, lr)
+    assert np.abs(adv - (q_all - v_all)[:, 0])[z == 1].max() > 0.1
+    ref.assert_gradient_step(lambda pi: -np.sum(surrogate(pi)[0]) / 40, nets["pi"], new.pi, lr)
 
 
 def test_one_head_per_row_equals_every_head_then_the_rows_own():
     """The full-batch PPO epoch computes each row's own policy head only (rows grouped by cluster, chunks of 16).
-    On K = 3 clusters of unequal sizes with padding rows, its surrogate, statistics and gradient equal those of
+    On K = 3 clusters of unequal sizes (part-filled chunks), its surrogate, statistics and gradient equal those of
     every head on every row, then the row's own (stacked_apply, the formulation it replaces), to float rounding:
     only the order of the sums differs."""
     k, n = 3, 100
-    (policy, q_net, v_net), nets, data, run = _problem(n=n, pad=12, seed=3, k=k)
+    (policy, q_net, v_net), nets, data, run = _problem(n=n, seed=3, k=k)
     tx = optax.sgd(1.0)  # the parameter change is minus the gradient
     args = ep.Args(chunk=16, clip=0.2)
     key = jax.random.key(7)
@@ -193,21 +192,20 @@ def test_one_head_per_row_equals_every_head_then_the_rows_own():
     scale = jnp.asarray(SCALE)
 
     def every_head(pi):
-        z, valid = run.assign, data.valid
+        z = run.assign
         beta_mean, beta_log_std = ep.stacked_apply(policy, run.beta, data.obs, z)
         a_new = beta_mean + jnp.exp(beta_log_std) * noise
         log_beta = ep.gaussian_log_prob(beta_mean, beta_log_std, a_new)
         q = q_net.apply(state.q, jnp.concatenate([data.obs, jnp.clip(a_new, -scale, scale) / scale], 1))
         adv = ep.select(q - v_net.apply(state.v, data.obs), z)
         log_pi = ep.gaussian_log_prob(*ep.stacked_apply(policy, pi, data.obs, z), a_new)
-        surrogate = jnp.sum(valid * ep.ppo_surrogate(log_pi, log_beta, adv, args.clip))
-        return -surrogate / n, (surrogate, jax.nn.one_hot(z, k).T @ (valid * adv))
+        surrogate = jnp.sum(ep.ppo_surrogate(log_pi, log_beta, adv, args.clip))
+        return -surrogate / n, (surrogate, jax.nn.one_hot(z, k).T @ adv)
 
     grad, (surrogate, adv_z) = jax.grad(every_head, has_aux=True)(state.pi)
     assert float(stats["surrogate"]) == pytest.approx(float(surrogate), rel=1e-5)
     np.testing.assert_allclose(stats["adv_z"], adv_z, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(stats["count_z"], [np.sum(np.asarray(data.valid) * (np.asarray(run.assign) == c))
-                                                  for c in range(k)])
+    np.testing.assert_allclose(stats["count_z"], [np.sum(np.asarray(run.assign) == c) for c in range(k)])
     step = jax.tree.map(lambda before, after: before - after, state.pi, new.pi)
     for a, b in zip(jax.tree.leaves(step), jax.tree.leaves(grad)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -102,3 +102,65 @@ def test_figure4_reproduction_sweeps_both_arms_from_one_run_each(pipeline, tmp_p
     table = (tmp_path / "figure4" / "figure4.md").read_text()
     assert "Q and V identical in both arms: yes" in table and "| minibatch 256 | sampled |" in table
     assert (tmp_path / "figure4" / "figure4.png").stat().st_size > 10_000
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(command: list, env: dict, count: int = 2, timeout: float = 300) -> list:
+    """``command`` as one run over ``count`` processes (JAX's multi-process runtime, a localhost coordinator, one
+    CPU device each): the completed processes' (status, output)."""
+    port = free_port()
+    procs = [subprocess.Popen(command, env=dict(env, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                                JAX_NUM_PROCESSES=str(count), JAX_PROCESS_ID=str(i),
+                                                XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+             for i in range(count)]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+        return [(p.returncode, text) for p, text in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def same_arrays(a: pathlib.Path, b: pathlib.Path) -> list:
+    """The arrays that differ between two outputs, metadata (flags, inputs' digests, producer) aside."""
+    x, y = np.load(a), np.load(b)
+    meta = {"args", "inputs", "producer"}
+    assert set(x.files) == set(y.files)
+    return [k for k in x.files if k not in meta and not np.array_equal(x[k], y[k])]
+
+
+def test_seeds_across_two_processes_equal_one_process_with_two_devices(pipeline, tmp_path):
+    """Each stage run as two processes (JAX's multi-process runtime, one CPU device each, a localhost coordinator)
+    writes the same outputs as the main command's one process with two devices, for the same seeds: the seeds are
+    sharded over both processes' devices, the inputs read in each, the outputs gathered and written by process 0."""
+    env, run, _ = pipeline
+    data, flags = env["DATA"], device_check.PIPELINE["tiny"]
+    seeds = ["--seed", "1", "--num-seeds", "2"]
+    stages = [
+        ("cluster", ["empo_cluster.py", "--dataset", data], "CLUSTER_ARGS"),
+        ("ppo", ["empo_ppo.py", "--dataset", data, "--cluster", str(tmp_path / "cluster.npz")], "PPO_ARGS"),
+        ("highlevel", ["empo_highlevel.py", "--dataset", data, "--cluster", str(tmp_path / "cluster.npz"),
+                       "--ppo", str(tmp_path / "ppo.npz")], "HIGHLEVEL_ARGS"),
+    ]
+    for name, command, var in stages:
+        out = tmp_path / f"{name}.npz"
+        done = run_processes([sys.executable, *command, "--out", str(out), *seeds, *flags[var].split()], env)
+        assert all(status == 0 for status, _ in done), "\n".join(text[-2000:] for _, text in done)
+        assert same_arrays(out, run / f"{name}.npz") == [], name
+        assert len(list((tmp_path / name).glob("events.out.tfevents.*"))) == 1  # process 0's TensorBoard log
+    assert not list(tmp_path.glob("*.checkpoint.npz")) and not list(tmp_path.glob(".*.tmp"))
+    # Seeds that the processes cannot share evenly: one sentence from each, nothing written.
+    odd = tmp_path / "odd.npz"
+    done = run_processes([sys.executable, "empo_cluster.py", "--dataset", data, "--out", str(odd), "--num-seeds", "3",
+                          *flags["CLUSTER_ARGS"].split()], env)
+    for status, text in done:
+        assert status == 1 and "error: --num-seeds 3 cannot be shared evenly by the run's 2 processes" in text, text
+    assert not odd.exists()

@@ -67,8 +67,7 @@ def test_timeout_rows_get_a_next_action_from_their_clusters_policy():
     data = ep.Data(obs=jnp.zeros((n, 2)), actions=jnp.zeros((n, 2)), rewards=jnp.zeros(n),
                    next_obs=jnp.asarray(np.random.default_rng(1).normal(size=(n, 2)), jnp.float32),
                    next_actions=jnp.full((n, 2), 0.05), bootstrap=jnp.ones(n),
-                   timeout_end=jnp.asarray([False, False, True, False, False, True]), returns=jnp.zeros(n),
-                   valid=jnp.ones(n))
+                   timeout_end=jnp.asarray([False, False, True, False, False, True]), returns=jnp.zeros(n))
     assign = jnp.asarray([0, 0, 0, 1, 1, 1])
     fill = jax.jit(ep.make_next_actions(policy, (0.2, 0.2), np.flatnonzero(np.asarray(data.timeout_end))))
     filled = np.asarray(fill(jax.random.key(2), beta, assign, data))
@@ -102,7 +101,7 @@ def _ppo_problem(n=1000, k=2):
     obs = jnp.asarray(rng.normal(size=(n, 2)), jnp.float32)
     data = ep.Data(obs=obs, actions=jnp.zeros((n, 2)), rewards=jnp.zeros(n), next_obs=obs,
                    next_actions=jnp.zeros((n, 2)), bootstrap=jnp.ones(n), timeout_end=jnp.zeros(n, bool),
-                   returns=jnp.zeros(n), valid=jnp.ones(n))
+                   returns=jnp.zeros(n))
     run = with_groups(ep.RunInputs(beta=beta, assign=jnp.asarray(rng.integers(0, k, n), jnp.int32),
                                    next_actions=data.actions), data, k, n)
     return policy, q_net, v_net, state, data, run
@@ -110,7 +109,7 @@ def _ppo_problem(n=1000, k=2):
 
 def with_groups(run, data, k: int, chunk: int):
     """``run`` with its rows grouped by cluster in chunks of ``chunk`` (ep.cluster_chunks for one run)."""
-    groups = ep.cluster_chunks(np.asarray(run.assign)[None], np.asarray(data.valid), k, chunk)
+    groups = ep.cluster_chunks(np.asarray(run.assign)[None], k, chunk)
     return run.replace(groups=tuple(jnp.asarray(x[0]) for x in groups))
 
 
