@@ -29,7 +29,8 @@ import signal
 import sys
 
 # The scripts that import this module first, so that Ctrl-C while the libraries load is one sentence (guard_start_up).
-SCRIPTS = ("nav_env.py", "empo_cluster.py", "empo_ppo.py", "empo_highlevel.py", "bc.py", "td3_bc.py")
+SCRIPTS = ("nav_env.py", "empo_cluster.py", "empo_ppo.py", "empo_highlevel.py", "bc.py", "td3_bc.py",
+           "sac.py")
 
 
 def guard_start_up() -> None:
@@ -737,8 +738,9 @@ def check_flags(args, at_least: Optional[dict] = None) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**31:  # int32 inside jit
             raise InputError(f"--{name.replace('_', '-')} must be below 2^31, got {value}")
-    if args.seed < 0 or args.seed + args.num_seeds > 2**31:  # JAX seeds are 32-bit integers
-        raise InputError(f"--seed {args.seed} and --num-seeds {args.num_seeds} must keep every seed in 0..2^31-1")
+    num_seeds = getattr(args, "num_seeds", 1)  # a script of one run per process has no --num-seeds
+    if args.seed < 0 or args.seed + num_seeds > 2**31:  # JAX seeds are 32-bit integers
+        raise InputError(f"--seed {args.seed} and --num-seeds {num_seeds} must keep every seed in 0..2^31-1")
     for name, low in (at_least or {}).items():
         if getattr(args, name) < low:
             raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
