@@ -19,8 +19,8 @@ Interpretations
        infos/action_log_probs holds log pi(a|s), the tanh-Gaussian's log-density of a (sac.tanh_gaussian_log_prob).
     2. Episode k of a file is reset with a seed drawn from (--seed, policy, k) and its noise e from the same
        sequence, so its rows do not depend on which of the --num-envs copies ran it; the file is episodes 0, 1,
-       ... concatenated and cut at --rows rows, mid-episode as D4RL cut its files. The same flags give identical
-       files.
+       ... concatenated and cut at --rows rows, mid-episode as D4RL cut its files. The same flags give
+       byte-identical files; another --num-envs the same episodes up to the float rounding of the batched policy.
     3. terminals: the environment terminated; timeouts: step --episode-steps of an episode that did not
        (make_d4rl_files.py's convention: no row has both).
     4. The returns printed and stored (metadata/return_mean, return_std, episodes) are those of the complete

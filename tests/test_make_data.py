@@ -51,7 +51,8 @@ def _keys(f):
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """(folder, the sac.npz's arrays, Args): the files recorded twice with the same flags, once with another seed."""
+    """(folder, the sac.npz's arrays, Args): the files recorded twice with the same flags (a, b), once with another
+    seed (c), once with one copy of the environment instead of three (d)."""
     folder = tmp_path_factory.mktemp("make_data")
     arrays = write_sac_npz(folder / "sac.npz")
     args = make_data.Args(sac=str(folder / "sac.npz"), env_id=ENV_ID, out=str(folder / "a"), rows=ROWS,
@@ -59,6 +60,7 @@ def made(tmp_path_factory):
     make_data.main(args)
     make_data.main(dataclasses.replace(args, out=str(folder / "b")))
     make_data.main(dataclasses.replace(args, out=str(folder / "c"), seed=1))
+    make_data.main(dataclasses.replace(args, out=str(folder / "d"), num_envs=1))
     return folder, arrays, args
 
 
@@ -156,6 +158,18 @@ def test_same_flags_give_identical_files_and_another_seed_other_data(made):
         a, c = read(path(folder, "a", name)), read(path(folder, "c", name))
         assert sorted(a) == sorted(c) and not np.array_equal(a["observations"][:100], c["observations"][:100])
         assert not np.array_equal(a["infos/action_log_probs"][:100], c["infos/action_log_probs"][:100])
+
+
+def test_episodes_do_not_depend_on_the_copy_that_ran_them(made):
+    """Episode k's reset seed and noise come from (seed, policy, k): one copy records the same episodes as three,
+    up to the float rounding of the policy's batched call (a batch of 1 against 3)."""
+    folder, _, _ = made
+    for name in FILES:
+        a, d = read(path(folder, "a", name)), read(path(folder, "d", name))
+        for key in ("terminals", "timeouts"):
+            np.testing.assert_array_equal(a[key], d[key])
+        for key in ("observations", "actions", "rewards", "infos/action_log_probs"):
+            np.testing.assert_allclose(a[key], d[key], rtol=1e-4, atol=1e-4, err_msg=key)
 
 
 @pytest.mark.parametrize("case, message", [
