@@ -57,13 +57,21 @@ import tyro
 
 import gym_eval
 from behaviour import sac
-from empo_io import InputError, check_flags, load_npz, run, unflatten_params
 
-# isort: split
+# The plumbing, by purpose: the sac.npz and its checks, the command line.
+# isort: off
+from empo_io import InputError, check_arch, check_arrays, check_param_shapes, load_npz, param_shapes, unflatten_params
+from empo_io import check_flags, run
+# isort: on
 
 import make_d4rl_files  # scripts/: D4RL's keys, the HDF5 writer, the medium_expert stitching
 
 POLICIES = ("medium", "expert")
+SAC_SPEC = {  # what this script reads of empo/sac/v1 (docs/schemas.md), besides the actors and env/*
+    "medium/index": ("int64", ()), "snapshots/step": ("int64", ("T",)), "arch/obs_dim": ("int64", ()),
+    "arch/act_dim": ("int64", ()), "arch/hidden_dim": ("int64", ()), "arch/hidden_layers": ("int64", ()),
+    "arch/action_scale": ("float32", ("act_dim",)), "arch/action_bias": ("float32", ("act_dim",)),
+}
 
 
 @dataclass
@@ -94,7 +102,16 @@ def load_policies(args: Args) -> tuple[dict, dict]:
     env_id = str(arrays.get("env/id", ""))
     if env_id != args.env_id:
         raise InputError(f"{args.sac} was trained in {env_id or 'no environment'}, not --env-id {args.env_id}")
+    sizes = check_arrays(args.sac, arrays, SAC_SPEC)
+    check_arch(args.sac, arrays)
+    obs_dim, act_dim = int(arrays["arch/obs_dim"]), int(arrays["arch/act_dim"])
+    actor = sac.make_networks(int(arrays["arch/hidden_dim"]), int(arrays["arch/hidden_layers"]), act_dim)["actor"]
+    check_param_shapes(args.sac, arrays, "actor/params", param_shapes(actor, obs_dim), 0)
+    check_param_shapes(args.sac, arrays, "snapshots/actor/params", param_shapes(actor, obs_dim), 1)
     medium = int(arrays["medium/index"])
+    if not 0 <= medium < sizes["T"] or sizes["act_dim"] != act_dim:
+        raise InputError(f"{args.sac}: medium/index {medium} is not one of its {sizes['T']} snapshots, or "
+                         f"arch/action_scale has {sizes['act_dim']} entries for arch/act_dim {act_dim}")
     snapshot = {"actor/params/" + k[len("snapshots/actor/params/"):]: v[medium] for k, v in arrays.items()
                 if k.startswith("snapshots/actor/params/")}
     return arrays, {"medium": {"params": unflatten_params("actor/params", snapshot)},
@@ -186,6 +203,12 @@ def main(args: Args) -> dict:
     arrays, policies = load_policies(args)
     spec = dataclasses.replace(gym.envs.registration.EnvSpec.from_json(str(arrays["env/spec"])),
                                max_episode_steps=args.episode_steps)
+    env = gym_eval.make_env(spec)
+    shapes = (env.observation_space.shape, env.action_space.shape)
+    env.close()
+    if shapes != ((int(arrays["arch/obs_dim"]),), (int(arrays["arch/act_dim"]),)):
+        raise InputError(f"{args.sac}'s actor takes {int(arrays['arch/obs_dim'])} observations and gives "
+                         f"{int(arrays['arch/act_dim'])} actions, {args.env_id} has shapes {shapes}")
     os.makedirs(args.out, exist_ok=True)
     sample, task, start = make_sample(arrays), task_name(args.env_id), time.perf_counter()
     medium = int(arrays["medium/index"])

@@ -177,13 +177,23 @@ def test_episodes_do_not_depend_on_the_copy_that_ran_them(made):
     ("schema", "has schema 'empo/other/v1', expected 'empo/sac/v1'"),
     ("env", "was trained in InvertedPendulum-v5, not --env-id Hopper-v4"),
     ("rows", "--rows must be at least 1, got 0"),
+    ("index", r"medium/index 7 is not one of its 3 snapshots"),
+    ("actor", r"'actor/params/MLP_0/Dense_2/kernel' has shape \(16, 4\) per run, but its arch/\* entries give "
+              r"\(16, 2\)"),
 ])
 def test_bad_input_is_one_sentence(made, tmp_path, case, message):
     folder, _, args = made
     other = tmp_path / "other.npz"
     np.savez(other, schema=np.array("empo/other/v1"))
+    arrays = dict(np.load(args.sac))
+    if case == "index":
+        arrays["medium/index"] = np.int64(7)
+    if case == "actor":  # an actor of two actions for a task of one
+        arrays["actor/params/MLP_0/Dense_2/kernel"] = np.zeros((16, 4), np.float32)
+    np.savez(tmp_path / "sac.npz", **arrays)
     kw = {"missing": dict(sac=str(tmp_path / "none.npz")), "schema": dict(sac=str(other)),
-          "env": dict(env_id="Hopper-v4"), "rows": dict(rows=0)}[case]
+          "env": dict(env_id="Hopper-v4"), "rows": dict(rows=0), "index": dict(sac=str(tmp_path / "sac.npz")),
+          "actor": dict(sac=str(tmp_path / "sac.npz"))}[case]
     with pytest.raises(empo_io.InputError, match=message) as err:
         make_data.main(dataclasses.replace(args, out=str(tmp_path / "out"), **kw))
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
