@@ -121,15 +121,17 @@ def stitch(first: dict, second: dict, maxlen: int) -> dict:
     return {key: np.concatenate([first[key][:n], second[key]])[:maxlen] for key in KEYS}
 
 
-def write(path: str, data: dict, algorithm: str) -> None:
-    """One HDF5 file, written to a temporary file in the same folder and renamed."""
+def write(path: str, data: dict, metadata: dict) -> None:
+    """One HDF5 file, ``data`` and ``metadata`` as metadata/<name>, written to a temporary file in the same folder and
+    renamed."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".hdf5")
     os.close(fd)
     try:
         with h5py.File(tmp, "w") as f:
             for key, value in data.items():
-                f.create_dataset(key, data=value, compression="gzip")
-            f.create_dataset("metadata/algorithm", data=algorithm)
+                f.create_dataset(key, data=value, compression="gzip", track_times=False)
+            for name, value in metadata.items():
+                f.create_dataset(f"metadata/{name}", data=value, track_times=False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -137,9 +139,16 @@ def write(path: str, data: dict, algorithm: str) -> None:
         raise
 
 
+def episode_returns(data: dict) -> np.ndarray:
+    """The returns of the complete episodes (those that end with a flag), in float64; none: [nan]."""
+    ends = np.flatnonzero(data["terminals"] | data["timeouts"])
+    rewards = data["rewards"][: ends[-1] + 1].astype(np.float64) if ends.size else np.zeros(0)
+    return np.add.reduceat(rewards, np.r_[0, ends[:-1] + 1]) if ends.size else np.array([np.nan])
+
+
 def describe(data: dict) -> str:
     ends = np.flatnonzero(data["terminals"] | data["timeouts"])  # complete episodes only
-    returns = np.add.reduceat(data["rewards"][: ends[-1] + 1], np.r_[0, ends[:-1] + 1]) if ends.size else [np.nan]
+    returns = episode_returns(data)
     return (f"{len(data['rewards'])} rows, {ends.size} complete episodes ({int(data['terminals'].sum())} "
             f"terminated), return {np.mean(returns):.1f} +- {np.std(returns):.1f}")
 
@@ -166,12 +175,12 @@ def main(args: Args) -> None:
             algorithm = (f"linear controller {b}: a = clip(G o + {args.offset[b]} + {args.noise[b]} eps, -1, 1), "
                          f"G ~ N(0, {args.gain}^2) [{act_dim}x{obs_dim}], seed {args.seed}, scripts/make_d4rl_files.py")
             path = os.path.join(args.out, f"{task}_{name}-v2.hdf5")
-            write(path, data, algorithm)
+            write(path, data, {"algorithm": algorithm})
             parts.append(data)
             print(f"{path}: {describe(data)}")
         path = os.path.join(args.out, f"{task}_medium_expert-v2.hdf5")
         both = stitch(*parts, args.maxlen or 2 * args.rows)
-        write(path, both, "medium + expert (D4RL's stitch_dataset.py)")
+        write(path, both, {"algorithm": "medium + expert (D4RL's stitch_dataset.py)"})
         print(f"{path}: {describe(both)}")
     print(f"wrote {3 * len(args.tasks)} files to {args.out} in {time.perf_counter() - start:.1f} s")
 
