@@ -29,7 +29,7 @@ import signal
 import sys
 
 # The scripts that import this module first, so that Ctrl-C while the libraries load is one sentence (guard_start_up).
-SCRIPTS = ("nav_env.py", "empo_cluster.py", "empo_ppo.py", "empo_highlevel.py", "bc.py", "td3_bc.py",
+SCRIPTS = ("nav_env.py", "empo_cluster.py", "empo_ppo.py", "empo_highlevel.py", "bc.py", "td3_bc.py", "iql.py",
            "sac.py")
 
 

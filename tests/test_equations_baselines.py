@@ -1,5 +1,6 @@
-"""Baselines: the jitted TD3+BC step (critic target and loss, lambda = alpha / mean|Q|, actor loss) and the BC step
-against NumPy, with target networks that differ from the online ones, bootstrapping and terminal rows, gamma != 1
+"""Baselines: the jitted TD3+BC step (critic target and loss, lambda = alpha / mean|Q|, actor loss), the BC step and
+the IQL step (V, then pi with the new V, then Q with the new V, then the targets) against NumPy, with target networks
+that differ from the online ones, bootstrapping and terminal rows, gamma != 1
 and Q of both signs; a TD3+BC learning test with a known better action. The loss functions alone are tested in
 test_td3_bc.py and test_bc.py."""
 
@@ -11,7 +12,7 @@ import optax
 import pytest
 
 import empo_io
-from baselines import bc
+from baselines import bc, iql
 from baselines import td3_bc as td
 
 SCALE = (0.2, 0.5)  # a_max per dimension, unequal so that a / a_max matters
@@ -128,6 +129,82 @@ def test_bc_step_matches_numpy():
     loss = lambda p: -np.mean(ref.log_normal(*ref.gaussian_policy(p["params"], obs, SCALE), actions))
     assert float(metrics["losses/nll"]) == pytest.approx(loss(ref.to_numpy(params)), rel=1e-4)
     ref.assert_gradient_step(loss, params, new.policy, lr)
+
+
+def test_iql_step_matches_numpy():
+    """One IQL step with SGD: V on the 0.7-expectile of min_i Q_i(s, a; theta_i'); pi on -mean min(exp(beta (min_i
+    Q_i(s, a; theta_i') - V_new(s))), 100) log pi(a|s); Q on sum_i mean (Q_i - r - gamma (1 - d) V_new(s'))^2; then
+    theta' <- tau theta + (1 - tau) theta'. Target critics differ from the online ones, terminals and bootstrapping
+    rows are mixed, advantages have both signs."""
+    rng = np.random.default_rng(6)
+    n, gamma, lr = 40, 0.9, 0.05
+    args = iql.Args(batch_size=32, gamma=gamma, expectile=0.7, temperature=3.0, tau=0.1, hidden_dim=8,
+                    hidden_layers=2)
+    nets = iql.make_networks(8, 2, 2, SCALE)
+    init, _ = iql.make_init(args, nets, 2, 2)
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    draw = lambda tree: jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.5, s.shape), s.dtype), tree)
+    actor, critic, critic_target, value = (draw(shapes.actor), draw(shapes.critic), draw(shapes.critic),
+                                           draw(shapes.value))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    data = iql.Data(obs=f32(rng.normal(size=(n, 2))), actions=f32(rng.uniform(-1, 1, (n, 2)) * np.asarray(SCALE)),
+                    rewards=f32(rng.normal(-1, 0.5, n)), next_obs=f32(rng.normal(size=(n, 2))),
+                    not_done=f32(rng.random(n) < 0.7))
+    # Output biases that let the twins' min switch between them and the advantages take both signs.
+    critic_target["params"]["Dense_2"]["bias"] = jnp.zeros((2, 1))
+    x = jnp.concatenate([data.obs, data.actions], 1)
+    q_min = jnp.min(jax.vmap(lambda p: nets["critic"].apply(p, x)[:, 0])(critic_target), 0)
+    value["params"]["Dense_2"]["bias"] = value["params"]["Dense_2"]["bias"] + jnp.median(
+        q_min - nets["value"].apply(value, data.obs)[:, 0])
+    tx = optax.sgd(lr)
+    txs = {"actor": tx, "critic": tx, "value": tx}
+    state = iql.TrainState(actor=actor, actor_opt=tx.init(actor), critic=critic, critic_target=critic_target,
+                           critic_opt=tx.init(critic), value=value, value_opt=tx.init(value))
+    key = jax.random.key(7)
+    new, metrics = jax.jit(iql.make_train_chunk(args, nets, txs, n), static_argnums=3)(state, key, data, 1)
+
+    rows = ref.batch_rows(key, 1, 32, n)[0]
+    obs, actions, next_obs = (np.asarray(x, np.float64)[rows] for x in (data.obs, data.actions, data.next_obs))
+    rewards, not_done = np.asarray(data.rewards)[rows], np.asarray(data.not_done)[rows]
+    q_np = lambda p, i: ref.mlp(ref.pick(p, i)["params"], np.concatenate([obs, actions], 1))[:, 0]
+    v_np = lambda p, x: ref.mlp(p["params"], x)[:, 0]
+    target_q = np.minimum(q_np(ref.to_numpy(critic_target), 0), q_np(ref.to_numpy(critic_target), 1))
+    assert np.mean(q_np(ref.to_numpy(critic_target), 0) < q_np(ref.to_numpy(critic_target), 1)) not in (0.0, 1.0)
+
+    def value_loss(p):
+        u = target_q - v_np(p, obs)
+        return np.mean(np.where(u > 0, 0.7, 0.3) * u ** 2)
+
+    assert float(metrics["losses/value"]) == pytest.approx(value_loss(ref.to_numpy(value)), rel=1e-4)
+    ref.assert_gradient_step(value_loss, value, new.value, lr)
+
+    value_after = ref.to_numpy(new.value)
+    adv = target_q - v_np(value_after, obs)
+    weights = np.minimum(np.exp(3.0 * adv), 100.0)
+    assert adv.min() < 0 < adv.max()
+
+    def actor_loss(p):
+        mean = np.asarray(SCALE) * np.tanh(ref.mlp(p["params"]["MLP_0"], obs))
+        log_std = np.clip(p["params"]["log_std"], -5.0, 2.0)
+        return -np.mean(weights * ref.log_normal(mean, log_std, actions))
+
+    assert float(metrics["charts/weight_mean"]) == pytest.approx(np.mean(weights), rel=1e-4)
+    assert float(metrics["losses/actor"]) == pytest.approx(actor_loss(ref.to_numpy(actor)), rel=1e-4)
+    ref.assert_gradient_step(actor_loss, actor, new.actor, lr)
+
+    y = rewards + gamma * not_done * v_np(value_after, next_obs)
+    y_old_v = rewards + gamma * not_done * v_np(ref.to_numpy(value), next_obs)
+    assert 0 < not_done.sum() < len(rows) and abs(np.mean(y_old_v) - np.mean(y)) > 1e-4
+
+    def critic_loss(p):
+        return sum(np.mean((q_np(p, i) - y) ** 2) for i in (0, 1))
+
+    assert float(metrics["charts/target_mean"]) == pytest.approx(np.mean(y), rel=1e-5)
+    assert float(metrics["losses/critic"]) == pytest.approx(critic_loss(ref.to_numpy(critic)), rel=1e-4)
+    ref.assert_gradient_step(critic_loss, critic, new.critic, lr)
+    expected = jax.tree.map(lambda t, p: 0.9 * np.asarray(t) + 0.1 * np.asarray(p), critic_target, new.critic)
+    for x, e in zip(jax.tree.leaves(new.critic_target), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(x, e, rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------
