@@ -174,9 +174,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def load_npz(path: str, schema: str, digest: bool = False):
-    """Read a handoff file (no pickles) and check its schema: a dict of NumPy arrays, or with ``digest`` the pair
-    (arrays, sha256 of the bytes that were read), so that provenance names the file as it was used."""
+def load_npz(path: str, schema, digest: bool = False):
+    """Read a handoff file (no pickles) and check its schema (one, or a tuple of those accepted): a dict of NumPy
+    arrays, or with ``digest`` the pair (arrays, sha256 of the bytes that were read), so that provenance names the
+    file as it was used."""
     if os.path.isdir(path):
         raise InputError(f"{path} is a folder, not an .npz file")
     if not os.path.isfile(path):
@@ -196,9 +197,10 @@ def load_npz(path: str, schema: str, digest: bool = False):
             arrays = {k: loaded[k] for k in loaded.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
         raise InputError(f"{path} is not a readable .npz file ({e})") from None
-    found = str(arrays.get("schema", "none"))
-    if found != schema:
-        raise InputError(f"{path} has schema '{found}', expected '{schema}'")
+    found, accepted = str(arrays.get("schema", "none")), (schema,) if isinstance(schema, str) else tuple(schema)
+    if found not in accepted:
+        expected = "' or '".join(accepted)
+        raise InputError(f"{path} has schema '{found}', expected '{expected}'")
     return (arrays, hashlib.sha256(raw).hexdigest()) if digest else arrays
 
 

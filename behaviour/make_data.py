@@ -6,11 +6,15 @@ repository). This script does the same with the two policies of one ``sac.npz``:
 the medium (snapshot ``medium/index``, about a third of the expert's return). The discussion is docs/sac.md
 ("Recording the data sets").
 
-Input   ``--sac``: a sac.npz (schema empo/sac/v1, docs/schemas.md) trained in ``--env-id``.
-Output  in ``--out``: ``{task}_medium-v2.hdf5``, ``{task}_expert-v2.hdf5`` and ``{task}_medium_expert-v2.hdf5`` (the
-        two stitched as D4RL's stitch_dataset.py did), laid out and written as scripts/make_d4rl_files.py writes
-        them (its docstring lists the keys): observations, actions, rewards, next_observations, terminals,
-        timeouts, infos/{qpos,qvel,action_log_probs}, and metadata/* with the policy and the episodes' returns.
+Input   ``--sac``: a sac.npz (schema empo/sac/v1, docs/schemas.md) trained in ``--env-id``, or the two policies alone
+        as ``--export`` writes them (schema empo/sac-policies/v1; behaviour/policies/{task}.npz are committed).
+Output  ``--export`` (optional): the medium and the expert actor alone, their returns over ``--export-episodes``
+        episodes of the deterministic policy and the command that trained them, a file of about 0.6 MB.
+        In ``--out`` (unless ``--no-record``): ``{task}_medium-v2.hdf5``, ``{task}_expert-v2.hdf5`` and
+        ``{task}_medium_expert-v2.hdf5`` (the two stitched as D4RL's stitch_dataset.py did), laid out and
+        written as scripts/make_d4rl_files.py writes them (its docstring lists the keys): observations, actions,
+        rewards, next_observations, terminals, timeouts, infos/{qpos,qvel,action_log_probs}, and metadata/* with
+        the policy and the episodes' returns.
         {task} is D4RL's name of the environment (hopper for Hopper-v4) or the id's name in lower case.
 
 Interpretations
@@ -25,9 +29,14 @@ Interpretations
        (make_d4rl_files.py's convention: no row has both).
     4. The returns printed and stored (metadata/return_mean, return_std, episodes) are those of the complete
        episodes of each file, sampled actions and all: lower than the deterministic policy's evaluated returns.
+    5. --export evaluates each policy's deterministic action bias + scale tanh(mu(s)) (behaviour/sac.py's
+       evaluation, rlkit's MakeDeterministic) over --export-episodes episodes reset from --seed: a return measured
+       again, not the training run's 10-episode snapshot return that chose the medium policy.
 
 Example
-    python behaviour/make_data.py --sac runs/behaviour/hopper/sac.npz --env-id Hopper-v4 --out data/d4rl_sac
+    python behaviour/make_data.py --sac runs/behaviour/hopper/sac.npz --env-id Hopper-v4 --out data/d4rl_sac \
+        --export behaviour/policies/hopper.npz
+    python behaviour/make_data.py --sac behaviour/policies/hopper.npz --env-id Hopper-v4 --out data/d4rl_sac
     D4RL_DIR=data/d4rl_sac bash scripts/reproduce_table2.sh
 """
 
@@ -46,6 +55,7 @@ import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the l
 # isort: split
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 
@@ -61,16 +71,22 @@ from behaviour import sac
 # The plumbing, by purpose: the sac.npz and its checks, the command line.
 # isort: off
 from empo_io import InputError, check_arch, check_arrays, check_param_shapes, load_npz, param_shapes, unflatten_params
+from empo_io import check_writable, flatten_params, save_npz
 from empo_io import check_flags, run
 # isort: on
 
 import make_d4rl_files  # scripts/: D4RL's keys, the HDF5 writer, the medium_expert stitching
 
 POLICIES = ("medium", "expert")
-SAC_SPEC = {  # what this script reads of empo/sac/v1 (docs/schemas.md), besides the actors and env/*
-    "medium/index": ("int64", ()), "snapshots/step": ("int64", ("T",)), "arch/obs_dim": ("int64", ()),
-    "arch/act_dim": ("int64", ()), "arch/hidden_dim": ("int64", ()), "arch/hidden_layers": ("int64", ()),
-    "arch/action_scale": ("float32", ("act_dim",)), "arch/action_bias": ("float32", ("act_dim",)),
+SAC_SCHEMA, POLICIES_SCHEMA = "empo/sac/v1", "empo/sac-policies/v1"
+ARCH_SPEC = {  # what rebuilds the actor, in both schemas (docs/schemas.md)
+    "arch/obs_dim": ("int64", ()), "arch/act_dim": ("int64", ()), "arch/hidden_dim": ("int64", ()),
+    "arch/hidden_layers": ("int64", ()), "arch/action_scale": ("float32", ("act_dim",)),
+    "arch/action_bias": ("float32", ("act_dim",)),
+}
+SPECS = {  # what this script reads of each schema, besides the actors and env/*
+    SAC_SCHEMA: {**ARCH_SPEC, "medium/index": ("int64", ()), "snapshots/step": ("int64", ("T",))},
+    POLICIES_SCHEMA: {**ARCH_SPEC, "medium/step": ("int64", ()), "expert/step": ("int64", ())},
 }
 
 
@@ -79,7 +95,8 @@ class Args:
     """Record the medium and the expert policy of a sac.npz into D4RL v2-layout HDF5 files (sampled actions)."""
 
     sac: str = "runs/behaviour/hopper/sac.npz"
-    """the SAC run (schema empo/sac/v1) whose expert (final actor) and medium (snapshot medium/index) are recorded"""
+    """the SAC run (schema empo/sac/v1) whose expert (final actor) and medium (snapshot medium/index) are recorded,
+    or the two policies as --export writes them (empo/sac-policies/v1, e.g. behaviour/policies/hopper.npz)"""
     env_id: str = "Hopper-v4"
     """the Gymnasium environment the run was trained in (checked against the file's env/id); the data's task"""
     out: str = "data/d4rl_sac"
@@ -94,28 +111,82 @@ class Args:
     """rows of the medium_expert file at most (D4RL: 2,000,000); 0: 2 x --rows"""
     num_envs: int = 8
     """copies of the environment stepped together (one batched policy call per step of all copies)"""
+    export: str = ""
+    """also write the two policies alone to this .npz (schema empo/sac-policies/v1, about 0.6 MB): the actors, their
+    returns over --export-episodes episodes and the command that trained them; --sac takes it in place of the run"""
+    export_episodes: int = 20
+    """episodes of each policy's deterministic action that --export evaluates and stores"""
+    record: bool = True
+    """record the data sets (--no-record: only --export's file)"""
 
 
-def load_policies(args: Args) -> tuple[dict, dict]:
-    """(the run's arrays, {'medium': actor params, 'expert': actor params}), the file checked against --env-id."""
-    arrays = load_npz(args.sac, "empo/sac/v1")
+def load_policies(args: Args) -> tuple[dict, dict, dict]:
+    """(the file's arrays with its sha256 as 'sha', {'medium': actor params, 'expert': actor params}, {'medium': its
+    training step, 'expert': ...}) from a SAC run or an exported policies file, checked against --env-id."""
+    arrays, sha = load_npz(args.sac, (SAC_SCHEMA, POLICIES_SCHEMA), digest=True)
+    arrays["sha"] = sha
+    schema = str(arrays["schema"])
     env_id = str(arrays.get("env/id", ""))
     if env_id != args.env_id:
         raise InputError(f"{args.sac} was trained in {env_id or 'no environment'}, not --env-id {args.env_id}")
-    sizes = check_arrays(args.sac, arrays, SAC_SPEC)
+    sizes = check_arrays(args.sac, arrays, SPECS[schema])
     check_arch(args.sac, arrays)
     obs_dim, act_dim = int(arrays["arch/obs_dim"]), int(arrays["arch/act_dim"])
+    if sizes["act_dim"] != act_dim:
+        raise InputError(f"{args.sac}: arch/action_scale has {sizes['act_dim']} entries for arch/act_dim {act_dim}")
     actor = sac.make_networks(int(arrays["arch/hidden_dim"]), int(arrays["arch/hidden_layers"]), act_dim)["actor"]
     check_param_shapes(args.sac, arrays, "actor/params", param_shapes(actor, obs_dim), 0)
+    expert = {"params": unflatten_params("actor/params", arrays)}
+    if schema == POLICIES_SCHEMA:
+        check_param_shapes(args.sac, arrays, "medium/actor/params", param_shapes(actor, obs_dim), 0)
+        return arrays, {"medium": {"params": unflatten_params("medium/actor/params", arrays)}, "expert": expert}, {
+            name: int(arrays[f"{name}/step"]) for name in POLICIES}
     check_param_shapes(args.sac, arrays, "snapshots/actor/params", param_shapes(actor, obs_dim), 1)
     medium = int(arrays["medium/index"])
-    if not 0 <= medium < sizes["T"] or sizes["act_dim"] != act_dim:
-        raise InputError(f"{args.sac}: medium/index {medium} is not one of its {sizes['T']} snapshots, or "
-                         f"arch/action_scale has {sizes['act_dim']} entries for arch/act_dim {act_dim}")
+    if not 0 <= medium < sizes["T"]:
+        raise InputError(f"{args.sac}: medium/index {medium} is not one of its {sizes['T']} snapshots")
     snapshot = {"actor/params/" + k[len("snapshots/actor/params/"):]: v[medium] for k, v in arrays.items()
                 if k.startswith("snapshots/actor/params/")}
-    return arrays, {"medium": {"params": unflatten_params("actor/params", snapshot)},
-                    "expert": {"params": unflatten_params("actor/params", arrays)}}
+    steps = {"medium": int(arrays["snapshots/step"][medium]), "expert": int(arrays["snapshots/step"][-1])}
+    return arrays, {"medium": {"params": unflatten_params("actor/params", snapshot)}, "expert": expert}, steps
+
+
+def train_command(arrays: dict) -> tuple[str, str]:
+    """(the command that trained the policies, that run's flags as JSON): from a SAC run's args, the flags that
+    differ from its preset's defaults; an exported file's are copied."""
+    if str(arrays["schema"]) == POLICIES_SCHEMA:
+        return str(arrays["train/command"]), str(arrays["train/args"])
+    flags = json.loads(str(arrays["args"]))
+    defaults = dataclasses.asdict(sac.PRESETS.get(flags.get("preset"), sac.Args()))
+    shown = [f"--{k.replace('_', '-')} {v}" for k, v in flags.items()
+             if k in ("env_id", "seed", "out") or (k != "resume" and defaults.get(k, v) != v)]
+    return "python behaviour/sac.py " + " ".join(shown), json.dumps(flags, sort_keys=True)
+
+
+def export_policies(args: Args, arrays: dict, policies: dict, steps: dict) -> dict:
+    """The two actors, their returns over --export-episodes deterministic episodes (interpretation 5), arch/*,
+    env/* and the training command, written to --export (empo/sac-policies/v1)."""
+    actor = sac.make_networks(int(arrays["arch/hidden_dim"]), int(arrays["arch/hidden_layers"]),
+                              int(arrays["arch/act_dim"]))["actor"]
+    scale, bias = jnp.asarray(arrays["arch/action_scale"]), jnp.asarray(arrays["arch/action_bias"])
+    act = sac.make_evaluate_act(actor, scale, bias)
+    env = dict(gym_eval.gym_env_info(args.env_id), env_spec=str(arrays["env/spec"]))
+    command, flags = train_command(arrays)
+    out = {**{k: v for k, v in arrays.items() if k.startswith(("arch/", "env/"))},
+           **flatten_params("actor/params", policies["expert"]["params"]),
+           **flatten_params("medium/actor/params", policies["medium"]["params"]),
+           "train/command": np.array(command), "train/args": np.array(flags)}
+    for name in POLICIES:
+        episodes = sac.evaluate(env, act, policies[name], args.export_episodes, args.seed)
+        out[f"{name}/step"] = np.int64(steps[name])
+        out[f"{name}/return"], out[f"{name}/length"] = episodes["return"], episodes["length"]
+        if "normalized_score" in episodes:
+            out[f"{name}/normalized_score"] = episodes["normalized_score"]
+        print(f"{name} (step {steps[name]}), {args.export_episodes} episodes of the deterministic policy: "
+              f"{gym_eval.describe_episodes(episodes)}", flush=True)
+    save_npz(args.export, out, POLICIES_SCHEMA, vars(args), {"sac": str(arrays["sha"])})
+    print(f"wrote {args.export}")
+    return out
 
 
 def make_sample(arrays: dict):
@@ -199,8 +270,12 @@ def task_name(env_id: str) -> str:
 
 
 def main(args: Args) -> dict:
-    check_flags(args, dict(rows=1, episode_steps=1, maxlen=0, num_envs=1))
-    arrays, policies = load_policies(args)
+    check_flags(args, dict(rows=1, episode_steps=1, maxlen=0, num_envs=1, export_episodes=1))
+    if not args.record and not args.export:
+        raise InputError("--no-record without --export writes nothing")
+    if args.export:
+        check_writable(args.export, [args.sac])
+    arrays, policies, iterations = load_policies(args)
     spec = dataclasses.replace(gym.envs.registration.EnvSpec.from_json(str(arrays["env/spec"])),
                                max_episode_steps=args.episode_steps)
     env = gym_eval.make_env(spec)
@@ -209,11 +284,15 @@ def main(args: Args) -> dict:
     if shapes != ((int(arrays["arch/obs_dim"]),), (int(arrays["arch/act_dim"]),)):
         raise InputError(f"{args.sac}'s actor takes {int(arrays['arch/obs_dim'])} observations and gives "
                          f"{int(arrays['arch/act_dim'])} actions, {args.env_id} has shapes {shapes}")
+    summary = {}
+    if args.export:
+        exported = export_policies(args, arrays, policies, iterations)
+        summary["export"] = {name: float(exported[f"{name}/return"].mean()) for name in POLICIES}
+    if not args.record:
+        return summary
     os.makedirs(args.out, exist_ok=True)
     sample, task, start = make_sample(arrays), task_name(args.env_id), time.perf_counter()
-    medium = int(arrays["medium/index"])
-    iterations = {"medium": int(arrays["snapshots/step"][medium]), "expert": int(arrays["snapshots/step"][-1])}
-    parts, summary = [], {}
+    parts = []
     for policy, name in enumerate(POLICIES):
         data = record(args, spec, sample, policies[name], policy, int(arrays["arch/act_dim"]))
         path = os.path.join(args.out, f"{task}_{name}-v2.hdf5")

@@ -174,7 +174,9 @@ def test_episodes_do_not_depend_on_the_copy_that_ran_them(made):
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
-    ("schema", "has schema 'empo/other/v1', expected 'empo/sac/v1'"),
+    ("schema", "has schema 'empo/other/v1', expected 'empo/sac/v1' or 'empo/sac-policies/v1'"),
+    ("nothing", "--no-record without --export writes nothing"),
+    ("export", "refusing to write .*sac.npz: it is the input"),
     ("env", "was trained in InvertedPendulum-v5, not --env-id Hopper-v4"),
     ("rows", "--rows must be at least 1, got 0"),
     ("index", r"medium/index 7 is not one of its 3 snapshots"),
@@ -193,7 +195,8 @@ def test_bad_input_is_one_sentence(made, tmp_path, case, message):
     np.savez(tmp_path / "sac.npz", **arrays)
     kw = {"missing": dict(sac=str(tmp_path / "none.npz")), "schema": dict(sac=str(other)),
           "env": dict(env_id="Hopper-v4"), "rows": dict(rows=0), "index": dict(sac=str(tmp_path / "sac.npz")),
-          "actor": dict(sac=str(tmp_path / "sac.npz"))}[case]
+          "actor": dict(sac=str(tmp_path / "sac.npz")), "nothing": dict(record=False),
+          "export": dict(export=args.sac)}[case]
     with pytest.raises(empo_io.InputError, match=message) as err:
         make_data.main(dataclasses.replace(args, out=str(tmp_path / "out"), **kw))
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
@@ -205,3 +208,36 @@ def test_command_line_bad_input_is_one_sentence(tmp_path):
                             timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr == f"error: {tmp_path / 'none.npz'} does not exist\n"
+
+
+def test_exported_policies_are_small_measured_again_and_record_the_same_files(made, tmp_path):
+    """--export writes the two actors alone with their returns and the training command; --sac takes that file and
+    records the same data as from the run (only metadata/policy_file, the path it came from, differs)."""
+    folder, arrays, args = made
+    policies = tmp_path / "policies.npz"
+    summary = make_data.main(dataclasses.replace(args, out=str(tmp_path / "from_run"), export=str(policies),
+                                                 export_episodes=3))
+    out = dict(np.load(policies))
+    assert str(out["schema"]) == "empo/sac-policies/v1" and os.path.getsize(policies) < 20_000
+    assert not any(k.startswith("snapshots/") for k in out)  # two actors, not the run's history
+    for key in [k for k in arrays if k.startswith("actor/params/")]:  # expert: the final actor; medium: snapshot 1
+        np.testing.assert_array_equal(out[key], arrays[key])
+        np.testing.assert_array_equal(out["medium/" + key], arrays["snapshots/" + key][1])
+    assert (int(out["medium/step"]), int(out["expert/step"])) == (2000, 3000)
+    assert out["medium/return"].shape == out["expert/return"].shape == (3,)
+    assert summary["export"] == {name: float(out[f"{name}/return"].mean()) for name in ("medium", "expert")}
+    assert str(out["train/command"]).startswith("python behaviour/sac.py ")
+    assert f"--env-id {ENV_ID}" in str(out["train/command"]) and "--hidden-dim 16" in str(out["train/command"])
+    make_data.main(dataclasses.replace(args, sac=str(policies), out=str(tmp_path / "from_policies")))
+    for name in FILES:
+        a, b = read(path(tmp_path, "from_run", name)), read(path(tmp_path, "from_policies", name))
+        assert sorted(a) == sorted(b)
+        for key in a:
+            if key != "metadata/policy_file":
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
+    # Exported again from the exported file: the same actors and the same training command.
+    again = tmp_path / "again.npz"
+    make_data.main(dataclasses.replace(args, sac=str(policies), export=str(again), export_episodes=3, record=False))
+    second = dict(np.load(again))
+    assert str(second["train/command"]) == str(out["train/command"])
+    np.testing.assert_array_equal(second["expert/return"], out["expert/return"])
