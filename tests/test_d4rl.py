@@ -217,40 +217,62 @@ def test_generated_files_have_d4rls_layout_and_its_medium_expert_stitching(files
 
 @pytest.fixture(scope="module")
 def table2_run(files, tmp_path_factory):
-    """scripts/reproduce_table2.sh on the hopper files, 2 seeds, tiny schedules: (environment, run, process)."""
+    """scripts/reproduce_table2.sh on the hopper files, 2 seeds, tiny schedules (STEP_FRACTION 2e-5: SARSA 30
+    steps, stage 3 and the three baselines 20): (environment, run, process)."""
     run = tmp_path_factory.mktemp("table2") / "run"
     env = dict(os.environ, RUN=str(run), D4RL_DIR=str(files), SEEDS="2", TASKS="hopper", JAX_PLATFORMS="cpu",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2", STEP_FRACTION="0.00002",
                CLUSTER_ARGS="--bias-epochs 1 --pretrain-epochs 1 --em-epochs 2 --hidden-dim 16 --log-every 100",
-               PPO_ARGS="--q-steps 20 --steps-per-call 20 --v-epochs 1 --pi-epochs 1 --eval-episodes 1 --chunk 512",
-               HIGHLEVEL_ARGS="--steps 20 --steps-per-call 20 --eval-episodes 2")
+               PPO_ARGS="--steps-per-call 30 --v-epochs 1 --pi-epochs 1 --eval-episodes 1 --chunk 512",
+               HIGHLEVEL_ARGS="--steps-per-call 20 --eval-episodes 2",
+               BASELINE_ARGS="--steps-per-call 20 --eval-episodes 2 --hidden-dim 16")
     out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table2.sh")], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return env, run, out
 
 
-def test_reproduce_table2_runs_the_three_stages_on_d4rl_files_down_to_the_table(table2_run, files):
+def test_reproduce_table2_runs_empo_and_the_baselines_on_d4rl_files_down_to_the_table(table2_run, files):
     env, run, out = table2_run
-    for stage in (1, 2, 3):
-        assert f"=== hopper stage {stage} took" in out.stdout
+    for step in ("stage 1", "stage 2", "stage 3", "bc", "td3_bc", "iql"):
+        assert f"=== hopper {step} took" in out.stdout
     assert "in Hopper-v4" in out.stdout  # the environment from the file names
-    cluster, high = (np.load(run / "hopper" / name, allow_pickle=False) for name in ("cluster.npz", "highlevel.npz"))
+    load = lambda name: np.load(run / "hopper" / f"{name}.npz", allow_pickle=False)
+    cluster, ppo, high = load("cluster"), load("ppo"), load("highlevel")
     args = json.loads(str(high["args"]))
-    assert args["dataset"] == f"{files}/hopper_medium-v2.hdf5,{files}/hopper_expert-v2.hdf5"
-    assert (args["preset"], args["gamma"], args["expectile"]) == ("d4rl", 0.99, 0.7)
+    dataset = f"{files}/hopper_medium-v2.hdf5,{files}/hopper_expert-v2.hdf5"
+    assert args["dataset"] == dataset
+    assert (args["preset"], args["gamma"], args["expectile"], args["steps"]) == ("d4rl", 0.99, 0.7, 20)
+    assert json.loads(str(ppo["args"]))["q_steps"] == 30  # 1.5M x STEP_FRACTION
     assert high["seeds"].tolist() == cluster["seeds"].tolist() == [1, 2]
     lo, hi = D4RL_REFS["hopper"][3:]
     np.testing.assert_allclose(high["eval/normalized_score"], 100 * (high["eval/return"] - lo) / (hi - lo))
+    outputs = {"EMPO": high, **{name: load(file) for name, file in (("BC", "bc"), ("TD3+BC", "td3_bc"),
+                                                                    ("IQL", "iql"))}}
+    for name, f in outputs.items():
+        a = json.loads(str(f["args"]))
+        assert (a["dataset"], a["preset"], a["steps"], f["seeds"].tolist()) == (dataset, "d4rl", 20, [1, 2]), name
+        assert f["eval/normalized_score"].shape == (2, 2)
     table = (run / "table2.md").read_text()
-    row = next(line for line in table.splitlines() if line.startswith("| hopper | hopper_medium-v2"))
-    per_seed = high["eval/normalized_score"].mean(axis=1)
+    lines = table.splitlines()
+    row = lines[lines.index("| task (medium-expert) | seeds × episodes | EMPO | BC | TD3+BC | IQL |") + 2]
+    cell = lambda f, paper: (f"{f['eval/normalized_score'].mean(axis=1).mean():.1f} ± "
+                             f"{f['eval/normalized_score'].mean(axis=1).std():.1f} ({paper})")
+    assert row == ("| hopper | 2 × 2 | " + " | ".join(cell(outputs[n], p) for n, p in (
+        ("EMPO", "110.2"), ("BC", "52.5"), ("TD3+BC", "98.0"), ("IQL", "91.5"))) + " |")
     ri = 100 * cluster["rand_index"]
-    assert row.split(" | ")[1:] == [
-        "hopper_medium-v2 + hopper_expert-v2", "2 × 2", f"{per_seed.mean():.1f} ± {per_seed.std():.1f}",
-        f"{high['eval/return'].mean(axis=1).mean():.1f} ± {high['eval/return'].mean(axis=1).std():.1f}", "110.2",
-        f"{ri.mean():.2f} ± {ri.std():.2f}", "100.00 ± 0.00 |"]
+    assert f"| hopper | {ri.mean():.2f} ± {ri.std():.2f} | 100.00 ± 0.00 |" in table
+    runs_row = next(line for line in lines if line.startswith("| hopper | hopper_medium-v2 + hopper_expert-v2 — "))
+    assert "this project's linear controllers (scripts/make_d4rl_files.py)" in runs_row
+    assert ("1,200 rows; EMPO stage 1: 1 + 1 + 2 epochs (bias, pretraining, EM), hidden 16; stage 2: SARSA 30 steps, "
+            "V 1 and π 1 epochs; stage 3: 20 steps; BC, TD3+BC, IQL: 20 steps each; batch 256") in runs_row
+    with h5py.File(files / "hopper_expert-v2.hdf5") as f:
+        data = {k: f[k][()] for k in ("rewards", "terminals", "timeouts")}
+    returns = make_d4rl_files().episode_returns(data)
+    score = 100 * (returns - lo) / (hi - lo)
+    assert (f"| hopper | hopper_expert-v2 | 600 | {len(returns)} | {returns.mean():.1f} ± {returns.std():.1f} | "
+            f"{score.mean():.1f} ± {score.std():.1f} | linear controller 1") in table
     assert "| hopper | 52.5 | 107.6 | 55.8 | 103.3 | 98.0 | 105.4 | 91.5 | 110.2 |" in table
     assert (run / "table2.png").stat().st_size > 10_000
     joined = subprocess.run([sys.executable, str(ROOT / "scripts" / "table2.py"), "--runs", f"{run},{run}", "--tasks",
@@ -260,8 +282,11 @@ def test_reproduce_table2_runs_the_three_stages_on_d4rl_files_down_to_the_table(
     again = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table2.sh")], env=env, capture_output=True,
                            text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("exists, skipped") == 3 and " took " not in again.stdout
+    assert again.stdout.count("exists, skipped") == 6 and " took " not in again.stdout
     assert (run / "table2.md").read_text() == table
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table2.sh")], capture_output=True, text=True,
+                         env=dict(env, STEP_FRACTION="-1"), timeout=60)
+    assert bad.returncode != 0 and "STEP_FRACTION must be a positive number, got '-1'" in bad.stderr
 
 
 def test_stages_2_and_3_take_eval_env_and_check_it_before_training(table2_run, files, tmp_path):
@@ -286,21 +311,36 @@ def test_reproduce_table2_without_the_files_says_what_to_download_and_runs_nothi
 
 
 def test_table2_joins_run_folders_along_seeds_and_leaves_out_an_unknown_rand_index(tmp_path):
-    """Two run folders (seeds 1-2 and 3) of a medium_expert file read alone: no labels, so no rand index."""
+    """Two run folders (seeds 1-2 and 3) of a medium_expert file read alone: no labels, so no rand index; no
+    baseline was run, so the table has EMPO's column alone and says what the budget was."""
     source = "/d/walker2d_medium_expert-v2.hdf5"
     scores = {1: [10.0, 20.0], 2: [30.0, 50.0], 3: [60.0, 70.0]}
+    schedule = dict(bias_epochs=3, pretrain_epochs=20, em_epochs=100, hidden_dim=256, q_steps=1_500_000, v_epochs=40,
+                    pi_epochs=100, steps=1_000_000, batch_size=256, dataset=source)
     for run, seeds in (("a", [1, 2]), ("b", [3])):
         folder = tmp_path / run / "walker2d"
         folder.mkdir(parents=True)
-        np.savez(folder / "cluster.npz", seeds=np.array(seeds))  # no rand_index: unlabelled data
+        for name in ("cluster", "ppo"):  # no rand_index: unlabelled data
+            np.savez(folder / f"{name}.npz", seeds=np.array(seeds), args=np.array(json.dumps(schedule)))
         score = np.array([scores[s] for s in seeds])
-        np.savez(folder / "highlevel.npz", seeds=np.array(seeds), args=np.array(json.dumps({"dataset": source})),
+        np.savez(folder / "highlevel.npz", seeds=np.array(seeds), args=np.array(json.dumps(schedule)),
                  **{"eval/normalized_score": score, "eval/return": score * 2})
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "table2.py"), "--runs", f"{tmp_path}/a,{tmp_path}/b",
                           "--tasks", "walker2d", "--out", str(tmp_path / "t2")], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     per_seed = np.array([15.0, 40.0, 65.0])
-    row = next(line for line in (tmp_path / "t2.md").read_text().splitlines() if line.startswith("| walker2d |"))
-    assert row == (f"| walker2d | walker2d_medium_expert-v2 | 3 × 2 | {per_seed.mean():.1f} ± {per_seed.std():.1f} | "
-                   f"{2 * per_seed.mean():.1f} ± {2 * per_seed.std():.1f} | 108.4 | – | 99.93 ± 0.08 |")
+    table = (tmp_path / "t2.md").read_text()
+    assert f"| walker2d | 3 × 2 | {per_seed.mean():.1f} ± {per_seed.std():.1f} (108.4) |" in table
+    assert "| walker2d | – | 99.93 ± 0.08 |" in table
+    assert ("| walker2d | walker2d_medium_expert-v2 — files no longer on disk | 0 rows; EMPO stage 1: 3 + 20 + 100 "
+            "epochs (bias, pretraining, EM), hidden 256; stage 2: SARSA 1.5M steps, V 40 and π 100 epochs; stage 3: "
+            f"1M steps; batch 256 | {2 * per_seed.mean():.1f} ± {2 * per_seed.std():.1f} |") in table
+    # A baseline in one run folder but not the other is an error, not a column of fewer seeds.
+    np.savez(tmp_path / "a" / "walker2d" / "bc.npz", seeds=np.array([1, 2]), args=np.array(json.dumps(schedule)),
+             **{"eval/normalized_score": np.ones((2, 2)), "eval/return": np.ones((2, 2))})
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "table2.py"), "--runs", f"{tmp_path}/a,{tmp_path}/b",
+                          "--tasks", "walker2d", "--out", str(tmp_path / "t3")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and f"{tmp_path}/b/walker2d/bc.npz does not exist" in out.stderr
+    assert not (tmp_path / "t3.md").exists()
