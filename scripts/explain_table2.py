@@ -167,7 +167,8 @@ def explain_seed(i: int, cluster: dict, ppo: dict, high: dict, data: dict, rows:
     if "eval/cluster_steps" in high and final:
         steps = high["eval/cluster_steps"][i].sum(0)  # [K], over the episodes
         share = steps / max(steps.sum(), 1)
-        lines += ["| z | share of π_H's steps |", "|---|---|"] + [f"| {z} | {s:.1%} |" for z, s in enumerate(share)]
+        lines += ["| z | steps | share of π_H's steps |", "|---|---|---|"]
+        lines += [f"| {z} | {int(steps[z])} | {s:.1%} |" for z, s in enumerate(share)]
         lines += ["", f"Final policy: {final[0]} {mean_std(final[1][i])} ({final[1].shape[-1]} episodes)."]
     else:
         lines.append("Stage 3 evaluated no policy (--eval-episodes 0).")

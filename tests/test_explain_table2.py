@@ -98,13 +98,29 @@ def test_stage_two_and_pi_h_numbers_are_the_files_own(explained):
         assert abs(sum(numbers["share"]) - 1) < 1e-9
         section = report[report.index(f"## Seed {numbers['seed']} "):]
         for z, share in enumerate(steps / steps.sum()):
-            assert f"| {z} | {share:.1%} |" in section
+            assert f"| {z} | {steps[z]} | {share:.1%} |" in section
         score = high["eval/normalized_score"][i]
         assert f"Final policy: normalised score {score.mean():.1f} ± {score.std():.1f}" in section
         p = high["ppo_run"][i]
         beta, pi = ppo["eval/beta_normalized_score"][p, 0], ppo["eval/pi_normalized_score"][p, 0]
         assert (f"| 0 | {beta.mean():.1f} ± {beta.std():.1f} | {pi.mean():.1f} ± {pi.std():.1f} | "
                 f"{pi.mean() - beta.mean():+.1f} |") in section
+
+
+def test_pi_h_shares_sum_over_episodes_of_unequal_mixes(explained, tmp_path):
+    """The tiny run's pi_H keeps to one cluster per seed; here each episode mixes the clusters differently."""
+    run, _, arrays, _, _ = explained
+    shutil.copytree(run, tmp_path / "hopper", ignore=shutil.ignore_patterns("explain.md"))
+    steps = np.array([[[3, 1], [0, 6]], [[5, 5], [2, 0]]], np.int64)  # [S, E, K]
+    high = {**arrays["highlevel"], "eval/cluster_steps": steps}
+    np.savez(tmp_path / "hopper" / "highlevel.npz", **high)
+    explain = sys.modules["explain_table2"]
+    result = explain.main(explain.Args(run=str(tmp_path / "hopper"), max_rows=50))
+    np.testing.assert_allclose(result["seeds"][0]["share"], [3 / 10, 7 / 10])
+    np.testing.assert_allclose(result["seeds"][1]["share"], [7 / 12, 5 / 12])
+    report = (tmp_path / "hopper" / "explain.md").read_text()
+    assert "π_H on z=1 for 70% of steps" in report and "π_H on z=0 for 58% of steps" in report
+    assert "| 1 | 7 | 70.0% |" in report and "| 1 | 5 | 41.7% |" in report
 
 
 def numpy_q(ppo: dict, p: int, obs, actions):
