@@ -132,7 +132,8 @@ def q_against_g(ppo: dict, p: int, data: dict, rows: np.ndarray, z: np.ndarray, 
 
 
 def fmt(x, spec: str = ".3f") -> str:
-    return "–" if x is None else format(x, spec)
+    """x formatted, '–' for None; a value that rounds to zero prints without a minus sign."""
+    return "–" if x is None else format(x, spec).replace("-", "", 1) if float(format(x, spec)) == 0 else format(x, spec)
 
 
 def explain_seed(i: int, cluster: dict, ppo: dict, high: dict, data: dict, rows: np.ndarray,

@@ -100,3 +100,45 @@ def subset_episodes(data: dict, episodes) -> dict:
 def subset():
     """``subset(data, episode_list)``: a smaller data set of whole episodes (writable copies)."""
     return subset_episodes
+
+
+def load_script(name: str):
+    """A script of scripts/ as a module (they are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def d4rl_files(tmp_path_factory):
+    """Hopper files from scripts/make_d4rl_files.py: 600 rows per behaviour, episodes of at most 15 steps (both
+    behaviours' files hold terminations and timeouts, and end mid-episode)."""
+    folder = tmp_path_factory.mktemp("d4rl")
+    mdf = load_script("make_d4rl_files")
+    mdf.main(mdf.Args(out=str(folder), tasks=("hopper",), rows=600, episode_steps=15))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def table2_run(d4rl_files, tmp_path_factory):
+    """scripts/reproduce_table2.sh on those files, 2 seeds, tiny schedules (STEP_FRACTION 2e-5: SARSA 30 steps,
+    stage 3 and the three baselines 20): (environment, run folder, the finished process). tests/test_d4rl.py checks
+    the run and the table, tests/test_explain_table2.py explains it."""
+    import subprocess
+
+    run = tmp_path_factory.mktemp("table2") / "run"
+    env = dict(os.environ, RUN=str(run), D4RL_DIR=str(d4rl_files), SEEDS="2", TASKS="hopper", JAX_PLATFORMS="cpu",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+               XLA_FLAGS="--xla_force_host_platform_device_count=2", STEP_FRACTION="0.00002",
+               CLUSTER_ARGS="--bias-epochs 1 --pretrain-epochs 1 --em-epochs 2 --hidden-dim 16 --log-every 100",
+               PPO_ARGS="--steps-per-call 30 --v-epochs 1 --pi-epochs 1 --eval-episodes 1 --chunk 512",
+               HIGHLEVEL_ARGS="--steps-per-call 20 --eval-episodes 2",
+               BASELINE_ARGS="--steps-per-call 20 --eval-episodes 2 --hidden-dim 16")
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table2.sh")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return env, run, out

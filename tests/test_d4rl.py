@@ -7,7 +7,6 @@ terminals, timeouts, plus infos/* and metadata/* that the loader ignores); nothi
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 import empo_cluster as ec
 import empo_highlevel as eh
@@ -179,22 +178,9 @@ def test_environment_errors_come_before_training(source, kwargs, message):
 # scripts/make_d4rl_files.py and scripts/reproduce_table2.sh
 # ----------------------------------------------------------------------------------------------
 
-def make_d4rl_files():
-    spec = importlib.util.spec_from_file_location("make_d4rl_files", ROOT / "scripts" / "make_d4rl_files.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """Hopper files from the project's generator: 600 rows per behaviour, episodes of at most 15 steps (both
-    behaviours' files hold terminations and timeouts, and end mid-episode)."""
-    folder = tmp_path_factory.mktemp("d4rl")
-    mdf = make_d4rl_files()
-    mdf.main(mdf.Args(out=str(folder), tasks=("hopper",), rows=600, episode_steps=15))
-    return folder
+def files(d4rl_files):
+    return d4rl_files
 
 
 def test_generated_files_have_d4rls_layout_and_its_medium_expert_stitching(files):
@@ -213,24 +199,6 @@ def test_generated_files_have_d4rls_layout_and_its_medium_expert_stitching(files
     assert np.all(stitched["behaviour"] == -1)
     lengths = np.bincount(pair["episode_ids"])
     assert lengths.max() == 15 and pair["terminals"].any()  # Hopper falls: terminations as well as timeouts
-
-
-@pytest.fixture(scope="module")
-def table2_run(files, tmp_path_factory):
-    """scripts/reproduce_table2.sh on the hopper files, 2 seeds, tiny schedules (STEP_FRACTION 2e-5: SARSA 30
-    steps, stage 3 and the three baselines 20): (environment, run, process)."""
-    run = tmp_path_factory.mktemp("table2") / "run"
-    env = dict(os.environ, RUN=str(run), D4RL_DIR=str(files), SEEDS="2", TASKS="hopper", JAX_PLATFORMS="cpu",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-               XLA_FLAGS="--xla_force_host_platform_device_count=2", STEP_FRACTION="0.00002",
-               CLUSTER_ARGS="--bias-epochs 1 --pretrain-epochs 1 --em-epochs 2 --hidden-dim 16 --log-every 100",
-               PPO_ARGS="--steps-per-call 30 --v-epochs 1 --pi-epochs 1 --eval-episodes 1 --chunk 512",
-               HIGHLEVEL_ARGS="--steps-per-call 20 --eval-episodes 2",
-               BASELINE_ARGS="--steps-per-call 20 --eval-episodes 2 --hidden-dim 16")
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table2.sh")], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return env, run, out
 
 
 def test_reproduce_table2_runs_empo_and_the_baselines_on_d4rl_files_down_to_the_table(table2_run, files):
@@ -269,7 +237,7 @@ def test_reproduce_table2_runs_empo_and_the_baselines_on_d4rl_files_down_to_the_
             "V 1 and π 1 epochs; stage 3: 20 steps; BC, TD3+BC, IQL: 20 steps each; batch 256") in runs_row
     with h5py.File(files / "hopper_expert-v2.hdf5") as f:
         data = {k: f[k][()] for k in ("rewards", "terminals", "timeouts")}
-    returns = make_d4rl_files().episode_returns(data)
+    returns = load_script("make_d4rl_files").episode_returns(data)
     score = 100 * (returns - lo) / (hi - lo)
     assert (f"| hopper | hopper_expert-v2 | 600 | {len(returns)} | {returns.mean():.1f} ± {returns.std():.1f} | "
             f"{score.mean():.1f} ± {score.std():.1f} | linear controller 1") in table

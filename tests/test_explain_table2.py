@@ -1,10 +1,8 @@
-"""scripts/explain_table2.py on a tiny Table 2 run: the hopper files of scripts/make_d4rl_files.py, the three stages
-through scripts/reproduce_table2.sh with tiny schedules (tests/test_d4rl.py's table2_run flags, 2 seeds), then the
-report's numbers
+"""scripts/explain_table2.py on the tiny Table 2 run that tests/test_d4rl.py checks (conftest's table2_run: the hopper
+files of scripts/make_d4rl_files.py, scripts/reproduce_table2.sh with tiny schedules, 2 seeds), the report's numbers
 against direct counts and an independent NumPy recomputation of Q (a forward pass by hand) and of G (a Python loop
 over the trajectories)."""
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -12,40 +10,21 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 import empo_io
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def explained(tmp_path_factory):
-    """(task folder, data set, the three files' arrays, explain's result, the report) of a 2-seed tiny run: the
-    environment and flags of tests/test_d4rl.py's table2_run, so that a suite run compiles each program once."""
-    folder = tmp_path_factory.mktemp("explain")
-    mdf = load_script("make_d4rl_files")
-    mdf.main(mdf.Args(out=str(folder / "d4rl"), tasks=("hopper",), rows=600, episode_steps=15))
-    env = dict(os.environ, RUN=str(folder / "run"), D4RL_DIR=str(folder / "d4rl"), SEEDS="2", TASKS="hopper",
-               BASELINES="", JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-               CLUSTER_ARGS="--bias-epochs 1 --pretrain-epochs 1 --em-epochs 2 --hidden-dim 16 --log-every 100",
-               PPO_ARGS="--q-steps 20 --steps-per-call 20 --v-epochs 1 --pi-epochs 1 --eval-episodes 1 --chunk 512",
-               HIGHLEVEL_ARGS="--steps 20 --steps-per-call 20 --eval-episodes 2")
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table2.sh")], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    run = folder / "run" / "hopper"
+def explained(table2_run, d4rl_files):
+    """(task folder, data set, the three files' arrays, explain's result, the report) of the 2-seed tiny run that
+    tests/test_d4rl.py checks (conftest's table2_run)."""
+    _, folder, _ = table2_run
+    run = folder / "hopper"
     explain = load_script("explain_table2")
     result = explain.main(explain.Args(run=str(run), max_rows=500, seed=3))
     arrays = {name: dict(np.load(run / f"{name}.npz", allow_pickle=False)) for name in ("cluster", "ppo", "highlevel")}
-    data, _ = empo_io.load_dataset(f"{folder}/d4rl/hopper_medium-v2.hdf5,{folder}/d4rl/hopper_expert-v2.hdf5")
+    data, _ = empo_io.load_dataset(f"{d4rl_files}/hopper_medium-v2.hdf5,{d4rl_files}/hopper_expert-v2.hdf5")
     return run, data, arrays, result, (run / "explain.md").read_text()
 
 
