@@ -394,22 +394,11 @@ def evaluate_final_policy_gym(args: Args, nets, obs_mean, obs_std, run: RunParam
     steps = np.stack([((chosen == z) & alive).sum(0) for z in range(k)], -1)  # [S*E, K]
     out["cluster_steps"] = steps.reshape(shape + (k,))
     share = (steps.sum(0) / max(steps.sum(), 1)).tolist()
-    summary = {"return_mean": float(out["return"].mean()), "return_std": float(out["return"].std()),
-               "cluster_share": share}
-    lines = [f"[highlevel] final policy pi ({'sampled' if args.sample else 'mean'} actions) in {env['env_id']}, "
-             f"{args.eval_episodes} episodes per run:"]
-    lines += [f"  seed {seed}: {gym_eval.describe_episodes(out, i)}" for i, seed in enumerate(seeds)]
-    writer.add_scalar("eval/return_mean", summary["return_mean"], args.steps)
-    if "normalized_score" in out:
-        summary["normalized_score_mean"] = float(out["normalized_score"].mean())
-        summary["normalized_score_std"] = float(out["normalized_score"].std())
-        writer.add_scalar("eval/normalized_score", summary["normalized_score_mean"], args.steps)
-        lines.append(f"  all: normalised score {summary['normalized_score_mean']:.1f} +- "
-                     f"{summary['normalized_score_std']:.1f} (std of seed means "
-                     f"{out['normalized_score'].mean(1).std():.1f})")
-    lines.append("  share of steps per cluster: " + " ".join(f"z={z} {x:.2f}" for z, x in enumerate(share)))
-    print("\n".join(lines))
-    return {f"eval/{name}": x for name, x in out.items()}, summary
+    header = (f"[highlevel] final policy pi ({'sampled' if args.sample else 'mean'} actions) in {env['env_id']}, "
+              f"{args.eval_episodes} episodes per run:")
+    arrays, summary = gym_eval.report_runs(out, header, seeds, writer, args.steps)
+    print("  share of steps per cluster: " + " ".join(f"z={z} {x:.2f}" for z, x in enumerate(share)))
+    return arrays, {**summary, "cluster_share": share}
 
 
 # --- the command line: presets, inputs, outputs, figures, the schedule ---
@@ -463,9 +452,7 @@ def load_inputs(args: Args) -> Inputs:
     cluster, cluster_sizes, cluster_sha = load_cluster(args.cluster, data_sha, dict(N=n, obs_dim=obs_dim,
                                                                                     act_dim=act_dim))
     ppo, ppo_sizes, ppo_sha = load_ppo(args.ppo, data_sha, args.cluster, cluster_sha, cluster_sizes, cluster)
-    env = None
-    if args.eval_episodes > 0:
-        env = gym_eval.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score, args.eval_env)
+    env = gym_eval.evaluation_env_of(args, obs_dim)
     k, ppo_seeds = ppo_sizes["K"], ppo_sizes["S"]
     check_fits(f"--eval-episodes {args.eval_episodes}", 2 * args.num_seeds * args.eval_episodes * 1001 * 2 * 4)  # paths
     if ppo_seeds != 1 and args.first_run + args.num_seeds > ppo_seeds:

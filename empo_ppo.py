@@ -496,9 +496,7 @@ def load_inputs(args: Args):
         "classifier/params": MLP(hidden_dim, hidden_layers, k)}
     cluster, sizes, cluster_sha = load_cluster(args.cluster, data_sha,
                                                dict(N=n, E=num_episodes, obs_dim=obs_dim, act_dim=act_dim), networks)
-    env = None  # where the policies are evaluated; checked before training, not after it
-    if args.eval_episodes > 0:
-        env = gym_eval.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score, args.eval_env)
+    env = gym_eval.evaluation_env_of(args, obs_dim)  # where the policies are evaluated; checked before training
     k, cluster_seeds = sizes["K"], sizes["S"]
     check_fits(f"--eval-episodes {args.eval_episodes}",  # the rollouts' paths
                2 * args.num_seeds * k * args.eval_episodes * 1001 * 2 * 4)

@@ -2,13 +2,17 @@
 
 The stages and baselines evaluate here when their data set is not the navigation task's: D4RL v2 HDF5 files (the
 task's Gymnasium -v4 environment, ``D4RL_TASKS``), a Minari set (the environment it records) or an .npz with
-``--eval-env``. ``evaluation_env`` decides where, once, before training; ``gym_evaluate`` runs many episodes at once
+``--eval-env``. ``evaluation_env`` decides where, once, before training (``evaluation_env_of``: from a script's
+flags), and ``evaluate_where`` follows it after training; ``gym_evaluate`` runs many episodes at once
 (``gym_rollout``: a vector env and a jitted, batched policy) and D4RL's normalised score (``normalized_score``);
-``describe_episodes`` is the line the stages print for them. Nothing here is part of EMPO's algorithm.
+``describe_episodes`` is the line the stages print for them. ``evaluate_runs`` (the baselines' policies, S runs
+at once) and ``report_runs`` (a line per run, TensorBoard scalars, the eval/* arrays) are the evaluation the
+baselines and stage 3 share. Nothing here is part of EMPO's algorithm.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from dataclasses import dataclass
@@ -210,6 +214,21 @@ def evaluation_env(dataset: str, obs_dim: int, ref_min: Optional[float] = None,
     return {"kind": "gym", **info}
 
 
+def evaluation_env_of(args, obs_dim: int) -> Optional[dict]:
+    """evaluation_env for a script's flags (--dataset, the EvalEnvFlags), None when --eval-episodes is 0."""
+    if args.eval_episodes <= 0:
+        return None
+    return evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score, args.eval_env)
+
+
+def evaluate_where(env: Optional[dict], on_nav: Callable, on_gym: Callable) -> tuple:
+    """(eval/* arrays, summary) of a script's final policies where ``env`` (evaluation_env's) says: ``on_nav()`` on
+    the navigation task, ``on_gym(env)`` in a Gymnasium environment, nothing for None."""
+    if env is None:
+        return {}, {}
+    return on_nav() if env["kind"] == "nav" else on_gym(env)
+
+
 def gym_evaluate(env: dict, act: Callable, shape: tuple, seed: int) -> dict:
     """prod(shape) episodes at once in ``env`` (from evaluation_env) with the batched policy ``act``.
 
@@ -230,6 +249,44 @@ def describe_episodes(out: dict, index=...) -> str:
              if "normalized_score" in out else "")
     length = pick("length").mean()
     return f"return {pick('return').mean():.1f} +- {pick('return').std():.1f}{score}, length {length:.0f}"
+
+
+def evaluate_runs(env: dict, action: Callable, params, obs_mean, obs_std, shape: tuple, seed: int,
+                  key=None) -> dict:
+    """Episodes of S runs' policies, E each, all S x E = ``shape`` at once in ``env`` (gym_evaluate's arrays [S, E]).
+
+    ``action(p, obs, key)`` is one run's action [E, act_dim] for its parameters ``p`` (``params`` holds them
+    stacked, [S, ...]) at its standardised observations (obs - obs_mean) / obs_std [E, obs_dim]; ``key`` is that
+    run's key of ``key`` [S] folded in with the step, for a policy that draws its actions (None: deterministic).
+    """
+
+    @jax.jit
+    def act(params, key, obs, t):  # obs [S*E, obs_dim] at step t -> each episode's run's action [S*E, act_dim]
+        obs = ((obs - obs_mean) / obs_std).reshape(shape + obs.shape[-1:])  # [S, E, obs_dim]
+        keys = None if key is None else jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, t)  # [S]
+        actions = jax.vmap(action)(params, obs, keys)  # [S, E, act_dim]
+        return actions.reshape(-1, actions.shape[-1])
+
+    steps = itertools.count()
+    return gym_evaluate(env, lambda obs: np.asarray(act(params, key, obs, next(steps))), shape, seed)
+
+
+def report_runs(out: dict, header: str, seeds, writer, step: int) -> tuple:
+    """gym_evaluate's episodes of S runs ``out`` ([S, E] arrays): ``header`` and a line per run, the normalised score
+    over all of them, TensorBoard's eval/return_mean and eval/normalized_score at ``step``. Returns (the eval/*
+    arrays, a summary of the means and stds)."""
+    summary = {"return_mean": float(out["return"].mean()), "return_std": float(out["return"].std())}
+    lines = [header] + [f"  seed {seed}: {describe_episodes(out, i)}" for i, seed in enumerate(seeds)]
+    writer.add_scalar("eval/return_mean", summary["return_mean"], step)
+    if "normalized_score" in out:
+        summary["normalized_score_mean"] = float(out["normalized_score"].mean())
+        summary["normalized_score_std"] = float(out["normalized_score"].std())
+        writer.add_scalar("eval/normalized_score", summary["normalized_score_mean"], step)
+        lines.append(f"  all: normalised score {summary['normalized_score_mean']:.1f} +- "
+                     f"{summary['normalized_score_std']:.1f} (std of seed means "
+                     f"{out['normalized_score'].mean(1).std():.1f})")
+    print("\n".join(lines))
+    return {f"eval/{name}": x for name, x in out.items()}, summary
 
 
 def evaluate_clusters(env: dict, policy, obs_mean, obs_std, params: dict, shape: tuple, seed: int, writer, step: int,

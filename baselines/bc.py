@@ -1,13 +1,15 @@
-"""Behaviour cloning on the navigation task: the "BC" row of Table 1 and the action field of Figure 1b.
+"""Behaviour cloning on the navigation task and on D4RL/MuJoCo: the "BC" rows of Tables 1 and 2, Figure 1b.
 
 Paper: §1 and Figure 1b (behaviour cloning fails where the two behaviours conflict), §4.1 and Table 1 ("naive
-behaviour cloning"), Appendix B (the didactic network), Appendix C (10 seeds x 10 rollouts). The discussion behind
-each numbered item below is docs/baselines.md, BC item N.
+behaviour cloning"), Appendix B (the didactic network), Appendix C (10 seeds x 10 rollouts), §4.2 and Table 2 (D4RL
+medium-expert); the d4rl preset's network and schedule are CORL's BC (github.com/tinkoff-ai/CORL,
+algorithms/offline/any_percent_bc.py), whose actor is the TD3+BC author's. The discussion behind each numbered
+item below is docs/baselines.md, BC item N.
 
 Input   ``--dataset``: an .npz (schema empo/dataset/v1), D4RL .hdf5 files or Minari ids, as the EMPO stages take.
 Output  ``bc.npz`` (schema empo/bc/v1, docs/schemas.md): policy/params/... [S, ...], seeds [S], arch/* (what rebuilds
-        the policy), eval/* and eval/sampled_* [S, E] (navigation task); bc_rollouts.png and bc_action_field.png
-        beside it; TensorBoard logs in ``<out folder>/bc``.
+        the policy), eval/* [S, E] (and eval/sampled_* on the navigation task); bc_rollouts.png and
+        bc_action_field.png beside it (navigation task); TensorBoard logs in ``<out folder>/bc``.
 
 Equation map (behaviour cloning carries no equation number in the paper)
     l_BC(theta) = -E_{(s,a)~D} log pi(a|s; theta)                 -> bc_loss
@@ -16,18 +18,21 @@ Equation map (behaviour cloning carries no equation number in the paper)
 
 Interpretations and deviations
     1. The network is EMPO's stage-1 Gaussian policy with K = 1: mean a_max tanh(.), log-std in [-5, 0], standardised
-       states; --hidden-layers 3 of --hidden-dim 64 and a linear output = the paper's "4-layer MLP".
+       states; nav preset: --hidden-layers 3 of --hidden-dim 64 and a linear output = the paper's "4-layer MLP";
+       d4rl preset: 2 x 256, CORL's BC network (the TD3+BC author's actor).
     2. Maximum likelihood, log-density summed over action dimensions, on minibatches of B = 256 drawn with replacement
        from both behaviours; Adam, lr 3e-4. Where the behaviours conflict, the mean averages their actions.
     3. --steps 1,000,000 (CORL's BC default; the paper gives none), in jitted chunks of --steps-per-call with a
        checkpoint after each; --resume continues to the identical result.
     4. Run i uses seed --seed + i; the runs are vmapped in one call and sharded over the visible devices.
-    5. Evaluation (navigation task only, never used for selection): rollouts from s_0 with the mean action (eval/*)
-       and with sampled actions (eval/sampled_*); "optimal route" = g reached without entering S_p.
+    5. Evaluation (never used for selection): on the navigation task rollouts from s_0 with the mean action (eval/*)
+       and with sampled actions (eval/sampled_*), "optimal route" = g reached without entering S_p; otherwise
+       episodes of the mean action (--sample: drawn actions) in the Gymnasium environment, D4RL's normalised score.
     6. Figure 1b: run 0's mean action as arrows over ||mean action||, which shrinks where the behaviours move in
        opposite directions (x = 10 and x = 20 below y = 15).
 
 Example
+    python baselines/bc.py --preset d4rl --num-seeds 10
     python baselines/bc.py --dataset data/nav.npz --out runs/nav/bc.npz --num-seeds 10
 """
 
@@ -38,7 +43,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-    sys.path.append(ROOT)  # empo_io and nav_env live in the repository root
+    sys.path.append(ROOT)  # empo_io, gym_eval and nav_env live in the repository root
 
 import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
 
@@ -46,7 +51,7 @@ import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the l
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import flax.linen as nn
 import jax
@@ -55,6 +60,7 @@ import numpy as np
 import optax
 from flax import struct
 
+import gym_eval
 import nav_env
 
 # The plumbing, by purpose: files and data sets, checkpoints, the command line.
@@ -66,17 +72,19 @@ from empo_io import cli, run, check_flags, check_fits, check_writable, make_writ
 
 
 @dataclass
-class Args:
-    """Behaviour cloning: a Gaussian policy fitted by maximum likelihood to the whole data set (Table 1, BC)."""
+class Args(gym_eval.EvalEnvFlags):
+    """Behaviour cloning: a Gaussian policy fitted by maximum likelihood to the whole data set (Tables 1 and 2, BC)."""
 
     # --- experiment ---
-    preset: Literal["nav"] = "nav"
-    """the defaults of every other flag: 'nav' = the navigation task; flags given on the command line override it"""
+    preset: Literal["nav", "d4rl"] = "nav"
+    """the defaults of every other flag: 'nav' = the navigation task, 'd4rl' = CORL's BC network on halfcheetah
+    medium + expert (D4RL v2 files in data/d4rl); flags given on the command line override it"""
     dataset: str = "data/nav.npz"
     """data set: an .npz (schema empo/dataset/v1), or comma-separated D4RL .hdf5 files or Minari ids, as the EMPO
     stages take (a path that exists is one file even if its name holds commas)"""
     out: str = "runs/nav/bc.npz"
-    """output file (schema empo/bc/v1); figures go beside it, TensorBoard logs to the folder 'bc' beside it"""
+    """output file (schema empo/bc/v1); figures (navigation task) go beside it, TensorBoard logs to the folder 'bc'
+    beside it"""
     seed: int = 1
     """random seed of the first run; run i uses seed + i"""
     num_seeds: int = 1
@@ -84,7 +92,7 @@ class Args:
     resume: bool = False
     """continue from the checkpoint beside --out (written after every chunk of steps)"""
     eval_episodes: int = 10
-    """rollouts of each run's policy from s_0 (navigation task only; 0 skips the evaluation)"""
+    """rollouts (navigation task) or episodes (Gymnasium) of each run's policy; 0 skips them"""
     sample: bool = False
     """actions drawn from pi(.|s) instead of its mean action: in Gymnasium environments the evaluation itself; on the
     navigation task, where both protocols are always evaluated and stored, the rollouts the figures show"""
@@ -96,19 +104,24 @@ class Args:
     learning_rate: float = 3e-4
     """alpha: Adam learning rate"""
     hidden_dim: int = 64
-    """hidden units per layer (Appendix B: 64 didactic, 256 D4RL)"""
+    """hidden units per layer (Appendix B: 64 didactic; CORL's BC and the d4rl preset: 256)"""
     hidden_layers: int = 3
-    """hidden layers; 3 hidden + 1 output = the paper's '4-layer MLP'"""
+    """hidden layers; 3 hidden + 1 output = the paper's '4-layer MLP' (CORL's BC and the d4rl preset: 2)"""
     # --- speed ---
     steps_per_call: int = 5_000
     """gradient steps per jitted call: one log line and one checkpoint each"""
 
 
-PRESETS = {"nav": Args()}
+PRESETS = {  # d4rl: CORL's BC (any_percent_bc.py; its other settings are the defaults here too)
+    "nav": Args(),
+    "d4rl": Args(preset="d4rl", dataset="data/d4rl/halfcheetah_medium-v2.hdf5,data/d4rl/halfcheetah_expert-v2.hdf5",
+                 out="runs/halfcheetah-medium-expert/bc.npz", hidden_dim=256, hidden_layers=2),
+}
 
 # Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood
 # for by their sha256, so that moved files still resume).
-NEUTRAL_FLAGS = ('out', 'resume', 'preset', 'eval_episodes', 'sample', 'dataset')
+NEUTRAL_FLAGS = ('out', 'resume', 'preset', 'eval_episodes', 'sample', 'eval_env', 'ref_min_score', 'ref_max_score',
+                 'dataset')
 
 
 # --- containers ---
@@ -217,7 +230,7 @@ def make_train_chunk(args: Args, policy, tx, num_rows: int):
     return chunk
 
 
-# --- evaluation (navigation task) ---
+# --- evaluation ---
 
 def make_evaluate(policy, obs_mean, obs_std, episodes: int, sample: bool):
     """Rollouts of pi from s_0 (nav_env.rollout) with its mean action (or a draw), vmapped over runs."""
@@ -233,7 +246,7 @@ def make_evaluate(policy, obs_mean, obs_std, episodes: int, sample: bool):
     return jax.jit(jax.vmap(evaluate))
 
 
-def evaluate_policy(args: Args, policy, inp: Inputs, policy_params, key_eval, writer, run_dir, seeds):
+def evaluate_nav(args: Args, policy, inp: Inputs, policy_params, key_eval, writer, run_dir, seeds):
     """Rollouts of every run, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
     obs_mean, obs_std = inp.obs_mean, inp.obs_std
     # Both protocols: eval/* with the mean action, eval/sampled_* with actions drawn from pi (the paper's "sampled 10
@@ -262,6 +275,21 @@ def evaluate_policy(args: Args, policy, inp: Inputs, policy_params, key_eval, wr
     return arrays, summary
 
 
+def evaluate_gym(args: Args, policy, inp: Inputs, policy_params, env: dict, key_eval, writer, seeds):
+    """Episodes of every run's policy in the Gymnasium environment, its mean action (--sample: drawn actions), all
+    S x E at once; returns and D4RL's normalised score, a line per run, TensorBoard scalars (gym_eval.evaluate_runs,
+    gym_eval.report_runs)."""
+    def action(params, obs, key):  # [E, act_dim]
+        mean, log_std = policy.apply(params, obs)
+        return mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape) if args.sample else mean
+
+    out = gym_eval.evaluate_runs(env, action, policy_params, inp.obs_mean, inp.obs_std,
+                                 (len(seeds), args.eval_episodes), args.seed, key_eval if args.sample else None)
+    header = (f"[bc] policy pi ({'sampled' if args.sample else 'mean'} actions) in {env['env_id']}, "
+              f"{args.eval_episodes} episodes per run:")
+    return gym_eval.report_runs(out, header, seeds, writer, args.steps)
+
+
 # --- main: the flags, the inputs, the outputs, the schedule ---
 
 def validate_args(args: Args) -> None:
@@ -288,17 +316,22 @@ class Inputs:
     obs_mean: np.ndarray  # [obs_dim] float32
     obs_std: np.ndarray  # [obs_dim] float32, std + 1e-3
     action_scale: tuple  # a_max: the largest |action| per dimension (interpretation 1)
+    env: Optional[dict]  # where pi is evaluated (gym_eval.evaluation_env), None for nowhere
 
 
-def prepare_inputs(dataset: str) -> Inputs:
-    """The data set (load_dataset validates it), its states standardised and a_max (interpretation 1)."""
-    data_np, data_sha = load_dataset(dataset)
-    obs_mean, obs_std = observation_stats(dataset, data_np["observations"])
+def prepare_inputs(args: Args) -> Inputs:
+    """The data set (load_dataset validates it), its states standardised, a_max (interpretation 1), and where pi
+    is evaluated, decided before training."""
+    data_np, data_sha = load_dataset(args.dataset)
+    obs_dim = data_np["observations"].shape[1]
+    env = gym_eval.evaluation_env_of(args, obs_dim)
+    obs_mean, obs_std = observation_stats(args.dataset, data_np["observations"])
     action_scale = tuple(float(x) for x in np.maximum(np.abs(data_np["actions"]).max(0), 1e-3))
     data = Data(obs=jnp.asarray((data_np["observations"] - obs_mean) / obs_std),
                 actions=jnp.asarray(data_np["actions"]))
-    return Inputs(sha=data_sha, data=data, n=len(data_np["rewards"]), obs_dim=data_np["observations"].shape[1],
-                  act_dim=data_np["actions"].shape[1], obs_mean=obs_mean, obs_std=obs_std, action_scale=action_scale)
+    return Inputs(sha=data_sha, data=data, n=len(data_np["rewards"]), obs_dim=obs_dim,
+                  act_dim=data_np["actions"].shape[1], obs_mean=obs_mean, obs_std=obs_std, action_scale=action_scale,
+                  env=env)
 
 
 def output_arrays(args: Args, state: TrainState, inp: Inputs, seeds) -> dict:
@@ -316,7 +349,7 @@ def main(args: Args) -> dict:
     validate_args(args)
     for path in (args.out, checkpoint_path(args.out)):
         check_writable(path, [args.dataset])
-    inp = prepare_inputs(args.dataset)
+    inp = prepare_inputs(args)
     policy = GaussianPolicy(inp.act_dim, inp.action_scale, args.hidden_dim, args.hidden_layers)
     init, tx = make_init(args, policy, inp.obs_dim)
     seed_sharding, replicated = seed_shardings(args.num_seeds)
@@ -370,12 +403,14 @@ def main(args: Args) -> dict:
     arrays = output_arrays(args, state, inp, seeds)
     summary = {"train_s": train_s, "compile_s": compile_s, "steps_per_s": steps_run / max(train_s, 1e-9),
                "nll": metrics.get("losses/nll"), "seeds": seeds.tolist()}
-    # Evaluation for insight (navigation task only): rollouts from s_0 and the action field of Figure 1b.
-    if inp.obs_dim == 2 and inp.act_dim == 2 and args.eval_episodes > 0:
-        policy_params = place(state.policy, seed_sharding)
-        eval_arrays, eval_summary = evaluate_policy(args, policy, inp, policy_params, key_eval, writer, run_dir, seeds)
-        arrays.update(eval_arrays)
-        summary.update(eval_summary)
+    # Evaluation (interpretation 5): from s_0 with the action field of Figure 1b on the navigation task, else in the
+    # Gymnasium environment.
+    eval_arrays, eval_summary = gym_eval.evaluate_where(
+        inp.env, lambda: evaluate_nav(args, policy, inp, place(state.policy, seed_sharding), key_eval, writer, run_dir,
+                                      seeds),
+        lambda env: evaluate_gym(args, policy, inp, state.policy, env, key_eval, writer, seeds))
+    arrays.update(eval_arrays)
+    summary.update(eval_summary)
     save_output(args, arrays, "empo/bc/v1", {"dataset": inp.sha})
     writer.close()
     print(f"[bc] wrote {args.out}: compile {compile_s:.1f}s, training {train_s:.1f}s "

@@ -380,30 +380,12 @@ def evaluate_nav(args: Args, nets, inp: Inputs, state: TrainState, key_eval, wri
 
 def evaluate_gym(args: Args, nets, inp: Inputs, state: TrainState, env: dict, writer, seeds):
     """Episodes of every run's actor (mean action) in the Gymnasium environment, all S x E at once; returns and
-    D4RL's normalised score, a line per run, TensorBoard scalars."""
-    shape = (len(seeds), args.eval_episodes)
-    obs_mean, obs_std = jnp.asarray(inp.obs_mean), jnp.asarray(inp.obs_std)
-
-    @jax.jit
-    def act(actor, obs):  # obs [S*E, obs_dim] -> each episode's run's mean action [S*E, act_dim]
-        obs = ((obs - obs_mean) / obs_std).reshape(shape + obs.shape[-1:])  # [S, E, obs_dim]
-        mean = jax.vmap(lambda p, o: nets["actor"].apply(p, o)[0])(actor, obs)  # [S, E, act_dim]
-        return mean.reshape(-1, mean.shape[-1])
-
-    out = gym_eval.gym_evaluate(env, lambda obs: np.asarray(act(state.actor, obs)), shape, args.seed)
-    summary = {"return_mean": float(out["return"].mean()), "return_std": float(out["return"].std())}
-    lines = [f"[iql] actor pi (mean actions) in {env['env_id']}, {args.eval_episodes} episodes per run:"]
-    lines += [f"  seed {seed}: {gym_eval.describe_episodes(out, i)}" for i, seed in enumerate(seeds)]
-    writer.add_scalar("eval/return_mean", summary["return_mean"], args.steps)
-    if "normalized_score" in out:
-        summary["normalized_score_mean"] = float(out["normalized_score"].mean())
-        summary["normalized_score_std"] = float(out["normalized_score"].std())
-        writer.add_scalar("eval/normalized_score", summary["normalized_score_mean"], args.steps)
-        lines.append(f"  all: normalised score {summary['normalized_score_mean']:.1f} +- "
-                     f"{summary['normalized_score_std']:.1f} (std of seed means "
-                     f"{out['normalized_score'].mean(1).std():.1f})")
-    print("\n".join(lines))
-    return {f"eval/{name}": x for name, x in out.items()}, summary
+    D4RL's normalised score, a line per run, TensorBoard scalars (gym_eval.evaluate_runs, gym_eval.report_runs)."""
+    mean_action = lambda actor, obs, key: nets["actor"].apply(actor, obs)[0]  # [E, act_dim]
+    out = gym_eval.evaluate_runs(env, mean_action, state.actor, inp.obs_mean, inp.obs_std,
+                                 (len(seeds), args.eval_episodes), args.seed)
+    header = f"[iql] actor pi (mean actions) in {env['env_id']}, {args.eval_episodes} episodes per run:"
+    return gym_eval.report_runs(out, header, seeds, writer, args.steps)
 
 
 # --- main: the flags, the inputs, the outputs, the schedule ---
@@ -458,9 +440,7 @@ def prepare_inputs(args: Args) -> Inputs:
     scaled (interpretation 4), and where pi is evaluated, decided before training."""
     data_np, data_sha = load_dataset(args.dataset)
     obs_dim, act_dim = data_np["observations"].shape[1], data_np["actions"].shape[1]
-    env = None
-    if args.eval_episodes > 0:
-        env = gym_eval.evaluation_env(args.dataset, obs_dim, args.ref_min_score, args.ref_max_score, args.eval_env)
+    env = gym_eval.evaluation_env_of(args, obs_dim)
     obs_mean, obs_std = observation_stats(args.dataset, data_np["observations"])
     action_scale = tuple(float(x) for x in np.maximum(np.abs(data_np["actions"]).max(0), 1e-3))
     scale = reward_factor(data_np["rewards"], data_np["episode_ids"], args.reward_scale)
@@ -542,13 +522,9 @@ def main(args: Args) -> dict:
     arrays = output_arrays(args, state, inp, seeds)
     summary = {"train_s": train_s, "steps_per_s": steps_per_s, "seeds": seeds.tolist()}
     # Evaluation (interpretation 9): from s_0 on the navigation task, else in the Gymnasium environment.
-    if inp.env is not None and inp.env["kind"] == "nav":
-        eval_arrays, eval_summary = evaluate_nav(args, nets, inp, place(state, seed_sharding), key_eval, writer,
-                                                 run_dir, seeds)
-    elif inp.env is not None:
-        eval_arrays, eval_summary = evaluate_gym(args, nets, inp, state, inp.env, writer, seeds)
-    else:
-        eval_arrays, eval_summary = {}, {}
+    eval_arrays, eval_summary = gym_eval.evaluate_where(
+        inp.env, lambda: evaluate_nav(args, nets, inp, place(state, seed_sharding), key_eval, writer, run_dir, seeds),
+        lambda env: evaluate_gym(args, nets, inp, state, env, writer, seeds))
     arrays.update(eval_arrays)
     summary.update(eval_summary)
     save_output(args, arrays, "empo/iql/v1", {"dataset": inp.sha})

@@ -1,13 +1,15 @@
-"""TD3+BC (Fujimoto & Gu 2021) on the navigation task: the "TD3+BC" row of Table 1.
+"""TD3+BC (Fujimoto & Gu 2021) on the navigation task and on D4RL/MuJoCo: the "TD3+BC" rows of Tables 1 and 2.
 
 Paper: §4.1 and Table 1 (TD3+BC [11]), Appendix B (network), Appendix C (10 seeds x 10 rollouts), Table 4 (gamma);
-TD3+BC's own paper and its author's code (github.com/sfujim/TD3_BC), which fixes what that paper leaves open. The
-discussion behind each numbered item below is docs/baselines.md, TD3+BC item N.
+§4.2 and Table 2 (D4RL medium-expert); TD3+BC's own paper and its author's code (github.com/sfujim/TD3_BC: main.py,
+TD3_BC.py, utils.py), which fixes what that paper leaves open and gives the d4rl preset. The discussion behind each
+numbered item below is docs/baselines.md, TD3+BC item N.
 
 Input   ``--dataset``: an .npz (schema empo/dataset/v1), D4RL .hdf5 files or Minari ids, as the EMPO stages take.
 Output  ``td3_bc.npz`` (schema empo/td3_bc/v1, docs/schemas.md): actor/params/..., critic1/params/...,
-        critic2/params/... [S, ...], seeds [S], arch/*, eval/* and eval/sampled_* [S, E] (navigation task);
-        td3_bc_rollouts.png and td3_bc_action_field.png beside it; TensorBoard logs in ``<out folder>/td3_bc``.
+        critic2/params/... [S, ...], seeds [S], arch/*, eval/* [S, E] (and eval/sampled_* on the navigation task);
+        td3_bc_rollouts.png and td3_bc_action_field.png beside it (navigation task); TensorBoard logs in
+        ``<out folder>/td3_bc``.
 
 Equation map (TD3+BC's equations as its paper writes them; the tags in the code name them)
     s <- (s - mu) / (sigma + eps), eps = 1e-3 (state normalisation)            -> prepare_inputs
@@ -19,20 +21,24 @@ Equation map (TD3+BC's equations as its paper writes them; the tags in the code 
     theta_i' <- tau theta_i + (1 - tau) theta_i', phi' likewise, every d steps -> polyak, make_train_chunk
 
 Interpretations and deviations
-    1. Networks: Appendix B's 4-layer MLP (3 hidden ReLU layers of 64, a linear output) for the actor and the
-       critics, not the original's 2 x 256; Flax's initialisation. pi(s) = a_max tanh(MLP(s)), s standardised.
+    1. Networks: --hidden-layers ReLU layers of --hidden-dim and a linear output for the actor and the critics (nav
+       preset: Appendix B's 3 x 64; d4rl preset: the original's 2 x 256); Flax's initialisation.
+       pi(s) = a_max tanh(MLP(s)), s standardised.
     2. The critics take [s, a / a_max] (the original's raw a is the same where a_max = 1); Q1, Q2 stacked, one Adam.
     3. a_max is the data set's largest |a| per dimension; target noise sigma = 0.2 a_max, clipped to c = 0.5 a_max.
     4. The BC term (pi(s) - a)^2 is in raw action units (the original's); --action-units normalised: units of a_max.
     5. lambda's denominator is mean_B |Q1(s, pi(s))| (the original's code), held constant.
-    6. d = terminals (a timeout bootstraps); rewards raw; gamma = 0.999 (Table 4), not the original's 0.99.
+    6. d = terminals (a timeout bootstraps); rewards raw; gamma = 0.999 (nav preset, Table 4), 0.99 (d4rl preset,
+       the original's).
     7. Delayed updates: the critics every step, the actor and the targets every d = 2 critic steps (a lax.cond).
     8. --steps 1,000,000 in jitted chunks of --steps-per-call, a checkpoint after each; --resume is exact.
     9. Run i uses seed --seed + i; the runs are vmapped in one call and sharded over the visible devices.
-    10. Evaluation (navigation task only): the final actor from s_0, deterministic (eval/*) and with TD3's
-        exploration noise (eval/sampled_*).
+    10. Evaluation of the final deterministic actor (TD3+BC's): rollouts from s_0 on the navigation task (eval/*;
+        eval/sampled_* with TD3's exploration noise added), episodes in the Gymnasium environment and D4RL's
+        normalised score otherwise.
 
 Example
+    python baselines/td3_bc.py --preset d4rl --num-seeds 10
     python baselines/td3_bc.py --dataset data/nav.npz --out runs/nav/td3_bc.npz --num-seeds 10
 """
 
@@ -43,7 +49,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-    sys.path.append(ROOT)  # empo_io and nav_env live in the repository root
+    sys.path.append(ROOT)  # empo_io, gym_eval and nav_env live in the repository root
 
 import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the libraries load one sentence
 
@@ -51,7 +57,7 @@ import empo_io  # noqa: F401  first: its start-up guard makes Ctrl-C while the l
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import flax.linen as nn
 import jax
@@ -60,6 +66,7 @@ import numpy as np
 import optax
 from flax import struct
 
+import gym_eval
 import nav_env
 
 # The plumbing, by purpose: files and data sets, checkpoints, the command line.
@@ -71,17 +78,19 @@ from empo_io import cli, run, check_flags, check_fits, check_writable, make_writ
 
 
 @dataclass
-class Args:
-    """TD3+BC (Fujimoto & Gu 2021): TD3 with a behaviour-cloning term in the actor loss (Table 1, TD3+BC)."""
+class Args(gym_eval.EvalEnvFlags):
+    """TD3+BC (Fujimoto & Gu 2021): TD3 with a behaviour-cloning term in the actor loss (Tables 1 and 2, TD3+BC)."""
 
     # --- experiment ---
-    preset: Literal["nav"] = "nav"
-    """the defaults of every other flag: 'nav' = the navigation task; flags given on the command line override it"""
+    preset: Literal["nav", "d4rl"] = "nav"
+    """the defaults of every other flag: 'nav' = the navigation task, 'd4rl' = the TD3+BC author's settings on
+    halfcheetah medium + expert (D4RL v2 files in data/d4rl); flags given on the command line override it"""
     dataset: str = "data/nav.npz"
     """data set: an .npz (schema empo/dataset/v1), or comma-separated D4RL .hdf5 files or Minari ids, as the EMPO
     stages take (a path that exists is one file even if its name holds commas)"""
     out: str = "runs/nav/td3_bc.npz"
-    """output file (schema empo/td3_bc/v1); figures go beside it, TensorBoard logs to the folder 'td3_bc' beside it"""
+    """output file (schema empo/td3_bc/v1); figures (navigation task) go beside it, TensorBoard logs to the folder
+    'td3_bc' beside it"""
     seed: int = 1
     """random seed of the first run; run i uses seed + i"""
     num_seeds: int = 1
@@ -89,12 +98,12 @@ class Args:
     resume: bool = False
     """continue from the checkpoint beside --out (written after every chunk of steps)"""
     eval_episodes: int = 10
-    """rollouts of each run's actor from s_0 (navigation task only; 0 skips the evaluation)"""
-    # --- algorithm (TD3+BC's defaults; gamma from Table 4) ---
+    """rollouts (navigation task) or episodes (Gymnasium) of each run's deterministic actor; 0 skips them"""
+    # --- algorithm (TD3+BC's defaults; gamma and the network from Table 4 and Appendix B on nav) ---
     steps: int = 1_000_000
     """critic steps (the original's max_timesteps; the actor takes one step every d of them)"""
     gamma: float = 0.999
-    """gamma: discount factor (Table 4, didactic; the original TD3+BC uses 0.99)"""
+    """gamma: discount factor (Table 4, didactic; the original TD3+BC and the d4rl preset: 0.99)"""
     alpha: float = 2.5
     """alpha: weight of the Q term against the BC term, lambda = alpha / mean |Q1(s, pi(s))|"""
     policy_freq: int = 2
@@ -114,19 +123,24 @@ class Args:
     learning_rate: float = 3e-4
     """Adam learning rate of the actor and of the critics"""
     hidden_dim: int = 64
-    """hidden units per layer of the actor and the critics (Appendix B: 64 didactic; TD3+BC: 256)"""
+    """hidden units per layer of the actor and the critics (Appendix B: 64 didactic; TD3+BC and the d4rl preset:
+    256)"""
     hidden_layers: int = 3
-    """hidden ReLU layers before the linear output (Appendix B's 4-layer MLP: 3; TD3+BC: 2)"""
+    """hidden ReLU layers before the linear output (Appendix B's 4-layer MLP: 3; TD3+BC and the d4rl preset: 2)"""
     # --- speed ---
     steps_per_call: int = 5_000
     """critic steps per jitted call: one log line, TensorBoard scalars and one checkpoint each"""
 
 
-PRESETS = {"nav": Args()}
+PRESETS = {  # d4rl: github.com/sfujim/TD3_BC main.py and TD3_BC.py (every other flag's default is theirs too)
+    "nav": Args(),
+    "d4rl": Args(preset="d4rl", dataset="data/d4rl/halfcheetah_medium-v2.hdf5,data/d4rl/halfcheetah_expert-v2.hdf5",
+                 out="runs/halfcheetah-medium-expert/td3_bc.npz", gamma=0.99, hidden_dim=256, hidden_layers=2),
+}
 
 # Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood
 # for by their sha256, so that moved files still resume).
-NEUTRAL_FLAGS = ('out', 'resume', 'preset', 'eval_episodes', 'dataset')
+NEUTRAL_FLAGS = ('out', 'resume', 'preset', 'eval_episodes', 'eval_env', 'ref_min_score', 'ref_max_score', 'dataset')
 
 
 # --- containers ---
@@ -336,7 +350,7 @@ def make_train_chunk(args: Args, nets: dict, tx, num_rows: int, action_scale: tu
     return chunk
 
 
-# --- evaluation (navigation task) ---
+# --- evaluation ---
 
 EXPL_NOISE = 0.1  # the original's expl_noise: std of its exploration noise, in units of a_max
 
@@ -363,7 +377,7 @@ def make_evaluate(actor_net, obs_mean, obs_std, episodes: int, sample: bool = Fa
     return jax.jit(jax.vmap(evaluate))
 
 
-def evaluate_actor(args: Args, nets, inp: Inputs, state: TrainState, key_eval, writer, run_dir, seeds):
+def evaluate_nav(args: Args, nets, inp: Inputs, state: TrainState, key_eval, writer, run_dir, seeds):
     """Rollouts of every run's actor, a table, TensorBoard scalars and figures; returns (eval/* arrays, summary)."""
     obs_mean, obs_std, action_scale = inp.obs_mean, inp.obs_std, inp.action_scale
     # Both protocols: eval/* with the deterministic actor (TD3+BC's own evaluation), eval/sampled_* with the original
@@ -397,6 +411,16 @@ def evaluate_actor(args: Args, nets, inp: Inputs, state: TrainState, key_eval, w
     return arrays, summary
 
 
+def evaluate_gym(args: Args, nets, inp: Inputs, state: TrainState, env: dict, writer, seeds):
+    """Episodes of every run's deterministic actor in the Gymnasium environment, all S x E at once; returns and
+    D4RL's normalised score, a line per run, TensorBoard scalars (gym_eval.evaluate_runs, gym_eval.report_runs)."""
+    actor_action = lambda actor, obs, key: nets["actor"].apply(actor, obs)  # [E, act_dim]
+    out = gym_eval.evaluate_runs(env, actor_action, state.actor, inp.obs_mean, inp.obs_std,
+                                 (len(seeds), args.eval_episodes), args.seed)
+    header = f"[td3_bc] deterministic actor pi(s) in {env['env_id']}, {args.eval_episodes} episodes per run:"
+    return gym_eval.report_runs(out, header, seeds, writer, args.steps)
+
+
 # --- main: the flags, the inputs, the outputs, the schedule ---
 
 def validate_args(args: Args) -> None:
@@ -428,20 +452,24 @@ class Inputs:
     obs_mean: np.ndarray  # [obs_dim] float32
     obs_std: np.ndarray  # [obs_dim] float32, std + 1e-3
     action_scale: tuple  # a_max: the largest |action| per dimension (interpretation 3)
+    env: Optional[dict]  # where pi is evaluated (gym_eval.evaluation_env), None for nowhere
 
 
-def prepare_inputs(dataset: str) -> Inputs:
-    """The data set (load_dataset validates it), its states normalised (TD3+BC, eps = 1e-3) and a_max
-    (interpretation 3)."""
-    data_np, data_sha = load_dataset(dataset)
-    obs_mean, obs_std = observation_stats(dataset, data_np["observations"])
+def prepare_inputs(args: Args) -> Inputs:
+    """The data set (load_dataset validates it), its states normalised (TD3+BC, eps = 1e-3), a_max
+    (interpretation 3), and where pi is evaluated, decided before training."""
+    data_np, data_sha = load_dataset(args.dataset)
+    obs_dim = data_np["observations"].shape[1]
+    env = gym_eval.evaluation_env_of(args, obs_dim)
+    obs_mean, obs_std = observation_stats(args.dataset, data_np["observations"])
     action_scale = tuple(float(x) for x in np.maximum(np.abs(data_np["actions"]).max(0), 1e-3))
     norm = lambda x: jnp.asarray((x - obs_mean) / obs_std)
     data = Data(obs=norm(data_np["observations"]), actions=jnp.asarray(data_np["actions"]),
                 rewards=jnp.asarray(data_np["rewards"]), next_obs=norm(data_np["next_observations"]),
                 not_done=jnp.asarray(1.0 - data_np["terminals"].astype(np.float32)))
-    return Inputs(sha=data_sha, data=data, n=len(data_np["rewards"]), obs_dim=data_np["observations"].shape[1],
-                  act_dim=data_np["actions"].shape[1], obs_mean=obs_mean, obs_std=obs_std, action_scale=action_scale)
+    return Inputs(sha=data_sha, data=data, n=len(data_np["rewards"]), obs_dim=obs_dim,
+                  act_dim=data_np["actions"].shape[1], obs_mean=obs_mean, obs_std=obs_std, action_scale=action_scale,
+                  env=env)
 
 
 def output_arrays(args: Args, state: TrainState, inp: Inputs, seeds) -> dict:
@@ -461,7 +489,7 @@ def main(args: Args) -> dict:
     validate_args(args)
     for path in (args.out, checkpoint_path(args.out)):
         check_writable(path, [args.dataset])
-    inp = prepare_inputs(args.dataset)
+    inp = prepare_inputs(args)
     nets = make_networks(args.hidden_dim, args.hidden_layers, inp.act_dim, inp.action_scale)
     init, tx = make_init(args, nets, inp.obs_dim, inp.act_dim)
     seed_sharding, replicated = seed_shardings(args.num_seeds)
@@ -513,11 +541,12 @@ def main(args: Args) -> dict:
     state = fetch(state)
     arrays = output_arrays(args, state, inp, seeds)
     summary = {"train_s": train_s, "steps_per_s": steps_per_s, "seeds": seeds.tolist()}
-    # Evaluation for insight (navigation task only): the deterministic actor from s_0, figures.
-    if inp.obs_dim == 2 and inp.act_dim == 2 and args.eval_episodes > 0:
-        eval_arrays, eval_summary = evaluate_actor(args, nets, inp, state, key_eval, writer, run_dir, seeds)
-        arrays.update(eval_arrays)
-        summary.update(eval_summary)
+    # Evaluation (interpretation 10): from s_0 with figures on the navigation task, else in the Gymnasium environment.
+    eval_arrays, eval_summary = gym_eval.evaluate_where(
+        inp.env, lambda: evaluate_nav(args, nets, inp, state, key_eval, writer, run_dir, seeds),
+        lambda env: evaluate_gym(args, nets, inp, state, env, writer, seeds))
+    arrays.update(eval_arrays)
+    summary.update(eval_summary)
     save_output(args, arrays, "empo/td3_bc/v1", {"dataset": inp.sha})
     writer.close()
     print(f"[td3_bc] wrote {args.out}: training {train_s:.1f}s, {steps_per_s:.0f} steps/s per run")

@@ -1,6 +1,6 @@
 """The bad-input campaign: every entry point run as a user would run it, with hostile flags and swapped files.
 
-For every flag of every script (nav_env.py, the three stages, the two baselines) the campaign tries 0, -1, NaN,
+For every flag of every script (nav_env.py, the three stages, the three baselines) the campaign tries 0, -1, NaN,
 inf and an absurdly large value (numbers), an empty path, a folder, a missing file and every other kind of file
 (paths), each on top of a tiny schedule, in a scratch folder where every input and an earlier output exist. Each
 case is classified by what the user sees:
@@ -55,14 +55,15 @@ TINY = {  # a tiny schedule for each script, so that the cases that run finish i
     "empo_highlevel.py": ["--steps", "200", "--steps-per-call", "100", "--eval-episodes", "2"],
     "baselines/bc.py": ["--steps", "200", "--steps-per-call", "100", "--eval-episodes", "2", "--hidden-dim", "16"],
     "baselines/td3_bc.py": ["--steps", "200", "--steps-per-call", "100", "--eval-episodes", "2", "--hidden-dim", "16"],
+    "baselines/iql.py": ["--steps", "200", "--steps-per-call", "100", "--eval-episodes", "2", "--hidden-dim", "16"],
 }
 MODULES = {"nav_env.py": "nav_env", "empo_cluster.py": "empo_cluster", "empo_ppo.py": "empo_ppo",
            "empo_highlevel.py": "empo_highlevel", "baselines/bc.py": "baselines.bc",
-           "baselines/td3_bc.py": "baselines.td3_bc"}
+           "baselines/td3_bc.py": "baselines.td3_bc", "baselines/iql.py": "baselines.iql"}
 INPUT_FLAGS = {"dataset": "data.npz", "cluster": "cluster.npz", "ppo": "ppo.npz"}
 SCHEMA = {"nav_env.py": "empo/dataset/v1", "empo_cluster.py": "empo/cluster/v1", "empo_ppo.py": "empo/ppo/v1",
           "empo_highlevel.py": "empo/highlevel/v1", "baselines/bc.py": "empo/bc/v1",
-          "baselines/td3_bc.py": "empo/td3_bc/v1"}
+          "baselines/td3_bc.py": "empo/td3_bc/v1", "baselines/iql.py": "empo/iql/v1"}
 
 
 def sha(path: pathlib.Path) -> str:
@@ -80,6 +81,7 @@ def prepare(work: pathlib.Path) -> None:
         "--out", "highlevel.npz")
     run("baselines/bc.py", "--dataset", "data.npz", "--out", "bc.npz")
     run("baselines/td3_bc.py", "--dataset", "data.npz", "--out", "td3_bc.npz")
+    run("baselines/iql.py", "--dataset", "data.npz", "--out", "iql.npz")
     (work / "random.npz").write_bytes(os.urandom(4096))
     (work / "empty.npz").write_bytes(b"")
     (work / "text.npz").write_text("not an npz file\n")
@@ -95,7 +97,7 @@ def cases(script: str):
 
     args_class = importlib.import_module(MODULES[script]).Args
     hints = typing.get_type_hints(args_class)
-    files = ["data.npz", "cluster.npz", "ppo.npz", "highlevel.npz", "bc.npz", "td3_bc.npz", "random.npz",
+    files = ["data.npz", "cluster.npz", "ppo.npz", "highlevel.npz", "bc.npz", "td3_bc.npz", "iql.npz", "random.npz",
              "empty.npz", "text.npz", "array.npy", "folder", "missing.npz", ""]
     for field in dataclasses.fields(args_class):
         flag = "--" + field.name.replace("_", "-")
@@ -125,7 +127,8 @@ def base_args(script: str) -> list:
             "empo_highlevel.py": ["--dataset", "data.npz", "--cluster", "cluster.npz", "--ppo", "ppo.npz",
                                   "--out", "out.npz"],
             "baselines/bc.py": ["--dataset", "data.npz", "--out", "out.npz"],
-            "baselines/td3_bc.py": ["--dataset", "data.npz", "--out", "out.npz"]}[script]
+            "baselines/td3_bc.py": ["--dataset", "data.npz", "--out", "out.npz"],
+            "baselines/iql.py": ["--dataset", "data.npz", "--out", "out.npz"]}[script]
     return args + TINY[script]
 
 
@@ -358,7 +361,7 @@ def signal_case(work: pathlib.Path, timeout: float, script: str, sig: str, when:
 
 
 OUTPUTS = {"empo_cluster.py": "cluster.npz", "empo_ppo.py": "ppo.npz", "empo_highlevel.py": "highlevel.npz",
-           "baselines/bc.py": "bc.npz", "baselines/td3_bc.py": "td3_bc.npz"}
+           "baselines/bc.py": "bc.npz", "baselines/td3_bc.py": "td3_bc.npz", "baselines/iql.py": "iql.npz"}
 
 
 def differing_arrays(path: pathlib.Path, reference: pathlib.Path) -> list:

@@ -2,8 +2,8 @@
 
 A refactor must leave behaviour unchanged: a tiny run of every script before and after the change gives identical
 arrays in every output file. ``run`` runs a tiny invocation of each script that writes outputs (the navigation data
-set, stage 1 with a fixed K and with --k auto, stage 2 plain and with the Figure 4 sweep, stage 3, BC and TD3+BC,
-then the MuJoCo path: small D4RL-format HDF5 files through the three stages and the baselines, evaluated in
+set, stage 1 with a fixed K and with --k auto, stage 2 plain and with the Figure 4 sweep, stage 3, BC, TD3+BC and
+IQL, then the MuJoCo path: small D4RL-format HDF5 files through the three stages and the baselines, evaluated in
 Gymnasium's Hopper-v4, and a small local Minari set through the three stages, evaluated in InvertedPendulum-v5),
 each in its own process with cwd = the checkout, every output under one folder. ``compare`` loads every .npz
 (allow_pickle=False) and .hdf5 file of two such folders and compares every array bit for bit, except the metadata
@@ -52,7 +52,8 @@ MUJOCO_CLUSTER = ["--preset", "d4rl", "--bias-epochs", "1", "--pretrain-epochs",
 MUJOCO_PPO = ["--preset", "d4rl", "--q-steps", "20", "--steps-per-call", "20", "--v-epochs", "1", "--pi-epochs", "1",
               "--eval-episodes", "2", "--chunk", "512"]
 MUJOCO_HIGHLEVEL = ["--preset", "d4rl", "--steps", "20", "--steps-per-call", "20", "--eval-episodes", "2"]
-MUJOCO_BASELINE = ["--steps", "20", "--steps-per-call", "20", "--hidden-dim", "16", "--eval-episodes", "0"]
+MUJOCO_BASELINE = ["--preset", "d4rl", "--steps", "20", "--steps-per-call", "20", "--hidden-dim", "16",
+                   "--eval-episodes", "2"]
 
 
 def commands(out: str) -> list[tuple[str, list[str], list[str]]]:
@@ -80,6 +81,8 @@ def commands(out: str) -> list[tuple[str, list[str], list[str]]]:
          ["nav_data"]),
         ("nav_td3_bc", ["baselines/td3_bc.py", "--dataset", nav, "--out", d("nav", "td3_bc.npz"), *seeds,
                         *NAV_BASELINE], ["nav_data"]),
+        ("nav_iql", ["baselines/iql.py", "--dataset", nav, "--out", d("nav", "iql.npz"), *seeds, *NAV_BASELINE],
+         ["nav_data"]),
         # D4RL-format files (scripts/make_d4rl_files.py, as tests/test_d4rl.py): Hopper-v4, 600 rows per behaviour.
         ("d4rl_files", ["scripts/make_d4rl_files.py", "--out", d("d4rl"), "--tasks", "hopper", "--rows", "600",
                         "--episode-steps", "15"], []),
@@ -94,6 +97,8 @@ def commands(out: str) -> list[tuple[str, list[str], list[str]]]:
                      *MUJOCO_BASELINE], ["d4rl_files"]),
         ("d4rl_td3_bc", ["baselines/td3_bc.py", "--dataset", hopper, "--out", d("hopper", "td3_bc.npz"), *seeds,
                          *MUJOCO_BASELINE], ["d4rl_files"]),
+        ("d4rl_iql", ["baselines/iql.py", "--dataset", hopper, "--out", d("hopper", "iql.npz"), *seeds,
+                      *MUJOCO_BASELINE], ["d4rl_files"]),
         # A local Minari set (scripts/make_mujoco_set.py, as tests/test_mujoco_pipeline.py): InvertedPendulum-v5.
         ("minari_set", ["scripts/make_mujoco_set.py", "--prefix", "empo/pendulum/snap", "--episodes", "3",
                         "--episode-steps", "100", "--ref-episodes", "2", "--overwrite"], []),

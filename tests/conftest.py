@@ -142,3 +142,63 @@ def table2_run(d4rl_files, tmp_path_factory):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return env, run, out
+
+
+@pytest.fixture(scope="session")
+def halfcheetah_npz(tmp_path_factory):
+    """(path, arrays) of an .npz of HalfCheetah's shapes (17 observations, 6 actions in [-1, 1]): 20 episodes of 50
+    random rows, each ended by a timeout, for a baseline evaluated in HalfCheetah-v4 with ``--eval-env``."""
+    rng = np.random.default_rng(0)
+    episodes, length = 20, 50
+    n = episodes * length
+    obs = rng.normal(size=(n, 17)).astype(np.float32)
+    data = dict(observations=obs, actions=rng.uniform(-1, 1, (n, 6)).astype(np.float32),
+                rewards=rng.normal(size=n).astype(np.float32), next_observations=np.roll(obs, -1, 0),
+                terminals=np.zeros(n, bool), timeouts=np.arange(n) % length == length - 1,
+                episode_ids=np.repeat(np.arange(episodes), length).astype(np.int32), behaviour=np.zeros(n, np.int32))
+    path = tmp_path_factory.mktemp("halfcheetah") / "hc.npz"
+    empo_io.save_npz(str(path), data, empo_io.DATASET_SCHEMA, {})
+    return path, data
+
+
+@pytest.fixture
+def gym_steps(monkeypatch):
+    """The observations and actions of the first 10 steps of every gym_eval.gym_rollout in a test: a list of
+    (obs [num_envs, obs_dim], actions [num_envs, act_dim]). The episodes themselves cannot be replayed to check which
+    policy acted: MuJoCo is chaotic, and a change of 1e-7 in an action moves HalfCheetah's return by several %."""
+    import gym_eval
+
+    steps, real = [], gym_eval.gym_rollout
+
+    def rollout(env_spec, act, num_envs, seed, max_steps=None):
+        def recorded(obs):
+            actions = act(obs)
+            if len(steps) < 10:
+                steps.append((np.array(obs), np.array(actions)))
+            return actions
+
+        return real(env_spec, recorded, num_envs, seed, max_steps)
+
+    monkeypatch.setattr(gym_eval, "gym_rollout", rollout)
+    return steps
+
+
+def check_halfcheetah_evaluation(out, summary: dict, shape: tuple, steps=None, policy=None):
+    """A baseline's output ``out`` evaluated in HalfCheetah-v4: eval/{return,length,terminated,normalized_score} of
+    ``shape`` [S, E], the score D4RL's from the return (its random and expert returns), main's summary its mean,
+    and neither the navigation task's protocols nor its figures. With ``steps`` (gym_steps) and ``policy(run, obs)``
+    (run's action at raw observations [E, 17]): every episode took its own run's actions."""
+    f = np.load(out, allow_pickle=False)
+    for obs, actions in steps or []:
+        for run in range(shape[0]):
+            rows = slice(run * shape[1], (run + 1) * shape[1])  # the episodes are ordered run by run
+            np.testing.assert_allclose(actions[rows], policy(run, obs[rows]), atol=1e-5)
+    for name in ("return", "length", "terminated", "normalized_score"):
+        assert f[f"eval/{name}"].shape == shape, name
+    assert np.all(f["eval/length"] == 1000) and not f["eval/terminated"].any()  # HalfCheetah's time limit
+    score = 100 * (f["eval/return"] + 280.178953) / (12135.0 + 280.178953)  # D4RL's random and expert returns
+    np.testing.assert_allclose(f["eval/normalized_score"], score, rtol=1e-6)
+    assert summary["normalized_score_mean"] == pytest.approx(float(f["eval/normalized_score"].mean()))
+    assert summary["return_mean"] == pytest.approx(float(f["eval/return"].mean()))
+    assert "eval/sampled_return" not in f.files and not list(pathlib.Path(out).parent.glob("*.png"))
+    return f

@@ -20,9 +20,9 @@ import empo_highlevel as eh
 import empo_io
 import empo_ppo as ep
 import nav_env
-from baselines import bc, td3_bc
+from baselines import bc, iql, td3_bc
 
-STAGES = {"cluster": ec, "ppo": ep, "highlevel": eh, "bc": bc, "td3_bc": td3_bc}
+STAGES = {"cluster": ec, "ppo": ep, "highlevel": eh, "bc": bc, "td3_bc": td3_bc, "iql": iql}
 
 
 def _cluster_args(dataset, out, **kw):
@@ -65,7 +65,8 @@ def _refused(module, args, match: str):
 # --- 1. An output never replaces an input --------------------------------------------------------
 
 @pytest.mark.parametrize("stage, flag", [("cluster", "dataset"), ("ppo", "cluster"), ("highlevel", "ppo"),
-                                         ("bc", "dataset"), ("td3_bc", "dataset"), ("ppo", "dataset")])
+                                         ("bc", "dataset"), ("td3_bc", "dataset"), ("iql", "dataset"),
+                                         ("ppo", "dataset")])
 def test_an_output_that_is_an_input_is_refused(tmp_path, stage, flag):
     """The stage passes the input to check_writable: a hard link to it (which only check_writable's inode test tells
     from another file) is refused. Same paths and symbolic links: test_empo_io.py."""
@@ -285,7 +286,7 @@ def test_seeds_outside_jax_32_bit_range_are_refused(stage):
     module.validate_args(dataclasses.replace(module.Args(), seed=2 ** 31 - 2, num_seeds=2))
 
 
-@pytest.mark.parametrize("stage", ["cluster", "bc", "td3_bc"])
+@pytest.mark.parametrize("stage", ["cluster", "bc", "td3_bc", "iql"])
 @pytest.mark.parametrize("flag", ["hidden_dim", "hidden_layers"])
 def test_networks_larger_than_the_memory_are_refused_before_any_work(stage, flag):
     module = STAGES[stage]
@@ -293,7 +294,7 @@ def test_networks_larger_than_the_memory_are_refused_before_any_work(stage, flag
         module.validate_args(dataclasses.replace(module.Args(), **{flag: 2 ** 30}))
 
 
-@pytest.mark.parametrize("stage", ["bc", "td3_bc"])
+@pytest.mark.parametrize("stage", ["bc", "td3_bc", "iql"])
 def test_evaluations_larger_than_the_memory_are_refused_before_any_work(stage):
     module = STAGES[stage]
     with pytest.raises(module.InputError, match="--eval-episodes 1073741824 needs about"):

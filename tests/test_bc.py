@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import check_halfcheetah_evaluation
 
 import empo_io
 import nav_env
@@ -227,18 +228,49 @@ def test_command_line_help_and_error(tmp_path):
     shown = subprocess.run([sys.executable, script, "--help"], env=env, capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
-    # Every flag's line carries its docstring from Args (tyro's --help).
-    body = next(node for node in ast.parse(pathlib.Path(script).read_text()).body
-                if isinstance(node, ast.ClassDef) and node.name == "Args").body
-    docs = {a.target.id: " ".join(d.value.value.split()) for a, d in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(d, ast.Expr)}
+    # Every flag's line (or the next, after a long flag) carries its docstring from Args and the evaluation flags it
+    # inherits (tyro's --help).
+    docs = {}
+    for path, name in ((script, "Args"), (ROOT / "gym_eval.py", "EvalEnvFlags")):
+        body = next(node for node in ast.parse(pathlib.Path(path).read_text()).body
+                    if isinstance(node, ast.ClassDef) and node.name == name).body
+        docs.update({a.target.id: " ".join(d.value.value.split()) for a, d in zip(body, body[1:])
+                     if isinstance(a, ast.AnnAssign) and isinstance(d, ast.Expr)})
     assert set(docs) == {field.name for field in dataclasses.fields(bc.Args)}
     for name, doc in docs.items():
         flag = re.compile(rf"--{name.replace('_', '-')}[ ,]")
-        assert any(flag.search(line) and doc[:40] in line for line in lines), name
+        assert any(flag.search(line) and doc[:40] in line + nxt for line, nxt in zip(lines, lines[1:])), name
     # A bad input from the command line: one line on stderr, no traceback, a non-zero exit status.
     failed = subprocess.run([sys.executable, script, "--dataset", str(tmp_path / "nowhere.npz"), "--out",
                              str(tmp_path / "bc.npz")], env=env, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1
     assert failed.stderr == f"error: {tmp_path / 'nowhere.npz'} does not exist\n"
     assert not (tmp_path / "bc.npz").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# D4RL / MuJoCo
+# ----------------------------------------------------------------------------------------------
+
+def test_d4rl_preset_holds_corls_bc_network_and_schedule():
+    """CORL's BC (algorithms/offline/any_percent_bc.py): 2 x 256, batch 256, Adam 3e-4, 1M steps, on halfcheetah
+    medium + expert; the Gaussian maximum-likelihood loss and the evaluation of the mean action are kept."""
+    d4rl, nav = bc.PRESETS["d4rl"], bc.PRESETS["nav"]
+    assert (d4rl.hidden_dim, d4rl.hidden_layers, d4rl.batch_size, d4rl.learning_rate) == (256, 2, 256, 3e-4)
+    assert d4rl.steps == 1_000_000 and not d4rl.sample
+    assert d4rl.dataset == "data/d4rl/halfcheetah_medium-v2.hdf5,data/d4rl/halfcheetah_expert-v2.hdf5"
+    assert d4rl.out == "runs/halfcheetah-medium-expert/bc.npz"
+    assert (nav.hidden_dim, nav.hidden_layers) == (64, 3)  # Appendix B's 4-layer MLP
+
+
+def test_mujoco_data_is_evaluated_in_gymnasium_with_the_normalised_score(halfcheetah_npz, gym_steps, tmp_path):
+    """An .npz of HalfCheetah's shapes with --eval-env: episodes of each run's mean action on the standardised
+    observation in HalfCheetah-v4, D4RL's normalised score, no navigation figures and no sampled protocol."""
+    dataset, _ = halfcheetah_npz
+    out = tmp_path / "bc.npz"
+    summary = bc.main(bc.Args(dataset=str(dataset), out=str(out), eval_env="HalfCheetah-v4", num_seeds=2, steps=100,
+                              steps_per_call=100, hidden_dim=16, hidden_layers=2, eval_episodes=1))
+    f = np.load(out)
+    mean_action = lambda run, obs: _policy(f, run)[0].apply(_policy(f, run)[1],
+                                                           (obs - f["arch/obs_mean"]) / f["arch/obs_std"])[0]
+    check_halfcheetah_evaluation(out, summary, (2, 1), gym_steps, mean_action)

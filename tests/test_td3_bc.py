@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tyro
+from conftest import check_halfcheetah_evaluation
 
 import empo_io
 import nav_env
@@ -285,3 +286,36 @@ def test_help_names_every_flag_with_its_symbol(capsys):
         assert "--" + field.name.replace("_", "-") in text, field.name
     for symbol in ("gamma:", "alpha:", "d:", "tau:", "sigma / a_max", "c / a_max", "B:"):
         assert symbol in text, symbol
+
+
+# ----------------------------------------------------------------------------------------------
+# D4RL / MuJoCo
+# ----------------------------------------------------------------------------------------------
+
+def test_d4rl_preset_holds_the_td3_bc_authors_settings():
+    """github.com/sfujim/TD3_BC (main.py, TD3_BC.py): 2 x 256 networks, discount 0.99, alpha 2.5, batch 256, Adam
+    3e-4, policy noise 0.2 and noise clip 0.5 (times max_action), policy_freq 2, tau 0.005, 1M steps; raw rewards
+    and actions (a_max = 1 on D4RL), on halfcheetah medium + expert."""
+    d4rl, nav = td.PRESETS["d4rl"], td.PRESETS["nav"]
+    assert (d4rl.hidden_dim, d4rl.hidden_layers, d4rl.gamma, d4rl.alpha) == (256, 2, 0.99, 2.5)
+    assert (d4rl.batch_size, d4rl.learning_rate, d4rl.steps, d4rl.tau) == (256, 3e-4, 1_000_000, 0.005)
+    assert (d4rl.policy_noise, d4rl.noise_clip, d4rl.policy_freq, d4rl.action_units) == (0.2, 0.5, 2, "raw")
+    assert d4rl.dataset == "data/d4rl/halfcheetah_medium-v2.hdf5,data/d4rl/halfcheetah_expert-v2.hdf5"
+    assert d4rl.out == "runs/halfcheetah-medium-expert/td3_bc.npz"
+    assert (nav.hidden_dim, nav.hidden_layers, nav.gamma) == (64, 3, 0.999)  # Appendix B, Table 4
+
+
+def test_mujoco_data_is_evaluated_in_gymnasium_with_the_normalised_score(halfcheetah_npz, gym_steps, tmp_path):
+    """An .npz of HalfCheetah's shapes with --eval-env: episodes of each run's deterministic actor pi(s) on the
+    standardised observation in HalfCheetah-v4, D4RL's normalised score, no navigation figures and no
+    exploration-noise protocol."""
+    dataset, _ = halfcheetah_npz
+    out = tmp_path / "td3_bc.npz"
+    summary = td.main(td.Args(dataset=str(dataset), out=str(out), eval_env="HalfCheetah-v4", num_seeds=2, steps=100,
+                              steps_per_call=100, hidden_dim=16, hidden_layers=2, eval_episodes=1))
+    f = np.load(out)
+    actors = {"params": empo_io.unflatten_params("actor/params", f)}
+    net = td.make_networks(16, 2, 6, tuple(f["arch/action_scale"].tolist()))["actor"]
+    policy = lambda run, obs: net.apply(jax.tree.map(lambda x: x[run], actors),
+                                        (obs - f["arch/obs_mean"]) / f["arch/obs_std"])
+    check_halfcheetah_evaluation(out, summary, (2, 1), gym_steps, policy)
