@@ -241,3 +241,20 @@ def test_exported_policies_are_small_measured_again_and_record_the_same_files(ma
     second = dict(np.load(again))
     assert str(second["train/command"]) == str(out["train/command"])
     np.testing.assert_array_equal(second["expert/return"], out["expert/return"])
+
+
+@pytest.mark.parametrize("policies", sorted((ROOT / "behaviour" / "policies").glob("*.npz")), ids=lambda p: p.stem)
+def test_committed_policies_record_data_in_their_environment(policies, tmp_path):
+    """Each committed behaviour/policies/{task}.npz is read as --sac takes it and records a short file pair in the
+    environment it names; its stored 20-episode returns are those of the file's own deterministic actors."""
+    arrays = dict(np.load(policies, allow_pickle=False))
+    env_id = str(arrays["env/id"])
+    assert make_data.task_name(env_id) == policies.stem
+    summary = make_data.main(make_data.Args(sac=str(policies), env_id=env_id, out=str(tmp_path), rows=300,
+                                            num_envs=2))
+    for name in ("medium", "expert"):
+        with h5py.File(tmp_path / f"{policies.stem}_{name}-v2.hdf5") as f:
+            assert f["observations"].shape == (300, arrays["arch/obs_dim"])
+    assert summary["medium"]["iteration"] == arrays["medium/step"] < arrays["expert/step"]
+    assert arrays["medium/return"].shape == arrays["expert/return"].shape == (20,)
+    assert arrays["medium/return"].mean() < arrays["expert/return"].mean()
