@@ -9,7 +9,11 @@ then for each seed (run i of highlevel.npz, with the ppo and clustering runs it 
    fraction of those rows from the medium file and from the expert file (the data's ``behaviour`` labels: 0 and 1;
    "–" where the rows carry no label), the data trajectories it holds and their mean (undiscounted) return. A
    trajectory belongs to the cluster that holds the majority of its rows (ties to the lowest z); Eq. (9) assigns
-   whole trajectories, so this is every row's cluster. Then the seed's rand index (stage 1, per transition).
+   whole trajectories, so this is every row's cluster. Then the seed's rand index (stage 1, per transition) and
+   the objective EM maximises, the mixture log-likelihood of the data under the run's policies, per row:
+   sum_tau log sum_z p(z) prod_t beta(a_t|s_t, z) / N, p(z) the mean posterior (empo_cluster's
+   trajectory_log_likelihoods and mixture_log_likelihoods). Seeds that end with different partitions can be
+   compared by it: the higher one is the better fit of the same objective, whatever its rand index.
 2. What stage 2 did to each cluster's return: the normalised score (D4RL's, or the return where the task has no
    reference scores) of beta_z and of the improved pi_z = pi_L(.|s, z), each alone in the Gymnasium environment,
    mean +- std (ddof 0) over stage 2's evaluation episodes, and the change of the means.
@@ -41,6 +45,7 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import empo_cluster  # noqa: E402
 import empo_io  # noqa: E402
 import empo_ppo  # noqa: E402
 from empo_io import InputError  # noqa: E402
@@ -137,7 +142,7 @@ def fmt(x, spec: str = ".3f") -> str:
 
 
 def explain_seed(i: int, cluster: dict, ppo: dict, high: dict, data: dict, rows: np.ndarray,
-                 returns: np.ndarray) -> tuple[str, list, dict]:
+                 returns: np.ndarray, fit: np.ndarray) -> tuple[str, list, dict]:
     """(summary line, report lines, numbers) of run i of highlevel.npz."""
     seed, p, c = int(high["seeds"][i]), int(high["ppo_run"][i]), int(high["cluster_run"][i])
     k = int(ppo["arch/k"])
@@ -150,7 +155,8 @@ def explain_seed(i: int, cluster: dict, ppo: dict, high: dict, data: dict, rows:
     lines += [f"| {z} | {r['rows']} | {fmt(r['medium'])} | {fmt(r['expert'])} | {r['trajectories']} | "
               f"{fmt(r['mean_return'], '.1f')} |" for z, r in enumerate(clusters)]
     lines += ["", "A trajectory belongs to the cluster holding the majority of its rows. Rand index: "
-              f"{fmt(rand, '.4f')}.", "", "### 2. What stage 2 did to each cluster", ""]
+              f"{fmt(rand, '.4f')}. Mixture log-likelihood of the data under this run's policies: "
+              f"{fit[c]:.4f} per row.", "", "### 2. What stage 2 did to each cluster", ""]
     beta, pi = evaluated(ppo, "eval/beta_"), evaluated(ppo, "eval/pi_")
     best = None
     if beta and pi:
@@ -182,9 +188,10 @@ def explain_seed(i: int, cluster: dict, ppo: dict, high: dict, data: dict, rows:
                + (f"; best π_z z={best} {pi[1][p, best].mean():.1f} (β_z {beta[1][p, best].mean():.1f})"
                   if best is not None else "")
                + (f"; π_H on z={int(np.argmax(share))} for {share.max():.0%} of steps" if share is not None else "")
-               + f"; rand index {fmt(rand, '.4f')}; Q/G {fmt(q['all']['ratio'], '.2f')}"
+               + f"; rand index {fmt(rand, '.4f')} (log-likelihood {fit[c]:.4f} per row)"
+               + f"; Q/G {fmt(q['all']['ratio'], '.2f')}"
                + "".join(f", {b} {fmt(q[b]['ratio'], '.2f')}" for b in BEHAVIOURS if b in q))
-    return summary, lines, {"seed": seed, "clusters": clusters, "share": share, "q": q}
+    return summary, lines, {"seed": seed, "clusters": clusters, "share": share, "q": q, "fit": float(fit[c])}
 
 
 def main(args: Args) -> dict:
@@ -198,7 +205,9 @@ def main(args: Args) -> dict:
     returns = np.asarray(empo_ppo.mc_returns(data["rewards"], last, float(ppo["arch/gamma"])), np.float64)  # Eq. (10)
     rng = np.random.default_rng(args.seed)
     rows = np.sort(rng.choice(n, args.max_rows, replace=False)) if n > args.max_rows else np.arange(n)
-    seeds = [explain_seed(i, cluster, ppo, high, data, rows, returns) for i in range(len(high["seeds"]))]
+    loglik = empo_cluster.trajectory_log_likelihoods(cluster, data)  # [S, E, K]: sum_t log beta_z per trajectory
+    fit = empo_cluster.mixture_log_likelihoods(loglik, cluster["posterior"]).sum(1) / n  # [S] per row
+    seeds = [explain_seed(i, cluster, ppo, high, data, rows, returns, fit) for i in range(len(high["seeds"]))]
     dataset = args.dataset or json.loads(str(high["args"]))["dataset"]
     report = [f"# EMPO on {args.run}", "", f"Data: {dataset} ({n} rows). Q against G on {len(rows)} rows, "
               f"γ = {float(ppo['arch/gamma']):.4g}, c = {float(ppo['arch/value_scale']):.4g}.", ""]

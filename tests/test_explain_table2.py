@@ -142,6 +142,33 @@ def test_q_against_g_matches_an_independent_recomputation(explained):
                 in section
 
 
+def test_the_fit_of_each_run_is_the_mixture_log_likelihood_of_the_data(explained):
+    """Stage 1's objective per row, recomputed row by row with the stage's own policy density and summed per
+    trajectory in a Python loop: log sum_z p(z) prod_t beta(a_t|s_t, z) / N, p(z) the mean posterior."""
+    import jax.numpy as jnp
+
+    import empo_cluster as ec
+
+    _, data, arrays, result, report = explained
+    cluster, high = arrays["cluster"], arrays["highlevel"]
+    policy = ec.GaussianPolicy(int(cluster["arch/act_dim"]), tuple(float(x) for x in cluster["arch/action_scale"]),
+                               int(cluster["arch/hidden_dim"]), int(cluster["arch/hidden_layers"]))
+    obs = (data["observations"] - cluster["arch/obs_mean"]) / cluster["arch/obs_std"]
+    for i, numbers in enumerate(result["seeds"]):
+        c = int(high["cluster_run"][i])
+        params = {"params": empo_io.unflatten_params("policy/params", {k: v[c] for k, v in cluster.items()
+                                                                       if k.startswith("policy/params/")})}
+        per_row = np.asarray(ec.policy_log_probs(policy, params, jnp.asarray(obs), jnp.asarray(data["actions"])),
+                             np.float64)  # [N, K]
+        total = 0.0
+        weights = cluster["posterior"][c].mean(0)
+        for e in np.unique(data["episode_ids"]):
+            per_cluster = np.log(weights) + per_row[data["episode_ids"] == e].sum(0)
+            total += per_cluster.max() + np.log(np.exp(per_cluster - per_cluster.max()).sum())
+        assert numbers["fit"] == pytest.approx(total / len(data["rewards"]), rel=1e-4)
+        assert f"(log-likelihood {numbers['fit']:.4f} per row)" in report
+
+
 def test_a_missing_file_or_an_empty_folder_is_one_sentence(explained, tmp_path):
     run = explained[0]
     shutil.copytree(run, tmp_path / "hopper", ignore=shutil.ignore_patterns("ppo.npz", "explain.md"))
