@@ -161,7 +161,7 @@ def test_the_fit_of_each_run_is_the_mixture_log_likelihood_of_the_data(explained
         per_row = np.asarray(ec.policy_log_probs(policy, params, jnp.asarray(obs), jnp.asarray(data["actions"])),
                              np.float64)  # [N, K]
         total = 0.0
-        weights = cluster["posterior"][c].mean(0)
+        weights = np.maximum(cluster["posterior"][c].mean(0), 1e-12)  # an empty cluster: as empo_cluster does
         for e in np.unique(data["episode_ids"]):
             per_cluster = np.log(weights) + per_row[data["episode_ids"] == e].sum(0)
             total += per_cluster.max() + np.log(np.exp(per_cluster - per_cluster.max()).sum())
