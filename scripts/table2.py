@@ -74,9 +74,8 @@ def mean_std(x, scale: float = 1.0, digits: int = 1) -> str:
     return f"{x.mean():.{digits}f} ± {x.std():.{digits}f}"
 
 
-def load_output(runs: str, task: str, name: str, required: bool):
-    """Seeds, normalised scores [S, E], returns [S, E] and args of one algorithm's output joined over the run
-    folders; None when no run folder has it and it is not required."""
+def task_files(runs: str, task: str, name: str, required: bool = True):
+    """The file ``name`` of one task in every run folder; None when none has it and it is not required."""
     paths = [os.path.join(run, task, name) for run in runs.split(",") if run]
     present = [os.path.isfile(p) for p in paths]
     if not any(present) and not required:
@@ -84,6 +83,15 @@ def load_output(runs: str, task: str, name: str, required: bool):
     if not all(present):
         missing = paths[present.index(False)]
         sys.exit(f"error: {missing} does not exist; has scripts/reproduce_table2.sh finished this task?")
+    return paths
+
+
+def load_output(runs: str, task: str, name: str, required: bool):
+    """Seeds, normalised scores [S, E], returns [S, E] and args of one algorithm's output joined over the run
+    folders; None when no run folder has it and it is not required."""
+    paths = task_files(runs, task, name, required)
+    if paths is None:
+        return None
     seeds, scores, returns, args = [], [], [], []
     for path in paths:
         with np.load(path, allow_pickle=False) as f:
@@ -104,10 +112,7 @@ def load_output(runs: str, task: str, name: str, required: bool):
 def load_args(runs: str, task: str, name: str) -> list:
     """The ``args`` of one stage's output in every run folder."""
     out = []
-    for run in (r for r in runs.split(",") if r):
-        path = os.path.join(run, task, name)
-        if not os.path.isfile(path):
-            sys.exit(f"error: {path} does not exist; has scripts/reproduce_table2.sh finished this task?")
+    for path in task_files(runs, task, name):
         with np.load(path, allow_pickle=False) as f:
             out.append(dict(json.loads(str(f["args"])), rand_index=f["rand_index"] if "rand_index" in f else None))
     return out
