@@ -122,6 +122,7 @@ PRESETS = {  # d4rl: CORL's BC (any_percent_bc.py; its other settings are the de
 # for by their sha256, so that moved files still resume).
 NEUTRAL_FLAGS = ('out', 'resume', 'preset', 'eval_episodes', 'sample', 'eval_env', 'ref_min_score', 'ref_max_score',
                  'dataset')
+CHECKPOINT_SCHEMA = "empo/bc-checkpoint/v2"
 
 
 # --- containers ---
@@ -365,7 +366,7 @@ def main(args: Args) -> dict:
     calls = [min(args.steps_per_call, args.steps - i) for i in range(0, args.steps, args.steps_per_call)]
     run_dir = os.path.dirname(os.path.abspath(args.out))
     identity = run_identity(args, NEUTRAL_FLAGS, {"dataset": inp.sha})
-    ckpt_path, state, first = resume_checkpoint(args, state, "empo/bc-checkpoint/v2", identity, len(calls))
+    ckpt_path, state, first = resume_checkpoint(args, state, CHECKPOINT_SCHEMA, identity, len(calls))
     state = place(state, seed_sharding)
     writer = make_writer(os.path.join(run_dir, "bc"), args)
 
@@ -389,7 +390,7 @@ def main(args: Args) -> dict:
         state, metrics = compiled[calls[unit]](state, chunk_key(unit), data)
         metrics = {name: float(np.mean(x)) for name, x in fetch(metrics).items()}  # mean over runs
         done += calls[unit]
-        save_checkpoint(ckpt_path, state, unit + 1, "empo/bc-checkpoint/v2", identity)
+        save_checkpoint(ckpt_path, state, unit + 1, CHECKPOINT_SCHEMA, identity)
         for tag, value in metrics.items():
             writer.add_scalar(tag, value, done)
         took = time.perf_counter() - t0

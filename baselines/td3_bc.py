@@ -141,6 +141,7 @@ PRESETS = {  # d4rl: github.com/sfujim/TD3_BC main.py and TD3_BC.py (every other
 # Flags that leave the trained state unchanged: a checkpoint does not record them (the inputs' paths are stood
 # for by their sha256, so that moved files still resume).
 NEUTRAL_FLAGS = ('out', 'resume', 'preset', 'eval_episodes', 'eval_env', 'ref_min_score', 'ref_max_score', 'dataset')
+CHECKPOINT_SCHEMA = "empo/td3_bc-checkpoint/v2"
 
 
 # --- containers ---
@@ -503,7 +504,7 @@ def main(args: Args) -> dict:
     calls = [min(args.steps_per_call, args.steps - i) for i in range(0, args.steps, args.steps_per_call)]
     run_dir = os.path.dirname(os.path.abspath(args.out))
     identity = run_identity(args, NEUTRAL_FLAGS, {"dataset": inp.sha})
-    ckpt_path, state, first = resume_checkpoint(args, state, "empo/td3_bc-checkpoint/v2", identity, len(calls))
+    ckpt_path, state, first = resume_checkpoint(args, state, CHECKPOINT_SCHEMA, identity, len(calls))
     state = place(state, seed_sharding)
     writer = make_writer(os.path.join(run_dir, "td3_bc"), args)
 
@@ -526,7 +527,7 @@ def main(args: Args) -> dict:
         took = time.perf_counter() - t0
         timed.append((calls[unit], took))
         done += calls[unit]
-        save_checkpoint(ckpt_path, state, unit + 1, "empo/td3_bc-checkpoint/v2", identity)
+        save_checkpoint(ckpt_path, state, unit + 1, CHECKPOINT_SCHEMA, identity)
         for name, value in metrics.items():
             if name != "actor_updates" and (name not in ACTOR_METRICS or metrics["actor_updates"] > 0):
                 writer.add_scalar(name, value, done)

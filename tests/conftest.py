@@ -202,3 +202,59 @@ def check_halfcheetah_evaluation(out, summary: dict, shape: tuple, steps=None, p
     assert summary["return_mean"] == pytest.approx(float(f["eval/return"].mean()))
     assert "eval/sampled_return" not in f.files and not list(pathlib.Path(out).parent.glob("*.png"))
     return f
+
+
+# The bad-input cases every baseline refuses alike: what is wrong with the data set, and the sentence naming it.
+DATASET_CASES = [
+    ("missing", "does not exist"),
+    ("not_npz", "is not an .npz file"),
+    ("schema", "has schema 'empo/cluster/v1'"),
+    ("missing_key", "has no key 'terminals'"),
+    ("nan", "NaN"),
+]
+
+
+def bad_dataset(source, folder, case: str) -> pathlib.Path:
+    """The data set of a bad-input case, written in ``folder`` from the good .npz ``source``: one of DATASET_CASES
+    spoilt as it names, or an unchanged copy for any other case (a bad flag)."""
+    data = {k: np.array(v) for k, v in np.load(source).items()}
+    dataset = pathlib.Path(folder) / "data.npz"
+    if case == "missing":
+        return pathlib.Path(folder) / "nowhere.npz"
+    if case == "not_npz":
+        dataset.write_text("not a zip file")
+        return dataset
+    if case == "schema":
+        data["schema"] = np.array("empo/cluster/v1")
+    elif case == "missing_key":
+        del data["terminals"]
+    elif case == "nan":
+        data["rewards"][5] = np.nan
+    np.savez(dataset, **data)
+    return dataset
+
+
+def earlier_result(folder, name: str) -> pathlib.Path:
+    """``folder/out/name`` holding the bytes of an earlier result, which a refused run must leave as they are."""
+    out = pathlib.Path(folder) / "out" / name
+    out.parent.mkdir()
+    out.write_bytes(b"an earlier result")
+    return out
+
+
+def other_sizes_checkpoint(module, args, out) -> None:
+    """Beside ``out``, a checkpoint with the identity of ``module``'s run ``args`` but networks of other sizes."""
+    other = {"actor": np.zeros((2, 16, 16), np.float32), "critic": np.zeros((2, 2, 16), np.float32)}
+    identity = empo_io.run_identity(args, module.NEUTRAL_FLAGS, {"dataset": empo_io.load_dataset(args.dataset)[1]})
+    empo_io.save_checkpoint(empo_io.checkpoint_path(str(out)), other, 1, module.CHECKPOINT_SCHEMA, identity)
+
+
+def assert_refused(main, args, out, message: str) -> None:
+    """``main(args)`` raises one InputError sentence matching ``message``, and ``out`` keeps its earlier bytes with
+    nothing written beside it."""
+    before = sorted(p.name for p in out.parent.iterdir())
+    with pytest.raises(empo_io.InputError, match=message) as err:
+        main(args)
+    assert "\n" not in str(err.value)
+    assert out.read_bytes() == b"an earlier result"
+    assert sorted(p.name for p in out.parent.iterdir()) == before  # no figures, logs or checkpoint

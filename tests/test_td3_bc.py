@@ -9,7 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tyro
-from conftest import check_halfcheetah_evaluation
+from conftest import (
+    DATASET_CASES,
+    assert_refused,
+    bad_dataset,
+    check_halfcheetah_evaluation,
+    earlier_result,
+    other_sizes_checkpoint,
+)
 
 import empo_io
 import nav_env
@@ -223,12 +230,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, mo
         np.testing.assert_array_equal(full[key], cut[key], err_msg=key)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "does not exist"),
-    ("not_npz", "is not an .npz file"),
-    ("schema", "has schema 'empo/cluster/v1'"),
-    ("missing_key", "has no key 'terminals'"),
-    ("nan", "NaN"),
+@pytest.mark.parametrize("case, message", DATASET_CASES + [
     ("steps", "--steps must be at least 1"),
     ("num_seeds", "--num-seeds must be at least 1"),
     ("batch_size", "--batch-size must be at least 1"),
@@ -238,44 +240,18 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, mo
     ("resume_other_sizes", "was written by a run with other sizes"),
 ])
 def test_bad_input_gives_one_sentence_and_leaves_out_untouched(tiny, tmp_path, case, message):
-    data = {k: np.array(v) for k, v in np.load(tiny / "tiny.npz").items()}
-    dataset, kw = tmp_path / "data.npz", {}
-    if case == "missing":
-        dataset = tmp_path / "nowhere.npz"
-    elif case == "not_npz":
-        dataset.write_text("not a zip file")
-    elif case == "schema":
-        data["schema"] = np.array("empo/cluster/v1")
-    elif case == "missing_key":
-        del data["terminals"]
-    elif case == "nan":
-        data["rewards"][5] = np.nan
-    elif case in ("steps", "num_seeds", "batch_size"):
-        kw = {case: 0}
-    elif case == "eval_episodes":
-        kw = dict(eval_episodes=-1)
-    elif case == "gamma":
-        kw = dict(gamma=1.5)
-    elif case == "alpha":
-        kw = dict(alpha=0.0)
-    elif case == "resume_other_sizes":  # a checkpoint of another configuration
-        kw = dict(resume=True)
-    if case in ("schema", "missing_key", "nan") or case.startswith(("steps", "num_", "batch", "eval", "gamma",
-                                                                        "alpha", "resume")):
-        np.savez(dataset, **data)
-    out = tmp_path / "out" / "td3_bc.npz"
-    out.parent.mkdir()
-    out.write_bytes(b"an earlier result")
+    dataset = bad_dataset(tiny / "tiny.npz", tmp_path, case)
+    kw = {
+        "steps": dict(steps=0), "num_seeds": dict(num_seeds=0), "batch_size": dict(batch_size=0),
+        "eval_episodes": dict(eval_episodes=-1), "gamma": dict(gamma=1.5),
+        "alpha": dict(alpha=0.0),
+        "resume_other_sizes": dict(resume=True),
+    }.get(case, {})
+    out = earlier_result(tmp_path, "td3_bc.npz")
     args = _args(tiny, out, dataset=str(dataset), **kw)
-    if case == "resume_other_sizes":  # this run's identity, but not its sizes
-        other = {"actor": np.zeros((2, 16, 16), np.float32), "critic": np.zeros((2, 2, 16), np.float32)}
-        identity = empo_io.run_identity(args, td.NEUTRAL_FLAGS, {"dataset": empo_io.load_dataset(str(dataset))[1]})
-        empo_io.save_checkpoint(empo_io.checkpoint_path(str(out)), other, 1, "empo/td3_bc-checkpoint/v2", identity)
-    with pytest.raises(empo_io.InputError, match=message) as err:
-        td.main(args)
-    assert "\n" not in str(err.value)
-    assert out.read_bytes() == b"an earlier result"
-    assert not (out.parent / "td3_bc_rollouts.png").exists()
+    if case == "resume_other_sizes":
+        other_sizes_checkpoint(td, args, out)
+    assert_refused(td.main, args, out, message)
 
 
 def test_help_names_every_flag_with_its_symbol(capsys):
