@@ -120,11 +120,10 @@ class Args:
     """record the data sets (--no-record: only --export's file)"""
 
 
-def load_policies(args: Args) -> tuple[dict, dict, dict]:
-    """(the file's arrays with its sha256 as 'sha', {'medium': actor params, 'expert': actor params}, {'medium': its
-    training step, 'expert': ...}) from a SAC run or an exported policies file, checked against --env-id."""
+def load_policies(args: Args) -> tuple[dict, str, dict, dict]:
+    """(the file's arrays, its sha256, {'medium': actor params, 'expert': actor params}, {'medium': its training
+    step, 'expert': ...}) from a SAC run or an exported policies file, checked against --env-id."""
     arrays, sha = load_npz(args.sac, (SAC_SCHEMA, POLICIES_SCHEMA), digest=True)
-    arrays["sha"] = sha
     schema = str(arrays["schema"])
     env_id = str(arrays.get("env/id", ""))
     if env_id != args.env_id:
@@ -139,8 +138,8 @@ def load_policies(args: Args) -> tuple[dict, dict, dict]:
     expert = {"params": unflatten_params("actor/params", arrays)}
     if schema == POLICIES_SCHEMA:
         check_param_shapes(args.sac, arrays, "medium/actor/params", param_shapes(actor, obs_dim), 0)
-        return arrays, {"medium": {"params": unflatten_params("medium/actor/params", arrays)}, "expert": expert}, {
-            name: int(arrays[f"{name}/step"]) for name in POLICIES}
+        return arrays, sha, {"medium": {"params": unflatten_params("medium/actor/params", arrays)},
+                             "expert": expert}, {name: int(arrays[f"{name}/step"]) for name in POLICIES}
     check_param_shapes(args.sac, arrays, "snapshots/actor/params", param_shapes(actor, obs_dim), 1)
     medium = int(arrays["medium/index"])
     if not 0 <= medium < sizes["T"]:
@@ -148,7 +147,7 @@ def load_policies(args: Args) -> tuple[dict, dict, dict]:
     snapshot = {"actor/params/" + k[len("snapshots/actor/params/"):]: v[medium] for k, v in arrays.items()
                 if k.startswith("snapshots/actor/params/")}
     steps = {"medium": int(arrays["snapshots/step"][medium]), "expert": int(arrays["snapshots/step"][-1])}
-    return arrays, {"medium": {"params": unflatten_params("actor/params", snapshot)}, "expert": expert}, steps
+    return arrays, sha, {"medium": {"params": unflatten_params("actor/params", snapshot)}, "expert": expert}, steps
 
 
 def train_command(arrays: dict) -> tuple[str, str]:
@@ -163,7 +162,7 @@ def train_command(arrays: dict) -> tuple[str, str]:
     return "python behaviour/sac.py " + " ".join(shown), json.dumps(flags, sort_keys=True)
 
 
-def export_policies(args: Args, arrays: dict, policies: dict, steps: dict) -> dict:
+def export_policies(args: Args, arrays: dict, sha: str, policies: dict, steps: dict) -> dict:
     """The two actors, their returns over --export-episodes deterministic episodes (interpretation 5), arch/*,
     env/* and the training command, written to --export (empo/sac-policies/v1)."""
     actor = sac.make_networks(int(arrays["arch/hidden_dim"]), int(arrays["arch/hidden_layers"]),
@@ -184,7 +183,7 @@ def export_policies(args: Args, arrays: dict, policies: dict, steps: dict) -> di
             out[f"{name}/normalized_score"] = episodes["normalized_score"]
         print(f"{name} (step {steps[name]}), {args.export_episodes} episodes of the deterministic policy: "
               f"{gym_eval.describe_episodes(episodes)}", flush=True)
-    save_npz(args.export, out, POLICIES_SCHEMA, vars(args), {"sac": str(arrays["sha"])})
+    save_npz(args.export, out, POLICIES_SCHEMA, vars(args), {"sac": sha})
     print(f"wrote {args.export}")
     return out
 
@@ -275,7 +274,7 @@ def main(args: Args) -> dict:
         raise InputError("--no-record without --export writes nothing")
     if args.export:
         check_writable(args.export, [args.sac])
-    arrays, policies, iterations = load_policies(args)
+    arrays, sha, policies, iterations = load_policies(args)
     spec = dataclasses.replace(gym.envs.registration.EnvSpec.from_json(str(arrays["env/spec"])),
                                max_episode_steps=args.episode_steps)
     env = gym_eval.make_env(spec)
@@ -286,7 +285,7 @@ def main(args: Args) -> dict:
                          f"{int(arrays['arch/act_dim'])} actions, {args.env_id} has shapes {shapes}")
     summary = {}
     if args.export:
-        exported = export_policies(args, arrays, policies, iterations)
+        exported = export_policies(args, arrays, sha, policies, iterations)
         summary["export"] = {name: float(exported[f"{name}/return"].mean()) for name in POLICIES}
     if not args.record:
         return summary
