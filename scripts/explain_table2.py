@@ -97,6 +97,18 @@ def evaluated(arrays: dict, prefix: str):
     return None
 
 
+def episode_split(fell: np.ndarray, values: np.ndarray, name: str) -> str:
+    """One sentence: how many of the final policy's episodes ended in a terminal state (a fall) and their mean, and
+    the mean of those that ran to the time limit (a bimodal score reads as a mean with a large std otherwise)."""
+    parts = []
+    if fell.any():
+        parts.append(f"{int(fell.sum())} of {fell.size} episodes ended in a terminal state, {name} "
+                     f"{mean_std(values[fell])}")
+    if not fell.all():
+        parts.append(f"{int((~fell).sum())} of {fell.size} ran to the time limit, {mean_std(values[~fell])}")
+    return "; ".join(parts) + "."
+
+
 def cluster_rows(data: dict, assign: np.ndarray, k: int) -> list:
     """Per cluster: rows, medium and expert fractions (None without labels), trajectories, mean trajectory return."""
     episodes = data["episode_ids"]
@@ -177,6 +189,8 @@ def explain_seed(i: int, cluster: dict, ppo: dict, high: dict, data: dict, rows:
         lines += ["| z | steps | share of π_H's steps |", "|---|---|---|"]
         lines += [f"| {z} | {int(steps[z])} | {s:.1%} |" for z, s in enumerate(share)]
         lines += ["", f"Final policy: {final[0]} {mean_std(final[1][i])} ({final[1].shape[-1]} episodes)."]
+        if "eval/terminated" in high:
+            lines[-1] += " " + episode_split(np.asarray(high["eval/terminated"][i], bool), final[1][i], final[0])
     else:
         lines.append("Stage 3 evaluated no policy (--eval-episodes 0).")
     q = q_against_g(ppo, p, data, rows, assign[rows], returns[rows])

@@ -102,6 +102,23 @@ def test_pi_h_shares_sum_over_episodes_of_unequal_mixes(explained, tmp_path):
     assert "| 1 | 7 | 70.0% |" in report and "| 1 | 5 | 41.7% |" in report
 
 
+def test_final_episodes_split_into_falls_and_full_length(explained, tmp_path):
+    """A bimodal final score (some episodes fall, some run to the time limit) is reported as its two groups."""
+    run, _, arrays, _, _ = explained
+    shutil.copytree(run, tmp_path / "hopper", ignore=shutil.ignore_patterns("explain.md"))
+    score = np.array([[30.0, 104.0], [100.0, 110.0]])
+    fell = np.array([[True, False], [False, False]])
+    np.savez(tmp_path / "hopper" / "highlevel.npz", **{**arrays["highlevel"], "eval/normalized_score": score,
+                                                      "eval/terminated": fell})
+    explain = sys.modules["explain_table2"]
+    explain.main(explain.Args(run=str(tmp_path / "hopper"), max_rows=50))
+    report = (tmp_path / "hopper" / "explain.md").read_text()
+    assert ("Final policy: normalised score 67.0 ± 37.0 (2 episodes). 1 of 2 episodes ended in a terminal state, "
+            "normalised score 30.0 ± 0.0; 1 of 2 ran to the time limit, 104.0 ± 0.0.") in report
+    assert ("Final policy: normalised score 105.0 ± 5.0 (2 episodes). 2 of 2 ran to the time limit, "
+            "105.0 ± 5.0.") in report
+
+
 def numpy_q(ppo: dict, p: int, obs, actions):
     """Q(s, a) [R, K] of ppo run p by hand: ReLU layers then a linear one on [(s - mean) / std, a / scale]."""
     x = np.concatenate([(obs - ppo["arch/obs_mean"]) / ppo["arch/obs_std"], actions / ppo["arch/action_scale"]], 1)
