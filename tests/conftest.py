@@ -213,17 +213,32 @@ DATASET_CASES = [
     ("nan", "NaN"),
 ]
 
+# The flags every baseline checks alike: case -> (the bad flag, the sentence naming it).
+FLAG_CASES = {
+    "steps": (dict(steps=0), "--steps must be at least 1"),
+    "num_seeds": (dict(num_seeds=0), "--num-seeds must be at least 1"),
+    "batch_size": (dict(batch_size=0), "--batch-size must be at least 1"),
+    "eval_episodes": (dict(eval_episodes=-1), "--eval-episodes"),
+    "gamma": (dict(gamma=1.5), "--gamma"),
+    "resume_other_sizes": (dict(resume=True), "was written by a run with other sizes"),
+}
+
+
+def bad_input_cases(extra: dict) -> list:
+    """(case, message) pairs for pytest: DATASET_CASES, FLAG_CASES and a baseline's own ``extra`` flag cases."""
+    return DATASET_CASES + [(case, message) for case, (_, message) in {**FLAG_CASES, **extra}.items()]
+
 
 def bad_dataset(source, folder, case: str) -> pathlib.Path:
     """The data set of a bad-input case, written in ``folder`` from the good .npz ``source``: one of DATASET_CASES
     spoilt as it names, or an unchanged copy for any other case (a bad flag)."""
-    data = {k: np.array(v) for k, v in np.load(source).items()}
     dataset = pathlib.Path(folder) / "data.npz"
     if case == "missing":
         return pathlib.Path(folder) / "nowhere.npz"
     if case == "not_npz":
         dataset.write_text("not a zip file")
         return dataset
+    data = {k: np.array(v) for k, v in np.load(source).items()}
     if case == "schema":
         data["schema"] = np.array("empo/cluster/v1")
     elif case == "missing_key":

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import tyro
 from conftest import (
-    DATASET_CASES,
+    FLAG_CASES,
     assert_refused,
     bad_dataset,
+    bad_input_cases,
     check_halfcheetah_evaluation,
     earlier_result,
     other_sizes_checkpoint,
@@ -230,23 +231,13 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, full_run, tmp_path, mo
         np.testing.assert_array_equal(full[key], cut[key], err_msg=key)
 
 
-@pytest.mark.parametrize("case, message", DATASET_CASES + [
-    ("steps", "--steps must be at least 1"),
-    ("num_seeds", "--num-seeds must be at least 1"),
-    ("batch_size", "--batch-size must be at least 1"),
-    ("eval_episodes", "--eval-episodes"),
-    ("gamma", "--gamma"),
-    ("alpha", "--alpha"),
-    ("resume_other_sizes", "was written by a run with other sizes"),
-])
+TD3_BC_FLAG_CASES = {"alpha": (dict(alpha=0.0), "--alpha")}
+
+
+@pytest.mark.parametrize("case, message", bad_input_cases(TD3_BC_FLAG_CASES))
 def test_bad_input_gives_one_sentence_and_leaves_out_untouched(tiny, tmp_path, case, message):
     dataset = bad_dataset(tiny / "tiny.npz", tmp_path, case)
-    kw = {
-        "steps": dict(steps=0), "num_seeds": dict(num_seeds=0), "batch_size": dict(batch_size=0),
-        "eval_episodes": dict(eval_episodes=-1), "gamma": dict(gamma=1.5),
-        "alpha": dict(alpha=0.0),
-        "resume_other_sizes": dict(resume=True),
-    }.get(case, {})
+    kw = {**FLAG_CASES, **TD3_BC_FLAG_CASES}.get(case, ({},))[0]
     out = earlier_result(tmp_path, "td3_bc.npz")
     args = _args(tiny, out, dataset=str(dataset), **kw)
     if case == "resume_other_sizes":
