@@ -74,13 +74,19 @@ def run_settings(args: Args, run: dict) -> empo_cluster.Args:
                                num_seeds=args.num_seeds, em_epochs=em_epochs)
 
 
-def scores(inp, log_post, loglik) -> tuple[np.ndarray, np.ndarray]:
-    """Per seed: the rand index of the argmax assignments, and the mixture log-likelihood per row."""
-    log_post, loglik = np.asarray(log_post, np.float64), np.asarray(loglik, np.float64)  # [S, E, K]
-    rand = np.array([empo_cluster.rand_indices(inp.labels_per_episode, inp.lengths, lp.argmax(1))[0]
-                     for lp in log_post])
-    fit = empo_cluster.mixture_log_likelihoods(loglik, np.exp(log_post)).sum(1) / inp.n
+def scores(inp, posterior, loglik) -> tuple[np.ndarray, np.ndarray]:
+    """Per seed, from the posterior and the per-trajectory log-likelihoods [S, E, K]: the rand index of the argmax
+    assignments, and the mixture log-likelihood per row."""
+    posterior, loglik = np.asarray(posterior, np.float64), np.asarray(loglik, np.float64)
+    rand = np.array([empo_cluster.rand_indices(inp.labels_per_episode, inp.lengths, p.argmax(1))[0]
+                     for p in posterior])
+    fit = empo_cluster.mixture_log_likelihoods(loglik, posterior).sum(1) / inp.n
     return rand, fit
+
+
+def e_step_scores(inp, log_post, loglik) -> tuple[np.ndarray, np.ndarray]:
+    """scores() of the E-step's output (log posterior, log-likelihoods)."""
+    return scores(inp, np.exp(np.asarray(log_post, np.float64)), loglik)
 
 
 def main(args: Args) -> dict:
@@ -117,28 +123,26 @@ def main(args: Args) -> dict:
     t0 = time.perf_counter()
     for epoch in range(fixed_epochs):  # 1. Eq. (6) against Q = the labels
         state, _ = m_step(state, q, epoch_keys(epoch), inp.data)
-    at_labels = scores(inp, *posterior(state.policy, inp.data))
+    at_labels = e_step_scores(inp, *posterior(state.policy, inp.data))
     print(f"[from-labels] fitted at the labels ({fixed_epochs} epochs, {time.perf_counter() - t0:.0f}s): rand index "
           + " ".join(f"{r:.4f}" for r in at_labels[0]) + ", fit " + " ".join(f"{f:.4f}" for f in at_labels[1]),
           flush=True)
     history = []
     for i in range(settings.em_epochs):  # 2. EM (Eq. 5, 6) with Q^(0) = the labels
         state, q, log_post, loglik, _ = em_step(state, q, epoch_keys(fixed_epochs + i), inp.data)
-        history.append(scores(inp, log_post, loglik))  # of the policies before this epoch's M-step
+        history.append(e_step_scores(inp, log_post, loglik)[0])  # of the policies before this epoch's M-step
         if (i + 1) % 10 == 0 or i + 1 == settings.em_epochs:
             print(f"[from-labels] EM {i + 1}/{settings.em_epochs} ({time.perf_counter() - t0:.0f}s): rand index "
-                  + " ".join(f"{r:.4f}" for r in history[-1][0]), flush=True)
-    after_em = scores(inp, *posterior(state.policy, inp.data))
+                  + " ".join(f"{r:.4f}" for r in history[-1]), flush=True)
+    after_em = e_step_scores(inp, *posterior(state.policy, inp.data))
 
-    loglik_run = empo_cluster.trajectory_log_likelihoods(run, inp.data_np)  # the run's saved policies
-    run_fit = empo_cluster.mixture_log_likelihoods(loglik_run, run["posterior"]).sum(1) / inp.n
-    run_rand = np.array([empo_cluster.rand_indices(inp.labels_per_episode, inp.lengths, p.argmax(1))[0]
-                         for p in np.asarray(run["posterior"])])
+    # the run's saved policies, as scripts/explain_table2.py scores them
+    run_rand, run_fit = scores(inp, run["posterior"], empo_cluster.trajectory_log_likelihoods(run, inp.data_np))
     result = {"cluster": args.cluster, "dataset": settings.dataset, "seeds": seeds.tolist(),
               "fixed_epochs": fixed_epochs, "em_epochs": settings.em_epochs, "seconds": time.perf_counter() - t0,
               "at_labels": {"rand_index": at_labels[0].tolist(), "fit": at_labels[1].tolist()},
               "after_em": {"rand_index": after_em[0].tolist(), "fit": after_em[1].tolist()},
-              "em_rand_index_history": [h[0].tolist() for h in history],
+              "em_rand_index_history": [h.tolist() for h in history],
               "run": {"seeds": np.asarray(run["seeds"]).tolist(), "rand_index": run_rand.tolist(),
                       "fit": run_fit.tolist()}}
     if not all(np.isfinite(v).all() for v in (at_labels[1], after_em[1], run_fit)):

@@ -73,7 +73,7 @@ def test_the_runs_own_seeds_are_scored_as_the_run_scored_them(toy):
     assert result["after_em"] == result["at_labels"]  # no epochs after the fit: the same policies
 
 
-def test_a_run_whose_k_differs_from_the_behaviours_is_refused(toy, capsys):
+def test_a_run_whose_k_differs_from_the_behaviours_is_refused(toy):
     folder, _, _, cluster_k3 = toy
     script = load_script("cluster_from_labels")
     with pytest.raises(empo_io.InputError, match=r"has K = 3, but .* has 2 behaviours"):
